@@ -1,0 +1,114 @@
+"""The public entry points: ``v4jax.from_pretrained`` and ``v4jax.Model``."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from v4jax.config import ModelConfig
+from v4jax.model import forward, init_params
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _dtype(dtype) -> jnp.dtype:
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not supported: use one of {sorted(_DTYPES)}")
+        return jnp.dtype(_DTYPES[dtype])
+    dt = jnp.dtype(dtype)
+    if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(f"dtype={dt} is not supported: use float32 or bfloat16")
+    return dt
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "mtp"))
+def _run(params, tokens, positions, segment_ids, *, config, dtype, mtp):
+    out = forward(params, tokens, config, positions=positions, segment_ids=segment_ids, dtype=dtype, mtp=mtp)
+    return out["mtp_logits"] if mtp else out["logits"]
+
+
+@dataclasses.dataclass
+class Model:
+    """A DeepSeek-V4 model: its config, its parameter tree and the compute dtype.
+
+    ``logits(tokens)`` maps int tokens [batch, seq] to float32 logits [batch, seq, vocab];
+    ``mtp_logits(tokens)`` gives the MTP head's logits [batch, seq - 1, vocab], where entry t
+    predicts token t + 2.
+    """
+
+    config: ModelConfig
+    params: dict
+    dtype: jnp.dtype = jnp.dtype(jnp.float32)
+
+    @classmethod
+    def init(cls, config: ModelConfig, seed: int = 0, dtype="float32") -> Model:
+        """A randomly initialised model (see ``v4jax.model.init_params`` for the initialisation)."""
+        dt = _dtype(dtype)
+        return cls(config, init_params(config, seed, dt), dt)
+
+    @property
+    def has_mtp(self) -> bool:
+        return "mtp" in self.params
+
+    def _check(self, tokens, positions, segment_ids):
+        tokens = jnp.asarray(tokens)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must have shape [batch, seq], got shape {tuple(tokens.shape)}")
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
+        if tokens.shape[1] == 0:
+            raise ValueError("tokens is empty: seq must be at least 1")
+        host = np.asarray(tokens)
+        bad = (host < 0) | (host >= self.config.vocab_size)
+        if bad.any():
+            i = tuple(int(v) for v in np.argwhere(bad)[0])
+            raise ValueError(f"token id {int(host[i])} at {i} is outside the vocabulary [0, {self.config.vocab_size})")
+        for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
+            if arr is not None and tuple(jnp.shape(arr)) != tuple(tokens.shape):
+                raise ValueError(f"{name} must have the tokens' shape {tuple(tokens.shape)}, got {tuple(jnp.shape(arr))}")
+        return tokens.astype(jnp.int32)
+
+    def logits(self, tokens, positions=None, segment_ids=None) -> jax.Array:
+        """tokens [batch, seq] -> logits [batch, seq, vocab] (float32). Packed rows: pass the
+        per-document ``positions`` and ``segment_ids`` (both [batch, seq])."""
+        tokens = self._check(tokens, positions, segment_ids)
+        return _run(self.params, tokens, positions, segment_ids, config=self.config, dtype=self.dtype, mtp=False)
+
+    def mtp_logits(self, tokens, positions=None, segment_ids=None) -> jax.Array:
+        """tokens [batch, seq] -> MTP logits [batch, seq - 1, vocab]: entry t predicts token t + 2."""
+        if not self.has_mtp:
+            raise ValueError("this model has no MTP block (num_nextn_predict_layers is 0, or the checkpoint "
+                             "was saved without mtp.* tensors, as transformers does)")
+        tokens = self._check(tokens, positions, segment_ids)
+        out = _run(self.params, tokens, positions, segment_ids, config=self.config, dtype=self.dtype, mtp=True)
+        return out[:, :-1]
+
+
+def from_pretrained(path, dtype="bfloat16", mesh: jax.sharding.Mesh | None = None) -> Model:
+    """Load a model from a directory with ``config.json`` and ``*.safetensors``.
+
+    Both the release's tensor layout and the one ``transformers``' ``save_pretrained`` writes are
+    read, in F32/BF16. ``dtype`` is the compute dtype ("float32" for parity, "bfloat16" for speed);
+    fp32-kept tensors (mHC, sinks, position and router biases) stay fp32. With ``mesh`` the
+    parameters are placed on its devices, replicated.
+    """
+    from v4jax.convert.load import load_checkpoint  # noqa: PLC0415
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory with config.json and *.safetensors")
+    config = ModelConfig.from_json(path / "config.json")
+    dt = _dtype(dtype)
+    params, _ = load_checkpoint(path, config, dt)
+    if mesh is None:
+        params = jax.tree.map(jnp.asarray, params)
+    else:
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        params = jax.tree.map(lambda a: jax.device_put(a, replicated), params)
+    return Model(config, params, dt)

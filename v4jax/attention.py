@@ -1,0 +1,218 @@
+"""DeepSeek-V4 attention: sliding window + compressed entries (CSA/HCA) + sink, one softmax (spec §2.6).
+
+Shape letters: b batch, s tokens, h heads, c head dim, n compressed entries, m compression ratio,
+u window chunk, w query within a chunk, j key within two chunks, g output groups.
+
+Every layer has the sliding-window branch over one shared K=V head. A compressed layer adds entries
+that pool m tokens each (``HCA``: m tokens; ``CSA``: 2m overlapping tokens, then a lightning indexer
+picks the top-k entries per query). All keys, plus a per-head sink logit with a zero value, share
+one softmax. The output is de-rotated at the query position and projected through g groups.
+
+Packed sequences: ``segment_ids`` separate documents and ``positions`` restart at 0 in each one.
+Compression runs per document (a block is m consecutive tokens of one document, starting at a
+document position divisible by m; a trailing partial block is dropped) and no query sees a key of
+another document.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from v4jax.config import CSA, SWA, ModelConfig
+from v4jax.layers import F32, apply_rope, linear, linear_f32, rms_norm, rope_angles, rope_frequencies
+
+NEG_INF = -jnp.inf
+
+
+# --------------------------------------------------------------------------------------------------
+# Compressed entries
+
+
+def compressed_entries(positions: jax.Array, segment_ids: jax.Array, m: int):
+    """Where the complete m-token blocks of each document start.
+
+    positions, segment_ids: [b, s]. Returns (start [b, n], valid [b, n]) with n = s // m, the row
+    index of each block's first token, in order; entries past the row's count are not valid.
+    """
+    b, s = positions.shape
+    n = s // m
+    if n == 0:
+        return jnp.zeros((b, 0), jnp.int32), jnp.zeros((b, 0), bool)
+    last = jnp.arange(s) + (m - 1)
+    last_c = jnp.minimum(last, s - 1)
+    same_doc = (jnp.take_along_axis(segment_ids, jnp.broadcast_to(last_c, (b, s)), axis=1) == segment_ids) & (
+        jnp.take_along_axis(positions, jnp.broadcast_to(last_c, (b, s)), axis=1) == positions + (m - 1)
+    )
+    is_start = (positions % m == 0) & (last < s) & same_doc
+    rank = jnp.cumsum(is_start, axis=1) - 1
+    slot = jnp.where(is_start, rank, n)  # n: out of range, dropped
+    start = jnp.zeros((b, n), jnp.int32)
+    start = jax.vmap(lambda st, sl: st.at[sl].set(jnp.arange(s, dtype=jnp.int32), mode="drop"))(start, slot)
+    valid = jnp.arange(n)[None, :] < jnp.sum(is_start, axis=1, keepdims=True)
+    return start, valid
+
+
+def compress(x: jax.Array, p: dict, start: jax.Array, first_block: jax.Array, m: int, overlap: bool,
+             eps: float) -> jax.Array:
+    """Pool m (HCA) or 2m overlapping (CSA) tokens per entry with a learned per-channel softmax.
+
+    x: [b, s, d]; p: {wkv [k*c, d], wgate [k*c, d], ape [m, k*c], norm [c]} with k = 2 if overlap.
+    start: [b, n] first token of each entry; first_block: [b, n] the entry is its document's first.
+    Returns the normalised entries [b, n, c] in x.dtype (RoPE not yet applied).
+    """
+    kv = linear_f32(x, p["wkv"])  # [b, s, k*c], projections in fp32
+    gate = linear_f32(x, p["wgate"])
+    c = p["norm"].shape[0]
+    ape = p["ape"].astype(F32)
+    offsets = jnp.arange(m)
+    cur = start[..., None] + offsets  # [b, n, m] token indices of the block itself
+
+    def gather(t, idx):  # t [b, s, f], idx [b, n, m] -> [b, n, m, f]
+        return jax.vmap(lambda tb, ib: tb[ib])(t, jnp.clip(idx, 0, t.shape[1] - 1))
+
+    if overlap:
+        # CSA: channels [c:2c] pool the block itself, channels [0:c] the previous block of the same
+        # document, giving 2m slots per entry (none from the previous block for a first block).
+        prev = cur - m
+        vals = jnp.concatenate([gather(kv[..., :c], prev), gather(kv[..., c:], cur)], axis=2)
+        prev_logit = gather(gate[..., :c], prev) + ape[:, :c]
+        prev_logit = jnp.where(first_block[..., None, None], NEG_INF, prev_logit)
+        logits = jnp.concatenate([prev_logit, gather(gate[..., c:], cur) + ape[:, c:]], axis=2)
+    else:
+        vals = gather(kv, cur)
+        logits = gather(gate, cur) + ape
+    pooled = jnp.sum(jax.nn.softmax(logits, axis=2) * vals, axis=2)  # [b, n, c] fp32
+    return rms_norm(pooled.astype(x.dtype), p["norm"], eps)
+
+
+def _entries(x, p, positions, segment_ids, m, overlap, freqs, eps):
+    """Compressed keys [b, n, c] with RoPE at the block's first position, and visibility [b, s, n]."""
+    start, valid = compressed_entries(positions, segment_ids, m)
+    block_pos = jnp.take_along_axis(positions, start, axis=1)  # = block index * m
+    entries = compress(x, p, start, block_pos == 0, m, overlap, eps)
+    entries = apply_rope(entries, *rope_angles(freqs, block_pos))
+    entry_seg = jnp.take_along_axis(segment_ids, start, axis=1)
+    # query t may use entry w of its own document iff the block ended at or before t
+    visible = (
+        valid[:, None, :]
+        & (entry_seg[:, None, :] == segment_ids[:, :, None])
+        & (block_pos[:, None, :] // m < (positions[:, :, None] + 1) // m)
+    )
+    return entries, visible
+
+
+def indexer_select(x, cq, p, positions, segment_ids, config: ModelConfig, freqs, m):
+    """Lightning indexer: which compressed entries each query uses. Returns a mask [b, s, n].
+
+    I[t, w] = sum_h wI[t, h] * relu(qI[t, h] . KI[w]) over visible w; keep the top index_topk.
+    Scores are computed in fp32; the result carries no gradient (it only selects).
+    """
+    b, s, _ = x.shape
+    keys, visible = _entries(x, p["compressor"], positions, segment_ids, m, True, freqs, config.rms_norm_eps)
+    hi, ci = config.index_n_heads, config.index_head_dim
+    q = linear(cq, p["wq_b"]).reshape(b, s, hi, ci)
+    q = apply_rope(q, *rope_angles(freqs, positions))
+    weights = linear_f32(x, p["weights_proj"]) * (ci**-0.5 * hi**-0.5)  # [b, s, hi]
+    dots = jnp.einsum("bshc,bnc->bshn", q.astype(F32), keys.astype(F32))
+    scores = jnp.einsum("bsh,bshn->bsn", weights, jax.nn.relu(dots))
+    scores = jnp.where(visible, scores, NEG_INF)
+    k = min(config.index_topk, keys.shape[1])
+    _, top = jax.lax.top_k(jax.lax.stop_gradient(scores), k)  # [b, s, k]
+    picked = jnp.zeros(scores.shape, bool)
+    picked = jax.vmap(jax.vmap(lambda row, idx: row.at[idx].set(True)))(picked, top)
+    return picked & visible  # picks that landed on masked entries are dropped
+
+
+# --------------------------------------------------------------------------------------------------
+# Core attention: window chunks and compressed entries in one softmax with a sink
+
+
+def _window_keys(kv: jax.Array, chunk: int):
+    """kv [b, S, c] (S a multiple of chunk) -> keys of chunk u and u-1: [b, u, 2*chunk, c]."""
+    b, S, c = kv.shape
+    k = kv.reshape(b, S // chunk, chunk, c)
+    prev = jnp.pad(k, ((0, 0), (1, 0), (0, 0), (0, 0)))[:, :-1]
+    return jnp.concatenate([prev, k], axis=2)
+
+
+def core_attention(q, kv, sink, window, segment_ids, entries=None, entry_mask=None):
+    """One softmax over window keys, compressed entries and the sink; value = key.
+
+    q: [b, s, h, c]; kv: [b, s, c]; sink: [h] (an fp32 logit, not scaled); segment_ids: [b, s];
+    entries: [b, n, c] with entry_mask [b, s, n] (True = used). Returns [b, s, h, c] in q's dtype.
+    Window: query t sees key u iff 0 <= t - u < window and both are in the same document.
+    """
+    b, s, h, c = q.shape
+    scale = c**-0.5
+    chunk = min(window, s)
+    S = -(-s // chunk) * chunk
+    pad = ((0, 0), (0, S - s))
+    qc = jnp.pad(q, pad + ((0, 0), (0, 0))).reshape(b, S // chunk, chunk, h, c)
+    keys = _window_keys(jnp.pad(kv, pad + ((0, 0),)), chunk)  # [b, u, 2*chunk, c]
+    seg = jnp.pad(segment_ids, pad, constant_values=-1)
+    key_seg = _window_keys(seg[..., None], chunk)[..., 0]  # [b, u, 2*chunk]
+
+    t = jnp.arange(S).reshape(S // chunk, chunk)  # query index per (u, w)
+    src = t[:, :1] - chunk + jnp.arange(2 * chunk)  # key index per (u, j)
+    dist = t[:, :, None] - src[:, None, :]  # [u, w, j]
+    win_ok = (dist >= 0) & (dist < window) & (src[:, None, :] >= 0)
+    win_ok = win_ok[None] & (seg.reshape(b, S // chunk, chunk)[..., None] == key_seg[:, :, None, :])
+
+    logits = jnp.einsum("buwhc,bujc->buwhj", qc, keys, preferred_element_type=F32) * scale
+    logits = jnp.where(win_ok[:, :, :, None, :], logits, NEG_INF)
+    m = jnp.maximum(jnp.max(logits, axis=-1), sink.astype(F32))  # [b, u, w, h]
+    if entries is not None and entries.shape[1] > 0:
+        cl = jnp.einsum("bshc,bnc->bshn", q, entries, preferred_element_type=F32) * scale
+        cl = jnp.where(entry_mask[:, :, None, :], cl, NEG_INF)
+        cl = jnp.pad(cl, pad + ((0, 0), (0, 0)), constant_values=NEG_INF).reshape(
+            b, S // chunk, chunk, h, -1)
+        m = jnp.maximum(m, jnp.max(cl, axis=-1))
+    m = jax.lax.stop_gradient(m)
+    p_win = jnp.exp(logits - m[..., None])
+    denom = jnp.sum(p_win, axis=-1) + jnp.exp(sink.astype(F32) - m)
+    if entries is not None and entries.shape[1] > 0:
+        p_cmp = jnp.exp(cl - m[..., None])
+        denom = denom + jnp.sum(p_cmp, axis=-1)
+    inv = (1.0 / denom)[..., None]
+    out = jnp.einsum("buwhj,bujc->buwhc", (p_win * inv).astype(q.dtype), keys, preferred_element_type=F32)
+    if entries is not None and entries.shape[1] > 0:
+        out = out + jnp.einsum("buwhn,bnc->buwhc", (p_cmp * inv).astype(q.dtype), entries,
+                               preferred_element_type=F32)
+    return out.reshape(b, S, h, c)[:, :s].astype(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# The attention module
+
+
+def attention(x: jax.Array, p: dict, config: ModelConfig, layer: int, positions: jax.Array,
+              segment_ids: jax.Array, sparse: bool = True) -> jax.Array:
+    """x: [b, s, d] (the attn_norm output) -> [b, s, d]. ``layer`` == L selects the MTP layer's type.
+
+    ``sparse=False`` lets CSA queries use every visible compressed entry (the dense training stage).
+    """
+    b, s, _ = x.shape
+    h, c, eps = config.num_attention_heads, config.head_dim, config.rms_norm_eps
+    kind, m = config.layer_type(layer), config.layer_ratio(layer)
+    freqs = rope_frequencies(config, layer)
+    cos, sin = rope_angles(freqs, positions)
+
+    cq = rms_norm(linear(x, p["wq_a"]), p["q_norm"], eps)  # [b, s, q_lora_rank]
+    q = rms_norm(linear(cq, p["wq_b"]).reshape(b, s, h, c), None, eps)  # weight-free per-head norm
+    q = apply_rope(q, cos, sin)
+    kv = apply_rope(rms_norm(linear(x, p["wkv"]), p["kv_norm"], eps), cos, sin)  # [b, s, c], K = V
+
+    entries = entry_mask = None
+    if kind != SWA:
+        entries, entry_mask = _entries(x, p["compressor"], positions, segment_ids, m, kind == CSA, freqs, eps)
+        if kind == CSA and sparse and entries.shape[1] > 0:
+            entry_mask = indexer_select(x, cq, p["indexer"], positions, segment_ids, config, freqs, m)
+
+    o = core_attention(q, kv, p["attn_sink"], config.sliding_window, segment_ids, entries, entry_mask)
+    o = apply_rope(o, cos, sin, inverse=True)  # de-rotate at the query position
+
+    g = config.o_groups
+    wa = p["wo_a"].reshape(g, config.o_lora_rank, -1).astype(x.dtype)  # [g, d_g, h*c/g]
+    z = jnp.einsum("bsgi,gri->bsgr", o.reshape(b, s, g, -1), wa)
+    return linear(z.reshape(b, s, -1), p["wo_b"])

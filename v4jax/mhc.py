@@ -1,0 +1,76 @@
+"""Manifold-constrained hyper-connections (mHC): n residual streams mixed around each sublayer.
+
+Per token, in fp32 (spec §2.3; official ``hc_pre``/``hc_post``):
+
+    mix  = (fn @ flatten(X)) * rsqrt(mean(flatten(X)^2) + eps)        # [(2+n)n]
+    pre  = sigmoid(mix[:n] * scale[0] + base[:n]) + hc_eps           # collapse weights
+    post = 2 * sigmoid(mix[n:2n] * scale[1] + base[n:2n])            # expand weights
+    comb = sinkhorn(mix[2n:] * scale[2] + base[2n:])                  # n x n, ~doubly stochastic
+    X'   = post[k] * F(norm(sum_j pre[j] X_j)) + sum_j comb[j, k] X_j
+
+Note the transposed residual mix: destination stream k sums over *source* streams j with
+comb[j, k]. Getting it the other way round still looks doubly stochastic, so tests check it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+
+
+def _mix_logits(x: jax.Array, fn: jax.Array, eps: float) -> jax.Array:
+    """x [b, s, n, d] -> fn @ RMS-normalised flatten(x): [b, s, rows] in fp32 (no learned norm weight)."""
+    flat = x.reshape(x.shape[:2] + (-1,)).astype(F32)
+    rsqrt = jax.lax.rsqrt(jnp.mean(flat * flat, axis=-1, keepdims=True) + eps)
+    return jnp.einsum("bsi,ri->bsr", flat, fn.astype(F32)) * rsqrt
+
+
+def sinkhorn(logits: jax.Array, iters: int, eps: float) -> jax.Array:
+    """Project logits [..., n, n] (rows j = source, columns k = destination) as the official code does.
+
+    Row softmax plus eps, a column normalisation, then ``iters - 1`` (row, column) pairs, each
+    denominator plus eps. The last step normalises columns, so each destination stream receives a
+    convex combination of the sources.
+    """
+    m = jax.nn.softmax(logits, axis=-1) + eps
+    m = m / (jnp.sum(m, axis=-2, keepdims=True) + eps)
+    for _ in range(iters - 1):
+        m = m / (jnp.sum(m, axis=-1, keepdims=True) + eps)
+        m = m / (jnp.sum(m, axis=-2, keepdims=True) + eps)
+    return m
+
+
+def hc_pre(x: jax.Array, p: dict, *, sinkhorn_iters: int, hc_eps: float, norm_eps: float):
+    """Collapse the streams for a sublayer.
+
+    x: [b, s, n, d]; p: {fn [(2+n)n, n*d], base [(2+n)n], scale [3]}.
+    Returns (collapsed [b, s, d] in x.dtype, post [b, s, n] fp32, comb [b, s, n, n] fp32).
+    """
+    n = x.shape[2]
+    mix = _mix_logits(x, p["fn"], norm_eps)
+    base, scale = p["base"].astype(F32), p["scale"].astype(F32)
+    pre = jax.nn.sigmoid(mix[..., :n] * scale[0] + base[:n]) + hc_eps
+    post = 2.0 * jax.nn.sigmoid(mix[..., n : 2 * n] * scale[1] + base[n : 2 * n])
+    comb_logits = mix[..., 2 * n :] * scale[2] + base[2 * n :]
+    comb = sinkhorn(comb_logits.reshape(mix.shape[:2] + (n, n)), sinkhorn_iters, hc_eps)
+    collapsed = jnp.einsum("bsn,bsnd->bsd", pre, x.astype(F32)).astype(x.dtype)
+    return collapsed, post, comb
+
+
+def hc_post(f: jax.Array, x: jax.Array, post: jax.Array, comb: jax.Array) -> jax.Array:
+    """Expand a sublayer output f [b, s, d] back into the streams x [b, s, n, d].
+
+    out[k] = post[k] * f + sum_j comb[j, k] * x[j], computed in fp32 and stored in x's dtype.
+    """
+    out = post[..., None] * f.astype(F32)[:, :, None, :]
+    out = out + jnp.einsum("bsjk,bsjd->bskd", comb, x.astype(F32))
+    return out.astype(x.dtype)
+
+
+def hc_head(x: jax.Array, p: dict, *, hc_eps: float, norm_eps: float) -> jax.Array:
+    """Final collapse before the norm and head: x [b, s, n, d] -> [b, s, d]; p {fn [n, n*d], base [n], scale [1]}."""
+    mix = _mix_logits(x, p["fn"], norm_eps)
+    pre = jax.nn.sigmoid(mix * p["scale"].astype(F32)[0] + p["base"].astype(F32)) + hc_eps
+    return jnp.einsum("bsn,bsnd->bsd", pre, x.astype(F32)).astype(x.dtype)

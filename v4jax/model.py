@@ -1,0 +1,193 @@
+"""The DeepSeek-V4 model as pure functions over a parameter pytree (spec §2.1, §2.2, §2.8).
+
+Parameters are nested dicts of arrays. Matrices keep the checkpoint's [out, in] layout and the
+official names, so conversion is a rename. The tree (L main layers; ``mtp`` only when
+``num_nextn_predict_layers == 1``)::
+
+    embed [V, d], head [V, d], norm [d], hc_head {fn [n, n*d], base [n], scale [1]}
+    layers[i]: attn_norm [d], ffn_norm [d], hc_attn/hc_ffn {fn [(2+n)n, n*d], base, scale [3]},
+        attn {wq_a, q_norm, wq_b, wkv, kv_norm, wo_a, wo_b, attn_sink,
+              compressor {wkv, wgate, ape, norm}                     (CSA and HCA layers),
+              indexer {wq_b, weights_proj, compressor {...}}}        (CSA layers),
+        ffn {gate {weight [E, d], bias [E] | tid2eid [V, K]},
+             experts {w1 [E, I, d], w3 [E, I, d], w2 [E, d, I]}, shared_experts {w1, w3, w2}}
+    mtp: one more block (the keys above) plus e_proj, h_proj [d, d], enorm, hnorm, norm [d], hc_head
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from v4jax.attention import attention
+from v4jax.config import CSA, SWA, ModelConfig
+from v4jax.layers import F32, linear, linear_f32, rms_norm
+from v4jax.mhc import hc_head, hc_post, hc_pre
+from v4jax.moe import moe
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward
+
+
+def block(x, p, config: ModelConfig, layer: int, positions, segment_ids, token_ids, sparse=True):
+    """One decoder block on the streams x [b, s, n, d]: mHC around attention, then around the MoE."""
+    hc = dict(sinkhorn_iters=config.hc_sinkhorn_iters, hc_eps=config.hc_eps, norm_eps=config.rms_norm_eps)
+    u, post, comb = hc_pre(x, p["hc_attn"], **hc)
+    a = attention(rms_norm(u, p["attn_norm"], config.rms_norm_eps), p["attn"], config, layer, positions,
+                  segment_ids, sparse)
+    x = hc_post(a, x, post, comb)
+    u, post, comb = hc_pre(x, p["hc_ffn"], **hc)
+    f, info = moe(rms_norm(u, p["ffn_norm"], config.rms_norm_eps), p["ffn"], token_ids, config)
+    return hc_post(f, x, post, comb), info
+
+
+def _default_layout(tokens):
+    b, s = tokens.shape
+    return jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)), jnp.zeros((b, s), jnp.int32)
+
+
+def _head(x, p_hc, norm_w, head_w, config: ModelConfig):
+    y = hc_head(x, p_hc, hc_eps=config.hc_eps, norm_eps=config.rms_norm_eps)
+    return linear_f32(rms_norm(y, norm_w, config.rms_norm_eps), head_w)
+
+
+def forward(params, tokens, config: ModelConfig, *, positions=None, segment_ids=None, dtype=jnp.float32,
+            sparse=True, mtp=False):
+    """Run the model. tokens [b, s] int -> dict with ``logits`` [b, s, V] fp32 and ``routing``.
+
+    positions/segment_ids [b, s]: per-document positions and document ids for packed rows (default:
+    one document per row). With ``mtp=True`` the result also has ``mtp_logits`` [b, s, V]: position
+    t combines the main streams at t with token t+1 and predicts token t+2 (the last position sees
+    a padding token 0 and is meaningless).
+    """
+    chex.assert_rank(tokens, 2)
+    if positions is None or segment_ids is None:
+        default_pos, default_seg = _default_layout(tokens)
+        positions = default_pos if positions is None else positions
+        segment_ids = default_seg if segment_ids is None else segment_ids
+    chex.assert_equal_shape([tokens, positions, segment_ids])
+    n = config.hc_mult
+    e = params["embed"][tokens].astype(dtype)  # [b, s, d]
+    x = jnp.broadcast_to(e[:, :, None, :], e.shape[:2] + (n, e.shape[-1]))  # n identical streams
+    routing = []
+    for i, p in enumerate(params["layers"]):
+        x, info = block(x, p, config, i, positions, segment_ids, tokens, sparse)
+        routing.append(info)
+    out = {"logits": _head(x, params["hc_head"], params["norm"], params["head"], config), "routing": routing}
+    if mtp:
+        out["mtp_logits"], out["mtp_routing"] = mtp_forward(
+            params, x, tokens, config, positions, segment_ids, dtype, sparse)
+    return out
+
+
+def mtp_forward(params, x_main, tokens, config: ModelConfig, positions, segment_ids, dtype, sparse=True):
+    """The depth-1 MTP block on the main model's final streams x_main [b, s, n, d] (before hc_head)."""
+    p = params["mtp"]
+    eps = config.rms_norm_eps
+    nxt = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))  # position t carries token t+1
+    e = rms_norm(params["embed"][nxt].astype(dtype), p["enorm"], eps)
+    h = rms_norm(x_main, p["hnorm"], eps)  # per stream, over d
+    x = (linear(e, p["e_proj"])[:, :, None, :] + linear(h, p["h_proj"])).astype(dtype)
+    x, info = block(x, p, config, config.num_hidden_layers, positions, segment_ids, nxt, sparse)
+    return _head(x, p["hc_head"], p["norm"], params["head"], config), info
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameter tree and initialisation
+
+
+def _build(config: ModelConfig, make) -> dict:
+    """Build the parameter tree, calling ``make(kind, shape, group)`` for each leaf.
+
+    kind: "normal" | "ones" | "zeros" | "hc_scale" | "hash"; group: "param" (stored in the model
+    dtype), "f32" (kept in fp32 like the checkpoint's F32 tensors) or "int".
+    """
+    d, n = config.hidden_size, config.hc_mult
+
+    def mhc(rows):
+        return {"fn": make("normal", (rows, n * d), "f32"), "base": make("zeros", (rows,), "f32"),
+                "scale": make("hc_scale", (3 if rows > n else 1,), "f32")}
+
+    def compressor(head_dim, m, overlap):
+        k = 2 if overlap else 1
+        return {"wkv": make("normal", (k * head_dim, d), "param"), "wgate": make("normal", (k * head_dim, d), "param"),
+                "ape": make("zeros", (m, k * head_dim), "f32"), "norm": make("ones", (head_dim,), "param")}
+
+    def layer_params(layer: int):
+        h, c, r = config.num_attention_heads, config.head_dim, config.q_lora_rank
+        kind, m = config.layer_type(layer), config.layer_ratio(layer)
+        g, dg = config.o_groups, config.o_lora_rank
+        attn = {"wq_a": make("normal", (r, d), "param"), "q_norm": make("ones", (r,), "param"),
+                "wq_b": make("normal", (h * c, r), "param"), "wkv": make("normal", (c, d), "param"),
+                "kv_norm": make("ones", (c,), "param"), "wo_a": make("normal", (g * dg, h * c // g), "param"),
+                "wo_b": make("normal", (d, g * dg), "param"), "attn_sink": make("zeros", (h,), "f32")}
+        if kind != SWA:
+            attn["compressor"] = compressor(c, m, kind == CSA)
+        if kind == CSA:
+            hi, ci = config.index_n_heads, config.index_head_dim
+            attn["indexer"] = {"wq_b": make("normal", (hi * ci, r), "param"),
+                               "weights_proj": make("normal", (hi, d), "param"),
+                               "compressor": compressor(ci, m, True)}
+        e, f = config.n_routed_experts, config.moe_intermediate_size
+        gate = {"weight": make("normal", (e, d), "param")}
+        if layer < config.num_hash_layers:
+            gate["tid2eid"] = make("hash", (config.vocab_size, config.num_experts_per_tok), "int")
+        else:
+            gate["bias"] = make("zeros", (e,), "f32")
+        ffn = {"gate": gate,
+               "experts": {"w1": make("normal", (e, f, d), "param"), "w3": make("normal", (e, f, d), "param"),
+                           "w2": make("normal", (e, d, f), "param")},
+               "shared_experts": {"w1": make("normal", (f, d), "param"), "w3": make("normal", (f, d), "param"),
+                                  "w2": make("normal", (d, f), "param")}}
+        return {"hc_attn": mhc(config.hc_mix_dim), "hc_ffn": mhc(config.hc_mix_dim),
+                "attn_norm": make("ones", (d,), "param"), "ffn_norm": make("ones", (d,), "param"),
+                "attn": attn, "ffn": ffn}
+
+    v = config.vocab_size
+    params = {"embed": make("normal", (v, d), "param"),
+              "layers": [layer_params(i) for i in range(config.num_hidden_layers)],
+              "hc_head": mhc(n), "norm": make("ones", (d,), "param"), "head": make("normal", (v, d), "param")}
+    if config.num_nextn_predict_layers:
+        mtp = layer_params(config.num_hidden_layers)
+        mtp.update(e_proj=make("normal", (d, d), "param"), h_proj=make("normal", (d, d), "param"),
+                   enorm=make("ones", (d,), "param"), hnorm=make("ones", (d,), "param"),
+                   norm=make("ones", (d,), "param"), hc_head=mhc(n))
+        params["mtp"] = mtp
+    return params
+
+
+def _leaf_dtype(group: str, dtype):
+    return {"param": jnp.dtype(dtype), "f32": jnp.dtype(F32), "int": jnp.dtype(jnp.int32)}[group]
+
+
+def param_specs(config: ModelConfig, dtype=jnp.float32) -> dict:
+    """The parameter tree as jax.ShapeDtypeStruct leaves (no memory allocated)."""
+    return _build(config, lambda kind, shape, group: jax.ShapeDtypeStruct(shape, _leaf_dtype(group, dtype)))
+
+
+def init_params(config: ModelConfig, seed: int = 0, dtype=jnp.float32) -> dict:
+    """A random model. Matrices ~ N(0, initializer_range); norm weights 1; attention sinks, compressor
+    position biases and router biases 0. mHC (spec C.4): fn ~ N(0, initializer_range), base 0 and
+    scale 0.01, so every stream mix starts near uniform and the residual path dominates. Hash
+    layers get a random table of K distinct experts per token id (the release's hash is not
+    published). fp32-kept tensors (mHC, sinks, position biases, router bias) are fp32 whatever
+    ``dtype``. Deterministic in ``seed``.
+    """
+    rng = np.random.default_rng(seed)
+    std = config.initializer_range
+
+    def make(kind, shape, group):
+        dt = _leaf_dtype(group, dtype)
+        if kind == "normal":
+            return jnp.asarray(rng.normal(0.0, std, size=shape), dt)
+        if kind == "hash":
+            e = config.n_routed_experts
+            table = np.argsort(rng.random((shape[0], e)), axis=1)[:, : shape[1]]
+            return jnp.asarray(table, dt)
+        fill = {"ones": 1.0, "zeros": 0.0, "hc_scale": 0.01}[kind]
+        return jnp.full(shape, fill, dt)
+
+    return _build(config, make)
