@@ -14,6 +14,7 @@ compression ratio of each kind is free (``compress_rates``): the release uses 4 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
@@ -89,6 +90,16 @@ class ModelConfig:
     eos_token_id: int = 1
 
     def __post_init__(self):
+        # Accept the friendly spellings in the constructor too (short kind names, a rates mapping,
+        # a rope_scaling mapping), then validate.
+        set_ = functools.partial(object.__setattr__, self)
+        if isinstance(self.layer_types, (list, tuple)):
+            set_("layer_types", tuple(_SHORT_TYPES.get(str(t).lower(), t) for t in self.layer_types))
+        set_("mtp_layer_type", _SHORT_TYPES.get(str(self.mtp_layer_type).lower(), self.mtp_layer_type))
+        if isinstance(self.compress_rates, dict):
+            set_("compress_rates", _normalise({"compress_rates": self.compress_rates})["compress_rates"])
+        if isinstance(self.rope_scaling, dict):
+            set_("rope_scaling", _yarn(self.rope_scaling))
         _validate(self)
 
     # ----- derived quantities -----
@@ -247,6 +258,8 @@ def _normalise(raw: dict[str, Any]) -> dict[str, Any]:
     # RoPE: the release's flat keys, or HF's rope_parameters {main, compress}.
     if "rope_parameters" in raw and raw["rope_parameters"]:
         rp = raw.pop("rope_parameters")
+        raw.pop("rope_theta", None)  # transformers also writes stale top-level copies; it reads these
+        raw.pop("compress_rope_theta", None)
         main, comp = rp.get("main", {}), rp.get("compress", {})
         if "rope_theta" in main:
             out["rope_theta"] = float(main["rope_theta"])
