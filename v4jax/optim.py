@@ -1,0 +1,378 @@
+"""DeepSeek-V4's optimiser: Muon (Algorithm 1 of the V4 report) plus AdamW, as optax transformations.
+
+Muon, for every logically independent weight matrix W in R^{n x m} (spec A.1, architecture §4)::
+
+    G_t = grad of the loss at W_{t-1}
+    M_t = mu * M_{t-1} + G_t                          plain accumulating momentum (no dampening,
+                                                      no bias correction), M_0 = 0
+    X   = mu * M_t + G_t                              Nesterov look-ahead
+    X   = X / (||X||_F + eps)                         Frobenius normalisation (eps = 1e-7)
+    10 hybrid Newton-Schulz steps  X <- a X + b (X X^T) X + c (X X^T)^2 X
+        steps 1-8: (a, b, c) = (3.4445, -4.7750, 2.0315), steps 9-10: (2, -1.5, 0.5)
+        (X is transposed first when n > m, so that X X^T is the smaller Gram matrix)
+    O_t = X * sqrt(max(n, m)) * gamma                 update RMS ~ gamma = 0.18
+    W_t = W_{t-1} * (1 - eta * lambda) - eta * O_t    decoupled weight decay, eta = learning rate
+
+``muon`` is built from optax blocks that give exactly these steps:
+``optax.trace(mu, nesterov=True)`` (state M_t, output mu*M_t + G_t), then this module's
+``scale_by_hybrid_newton_schulz`` (normalise, NS, rescale), ``optax.add_decayed_weights(lambda)``
+and ``optax.scale_by_learning_rate(eta)``; the last two give W - eta*(O + lambda*W), which is the
+same as W(1 - eta*lambda) - eta*O. The learning rate may be an optax schedule.
+
+Why not ``optax.contrib.muon`` / ``scale_by_muon``: its momentum is an EMA with Adam-style bias
+correction, so during the first ~1/(1-mu) steps the Nesterov input weights G against M
+differently from V4's mu*M + G; its Newton-Schulz matmuls run at the backend's default precision
+(TF32 on recent GPUs) with no bf16 option; and its shape scaling cannot split one leaf into row
+blocks of unequal sizes. Its orthogonalisation is therefore re-implemented here (a few lines of
+jnp), with the fp32 path at ``Precision.HIGHEST`` and a bf16 path whose matmul operands are bf16 and
+whose accumulation and linear combinations stay fp32. Everything is plain jnp (einsum / reshape /
+concatenate) inside jit, so sharded parameters work unchanged; nothing goes to the host.
+
+Which matrices are orthogonalised (one NS per logically independent matrix)
+--------------------------------------------------------------------------
+* A leaf's last two axes are the matrix ([out, in]); every leading axis is a batch of independent
+  matrices. Routed experts ``ffn.experts.{w1,w3,w2}`` [E, out, in] therefore get one NS per expert
+  and per projection, batched, and sqrt(max(n, m)) uses the per-expert shape.
+* A leaf may further be split into *row blocks* (``muon_row_blocks``); each block is its own matrix
+  (own Frobenius norm, own NS, own sqrt(max(rows_block, m)) scale). Equal consecutive blocks are
+  batched. Row blocks are used for fused tensors whose rows are separate linear maps:
+
+  - CSA compressor ``wkv``/``wgate`` [2c, d] (main and indexer compressors): rows [0:c] produce the
+    previous-block series and rows [c:2c] the current-block series (spec §2.6.3). They are two
+    projections that are only concatenated for one matmul, so they are two matrices. HCA
+    compressors ([c, d]) are one matrix. The block count comes from the sibling ``norm`` [c].
+  - ``attn.wo_a`` [g*d_g, h*c/g]: group j's rows [j*d_g:(j+1)*d_g] only ever multiply head group
+    j's outputs (a block-diagonal grouped projection stored compactly), so the g groups are g
+    matrices [d_g, h*c/g]. g is read from the sibling ``wq_b`` [h*c, r]: g = h*c / (h*c/g).
+  - mHC ``hc_attn``/``hc_ffn`` ``fn`` [(2+n)n, n*d]: split into pre [n, n*d], post [n, n*d] and
+    comb [n^2, n*d] (``split_mhc_fn=True``, the default). The report leaves this open (spec A.7).
+    We split because the three row blocks are the separate maps phi_pre, phi_post, phi_res of the
+    mHC paper: each has its own gating factor (``scale[0..2]``), its own static bias block and a
+    different nonlinearity (sigmoid, 2*sigmoid, Sinkhorn), exactly like the other fused tensors.
+    ``split_mhc_fn=False`` orthogonalises the whole [(2+n)n, n*d] matrix instead. ``hc_head.fn``
+    [n, n*d] has only pre rows and is one matrix.
+  - Everything else (wq_a, wq_b, attention wkv [c, d], wo_b, indexer wq_b / weights_proj, router
+    ``gate.weight`` [E, d], shared experts, MTP e_proj / h_proj) is one whole matrix. V4 does no
+    per-head Muon (spec A.4), and the router's rows are compared against each other by top-k, so
+    it is one matrix.
+
+Parameter labels (``param_labels``; one per leaf, from the tree paths)
+---------------------------------------------------------------------
+* ``"muon"``: every float matrix not listed below (report: "all other modules are Muon").
+* ``"adamw"`` (AdamW with weight decay 0.1): ``embed`` and ``head``, as the report says.
+* ``"adamw_no_decay"`` (the same AdamW, weight decay 0): RMSNorm weights (every ``*norm`` leaf),
+  mHC static biases and gating factors (``hc_*.base``, ``hc_*.scale``), attention sinks
+  ``attn_sink`` and compressor position biases ``ape``, and any other leaf of rank < 2.
+  Decisions: the report names AdamW for norms and mHC base/scale but not its decay mask; we exempt
+  them because decaying a gain pulls it towards 0 rather than its neutral value 1, and the HC paper
+  exempts the static mHC parts (spec A.7). ``attn_sink`` [h] is not a matrix, so it cannot be Muon;
+  ``ape`` [m, k*c] is 2-D but is an additive bias indexed by position, not a linear map, so Muon's
+  "orthogonal update" has no meaning for it; both are biases and get no decay, like the mHC bias.
+  ``adam_decay_all=True`` decays every AdamW leaf instead.
+* ``"frozen"`` (update exactly 0): ``ffn.gate.tid2eid`` (int32 hash table, not trained) and
+  ``ffn.gate.bias`` (router bias, moved by the aux-loss-free rule outside the optimiser), and any
+  integer leaf.
+
+AdamW hyper-parameters (report §4.2.2): beta = (0.9, 0.95), eps = 1e-20, weight decay 0.1, the same
+learning rate (or schedule) as Muon; the rescale gamma = 0.18 is what lets Muon share it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+F32 = jnp.float32
+
+#: 8 steps of Keller Jordan's coefficients, then 2 stabilising steps with p(1) = 1, p'(1) = 0.
+HYBRID_NS_COEFFS: tuple[tuple[float, float, float], ...] = (
+    ((3.4445, -4.7750, 2.0315),) * 8 + ((2.0, -1.5, 0.5),) * 2)
+
+MUON = "muon"
+ADAMW = "adamw"
+ADAMW_NO_DECAY = "adamw_no_decay"
+FROZEN = "frozen"
+LABELS = (MUON, ADAMW, ADAMW_NO_DECAY, FROZEN)
+
+RowBlocks = tuple[int, ...]
+
+
+# --------------------------------------------------------------------------------------------------
+# Newton-Schulz
+
+
+def hybrid_newton_schulz(x: jax.Array, *, ns_dtype=F32, eps: float = 1e-7,
+                         coeffs=HYBRID_NS_COEFFS) -> jax.Array:
+    """Approximate polar factor of each matrix x[..., n, m] (leading axes are a batch). Returns fp32.
+
+    X <- X / (||X||_F + eps) per matrix, then for each (a, b, c) in ``coeffs``:
+    A = X X^T; X <- a X + (b A + c A A) X. X is transposed first when n > m.
+
+    ns_dtype: dtype of the matmul operands. fp32 runs at Precision.HIGHEST; bf16 (or another
+    dtype) runs at default precision. Accumulation and the linear combinations are fp32 either way.
+    """
+    if x.ndim < 2:
+        raise ValueError(f"Newton-Schulz needs a matrix, got shape {x.shape}")
+    x = x.astype(F32)
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True))
+    x = x / (norm + eps)
+    transposed = x.shape[-2] > x.shape[-1]
+    if transposed:
+        x = jnp.swapaxes(x, -1, -2)
+    ns_dtype = jnp.dtype(ns_dtype)
+    precision = jax.lax.Precision.HIGHEST if ns_dtype == jnp.dtype(F32) else jax.lax.Precision.DEFAULT
+
+    def mm(eq, a, b):
+        return jnp.einsum(eq, a.astype(ns_dtype), b.astype(ns_dtype), precision=precision,
+                          preferred_element_type=F32)
+
+    def step(x, abc):
+        a, b, c = abc[0], abc[1], abc[2]
+        gram = mm("...ik,...jk->...ij", x, x)
+        poly = b * gram + c * mm("...ij,...jk->...ik", gram, gram)
+        return a * x + mm("...ij,...jk->...ik", poly, x), None
+
+    x, _ = jax.lax.scan(step, x, jnp.asarray(coeffs, F32))
+    if transposed:
+        x = jnp.swapaxes(x, -1, -2)
+    return x
+
+
+def _runs(blocks: RowBlocks) -> list[tuple[int, int]]:
+    """(size, count) for each run of equal consecutive block sizes."""
+    out: list[tuple[int, int]] = []
+    for b in blocks:
+        if out and out[-1][0] == b:
+            out[-1] = (b, out[-1][1] + 1)
+        else:
+            out.append((b, 1))
+    return out
+
+
+def orthogonalize(u: jax.Array, blocks: RowBlocks | None = None, *, rms_scale: float = 0.18,
+                  ns_dtype=F32, eps: float = 1e-7) -> jax.Array:
+    """NS(u) * sqrt(max(n, m)) * rms_scale for each matrix in u [..., R, m], in u's dtype.
+
+    blocks: row-block sizes summing to R (default: one block). Each block [..., size, m] is its
+    own matrix with its own normalisation and its own sqrt(max(size, m)); leading axes are batches.
+    """
+    if u.ndim < 2:
+        raise ValueError(f"Muon needs leaves of rank >= 2, got shape {u.shape}")
+    rows, cols = u.shape[-2], u.shape[-1]
+    blocks = (rows,) if blocks is None else tuple(int(b) for b in blocks)
+    if sum(blocks) != rows or min(blocks) <= 0:
+        raise ValueError(f"row blocks {blocks} do not partition {rows} rows (shape {u.shape})")
+    lead = u.shape[:-2]
+    pieces, start = [], 0
+    for size, count in _runs(blocks):
+        seg = u[..., start:start + size * count, :].reshape(lead + (count, size, cols))
+        o = hybrid_newton_schulz(seg, ns_dtype=ns_dtype, eps=eps) * (math.sqrt(max(size, cols)) * rms_scale)
+        pieces.append(o.reshape(lead + (size * count, cols)))
+        start += size * count
+    out = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=-2)
+    return out.astype(u.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Muon
+
+
+RowBlocksSpec = Mapping[str, RowBlocks] | Callable[[Any], Mapping[str, RowBlocks]] | None
+
+
+def scale_by_hybrid_newton_schulz(rms_scale: float = 0.18, *, ns_dtype=F32, eps: float = 1e-7,
+                                  row_blocks: RowBlocksSpec = None) -> optax.GradientTransformation:
+    """Stateless: replace each update leaf by ``orthogonalize(leaf, blocks)``.
+
+    row_blocks: None (every leaf one matrix per leading index), or a mapping from
+    ``jax.tree_util.keystr(path)`` to row-block sizes (leaves not in it are one matrix), or a
+    callable ``updates -> mapping``.
+    """
+
+    def update_fn(updates, state, params=None):
+        del params
+        table = row_blocks(updates) if callable(row_blocks) else (row_blocks or {})
+        out = jax.tree_util.tree_map_with_path(
+            lambda path, u: orthogonalize(u, table.get(jax.tree_util.keystr(path)), rms_scale=rms_scale,
+                                          ns_dtype=ns_dtype, eps=eps), updates)
+        return out, state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def muon(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.95, weight_decay: float = 0.1,
+         rms_scale: float = 0.18, *, ns_dtype=F32, ns_eps: float = 1e-7, row_blocks: RowBlocksSpec = None,
+         mu_dtype=None, weight_decay_mask=None) -> optax.GradientTransformation:
+    """DeepSeek-V4 Muon (Algorithm 1, see the module docstring) for a pytree of matrices.
+
+    learning_rate: eta, a scalar or an optax schedule. momentum: mu. weight_decay: lambda
+    (decoupled: W(1 - eta*lambda)). rms_scale: gamma. ns_dtype: fp32 (default) or bf16 matmuls in
+    Newton-Schulz. row_blocks: see ``scale_by_hybrid_newton_schulz``. mu_dtype: dtype of the
+    momentum buffer (default: the parameter's). Every leaf must have rank >= 2; leading axes are
+    batches of independent matrices. State: a tuple of optax NamedTuples; the momentum M is
+    ``state[0].trace``.
+    """
+    return optax.chain(
+        optax.trace(decay=momentum, nesterov=True, accumulator_dtype=mu_dtype),
+        scale_by_hybrid_newton_schulz(rms_scale, ns_dtype=ns_dtype, eps=ns_eps, row_blocks=row_blocks),
+        optax.add_decayed_weights(weight_decay, weight_decay_mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Labelling
+
+
+def _names(path) -> tuple:
+    out = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            out.append(k.key)
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            out.append(k.idx)
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            out.append(k.name)
+        else:
+            out.append(str(k))
+    return tuple(out)
+
+
+def _label(names: tuple, leaf) -> str:
+    last = names[-1] if names else None
+    parent = names[-2] if len(names) > 1 else None
+    shape, dtype = tuple(leaf.shape), jnp.dtype(leaf.dtype)
+    if not jnp.issubdtype(dtype, jnp.floating) or last == "tid2eid":
+        return FROZEN
+    if parent == "gate" and last == "bias":
+        return FROZEN
+    if len(names) == 1 and last in ("embed", "head"):
+        return ADAMW
+    if isinstance(parent, str) and parent.startswith("hc_") and last in ("base", "scale"):
+        return ADAMW_NO_DECAY
+    if isinstance(last, str) and (last.endswith("norm") or last in ("attn_sink", "ape")):
+        return ADAMW_NO_DECAY
+    if len(shape) < 2:
+        return ADAMW_NO_DECAY
+    return MUON
+
+
+def param_labels(params) -> Any:
+    """The optimiser label of every leaf (same tree structure, str leaves): one of ``LABELS``.
+
+    Works from the tree paths (and dtype / rank), so it accepts arrays, ShapeDtypeStructs
+    (``model.param_specs``) and gradient trees alike. See the module docstring for the rules.
+    """
+    return jax.tree_util.tree_map_with_path(lambda path, x: _label(_names(path), x), params)
+
+
+def muon_row_blocks(params, *, split_mhc_fn: bool = True) -> dict[str, RowBlocks]:
+    """Row blocks of every fused Muon leaf, keyed by ``jax.tree_util.keystr(path)``.
+
+    Only leaves that are split appear (compressor wkv/wgate with 2c rows, attn.wo_a with g > 1
+    groups, mHC fn with (2+n)n rows when ``split_mhc_fn``); sibling leaves give the block sizes.
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    by_names = {_names(path): (path, leaf) for path, leaf in flat}
+    out: dict[str, RowBlocks] = {}
+    for names, (path, leaf) in by_names.items():
+        if _label(names, leaf) != MUON:
+            continue
+        last = names[-1]
+        parent = names[-2] if len(names) > 1 else None
+        rows, cols = leaf.shape[-2], leaf.shape[-1]
+        blocks: RowBlocks | None = None
+        if parent == "compressor" and last in ("wkv", "wgate"):
+            c = by_names[names[:-1] + ("norm",)][1].shape[-1]
+            if rows == 2 * c:
+                blocks = (c, c)
+            elif rows != c:
+                raise ValueError(f"{jax.tree_util.keystr(path)}: {rows} rows, compressor width {c}")
+        elif parent == "attn" and last == "wo_a":
+            hc = by_names[names[:-1] + ("wq_b",)][1].shape[-2]  # h*c
+            if hc % cols or rows % (hc // cols):
+                raise ValueError(f"{jax.tree_util.keystr(path)}: shape {leaf.shape} vs wq_b rows {hc}")
+            g = hc // cols
+            if g > 1:
+                blocks = (rows // g,) * g
+        elif isinstance(parent, str) and parent.startswith("hc_") and last == "fn" and split_mhc_fn:
+            scale = by_names.get(names[:-1] + ("scale",))
+            if scale is not None and scale[1].shape[-1] == 3:
+                n = math.isqrt(rows + 1) - 1
+                if (2 + n) * n != rows:
+                    raise ValueError(f"{jax.tree_util.keystr(path)}: {rows} rows is not (2+n)n")
+                blocks = (n, n, n * n)
+        if blocks is not None:
+            out[jax.tree_util.keystr(path)] = blocks
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The combined optimiser
+
+
+def freeze() -> optax.GradientTransformation:
+    """Updates of exactly zero (in the parameter's dtype when params are given; a float0 gradient of
+    an integer leaf becomes int32 zeros), so ``optax.apply_updates`` leaves the leaf unchanged."""
+
+    def zeros(u, p):
+        if p is not None:
+            return jnp.zeros(jnp.shape(p), jnp.asarray(p).dtype)
+        dt = jnp.int32 if u.dtype == jax.dtypes.float0 else u.dtype
+        return jnp.zeros(u.shape, dt)
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            return jax.tree.map(lambda u: zeros(u, None), updates), state
+        return jax.tree.map(zeros, updates, params), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def v4_optimizer(learning_rate: optax.ScalarOrSchedule, *, muon_momentum: float = 0.95,
+                 muon_weight_decay: float = 0.1, rms_scale: float = 0.18, adam_b1: float = 0.9,
+                 adam_b2: float = 0.95, adam_eps: float = 1e-20, adam_weight_decay: float = 0.1,
+                 adam_decay_all: bool = False, ns_dtype=F32, split_mhc_fn: bool = True,
+                 mu_dtype=None) -> optax.GradientTransformation:
+    """Muon + AdamW over a whole v4jax parameter tree, split by ``param_labels``.
+
+    learning_rate: a scalar or an optax schedule, shared by both optimisers (spec §4).
+    Muon: ``muon(learning_rate, muon_momentum, muon_weight_decay, rms_scale)`` with the row blocks of
+    ``muon_row_blocks``. AdamW: ``optax.adamw(learning_rate, adam_b1, adam_b2, adam_eps,
+    weight_decay=adam_weight_decay)`` for "adamw" leaves and the same with weight decay 0 for
+    "adamw_no_decay" leaves (unless ``adam_decay_all``). "frozen" leaves get zero updates.
+    Pass params to ``update`` (weight decay needs them). State: ``optax.PartitionState``.
+    """
+
+    def build(tree) -> optax.GradientTransformation:
+        blocks = muon_row_blocks(tree, split_mhc_fn=split_mhc_fn)
+        adam = lambda wd: optax.adamw(learning_rate, b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=wd,
+                                      mu_dtype=mu_dtype)
+        return optax.partition(
+            {MUON: muon(learning_rate, muon_momentum, muon_weight_decay, rms_scale, ns_dtype=ns_dtype,
+                        row_blocks=blocks, mu_dtype=mu_dtype),
+             ADAMW: adam(adam_weight_decay),
+             ADAMW_NO_DECAY: adam(adam_weight_decay if adam_decay_all else 0.0),
+             FROZEN: freeze()},
+            param_labels(tree))
+
+    # The row blocks need sibling shapes (e.g. a compressor's norm), which optax.partition masks
+    # out of the Muon branch, so they are worked out here on the full tree (updates have the
+    # params' structure and shapes), at trace time.
+    def init_fn(params):
+        return build(params).init(params)
+
+    def update_fn(updates, state, params=None):
+        return build(updates).update(updates, state, params)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+__all__ = ["HYBRID_NS_COEFFS", "LABELS", "MUON", "ADAMW", "ADAMW_NO_DECAY", "FROZEN", "hybrid_newton_schulz",
+           "orthogonalize", "scale_by_hybrid_newton_schulz", "muon", "param_labels", "muon_row_blocks", "freeze",
+           "v4_optimizer"]
