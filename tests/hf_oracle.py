@@ -95,3 +95,31 @@ def assert_no_topk_ties(scores: list[np.ndarray], k: int, m: int) -> None:
             row = np.sort(layer_scores[:, t, :visible], axis=-1)[:, ::-1]
             gap = row[:, k - 1] - row[:, k]
             assert (gap > 1e-6 * np.abs(row[:, k - 1]).clip(1e-30)).all(), f"top-k tie at query {t}: {row}"
+
+
+@torch.no_grad()
+def layer_inputs(model: DeepseekV4ForCausalLM, tokens) -> dict:
+    """The keyword arguments every reference decoder layer takes, for one [b, s] token batch."""
+    from transformers.masking_utils import create_sliding_window_causal_mask  # noqa: PLC0415
+
+    ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+    emb = model.model.embed_tokens(ids)
+    pos = torch.arange(ids.shape[1])[None]
+    mask = create_sliding_window_causal_mask(config=model.config, inputs_embeds=emb, attention_mask=None,
+                                             cache=None, position_ids=pos)
+    rope = {k: model.model.rotary_emb(emb, position_ids=pos, layer_type=k) for k in ("main", "compress")}
+    return dict(position_embeddings=rope, position_ids=pos, attention_mask=mask, input_ids=ids)
+
+
+@torch.no_grad()
+def run_layers(model: DeepseekV4ForCausalLM, tokens, layers, streams=None, input_ids=None) -> torch.Tensor:
+    """Run the given reference decoder layers on ``streams`` [b, s, n, d] (default: the embedded tokens)."""
+    kw = layer_inputs(model, tokens)
+    if input_ids is not None:
+        kw["input_ids"] = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
+    if streams is None:
+        emb = model.model.embed_tokens(kw["input_ids"])
+        streams = emb[:, :, None, :].expand(-1, -1, model.config.hc_mult, -1).contiguous()
+    for layer in layers:
+        streams = layer(streams, **kw)
+    return streams
