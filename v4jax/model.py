@@ -191,3 +191,15 @@ def init_params(config: ModelConfig, seed: int = 0, dtype=jnp.float32) -> dict:
         return jnp.full(shape, fill, dt)
 
     return _build(config, make)
+
+
+def param_count(config: ModelConfig) -> dict[str, int]:
+    """Parameter counts: ``total`` (with MTP), ``mtp``, and ``active`` per token in the main model
+    (embedding row excluded as the release counts it: embed and head included, K of E experts)."""
+    specs = param_specs(config)
+    size = lambda tree: sum(int(np.prod(s.shape)) for s in jax.tree.leaves(tree))  # noqa: E731
+    total = size(specs)
+    mtp = size(specs.get("mtp", {}))
+    experts = sum(size(layer["ffn"]["experts"]) for layer in specs["layers"])
+    active = total - mtp - experts + experts * config.num_experts_per_tok // config.n_routed_experts
+    return {"total": total, "mtp": mtp, "active": active}
