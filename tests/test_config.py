@@ -103,3 +103,10 @@ def test_missing_files_are_clear(tmp_path):
     (tmp_path / "bad.yaml").write_text("train: {}\n")
     with pytest.raises(ConfigError, match="model:"):
         model_config_from_yaml(tmp_path / "bad.yaml")
+
+
+def test_release_style_refuses_what_it_cannot_express():
+    c = model_config_from_yaml("configs/tiny.yaml").replace(compress_rates={"csa": 2, "hca": 8})
+    with pytest.raises(ConfigError, match="release's config.json style"):
+        c.to_release_dict()
+    assert ModelConfig.from_dict(c.to_hf_dict()) == c

@@ -143,7 +143,14 @@ class ModelConfig:
         return cls.from_dict(raw)
 
     def to_release_dict(self) -> dict[str, Any]:
-        """The release's config.json style (``compress_ratios`` with the MTP entry last)."""
+        """The release's config.json style (``compress_ratios`` with the MTP entry last).
+
+        That style tells CSA from HCA by the ratio alone (4 is CSA), so it cannot hold every config.
+        """
+        rates = dict(self.compress_rates)
+        if rates[CSA] != 4 or rates[HCA] == 4:
+            raise ConfigError(f"compress_rates={rates} cannot be written in the release's config.json style, "
+                              "which reads ratio 4 as CSA and any other ratio as HCA: use the HF style")
         out = self._common_dict()
         ratios = [self.ratio[t] for t in self.layer_types]
         ratios += [self.ratio[self.mtp_layer_type]] * self.num_nextn_predict_layers

@@ -1,0 +1,109 @@
+"""Bad input gives a clear error naming the problem, never a silent wrong result."""
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import v4jax
+from tests.tiny_configs import CONFIGS
+from v4jax.convert.names import official_name, tree_paths
+from v4jax.convert.safetensors_io import CheckpointError
+from v4jax.model import init_params
+
+CONFIG = CONFIGS["a"]
+
+
+def write_checkpoint(directory, config, edit=None):
+    """A release-layout checkpoint of a random model, written here (independent of our converter)."""
+    tensors = {}
+    for path, leaf in tree_paths(init_params(config, seed=0)):
+        leaf = np.asarray(leaf)
+        if "experts" in path:
+            for e in range(leaf.shape[0]):
+                tensors[official_name(path, e)] = leaf[e]
+        else:
+            tensors[official_name(path)] = leaf
+    if edit:
+        edit(tensors)
+    directory.mkdir(exist_ok=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, directory / "model.safetensors")
+    (directory / "config.json").write_text(json.dumps(config.to_release_dict()))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return v4jax.from_pretrained(write_checkpoint(tmp_path_factory.mktemp("ok"), CONFIG), dtype="float32")
+
+
+@pytest.mark.parametrize("tokens, message", [
+    (np.array([[1, 2, CONFIG.vocab_size]]), "outside the vocabulary"),
+    (np.array([[1, -1, 3]]), "outside the vocabulary"),
+    (np.array([1, 2, 3]), r"shape \[batch, seq\]"),
+    (np.zeros((1, 2, 3), int), r"shape \[batch, seq\]"),
+    (np.array([[1.0, 2.0]]), "integer"),
+    (np.zeros((1, 0), int), "empty"),
+])
+def test_bad_tokens(model, tokens, message):
+    with pytest.raises(ValueError, match=message):
+        model.logits(tokens)
+
+
+def test_bad_positions_shape(model):
+    with pytest.raises(ValueError, match="positions"):
+        model.logits(np.zeros((1, 4), int), positions=np.zeros((1, 3), int))
+
+
+def test_checkpoint_load_roundtrip(model):
+    """The written checkpoint loads back to exactly the tree it came from."""
+    want = init_params(CONFIG, seed=0)
+    for (path, a), (_, b) in zip(tree_paths(model.params), tree_paths(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+
+
+def test_mismatched_checkpoint_reports_every_problem(tmp_path):
+    def edit(t):
+        t["layers.0.attn.wq_a.weight"] = t["layers.0.attn.wq_a.weight"][:, :-1]  # wrong shape
+        del t["layers.1.ffn.experts.3.w2.weight"]  # missing
+        t["layers.0.attn.extra.weight"] = np.zeros(3, np.float32)  # unexpected
+        t["norm.weight"] = t["norm.weight"].astype(np.int32)  # wrong dtype
+
+    directory = write_checkpoint(tmp_path / "bad", CONFIG, edit)
+    with pytest.raises(CheckpointError) as info:
+        v4jax.from_pretrained(directory, dtype="float32")
+    text = str(info.value)
+    for name in ("layers.0.attn.wq_a.weight", "layers.1.ffn.experts.3.w2.weight", "layers.0.attn.extra.weight",
+                 "norm.weight"):
+        assert name in text
+
+
+def test_config_that_does_not_match_the_tensors(tmp_path):
+    directory = write_checkpoint(tmp_path / "c", CONFIG)
+    (directory / "config.json").write_text(json.dumps(CONFIG.replace(hidden_size=48).to_release_dict()))
+    with pytest.raises(CheckpointError, match="shape"):
+        v4jax.from_pretrained(directory, dtype="float32")
+
+
+def test_truncated_file_names_the_file(tmp_path):
+    directory = write_checkpoint(tmp_path / "t", CONFIG)
+    f = directory / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="model.safetensors is truncated"):
+        v4jax.from_pretrained(directory, dtype="float32")
+
+
+def test_bad_paths_and_dtypes(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        v4jax.from_pretrained(tmp_path / "missing")
+    directory = write_checkpoint(tmp_path / "d", CONFIG)
+    with pytest.raises(ValueError, match="dtype"):
+        v4jax.from_pretrained(directory, dtype="float16")
+
+
+def test_model_without_mtp_says_so(tmp_path):
+    config = CONFIG.replace(num_nextn_predict_layers=0)
+    m = v4jax.from_pretrained(write_checkpoint(tmp_path / "n", config), dtype="float32")
+    with pytest.raises(ValueError, match="no MTP block"):
+        m.mtp_logits(np.zeros((1, 4), int))
