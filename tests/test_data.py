@@ -443,3 +443,10 @@ def test_unigram_entropy(tmp_path):
     assert 2.5 < h < 4.0  # English letters: a little over 3 nats... well under log(259)
     with pytest.raises(ValueError):
         D.unigram_entropy([])
+
+
+def test_an_edited_corpus_is_read_again(tmp_path):
+    p = write_jsonl(tmp_path / "d.jsonl", ["first version"])
+    assert D.make_dataset(cfg_for(p), 0, 1).num_tokens == len("first version") + 2
+    write_jsonl(p, ["second, longer version"])
+    assert D.make_dataset(cfg_for(p), 0, 1).num_tokens == len("second, longer version") + 2

@@ -149,6 +149,9 @@ class DataConfig:
         if self.path is None and self.heldout_fraction:
             raise ConfigError("data.heldout_fraction applies to local corpora (data.path); the bundled corpus "
                               "has a fixed held-out split: leave heldout_fraction at 0")
+        if self.path is not None and self.split == "heldout" and not self.heldout_fraction:
+            raise ConfigError(f"data.split='heldout' with data.path={self.path!r} needs data.heldout_fraction > 0 "
+                              "(or point data.path at a separate held-out corpus and use split='train')")
 
     def for_eval(self) -> DataConfig:
         """The held-out split, in file order, one pass."""
@@ -322,9 +325,6 @@ def load_documents(cfg: DataConfig) -> list[str]:
     docs = [d for d in docs if d.strip()]
     if cfg.heldout_fraction > 0:
         docs = [d for d in docs if _in_heldout(d, cfg.heldout_fraction) == (cfg.split == "heldout")]
-    elif cfg.split == "heldout":
-        raise ConfigError(f"data.split='heldout' with data.path={cfg.path!r} needs data.heldout_fraction > 0 "
-                          "(or point data.path at a separate held-out corpus and use split='train')")
     if not docs:
         raise DataError(f"no non-empty documents in split {cfg.split!r} of {cfg.path!r}")
     return docs
@@ -335,8 +335,12 @@ def load_documents(cfg: DataConfig) -> list[str]:
 
 
 @functools.lru_cache(maxsize=8)
-def _encoded(path, split, text_field, heldout_fraction, tokenizer, add_bos, process_index, process_count):
-    """Token ids of this host's documents, concatenated: (ids [T] int32, doc_starts [D + 1] int64)."""
+def _encoded(path, split, text_field, heldout_fraction, tokenizer, add_bos, process_index, process_count, stamp):
+    """Token ids of this host's documents, concatenated: (ids [T] int32, doc_starts [D + 1] int64).
+
+    ``stamp`` (the files' names, sizes and modification times) only keys the cache, so that an
+    edited corpus is read again.
+    """
     cfg = DataConfig(path=path, split=split, text_field=text_field, heldout_fraction=heldout_fraction,
                      tokenizer=tokenizer, add_bos=add_bos)
     docs = load_documents(cfg)[process_index::process_count]
@@ -356,8 +360,10 @@ def _encoded(path, split, text_field, heldout_fraction, tokenizer, add_bos, proc
 
 
 def _cfg_encoded(cfg: DataConfig, process_index: int, process_count: int):
+    files = sorted((BUNDLED_DIR / cfg.split).glob("*.txt")) if cfg.path is None else find_files(cfg.path)
+    stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     return _encoded(cfg.path, cfg.split, cfg.text_field, cfg.heldout_fraction, cfg.tokenizer, cfg.add_bos,
-                    process_index, process_count)
+                    process_index, process_count, stamp)
 
 
 def piece_table(doc_starts: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
