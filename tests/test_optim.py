@@ -132,6 +132,29 @@ def test_bf16_newton_schulz_close_to_fp32():
     assert 0 < err < RTOL_BF16, err  # > 0: the bf16 path really differs
 
 
+def _dots(jaxpr):
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn
+        for v in eqn.params.values():
+            if hasattr(v, "jaxpr"):
+                yield from _dots(v.jaxpr)
+
+
+@pytest.mark.parametrize("ns_dtype", [jnp.float32, jnp.bfloat16])
+def test_newton_schulz_matmul_precision(ns_dtype):
+    """fp32 NS must not fall back to TF32/bf16 passes on accelerators (conftest already forces
+    'highest' on CPU, so check the requested precision in the program itself)."""
+    jaxpr = jax.make_jaxpr(lambda x: optim.hybrid_newton_schulz(x, ns_dtype=ns_dtype))(jnp.ones((2, 3, 5)))
+    dots = list(_dots(jaxpr.jaxpr))
+    assert len(dots) == 3  # one NS step in a scan: X X^T, A A, (bA + cAA) X
+    want = jax.lax.Precision.HIGHEST if ns_dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+    for eqn in dots:
+        assert all(p == want for p in eqn.params["precision"])
+        assert all(v.aval.dtype == jnp.dtype(ns_dtype) for v in eqn.invars)
+        assert eqn.params["preferred_element_type"] == jnp.float32
+
+
 # --------------------------------------------------------------------------------------------------
 # Batching and row blocks
 

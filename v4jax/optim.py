@@ -346,6 +346,8 @@ def v4_optimizer(learning_rate: optax.ScalarOrSchedule, *, muon_momentum: float 
     ``muon_row_blocks``. AdamW: ``optax.adamw(learning_rate, adam_b1, adam_b2, adam_eps,
     weight_decay=adam_weight_decay)`` for "adamw" leaves and the same with weight decay 0 for
     "adamw_no_decay" leaves (unless ``adam_decay_all``). "frozen" leaves get zero updates.
+    ns_dtype: Newton-Schulz matmul operand dtype (fp32 default, bf16 optional). mu_dtype: dtype of
+    the Muon momentum and Adam first moment (default: the parameter's; pass fp32 for bf16 params).
     Pass params to ``update`` (weight decay needs them). State: ``optax.PartitionState``.
     """
 
