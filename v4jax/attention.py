@@ -103,11 +103,14 @@ def _entries(x, p, positions, segment_ids, m, overlap, freqs, eps):
 
 
 def indexer_select(x, cq, p, positions, segment_ids, config: ModelConfig, freqs, m):
-    """Lightning indexer: which compressed entries each query uses. Returns a mask [b, s, n].
+    """Lightning indexer: which compressed entries each query uses.
 
     I[t, w] = sum_h wI[t, h] * relu(qI[t, h] . KI[w]) over visible w; keep the top index_topk.
-    Scores are computed in fp32; the result carries no gradient (it only selects).
+    Scores are computed in fp32. The indexer's inputs are detached: the selection carries no
+    gradient, and the indexer's own training loss (``v4jax.losses.indexer_kl``) reaches only its
+    parameters. Returns (selected [b, s, n] bool, scores [b, s, n] fp32 with -inf where not visible).
     """
+    x, cq = jax.lax.stop_gradient(x), jax.lax.stop_gradient(cq)
     b, s, _ = x.shape
     keys, visible = _entries(x, p["compressor"], positions, segment_ids, m, True, freqs, config.rms_norm_eps)
     hi, ci = config.index_n_heads, config.index_head_dim
@@ -121,7 +124,7 @@ def indexer_select(x, cq, p, positions, segment_ids, config: ModelConfig, freqs,
     _, top = jax.lax.top_k(jax.lax.stop_gradient(scores), k)  # [b, s, k]
     picked = jnp.zeros(scores.shape, bool)
     picked = jax.vmap(jax.vmap(lambda row, idx: row.at[idx].set(True)))(picked, top)
-    return picked & visible  # picks that landed on masked entries are dropped
+    return picked & visible, scores  # picks that landed on masked entries are dropped
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,11 +139,12 @@ def _window_keys(kv: jax.Array, chunk: int):
     return jnp.concatenate([prev, k], axis=2)
 
 
-def core_attention(q, kv, sink, window, segment_ids, entries=None, entry_mask=None):
+def core_attention(q, kv, sink, window, segment_ids, entries=None, entry_mask=None, entry_probs=False):
     """One softmax over window keys, compressed entries and the sink; value = key.
 
     q: [b, s, h, c]; kv: [b, s, c]; sink: [h] (an fp32 logit, not scaled); segment_ids: [b, s];
-    entries: [b, n, c] with entry_mask [b, s, n] (True = used). Returns [b, s, h, c] in q's dtype.
+    entries: [b, n, c] with entry_mask [b, s, n] (True = used). Returns [b, s, h, c] in q's dtype,
+    and with ``entry_probs`` also the attention probability of each entry summed over heads [b, s, n].
     Window: query t sees key u iff 0 <= t - u < window and both are in the same document.
     """
     b, s, h, c = q.shape
@@ -179,7 +183,11 @@ def core_attention(q, kv, sink, window, segment_ids, entries=None, entry_mask=No
     if entries is not None and entries.shape[1] > 0:
         out = out + jnp.einsum("buwhn,bnc->buwhc", (p_cmp * inv).astype(q.dtype), entries,
                                preferred_element_type=F32)
-    return out.reshape(b, S, h, c)[:, :s].astype(q.dtype)
+    out = out.reshape(b, S, h, c)[:, :s].astype(q.dtype)
+    if not entry_probs:
+        return out
+    mass = jnp.sum(p_cmp * inv, axis=3).reshape(b, S, -1)[:, :s]
+    return out, mass
 
 
 # --------------------------------------------------------------------------------------------------
@@ -187,10 +195,13 @@ def core_attention(q, kv, sink, window, segment_ids, entries=None, entry_mask=No
 
 
 def attention(x: jax.Array, p: dict, config: ModelConfig, layer: int, positions: jax.Array,
-              segment_ids: jax.Array, sparse: bool = True) -> jax.Array:
+              segment_ids: jax.Array, sparse: bool = True, with_aux: bool = False):
     """x: [b, s, d] (the attn_norm output) -> [b, s, d]. ``layer`` == L selects the MTP layer's type.
 
     ``sparse=False`` lets CSA queries use every visible compressed entry (the dense training stage).
+    ``with_aux`` also returns a dict; for CSA layers it holds what the indexer loss needs:
+    ``index_scores`` [b, s, n], ``entry_mask`` [b, s, n] (entries the queries used) and
+    ``entry_probs`` [b, s, n] (main-attention probability of each entry, summed over heads).
     """
     b, s, _ = x.shape
     h, c, eps = config.num_attention_heads, config.head_dim, config.rms_norm_eps
@@ -204,15 +215,24 @@ def attention(x: jax.Array, p: dict, config: ModelConfig, layer: int, positions:
     kv = apply_rope(rms_norm(linear(x, p["wkv"]), p["kv_norm"], eps), cos, sin)  # [b, s, c], K = V
 
     entries = entry_mask = None
+    aux = {}
     if kind != SWA:
         entries, entry_mask = _entries(x, p["compressor"], positions, segment_ids, m, kind == CSA, freqs, eps)
-        if kind == CSA and sparse and entries.shape[1] > 0:
-            entry_mask = indexer_select(x, cq, p["indexer"], positions, segment_ids, config, freqs, m)
+        if kind == CSA and entries.shape[1] > 0 and (sparse or with_aux):
+            selected, aux["index_scores"] = indexer_select(x, cq, p["indexer"], positions, segment_ids, config,
+                                                           freqs, m)
+            entry_mask = selected if sparse else entry_mask
+            aux["entry_mask"] = entry_mask
 
-    o = core_attention(q, kv, p["attn_sink"], config.sliding_window, segment_ids, entries, entry_mask)
+    want_probs = "index_scores" in aux
+    o = core_attention(q, kv, p["attn_sink"], config.sliding_window, segment_ids, entries, entry_mask,
+                       entry_probs=want_probs)
+    if want_probs:
+        o, aux["entry_probs"] = o
     o = apply_rope(o, cos, sin, inverse=True)  # de-rotate at the query position
 
     g = config.o_groups
     wa = p["wo_a"].reshape(g, config.o_lora_rank, -1).astype(x.dtype)  # [g, d_g, h*c/g]
     z = jnp.einsum("bsgi,gri->bsgr", o.reshape(b, s, g, -1), wa)
-    return linear(z.reshape(b, s, -1), p["wo_b"])
+    out = linear(z.reshape(b, s, -1), p["wo_b"])
+    return (out, aux) if with_aux else out

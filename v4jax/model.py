@@ -32,15 +32,22 @@ from v4jax.moe import moe
 # Forward
 
 
-def block(x, p, config: ModelConfig, layer: int, positions, segment_ids, token_ids, sparse=True):
-    """One decoder block on the streams x [b, s, n, d]: mHC around attention, then around the MoE."""
+def block(x, p, config: ModelConfig, layer: int, positions, segment_ids, token_ids, sparse=True, with_aux=False):
+    """One decoder block on the streams x [b, s, n, d]: mHC around attention, then around the MoE.
+
+    Returns (x, info): info holds the routing (``idx``, ``scores``) and, with ``with_aux``, the
+    attention's aux dict under ``attn`` (see ``v4jax.attention.attention``).
+    """
     hc = dict(sinkhorn_iters=config.hc_sinkhorn_iters, hc_eps=config.hc_eps, norm_eps=config.rms_norm_eps)
     u, post, comb = hc_pre(x, p["hc_attn"], **hc)
     a = attention(rms_norm(u, p["attn_norm"], config.rms_norm_eps), p["attn"], config, layer, positions,
-                  segment_ids, sparse)
+                  segment_ids, sparse, with_aux)
+    a, attn_aux = a if with_aux else (a, None)
     x = hc_post(a, x, post, comb)
     u, post, comb = hc_pre(x, p["hc_ffn"], **hc)
     f, info = moe(rms_norm(u, p["ffn_norm"], config.rms_norm_eps), p["ffn"], token_ids, config)
+    if with_aux:
+        info["attn"] = attn_aux
     return hc_post(f, x, post, comb), info
 
 
@@ -55,13 +62,14 @@ def _head(x, p_hc, norm_w, head_w, config: ModelConfig):
 
 
 def forward(params, tokens, config: ModelConfig, *, positions=None, segment_ids=None, dtype=jnp.float32,
-            sparse=True, mtp=False):
+            sparse=True, mtp=False, with_aux=False):
     """Run the model. tokens [b, s] int -> dict with ``logits`` [b, s, V] fp32 and ``routing``.
 
     positions/segment_ids [b, s]: per-document positions and document ids for packed rows (default:
     one document per row). With ``mtp=True`` the result also has ``mtp_logits`` [b, s, V]: position
     t combines the main streams at t with token t+1 and predicts token t+2 (the last position sees
-    a padding token 0 and is meaningless).
+    a padding token 0 and is meaningless). ``sparse=False`` is the dense attention stage (CSA
+    queries use every visible entry); ``with_aux`` adds each layer's attention aux to ``routing``.
     """
     chex.assert_rank(tokens, 2)
     if positions is None or segment_ids is None:
@@ -74,16 +82,17 @@ def forward(params, tokens, config: ModelConfig, *, positions=None, segment_ids=
     x = jnp.broadcast_to(e[:, :, None, :], e.shape[:2] + (n, e.shape[-1]))  # n identical streams
     routing = []
     for i, p in enumerate(params["layers"]):
-        x, info = block(x, p, config, i, positions, segment_ids, tokens, sparse)
+        x, info = block(x, p, config, i, positions, segment_ids, tokens, sparse, with_aux)
         routing.append(info)
     out = {"logits": _head(x, params["hc_head"], params["norm"], params["head"], config), "routing": routing}
     if mtp:
         out["mtp_logits"], out["mtp_routing"] = mtp_forward(
-            params, x, tokens, config, positions, segment_ids, dtype, sparse)
+            params, x, tokens, config, positions, segment_ids, dtype, sparse, with_aux)
     return out
 
 
-def mtp_forward(params, x_main, tokens, config: ModelConfig, positions, segment_ids, dtype, sparse=True):
+def mtp_forward(params, x_main, tokens, config: ModelConfig, positions, segment_ids, dtype, sparse=True,
+                with_aux=False):
     """The depth-1 MTP block on the main model's final streams x_main [b, s, n, d] (before hc_head)."""
     p = params["mtp"]
     eps = config.rms_norm_eps
@@ -91,7 +100,7 @@ def mtp_forward(params, x_main, tokens, config: ModelConfig, positions, segment_
     e = rms_norm(params["embed"][nxt].astype(dtype), p["enorm"], eps)
     h = rms_norm(x_main, p["hnorm"], eps)  # per stream, over d
     x = (linear(e, p["e_proj"])[:, :, None, :] + linear(h, p["h_proj"])).astype(dtype)
-    x, info = block(x, p, config, config.num_hidden_layers, positions, segment_ids, nxt, sparse)
+    x, info = block(x, p, config, config.num_hidden_layers, positions, segment_ids, nxt, sparse, with_aux)
     return _head(x, p["hc_head"], p["norm"], params["head"], config), info
 
 
