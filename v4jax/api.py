@@ -91,20 +91,38 @@ class Model:
 
 
 def from_pretrained(path, dtype="bfloat16", mesh: jax.sharding.Mesh | None = None) -> Model:
-    """Load a model from a directory with ``config.json`` and ``*.safetensors``.
+    """Load a model from a directory: a safetensors checkpoint or a v4jax Orbax checkpoint.
 
-    Both the release's tensor layout and the one ``transformers``' ``save_pretrained`` writes are
-    read, in F32/BF16. ``dtype`` is the compute dtype ("float32" for parity, "bfloat16" for speed);
-    fp32-kept tensors (mHC, sinks, position and router biases) stay fp32. With ``mesh`` the
-    parameters are placed on its devices, replicated.
+    * safetensors: ``config.json`` and ``*.safetensors`` (sharded through
+      ``model.safetensors.index.json`` or not), in the release's tensor layout or the one
+      ``transformers``' ``save_pretrained`` writes; F32/BF16 tensors, FP8 weights with 128×128 block
+      scales and packed FP4 experts (E8M0 or F32 scales) are read, the quantised ones dequantised
+      exactly.
+    * Orbax: a directory written by ``python -m v4jax.convert to-orbax`` (recognised by its
+      ``v4jax_checkpoint.json``), restored with Orbax straight onto the devices.
+
+    ``dtype`` is the compute dtype ("float32" for parity, "bfloat16" for speed); fp32-kept tensors
+    (mHC, sinks, position and router biases) stay fp32. With ``mesh`` the parameters are placed on
+    its devices, replicated. A checkpoint without ``mtp.*`` tensors loads without the MTP block,
+    with a warning (safetensors) or silently (Orbax, where the conversion warned).
     """
     from v4jax.convert.load import load_checkpoint  # noqa: PLC0415
+    from v4jax.convert.orbax_io import is_orbax_checkpoint, read_marker, restore_params  # noqa: PLC0415
 
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a directory with config.json and *.safetensors")
+        raise FileNotFoundError(f"{path} is not a directory with config.json and *.safetensors, nor a v4jax "
+                                "Orbax checkpoint")
     config = ModelConfig.from_json(path / "config.json")
     dt = _dtype(dtype)
+    if is_orbax_checkpoint(path):
+        from v4jax.model import param_specs  # noqa: PLC0415
+
+        specs = param_specs(config, dt)
+        if not read_marker(path).get("has_mtp", True):
+            specs.pop("mtp", None)
+        sharding = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        return Model(config, restore_params(path, specs, sharding), dt)
     params, _ = load_checkpoint(path, config, dt)
     if mesh is None:
         params = jax.tree.map(jnp.asarray, params)

@@ -9,6 +9,8 @@ release's names with these differences, which ``to_official`` undoes:
 * ``hc_head_{fn,base,scale}`` is ``model.hc_head.hc_{fn,base,scale}``;
 * the window KV norm ``attn.kv_norm.weight`` is ``attn.norm.weight``;
 * no ``mtp.*`` tensors at all (the port has no MTP block).
+
+Quantised weights (FP8/FP4) carry a ``.scale`` sibling in the release (``scale_name``).
 """
 
 from __future__ import annotations
@@ -85,3 +87,33 @@ def to_official(name: str, layout: str) -> str:
 
 def from_official(name: str, layout: str) -> str:
     return name if layout == OFFICIAL else _apply(_OFFICIAL_TO_HF, name)
+
+
+def scale_names(weight_name: str) -> list[str]:
+    """Possible names of a quantised weight's scale, in the same layout: the release's ``.scale``
+    sibling first, then ``.weight_scale_inv`` (the name other FP8 checkpoints on the Hub use)."""
+    stem = weight_name[: -len(".weight")] if weight_name.endswith(".weight") else weight_name
+    return [stem + ".scale", stem + ".weight_scale_inv"]
+
+
+def scale_name(weight_name: str) -> str:
+    return scale_names(weight_name)[0]
+
+
+def is_mtp_extra(official: str) -> bool:
+    """``mtp.N.emb*`` / ``mtp.N.head.weight``: copies of the shared embedding and head that some
+    exports carry; the release's ``convert.py`` drops them, and so do we."""
+    return re.match(r"^mtp\.\d+\.(emb[^.]*\..*|head\.weight)$", official) is not None
+
+
+# Config styles, matching the two layouts: the release's config.json (``compress_ratios``) goes with
+# the official layout, transformers' (``layer_types``, ``rope_parameters``) with the HF layout.
+RELEASE_STYLE, HF_STYLE = "release", "hf"
+
+
+def config_style(raw: dict) -> str:
+    return RELEASE_STYLE if "compress_ratios" in raw else HF_STYLE
+
+
+def layout_config_style(layout: str) -> str:
+    return RELEASE_STYLE if layout == OFFICIAL else HF_STYLE

@@ -1,0 +1,346 @@
+"""v4jax's Orbax checkpoint directory: streaming writes, block reads, and restore onto devices.
+
+Layout of a converted directory::
+
+    DST/
+      config.json            the model config, in the style of the source (release or transformers)
+      v4jax_checkpoint.json  format marker: config style, source layout, dtype, MTP present, sizes
+      params/                an ordinary Orbax PyTree checkpoint of the parameter tree
+                             (OCDBT + zarr; ``layers`` is a list; readable by
+                             ``ocp.StandardCheckpointer().restore(DST / "params", target)``)
+
+The marker is written last, and the whole directory is built under a hidden temporary name and
+renamed when complete (``atomic_output_dir``), so a directory with a marker is always finished.
+
+**Streaming.** Orbax's handlers want every leaf in memory when ``save`` starts. Here each leaf is a
+:class:`StreamLeaf` (shape, dtype and a ``read(lead, r0, r1)`` callback), and a private type handler
+writes it through TensorStore block by block: the zarr chunks are blocks of rows (one expert at a
+time for stacked experts), each block is produced by the callback (read from the source and
+dequantised) in a small thread pool and written as whole chunks, and at most ``window`` blocks are
+in flight. Host memory is therefore bounded by about ``window`` × (block size + the decoder's
+temporaries) plus a fixed margin, whatever the size of the model or of any one tensor. The files
+are the same as Orbax's own numpy handler writes (the leaves are recorded as ``np.ndarray``), so
+restoring needs nothing from this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from v4jax.convert.safetensors_io import CheckpointError
+from v4jax.convert.source import blocks, rows_per_block
+
+MARKER = "v4jax_checkpoint.json"
+PARAMS = "params"
+FORMAT = "v4jax-orbax"
+FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic output directories
+
+
+@contextlib.contextmanager
+def atomic_output_dir(dst: str | Path, overwrite: bool = False):
+    """Yield a fresh temporary directory next to ``dst``; rename it to ``dst`` if the block succeeds,
+    delete it if the block raises (or is interrupted). An existing ``dst`` is an error unless
+    ``overwrite``, in which case it is replaced only once the new directory is complete."""
+    dst = Path(dst).absolute()
+    check_output_dir(dst, overwrite)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        os.rename(dst, old)
+        os.rename(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, dst)
+
+
+def check_output_dir(dst: str | Path, overwrite: bool) -> None:
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists: choose another --dst or pass --overwrite")
+    if dst.exists() and not dst.is_dir():
+        raise FileExistsError(f"{dst} exists and is not a directory")
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming writer
+
+
+@dataclasses.dataclass(eq=False)
+class StreamLeaf:
+    """A leaf to save without holding it: ``read(lead, r0, r1)`` returns rows r0..r1 of axis -2 at
+    leading index ``lead`` (see ``source.blocks``); vectors are read whole as ``read((), 0, n)``."""
+
+    shape: tuple
+    dtype: np.dtype
+    read: Callable
+    rows: int  # rows per block (and per zarr chunk) along axis -2
+
+    @property
+    def size(self) -> int:  # Orbax checks leaves for zero size
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * np.dtype(self.dtype).itemsize
+
+    def chunk_shape(self) -> list[int]:
+        if len(self.shape) < 2:
+            return [max(1, s) for s in self.shape]
+        return [1] * (len(self.shape) - 2) + [self.rows, self.shape[-1]]
+
+
+def _streaming_handler_class():
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+    import tensorstore as ts  # noqa: PLC0415
+    from orbax.checkpoint import future as ocp_future  # noqa: PLC0415
+
+    class StreamingHandler(ocp.type_handlers.NumpyHandler):
+        """Writes StreamLeaf values block by block; records them as ordinary numpy leaves."""
+
+        def __init__(self, workers: int, window: int, on_block: Callable | None):
+            super().__init__()
+            self._workers, self._window, self._on_block = workers, window, on_block
+
+        async def serialize(self, values, infos, args=None):
+            return [ocp_future.CommitFutureAwaitingContractedSignals(self._write_all(values, infos),
+                                                                      name="v4jax_stream")]
+
+        async def _open(self, leaf: StreamLeaf, info):
+            await info.await_path_creation()
+            use_ocdbt = info.is_ocdbt_checkpoint
+            process = _process_index(use_ocdbt)
+            tspec = ocp.type_handlers.get_json_tspec_write(
+                info, use_ocdbt=use_ocdbt, global_shape=tuple(leaf.shape), local_shape=tuple(leaf.shape),
+                dtype=np.dtype(leaf.dtype), process_index=process)
+            tspec["metadata"]["chunks"] = leaf.chunk_shape()  # zarr v2 (Orbax's default format)
+            tspec["dtype"] = np.dtype(leaf.dtype).name
+            return await ts.open(ts.Spec(tspec), create=True, open=True, context=info.ts_context)
+
+        async def _write_all(self, values, infos):
+            loop = asyncio.get_running_loop()
+            slots = asyncio.Semaphore(self._window)
+            running: set[asyncio.Task] = set()
+            failed: list[BaseException] = []
+
+            async def one(t, leaf: StreamLeaf, lead, r0, r1):
+                try:
+                    data = await loop.run_in_executor(pool, leaf.read, lead, r0, r1)
+                    index = lead + (slice(r0, r1),) if leaf.ndim >= 2 else ()
+                    await t[index].write(np.ascontiguousarray(data, dtype=leaf.dtype),
+                                         can_reference_source_data_indefinitely=True)
+                    if self._on_block is not None:
+                        self._on_block(leaf, lead, data.nbytes)
+                finally:
+                    slots.release()
+
+            with concurrent.futures.ThreadPoolExecutor(self._workers, thread_name_prefix="v4jax-read") as pool:
+                try:
+                    for leaf, info in zip(values, infos):
+                        t = await self._open(leaf, info)
+                        for lead, r0, r1 in blocks(leaf.shape, leaf.rows):
+                            await slots.acquire()
+                            if failed:
+                                raise failed[0]
+                            task = asyncio.ensure_future(one(t, leaf, lead, r0, r1))
+                            running.add(task)
+                            task.add_done_callback(lambda tk: (running.discard(tk), tk.cancelled() or (
+                                tk.exception() is not None and failed.append(tk.exception()))))
+                    if running:
+                        await asyncio.gather(*list(running))
+                    if failed:
+                        raise failed[0]
+                except BaseException:
+                    for task in list(running):
+                        task.cancel()
+                    await asyncio.gather(*list(running), return_exceptions=True)
+                    raise
+
+    return StreamingHandler
+
+
+def _process_index(use_ocdbt: bool):
+    from orbax.checkpoint._src.serialization import ocdbt_utils  # noqa: PLC0415
+
+    return ocdbt_utils.get_process_index_for_subdir(use_ocdbt)
+
+
+def save_streaming(directory: str | Path, tree, *, compression: bool = False, workers: int = 2, window: int = 4,
+                   on_block: Callable | None = None) -> None:
+    """Save ``tree`` (nested dicts/lists of StreamLeaf) as an Orbax PyTree checkpoint at ``directory``
+    (which must not exist), streaming every leaf. ``compression``: zstd chunks (Orbax's default).
+    ``on_block(leaf, lead, nbytes)`` is called after each block is written."""
+    import absl.logging  # noqa: PLC0415
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+
+    handler = _streaming_handler_class()(workers, window, on_block)
+    registry = ocp.type_handlers.create_type_handler_registry((StreamLeaf, handler))
+    verbosity = absl.logging.get_verbosity()
+    absl.logging.set_verbosity(absl.logging.ERROR)  # Orbax warns that no jax.Array handler is registered
+    try:
+        ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry,
+                                                             use_compression=compression))
+        try:
+            ckptr.save(Path(directory).absolute(), tree)
+        finally:
+            ckptr.close()
+    finally:
+        absl.logging.set_verbosity(verbosity)
+
+
+def stream_leaves(specs, sources: dict, block_bytes: int):
+    """Tree of StreamLeaf with ``specs``' structure; ``sources[path]`` has ``read`` (a LeafSource)."""
+    from v4jax.convert.names import tree_paths  # noqa: PLC0415
+
+    flat = {}
+    for path, spec in tree_paths(specs):
+        src = sources[path]
+        dt = np.dtype(spec.dtype)
+        flat[path] = StreamLeaf(tuple(spec.shape), dt, src.read, rows_per_block(spec.shape, dt.itemsize, block_bytes))
+    return unflatten(specs, flat)
+
+
+def unflatten(specs, flat: dict):
+    def build(tree, prefix):
+        if isinstance(tree, dict):
+            return {k: build(v, prefix + (k,)) for k, v in tree.items()}
+        if isinstance(tree, list):
+            return [build(v, prefix + (i,)) for i, v in enumerate(tree)]
+        return flat[prefix]
+
+    return build(specs, ())
+
+
+# --------------------------------------------------------------------------------------------------
+# Marker
+
+
+def write_marker(directory: Path, **info) -> None:
+    data = {"format": FORMAT, "format_version": FORMAT_VERSION, **info}
+    (Path(directory) / MARKER).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def read_marker(directory: str | Path) -> dict:
+    path = Path(directory) / MARKER
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory} is not a v4jax Orbax checkpoint (no {MARKER}); "
+                              "convert one with `python -m v4jax.convert to-orbax`") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is corrupt: {e}") from None
+    if data.get("format") != FORMAT or data.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: unknown format {data.get('format')!r} version {data.get('format_version')!r}")
+    return data
+
+
+def is_orbax_checkpoint(directory: str | Path) -> bool:
+    return (Path(directory) / MARKER).is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+
+
+class OrbaxParams:
+    """The params of an Orbax checkpoint, leaf by leaf and block by block (TensorStore reads).
+
+    ``leaves``: {tree path: (shape, dtype)}; ``read(path, lead, r0, r1)`` as StreamLeaf.read.
+    """
+
+    def __init__(self, directory: str | Path):
+        import orbax.checkpoint as ocp  # noqa: PLC0415
+
+        self.directory = Path(directory).absolute()
+        if not (self.directory / "_METADATA").exists() and not (self.directory / "_CHECKPOINT_METADATA").exists():
+            raise CheckpointError(f"{self.directory} is not an Orbax checkpoint (no _METADATA)")
+        try:
+            meta = ocp.StandardCheckpointer().metadata(self.directory).item_metadata
+        except Exception as e:  # noqa: BLE001 (Orbax raises many kinds)
+            raise CheckpointError(f"cannot read the Orbax metadata of {self.directory}: {e}") from None
+        tree = meta.tree if hasattr(meta, "tree") else meta
+        self.use_zarr3 = bool(getattr(meta, "use_zarr3", False))
+        from v4jax.convert.names import tree_paths  # noqa: PLC0415
+
+        self.leaves, self._names = {}, {}
+        for path, m in tree_paths(tree):
+            path = tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in path)
+            self.leaves[path] = (tuple(m.shape), np.dtype(m.dtype))
+            self._names[path] = m.name
+        self._open: dict[tuple, object] = {}
+        self._ctx = ocp.type_handlers.get_ts_context(use_ocdbt=True)
+
+    def _store(self, path):
+        t = self._open.get(path)
+        if t is None:
+            import orbax.checkpoint as ocp  # noqa: PLC0415
+            import tensorstore as ts  # noqa: PLC0415
+            from etils import epath  # noqa: PLC0415
+
+            ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(epath.Path(self.directory))
+            info = ocp.type_handlers.ParamInfo(name=self._names[path], parent_dir=epath.Path(self.directory),
+                                               is_ocdbt_checkpoint=ocdbt, use_zarr3=self.use_zarr3)
+            spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=ocdbt)
+            try:
+                t = ts.open(ts.Spec(spec), open=True, context=self._ctx).result()
+            except Exception as e:  # noqa: BLE001
+                raise CheckpointError(f"{self.directory}: cannot open leaf {self._names[path]}: {e}") from None
+            self._open = {path: t}  # keep one open leaf: they are read in order
+        return t
+
+    def read(self, path: tuple, lead: tuple, r0: int, r1: int) -> np.ndarray:
+        t = self._store(path)
+        index = lead + (slice(r0, r1),) if len(self.leaves[path][0]) >= 2 else ()
+        try:
+            return np.asarray(t[index].read().result())
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{self.directory}: reading leaf {self._names[path]} failed: {e}") from None
+
+
+def restore_params(directory: str | Path, specs, sharding=None):
+    """Restore the params tree at ``directory/params`` (a converted directory) as jax Arrays shaped
+    and typed like ``specs`` (a param_specs tree; stored dtypes are cast), placed with ``sharding``
+    (default: the first device). Shapes are checked first; all mismatches are reported together."""
+    import jax  # noqa: PLC0415
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+
+    from v4jax.convert.names import tree_paths  # noqa: PLC0415
+    from v4jax.convert.source import summarise  # noqa: PLC0415
+
+    params_dir = Path(directory).absolute() / PARAMS
+    stored = OrbaxParams(params_dir)
+    want = {p: s for p, s in tree_paths(specs)}
+    problems = [f"missing tensor: {'.'.join(map(str, p))}" for p in want if p not in stored.leaves]
+    problems += [f"unexpected tensor: {'.'.join(map(str, p))}" for p in stored.leaves if p not in want]
+    problems += [f"wrong shape: {'.'.join(map(str, p))} is {list(stored.leaves[p][0])}, the config implies "
+                 f"{list(s.shape)}" for p, s in want.items() if p in stored.leaves and stored.leaves[p][0] != s.shape]
+    if problems:
+        raise CheckpointError(summarise(f"{params_dir} does not match its config.json", problems), problems)
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), specs)
+    return ocp.StandardCheckpointer().restore(params_dir, target)

@@ -1,0 +1,311 @@
+"""Orbax -> safetensors: a complete checkpoint in the release's layout or the ``transformers`` one.
+
+Output: ``config.json`` (release style for the official layout, transformers style for the HF
+layout), ``model.safetensors.index.json`` and shards ``model-0000i-of-0000N.safetensors`` of at most
+``max_shard_bytes`` each (a tensor is never split, so a single larger tensor gets a shard of its
+own). Quantisation (spec §3.3), as in the release:
+
+* ``none``: every weight in the plain dtype;
+* ``fp8``: the release's FP8 matrices (attention wq_a/wq_b/wkv/wo_a/wo_b, indexer wq_b, shared
+  experts, MTP e_proj/h_proj) *and* the routed experts as FP8 e4m3 with E8M0 128×128 block scales
+  (the layout of the "Base" checkpoints);
+* ``fp8+fp4``: the same, but routed experts as packed FP4 e2m1 with E8M0 scales per 32 inputs
+  (the layout of the released instruct checkpoints).
+
+Everything else is written in the plain dtype (``auto``: bf16 when quantising, as released; else the
+Orbax checkpoint's dtype); fp32-kept tensors (mHC, sinks, position and router biases) as F32 and
+``tid2eid`` as I64. The transformers layout has no MTP block: it is left out, with a warning.
+
+Streaming: tensors are read from Orbax in blocks of rows, converted and appended to the shard being
+written; host memory holds a few blocks plus one quantised weight's scales, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Iterator
+
+import ml_dtypes
+import numpy as np
+
+from v4jax.config import ModelConfig
+from v4jax.convert import quant
+from v4jax.convert.names import (
+    HF, OFFICIAL, RELEASE_STYLE, from_official, is_routed_expert, official_name, scale_name, tree_paths,
+)
+from v4jax.convert.orbax_io import (
+    PARAMS, OrbaxParams, atomic_output_dir, check_output_dir, is_orbax_checkpoint, read_marker,
+)
+from v4jax.convert.safetensors_io import Checkpoint, CheckpointError, SafetensorsWriter
+from v4jax.convert.source import summarise
+
+QUANTIZE = ("none", "fp8", "fp8+fp4")
+# Matrices the release stores as FP8 (besides the routed experts), by the end of their tree path.
+FP8_MATRICES = {("attn", "wq_a"), ("attn", "wq_b"), ("attn", "wkv"), ("attn", "wo_a"), ("attn", "wo_b"),
+                ("indexer", "wq_b"), ("shared_experts", "w1"), ("shared_experts", "w2"), ("shared_experts", "w3"),
+                ("mtp", "e_proj"), ("mtp", "h_proj")}
+BF16 = np.dtype(ml_dtypes.bfloat16)
+PLAIN_DTYPES = {"bfloat16": BF16, "float32": np.dtype(np.float32)}
+INDEX = Checkpoint.INDEX
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '2GiB', '1000000' -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot read the size {text!r}: use e.g. 5GB, 500MB or a number of bytes")
+    unit = (m.group(2) or "").upper().rstrip("B")
+    base = 1024 if unit.endswith("I") else 1000
+    power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I")]
+    return int(float(m.group(1)) * base**power)
+
+
+@dataclasses.dataclass
+class OutTensor:
+    """One tensor of the output: its name (in the output layout), dtype, shape, and a generator of
+    its data in C-order pieces."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple
+    produce: Callable[[], Iterator[np.ndarray]]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+def _row_blocks(n_rows: int, row_bytes: int, block_bytes: int, align: int = 1):
+    rows = max(1, block_bytes // max(1, row_bytes))
+    rows = max(align, rows - rows % align)
+    for r0 in range(0, n_rows, rows):
+        yield r0, min(n_rows, r0 + rows)
+
+
+class _Exporter:
+    def __init__(self, params: OrbaxParams, config: ModelConfig, layout: str, quantize: str, plain: np.dtype,
+                 block_bytes: int, has_mtp: bool):
+        self.params, self.config, self.layout, self.quantize = params, config, layout, quantize
+        self.plain, self.block_bytes, self.has_mtp = plain, block_bytes, has_mtp
+
+    def tensors(self, specs) -> list[OutTensor]:
+        out = []
+        for path, spec in tree_paths(specs):
+            kept_f32 = np.dtype(spec.dtype) == np.float32  # specs are built in bf16: fp32 means fp32-kept
+            is_int = np.issubdtype(np.dtype(spec.dtype), np.integer)
+            if is_routed_expert(path):
+                fmt = {"none": "plain", "fp8": "fp8", "fp8+fp4": "fp4"}[self.quantize]
+                for e in range(spec.shape[0]):
+                    out += self._tensor(path, (e,), official_name(path, e), spec.shape[1:], fmt)
+            else:
+                fmt = ("int" if is_int else "f32" if kept_f32 else
+                       "fp8" if self.quantize != "none" and tuple(path[-2:]) in FP8_MATRICES else "plain")
+                out += self._tensor(path, (), official_name(path), spec.shape, fmt)
+        return out
+
+    def _name(self, official: str) -> str:
+        return from_official(official, self.layout)
+
+    def _read(self, path, lead, r0, r1) -> np.ndarray:
+        return self.params.read(path, lead, r0, r1)
+
+    def _tensor(self, path, lead, official, shape, fmt) -> list[OutTensor]:
+        shape = tuple(shape)
+        name = self._name(official)
+        if fmt in ("plain", "f32", "int"):
+            dtype = {"plain": self.plain, "f32": np.dtype(np.float32), "int": np.dtype(np.int64)}[fmt]
+
+            def produce(path=path, lead=lead, shape=shape, dtype=dtype):
+                if len(shape) < 2:
+                    yield self._read(path, lead, 0, shape[0]).astype(dtype)
+                    return
+                for r0, r1 in _row_blocks(shape[0], shape[1] * 4, self.block_bytes):
+                    yield self._read(path, lead, r0, r1).astype(dtype)
+
+            return [OutTensor(name, dtype, shape, produce)]
+        if len(shape) != 2:
+            raise AssertionError((path, shape))
+        if fmt == "fp8":
+            scale = np.zeros(quant.fp8_scale_shape(shape), quant.E8M0)
+
+            def produce_w(path=path, lead=lead, shape=shape, scale=scale, official=official):
+                for r0, r1 in _row_blocks(shape[0], shape[1] * 4, self.block_bytes, align=quant.FP8_BLOCK):
+                    q, s = quant.quant_fp8(self._read(path, lead, r0, r1), what=official)
+                    scale[r0 // quant.FP8_BLOCK: r0 // quant.FP8_BLOCK + s.shape[0]] = s
+                    yield q
+
+            return [OutTensor(name, quant.E4M3, shape, produce_w),
+                    OutTensor(self._name(scale_name(official)), quant.E8M0, scale.shape, lambda s=scale: iter([s]))]
+        # fp4: scales for a block of rows come with the block; keep them for the scale tensor
+        packed = quant.fp4_packed_shape(shape)
+        scale = np.zeros(quant.fp4_scale_shape(shape), quant.E8M0)
+
+        def produce_p(path=path, lead=lead, shape=shape, scale=scale, official=official):
+            for r0, r1 in _row_blocks(shape[0], shape[1] * 4, self.block_bytes):
+                q, s = quant.quant_fp4(self._read(path, lead, r0, r1), what=official)
+                scale[r0:r1] = s
+                yield q
+
+        return [OutTensor(name, np.dtype(np.int8), packed, produce_p),
+                OutTensor(self._name(scale_name(official)), quant.E8M0, scale.shape, lambda s=scale: iter([s]))]
+
+
+def plan_shards(tensors: list[OutTensor], max_shard_bytes: int) -> list[list[OutTensor]]:
+    shards, current, size = [], [], 0
+    for t in tensors:
+        # keep a quantised weight and its scale together
+        if current and size + t.nbytes > max_shard_bytes and not t.name.endswith(".scale"):
+            shards.append(current)
+            current, size = [], 0
+        current.append(t)
+        size += t.nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def output_config(config: ModelConfig, layout: str, quantize: str, plain: np.dtype) -> dict:
+    dtype_name = {BF16: "bfloat16", np.dtype(np.float32): "float32"}[np.dtype(plain)]
+    if layout == OFFICIAL:
+        out = config.to_release_dict()
+        out["torch_dtype"] = dtype_name
+    else:
+        out = config.to_hf_dict()
+        out["dtype"] = dtype_name
+    if quantize != "none":
+        out["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                      "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}
+        if quantize == "fp8+fp4":
+            out["expert_dtype"] = "fp4"
+    return out
+
+
+def check_params(params: OrbaxParams, specs, where) -> None:
+    """All differences between the stored leaves and the config's tree, reported together."""
+    want = {p: s for p, s in tree_paths(specs)}
+    problems = []
+    for p, s in want.items():
+        name = ".".join(map(str, p))
+        if p not in params.leaves:
+            problems.append(f"missing tensor: {name}")
+            continue
+        shape, dtype = params.leaves[p]
+        if shape != tuple(s.shape):
+            problems.append(f"wrong shape: {name} is {list(shape)}, the config implies {list(s.shape)}")
+        want_int = np.issubdtype(np.dtype(s.dtype), np.integer)
+        if want_int != np.issubdtype(dtype, np.integer) or not (want_int or np.issubdtype(dtype, np.floating)
+                                                              or dtype == BF16):
+            problems.append(f"wrong dtype: {name} is {dtype}, expected {'an integer' if want_int else 'a float'}")
+    problems += [f"unexpected tensor: {'.'.join(map(str, p))}" for p in params.leaves if p not in want]
+    if problems:
+        raise CheckpointError(summarise(f"{where} does not match its config.json", problems), problems)
+
+
+def to_safetensors(src: str | Path, dst: str | Path, *, layout: str | None = None, quantize: str = "none",
+                   dtype: str = "auto", max_shard_bytes: int | str = "5GB", overwrite: bool = False,
+                   progress: bool = True, block_mb: int = 64, config_path: str | Path | None = None) -> dict:
+    """Write the Orbax checkpoint ``src`` (made by ``to_orbax``) as a safetensors checkpoint at ``dst``.
+
+    ``layout``: "official" or "hf" (default: the layout ``src`` was converted from). Returns a summary.
+    Everything is checked before anything is written; ``dst`` appears only when complete.
+    """
+    from v4jax.model import param_specs  # noqa: PLC0415
+
+    start = time.time()
+    if quantize not in QUANTIZE:
+        raise ValueError(f"--quantize {quantize!r}: use one of {', '.join(QUANTIZE)}")
+    if dtype not in ("auto", *PLAIN_DTYPES):
+        raise ValueError(f"--dtype {dtype!r}: use auto, bfloat16 or float32")
+    src = Path(src)
+    if is_orbax_checkpoint(src):
+        marker = read_marker(src)
+        config = ModelConfig.from_json(config_path or src / "config.json")
+        params_dir = src / PARAMS
+    else:
+        if config_path is None:
+            raise CheckpointError(f"{src} is not a v4jax Orbax checkpoint (no v4jax_checkpoint.json); for a bare "
+                                  "Orbax params checkpoint pass --config CONFIG.json")
+        marker = {}
+        config = ModelConfig.from_json(config_path)
+        params_dir = src / PARAMS if (src / PARAMS).is_dir() else src
+    layout = layout or marker.get("source_layout", OFFICIAL)
+    if layout not in (OFFICIAL, HF):
+        raise ValueError(f"--layout {layout!r}: use official or hf")
+    max_shard_bytes = parse_size(max_shard_bytes)
+    check_output_dir(dst, overwrite)
+
+    params = OrbaxParams(params_dir)
+    specs = param_specs(config, BF16)
+    if "mtp" in specs and not any(p[0] == "mtp" for p in params.leaves):
+        specs.pop("mtp")  # converted from a checkpoint without MTP: the stored tree has none
+    check_params(params, specs, params_dir)
+    if layout == HF and "mtp" in specs:
+        warnings.warn("the transformers layout has no MTP block: mtp.* tensors are left out", stacklevel=2)
+        specs.pop("mtp")
+    elif "mtp" not in specs and config.num_nextn_predict_layers and layout == OFFICIAL:
+        warnings.warn(f"{src} has no MTP block (converted from a checkpoint without one): the output has no "
+                      "mtp.* tensors", stacklevel=2)
+    if dtype == "auto":  # as released when quantising, else as stored
+        plain = BF16 if quantize != "none" else _stored_param_dtype(params, specs)
+    else:
+        plain = PLAIN_DTYPES[dtype]
+    if quantize == "fp8+fp4":
+        odd = [".".join(map(str, p)) for p, s in tree_paths(specs) if is_routed_expert(p) and s.shape[-1] % 2]
+        if odd:
+            raise CheckpointError(f"FP4 packs two columns per byte; these experts have an odd number: {odd}")
+    exporter = _Exporter(params, config, layout, quantize, plain, block_mb << 20, "mtp" in specs)
+    tensors = exporter.tensors(specs)
+    shards = plan_shards(tensors, max_shard_bytes)
+    total = sum(t.nbytes for t in tensors)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm  # noqa: PLC0415
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="to-safetensors", dynamic_ncols=True)
+    done = 0
+    weight_map = {}
+    with atomic_output_dir(dst, overwrite) as tmp:
+        n = len(shards)
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            writer = SafetensorsWriter(tmp / fname, [(t.name, t.dtype, t.shape) for t in shard])
+            try:
+                for t in shard:
+                    for piece in t.produce():
+                        writer.write(t.name, piece)
+                        if bar is not None:
+                            bar.update(piece.nbytes)
+                    weight_map[t.name] = fname
+                    done += 1
+                    if bar is not None:
+                        bar.set_postfix_str(f"{done}/{len(tensors)} tensors", refresh=False)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        cfg = output_config(config, layout, quantize, plain)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if bar is not None:
+        bar.close()
+    return {"tensors": len(tensors), "bytes": total, "shards": len(shards), "layout": layout,
+            "config_style": RELEASE_STYLE if layout == OFFICIAL else "hf", "quantize": quantize,
+            "dtype": str(np.dtype(plain)), "seconds": time.time() - start}
+
+
+def _stored_param_dtype(params: OrbaxParams, specs) -> np.dtype:
+    """The dtype the Orbax checkpoint keeps ordinary weights in (the first non-fp32-kept float leaf)."""
+    for path, spec in tree_paths(specs):
+        if np.dtype(spec.dtype) == BF16:
+            dt = params.leaves[path][1]
+            return dt if dt in PLAIN_DTYPES.values() else np.dtype(np.float32)
+    return BF16

@@ -1,0 +1,119 @@
+"""safetensors (the release's layout or the transformers one, FP8/FP4 or plain) -> v4jax Orbax.
+
+``to_orbax(src, dst, dtype)`` detects the layout, checks every tensor against config.json (all
+problems reported together, nothing written), then streams each leaf of the parameter tree into an
+Orbax checkpoint block by block (see ``orbax_io``), dequantising on the way. The output directory
+appears under its name only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from v4jax.config import ConfigError, ModelConfig
+from v4jax.convert.names import HF_STYLE, RELEASE_STYLE, config_style
+from v4jax.convert.orbax_io import PARAMS, atomic_output_dir, check_output_dir, save_streaming, stream_leaves, write_marker
+from v4jax.convert.safetensors_io import Checkpoint
+from v4jax.convert.source import plan_checkpoint
+
+DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
+
+
+def read_config(src: Path) -> tuple[ModelConfig, str]:
+    """config.json of ``src`` -> (ModelConfig, style: "release" or "hf")."""
+    path = Path(src) / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"no config.json in {src}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    return ModelConfig.from_dict(dict(raw)), config_style(raw)
+
+
+def config_dict(config: ModelConfig, style: str) -> dict:
+    return config.to_release_dict() if style == RELEASE_STYLE else config.to_hf_dict()
+
+
+class Progress:
+    """tqdm bar over bytes written, with tensors done (a routed expert counts as one tensor)."""
+
+    def __init__(self, total_bytes: int, total_tensors: int, desc: str, enabled: bool = True):
+        self.total_tensors, self.tensors = total_tensors, 0
+        self._left: dict = {}
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm  # noqa: PLC0415
+
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, dynamic_ncols=True)
+            self.bar.set_postfix_str(f"0/{total_tensors} tensors")
+
+    def expect(self, key, n_blocks: int):
+        self._left[key] = n_blocks
+
+    def block(self, key, nbytes: int):
+        self._left[key] -= 1
+        if self._left[key] == 0:
+            del self._left[key]
+            self.tensors += 1
+        if self.bar is not None:
+            self.bar.update(nbytes)
+            self.bar.set_postfix_str(f"{self.tensors}/{self.total_tensors} tensors", refresh=False)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def to_orbax(src: str | Path, dst: str | Path, *, dtype: str = "bfloat16", overwrite: bool = False,
+             progress: bool = True, block_mb: int = 32, compression: bool = False, workers: int = 2,
+             window: int = 4) -> dict:
+    """Convert the safetensors checkpoint directory ``src`` into a v4jax Orbax directory ``dst``.
+
+    ``dtype``: "bfloat16" or "float32", for ordinary weights (fp32-kept tensors stay fp32, tid2eid
+    int32). Host memory: about ``window`` blocks of ``block_mb`` MiB (plus the decoder's fp32
+    temporaries for them) and a fixed margin, independent of the checkpoint's size. Returns a summary.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: use bfloat16 or float32")
+    src = Path(src)
+    config, style = read_config(src)
+    check_output_dir(dst, overwrite)
+    start = time.time()
+    with Checkpoint(src) as ckpt:
+        plan = plan_checkpoint(ckpt, config, DTYPES[dtype], directory=src)
+        sources = {s.path: s for s in plan.sources}
+        tree = stream_leaves(plan.specs, sources, block_mb << 20)
+        prog = Progress(plan.nbytes, plan.n_tensors, "to-orbax", progress)
+        from v4jax.convert.names import tree_paths  # noqa: PLC0415
+        from v4jax.convert.source import blocks  # noqa: PLC0415
+
+        for _, leaf in tree_paths(tree):
+            per_lead: dict = {}
+            for lead, _, _ in blocks(leaf.shape, leaf.rows):
+                per_lead[lead] = per_lead.get(lead, 0) + 1
+            for lead, n in per_lead.items():
+                prog.expect((id(leaf), lead), n)
+        try:
+            with atomic_output_dir(dst, overwrite) as tmp:
+                save_streaming(tmp / PARAMS, tree, compression=compression, workers=workers, window=window,
+                               on_block=lambda leaf, lead, n: prog.block((id(leaf), lead), n))
+                (tmp / "config.json").write_text(json.dumps(config_dict(config, style), indent=2) + "\n")
+                write_marker(tmp, config_style=style, source_layout=plan.layout, dtype=dtype, has_mtp=plan.has_mtp,
+                             tensors=plan.n_tensors, leaves=len(plan.sources), nbytes=plan.nbytes,
+                             source_nbytes=plan.source_nbytes, formats=plan.formats)
+        finally:
+            prog.close()
+    return {"layout": plan.layout, "config_style": style, "has_mtp": plan.has_mtp, "tensors": plan.n_tensors,
+            "leaves": len(plan.sources), "bytes": plan.nbytes, "source_bytes": plan.source_nbytes,
+            "formats": plan.formats, "seconds": time.time() - start}
+
+
+__all__ = ["to_orbax", "read_config", "config_dict", "HF_STYLE", "RELEASE_STYLE"]

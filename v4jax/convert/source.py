@@ -1,0 +1,277 @@
+"""Plan the reading of a safetensors checkpoint into our parameter tree, checking everything first.
+
+``plan_checkpoint(ckpt, config, dtype)`` matches every tensor of the checkpoint (either layout) to a
+leaf of the tree (``v4jax.model.param_specs``), works out each tensor's format (plain float, FP8 with
+block scales, packed FP4 with group scales, integer table), and collects *every* problem (missing,
+unexpected, wrongly shaped, wrongly typed tensors; missing or wrong scales) before raising one
+:class:`CheckpointError` that lists them all. Nothing is read but headers.
+
+The result maps each tree leaf to a :class:`LeafSource` that reads the leaf's values in row blocks
+(``read(lead, r0, r1)``), dequantised and cast, so a caller can stream a leaf of any size through a
+bounded buffer: the whole checkpoint never needs to sit in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import numpy as np
+
+from v4jax.config import ModelConfig
+from v4jax.convert import quant
+from v4jax.convert.names import (
+    detect_layout, from_official, is_mtp_extra, is_routed_expert, official_name, scale_names, to_official, tree_paths,
+)
+from v4jax.convert.safetensors_io import Checkpoint, CheckpointError
+
+FLOAT_KINDS = ("F32", "BF16", "F16", "F64")
+INT_KINDS = ("I64", "I32")
+PLAIN, FP8, FP4, INT = "plain", "fp8", "fp4", "int"
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceTensor:
+    """One checkpoint tensor (by its name in the file) and how to decode it into a [out, in] matrix
+    (or a vector / an integer table)."""
+
+    key: str
+    fmt: str  # plain | fp8 | fp4 | int
+    scale_key: str | None = None
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return (self.key,) if self.scale_key is None else (self.key, self.scale_key)
+
+
+class LeafSource:
+    """Reads one leaf of the parameter tree from the checkpoint, in blocks of rows.
+
+    ``shape``/``dtype``: the leaf's. For rank >= 2 a block is ``read(lead, r0, r1)``: rows r0..r1 of
+    axis -2 at the leading index ``lead`` (``()`` for a matrix, ``(e,)`` for expert e of a stacked
+    expert tensor), shape [r1 - r0, shape[-1]]. For rank 1, ``read((), 0, n)`` gives the vector.
+    """
+
+    def __init__(self, ckpt: Checkpoint, path: tuple, shape, dtype, tensors: list[SourceTensor]):
+        self.ckpt, self.path, self.shape, self.dtype = ckpt, path, tuple(shape), np.dtype(dtype)
+        self.tensors = tensors  # one per expert for a stacked leaf, else one
+        self._scales: dict[str, np.ndarray] = {}
+
+    @property
+    def name(self) -> str:
+        return ".".join(str(k) for k in self.path)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def source_nbytes(self) -> int:
+        return sum(self.ckpt.nbytes(k) for t in self.tensors for k in t.keys)
+
+    @property
+    def stacked(self) -> bool:
+        return len(self.shape) == 3
+
+    def read(self, lead: tuple, r0: int, r1: int) -> np.ndarray:
+        t = self.tensors[lead[0] if lead else 0]
+        try:
+            if t.fmt == PLAIN:
+                return self.ckpt.get_rows(t.key, r0, r1).astype(self.dtype)
+            if t.fmt == INT:
+                v = self.ckpt.get_rows(t.key, r0, r1)
+                if v.size and (v.min() < np.iinfo(self.dtype).min or v.max() > np.iinfo(self.dtype).max):
+                    raise CheckpointError(f"{self._where(t.key)}: values do not fit {self.dtype}")
+                return v.astype(self.dtype)
+            if t.fmt == FP8:
+                scale = self._scales.get(t.scale_key)
+                if scale is None:  # the whole block scale is small ([out/128, in/128]); keep it for the leaf
+                    scale = self._scales[t.scale_key] = self.ckpt.get(t.scale_key)
+                return quant.dequant_fp8(self.ckpt.get_rows(t.key, r0, r1), scale, row0=r0, dtype=self.dtype)
+            if t.fmt == FP4:
+                return quant.dequant_fp4(self.ckpt.get_rows(t.key, r0, r1), self.ckpt.get_rows(t.scale_key, r0, r1),
+                                         dtype=self.dtype)
+        except CheckpointError:
+            raise
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{self._where(t.key)}: cannot decode: {e}") from None
+        raise AssertionError(t.fmt)
+
+    def release(self, lead: tuple = ()) -> None:
+        """Forget cached scales (call when done with an expert or the leaf)."""
+        self._scales.clear()
+
+    def _where(self, key: str) -> str:
+        return f"{self.ckpt.where[key].path} tensor {key!r}"
+
+
+@dataclasses.dataclass
+class CheckpointPlan:
+    """Everything needed to read a checkpoint into the tree: ``sources`` has one LeafSource per
+    leaf of ``specs`` (a param_specs tree, without ``mtp`` when the checkpoint has none)."""
+
+    ckpt: Checkpoint
+    layout: str
+    specs: dict
+    sources: list[LeafSource]
+    has_mtp: bool
+    formats: dict[str, int]  # tensor count per format, for reporting
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.sources)
+
+    @property
+    def source_nbytes(self) -> int:
+        return sum(s.source_nbytes for s in self.sources)
+
+    @property
+    def n_tensors(self) -> int:
+        return sum(len(s.tensors) for s in self.sources)
+
+
+def _spec_at(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def plan_checkpoint(ckpt: Checkpoint, config: ModelConfig, dtype, *, directory=None) -> CheckpointPlan:
+    """Match ``ckpt`` against ``config``; raise CheckpointError listing all problems, or return a plan.
+
+    ``dtype``: the dtype of the model's ordinary weights (fp32-kept leaves stay fp32, tid2eid int32).
+    A checkpoint without any ``mtp.*`` tensor loads without the MTP block, with a warning.
+    """
+    from v4jax.model import param_specs  # noqa: PLC0415 (model imports nothing from convert)
+
+    directory = directory or ckpt.directory
+    keys = ckpt.keys()
+    layout = detect_layout(keys)
+    present = {to_official(k, layout): k for k in keys}
+    specs = param_specs(config, dtype)
+    has_mtp = "mtp" in specs
+    if has_mtp and not any(n.startswith("mtp.") and not is_mtp_extra(n) for n in present):
+        why = " (the transformers layout drops them)" if layout != "official" else ""
+        warnings.warn(f"{directory} has no mtp.* tensors{why}: the model converts/loads without its MTP block",
+                      stacklevel=3)
+        specs.pop("mtp")
+        has_mtp = False
+
+    missing, wrong, used = [], [], set()
+    sources, formats = [], {PLAIN: 0, FP8: 0, FP4: 0, INT: 0}
+    for path, spec in tree_paths(specs):
+        stacked = is_routed_expert(path)
+        names = [official_name(path, e) for e in range(spec.shape[0])] if stacked else [official_name(path)]
+        shape = tuple(spec.shape[1:] if stacked else spec.shape)
+        tensors = []
+        for name in names:
+            key = present.get(name)
+            if key is None:
+                missing.append(from_official(name, layout))
+                continue
+            used.add(key)
+            t, problems = _classify(ckpt, key, shape, np.dtype(spec.dtype), used)
+            wrong.extend(problems)
+            if t is not None:
+                tensors.append(t)
+                formats[t.fmt] += 1
+        if len(tensors) == len(names):
+            sources.append(LeafSource(ckpt, path, spec.shape, spec.dtype, tensors))
+
+    ignored = sorted(k for k in keys if k not in used and is_mtp_extra(to_official(k, layout)))
+    if ignored:
+        warnings.warn(f"{directory}: ignoring {len(ignored)} copies of the shared embedding/head under mtp.* "
+                      f"({', '.join(ignored[:4])}{' ...' if len(ignored) > 4 else ''}), as the release's "
+                      "convert.py does", stacklevel=3)
+    unexpected = sorted(k for k in keys if k not in used and k not in ignored)
+    problems = []
+    if missing:
+        problems += [f"missing tensor: {n}" for n in missing]
+    if unexpected:
+        problems += [f"unexpected tensor: {k} ({ckpt.dtype_name(k)} {list(ckpt.shape(k))})" for k in unexpected]
+    problems += wrong
+    if problems:
+        raise CheckpointError(summarise(f"{directory} ({layout} layout) does not match its config.json", problems),
+                              problems)
+    return CheckpointPlan(ckpt, layout, specs, sources, has_mtp, formats)
+
+
+def summarise(title: str, problems: list[str], limit: int = 200) -> str:
+    counts = {}
+    for p in problems:
+        kind = p.split(":", 1)[0]
+        counts[kind] = counts.get(kind, 0) + 1
+    head = f"{title}: " + ", ".join(f"{v} × {k}" for k, v in counts.items())
+    lines = problems[:limit] + ([f"... and {len(problems) - limit} more"] if len(problems) > limit else [])
+    return head + "\n  " + "\n  ".join(lines)
+
+
+def _classify(ckpt: Checkpoint, key: str, shape: tuple, dtype: np.dtype, used: set):
+    """-> (SourceTensor or None, [problems]) for the tensor ``key`` that must decode to ``shape``."""
+    kind, got = ckpt.dtype_name(key), tuple(ckpt.shape(key))
+    where = f"{key} ({ckpt.where[key].path.name})"
+    if np.issubdtype(dtype, np.integer):
+        problems = []
+        if kind not in INT_KINDS:
+            problems.append(f"wrong dtype: {where} is {kind}, expected one of {'/'.join(INT_KINDS)}")
+        if got != shape:
+            problems.append(f"wrong shape: {where} is {list(got)}, the config implies {list(shape)}")
+        return (None if problems else SourceTensor(key, INT)), problems
+    if kind in FLOAT_KINDS:
+        if got != shape:
+            return None, [f"wrong shape: {where} is {list(got)}, the config implies {list(shape)}"]
+        return SourceTensor(key, PLAIN), []
+    if kind in ("F8_E4M3", "I8", "U8") and not (len(shape) == 2 and key.endswith(".weight")):
+        return None, [f"wrong dtype: {where} is {kind}, but only [out, in] weight matrices may be quantised"]
+    if kind == "F8_E4M3":
+        problems = []
+        if got != shape:
+            problems.append(f"wrong shape: {where} is {list(got)}, the config implies {list(shape)}")
+        scale, sp = _scale(ckpt, key, quant.fp8_scale_shape(shape), "FP8 (128×128 blocks)", used)
+        problems += sp
+        return (None if problems else SourceTensor(key, FP8, scale)), problems
+    if kind in ("I8", "U8"):
+        problems = []
+        if shape[1] % 2 or got != quant.fp4_packed_shape(shape):
+            problems.append(f"wrong shape: {where} is {list(got)}; packed FP4 for the config's {list(shape)} "
+                            f"is {list(quant.fp4_packed_shape(shape))}")
+        scale, sp = _scale(ckpt, key, quant.fp4_scale_shape(shape), "FP4 (groups of 32)", used)
+        problems += sp
+        return (None if problems else SourceTensor(key, FP4, scale)), problems
+    return None, [f"wrong dtype: {where} is {kind}, expected a float (F32/BF16), F8_E4M3 or packed FP4 (I8)"]
+
+
+def _scale(ckpt: Checkpoint, key: str, shape: tuple, what: str, used: set):
+    for name in scale_names(key):
+        if name in ckpt:
+            used.add(name)
+            kind, got = ckpt.dtype_name(name), tuple(ckpt.shape(name))
+            problems = []
+            if kind not in ("F8_E8M0", "F32"):
+                problems.append(f"wrong dtype: scale {name} is {kind}, expected F8_E8M0 or F32")
+            if got != shape:
+                problems.append(f"wrong shape: scale {name} of {what} weight {key} is {list(got)}, expected "
+                                f"{list(shape)}")
+            return name, problems
+    return None, [f"missing scale: {scale_names(key)[0]} for the {what} weight {key}"]
+
+
+def rows_per_block(shape, itemsize: int, block_bytes: int) -> int:
+    """Rows of axis -2 per block so that a block [rows, shape[-1]] stays within ``block_bytes``
+    (at least one row; a multiple of 128 when that many fit, to match FP8 scale blocks)."""
+    if len(shape) < 2:
+        return max(1, shape[0] if shape else 1)
+    rows = max(1, block_bytes // max(1, shape[-1] * itemsize))
+    if rows >= quant.FP8_BLOCK:
+        rows -= rows % quant.FP8_BLOCK
+    return min(rows, shape[-2])
+
+
+def blocks(shape, rows: int):
+    """Yield (lead, r0, r1) covering an array of ``shape`` in blocks of ``rows`` rows of axis -2."""
+    if len(shape) < 2:
+        yield (), 0, (shape[0] if shape else 1)
+        return
+    for lead in np.ndindex(*shape[:-2]):
+        for r0 in range(0, shape[-2], rows):
+            yield lead, r0, min(shape[-2], r0 + rows)
