@@ -1,0 +1,280 @@
+"""Training: config, learning-rate schedule, the jitted train step, and a FLOP estimate.
+
+One step (spec §4)::
+
+    loss = CE(main) + λ_mtp·CE(MTP, token t+2) + α·balance + w_I·KL(indexer)
+    grads -> clip by global norm -> Muon/AdamW (v4jax.optim.v4_optimizer)
+    router biases (not in the optimizer): b <- b + u·sign(mean load - load) from this step's routing
+
+A step whose loss or gradient norm is not finite changes nothing (params, optimizer state and
+biases stay as they were) and is reported with ``ok = False``; train.py stops after
+``max_bad_steps`` such steps in a row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+import yaml
+
+from v4jax.config import ConfigError, ModelConfig, load_yaml
+from v4jax.data import DataConfig
+from v4jax.losses import cross_entropy, expert_load, routing_losses, update_router_bias
+from v4jax.model import forward, param_count
+from v4jax.optim import v4_optimizer
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The ``train:`` section of a YAML config. Steps count optimizer updates."""
+
+    steps: int = 300
+    lr: float = 3e-3  # peak learning rate, shared by Muon and AdamW
+    lr_min: float = 3e-4  # end of the cosine decay
+    warmup_steps: int = 20  # linear warm-up from 0
+    decay_start: int = 200  # constant until here, then cosine decay to lr_min at `steps`
+    clip_norm: float = 1.0  # global gradient norm clip (0: off)
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (parameters stay fp32)
+    attention: str = "sparse"  # sparse (indexer top-k) | dense (CSA uses all visible entries)
+    mtp_weight: float = 0.3
+    mtp_weight_after_decay: float = 0.1  # from decay_start on (spec §4)
+    balance_weight: float = 1e-4
+    bias_update_speed: float = 1e-3
+    indexer_loss_weight: float = 1.0
+    muon_ns_dtype: str = "float32"  # Newton-Schulz matmul dtype: float32 | bfloat16
+    seed: int = 0  # model initialisation
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 5
+    eval_every: int = 0  # 0: no held-out evaluation during training
+    eval_batches: int = 8
+    peak_flops: float | None = None  # per device, for the MFU estimate (default: by device kind)
+
+    def __post_init__(self):
+        def need(ok, field, allowed):
+            if not ok:
+                raise ConfigError(f"train.{field}={getattr(self, field)!r} is not allowed: {allowed}")
+
+        for f in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps", "eval_batches"):
+            v = getattr(self, f)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f, "an integer >= 1")
+        for f in ("warmup_steps", "decay_start", "eval_every", "seed"):
+            v = getattr(self, f)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f, "an integer >= 0")
+        for f in ("lr", "lr_min", "clip_norm", "mtp_weight", "mtp_weight_after_decay", "balance_weight",
+                  "bias_update_speed", "indexer_loss_weight"):
+            v = getattr(self, f)
+            need(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, f, "a number >= 0")
+        need(self.lr > 0, "lr", "a number > 0")
+        need(self.lr_min <= self.lr, "lr_min", f"at most lr={self.lr}")
+        need(self.warmup_steps <= self.decay_start, "warmup_steps", f"at most decay_start={self.decay_start}")
+        need(self.dtype in ("float32", "bfloat16"), "dtype", "float32 or bfloat16")
+        need(self.muon_ns_dtype in ("float32", "bfloat16"), "muon_ns_dtype", "float32 or bfloat16")
+        need(self.attention in ("sparse", "dense"), "attention", "sparse or dense")
+        need(self.peak_flops is None or self.peak_flops > 0, "peak_flops", "a positive number or null")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig
+    train: TrainConfig
+    data: DataConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model.to_hf_dict(), "train": dataclasses.asdict(self.train),
+                "data": dataclasses.asdict(self.data)}
+
+
+def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config and apply ``section.key=value`` overrides (values parsed as YAML)."""
+    raw = load_yaml(path)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.steps=200")
+        key, value = item.split("=", 1)
+        parts = key.split(".")
+        if len(parts) != 2 or parts[0] not in ("model", "train", "data"):
+            raise ConfigError(f"override key {key!r} must be model.<field>, train.<field> or data.<field>")
+        raw.setdefault(parts[0], {})[parts[1]] = yaml.safe_load(value)
+    unknown = set(raw) - {"model", "train", "data"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown sections {sorted(unknown)} (allowed: model, train, data)")
+    for section, cls in (("train", TrainConfig), ("data", DataConfig)):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        bad = set(raw.get(section) or {}) - fields
+        if bad:
+            raise ConfigError(f"unknown {section} field(s) {sorted(bad)}; known: {sorted(fields)}")
+    model = ModelConfig.from_dict(raw["model"])
+    train = TrainConfig(**(raw.get("train") or {}))
+    data = DataConfig(**(raw.get("data") or {}))
+    return RunConfig(model, train, data)
+
+
+# --------------------------------------------------------------------------------------------------
+# Schedule and optimizer
+
+
+def learning_rate(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warm-up to ``lr``, constant, then cosine decay to ``lr_min`` from ``decay_start`` to ``steps``."""
+    warm = optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1))
+    const = optax.constant_schedule(cfg.lr)
+    decay = optax.cosine_decay_schedule(cfg.lr, max(cfg.steps - cfg.decay_start, 1), alpha=cfg.lr_min / cfg.lr)
+    return optax.join_schedules([warm, const, decay], [cfg.warmup_steps, cfg.decay_start])
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    ns = jnp.bfloat16 if cfg.muon_ns_dtype == "bfloat16" else F32
+    opt = v4_optimizer(learning_rate(cfg), ns_dtype=ns)
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt) if cfg.clip_norm > 0 else opt
+
+
+def init_state(params, optimizer) -> dict:
+    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+# --------------------------------------------------------------------------------------------------
+# The step
+
+
+def _biased_layers(config: ModelConfig, params) -> list[tuple[Any, int]]:
+    """(routing list index, layer id) of every layer whose router has a bias: main then MTP."""
+    out = [(str(i), i) for i in range(config.num_hash_layers, config.num_hidden_layers)]
+    if "mtp" in params:
+        out.append(("mtp", config.num_hidden_layers))
+    return out
+
+
+def loss_fn(params, batch, config: ModelConfig, cfg: TrainConfig, step):
+    dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else F32
+    has_mtp = "mtp" in params
+    out = forward(params, batch["tokens"], config, positions=batch["positions"], segment_ids=batch["segment_ids"],
+                  dtype=dtype, sparse=cfg.attention == "sparse", mtp=has_mtp,
+                  with_aux=cfg.indexer_loss_weight > 0)
+    mask = batch["segment_ids"] > 0  # real tokens (padding has segment 0)
+    lm = cross_entropy(out["logits"], batch["targets"], batch["loss_mask"])
+    balance, indexer = routing_losses(out["routing"], config, mask)
+    metrics = {"lm_loss": lm}
+    loss = lm
+    if has_mtp:
+        mtp = cross_entropy(out["mtp_logits"], batch["mtp_targets"], batch["mtp_mask"])
+        b2, i2 = routing_losses([out["mtp_routing"]], config, mask, first_layer=config.num_hidden_layers)
+        balance, indexer = balance + b2, indexer + i2
+        weight = jnp.where(step >= cfg.decay_start, cfg.mtp_weight_after_decay, cfg.mtp_weight)
+        loss = loss + weight * mtp
+        metrics["mtp_loss"] = mtp
+    loss = loss + cfg.balance_weight * balance + cfg.indexer_loss_weight * indexer
+    metrics.update(balance_loss=balance, indexer_loss=indexer)
+    routing = {str(i): info["idx"] for i, info in enumerate(out["routing"])}
+    if has_mtp:
+        routing["mtp"] = out["mtp_routing"]["idx"]
+    return loss, (metrics, routing)
+
+
+def make_train_step(config: ModelConfig, cfg: TrainConfig, optimizer):
+    """A jitted ``step(state, batch) -> (state, metrics)``; see the module docstring."""
+
+    def step_fn(state, batch):
+        params = state["params"]
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True, allow_int=True)
+        (loss, (metrics, routing)), grads = grad_fn(params, batch, config, cfg, state["step"])
+        # integer leaves (the hash tables) get float0 "gradients": make them zeros the optimizer can clip
+        grads = jax.tree.map(lambda g, p: jnp.zeros(p.shape, F32) if g.dtype == jax.dtypes.float0 else g,
+                             grads, params)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+
+        mask = batch["segment_ids"] > 0
+        loads = []
+        for key, layer in _biased_layers(config, params):
+            node = new_params["mtp"] if key == "mtp" else new_params["layers"][layer]
+            gate = node["ffn"]["gate"]
+            load = expert_load(routing[key], mask, config.n_routed_experts)
+            loads.append(load)
+            gate["bias"] = update_router_bias(gate["bias"], load, cfg.bias_update_speed)
+
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
+        keep_old = {"params": params, "opt_state": state["opt_state"], "step": state["step"] + 1}
+        new_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state, keep_old)
+        imbalance = (jnp.mean(jnp.stack([jnp.max(ld) / jnp.maximum(jnp.mean(ld), 1e-9) for ld in loads]))
+                     if loads else jnp.zeros(()))
+        metrics.update(loss=loss, grad_norm=grad_norm, ok=ok, lr=learning_rate(cfg)(state["step"]),
+                       max_load_over_mean=imbalance, tokens=jnp.sum(mask))
+        return new_state, metrics
+
+    return jax.jit(step_fn, donate_argnums=(0,))
+
+
+def make_eval_step(config: ModelConfig, dtype=F32):
+    """Jitted ``eval(params, batch) -> sums`` of main/MTP token losses and token counts."""
+
+    def eval_fn(params, batch):
+        has_mtp = "mtp" in params
+        out = forward(params, batch["tokens"], config, positions=batch["positions"],
+                      segment_ids=batch["segment_ids"], dtype=dtype, mtp=has_mtp)
+        res = {}
+        for name, logits, tgt, m in (("main", out["logits"], batch["targets"], batch["loss_mask"]),
+                                     ("mtp", out.get("mtp_logits"), batch["mtp_targets"], batch["mtp_mask"])):
+            if logits is None:
+                continue
+            nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tgt[..., None], -1)[..., 0]
+            res[f"{name}_nll"] = jnp.sum(nll * m)
+            res[f"{name}_tokens"] = jnp.sum(m)
+        return res
+
+    return jax.jit(eval_fn)
+
+
+# --------------------------------------------------------------------------------------------------
+# FLOPs and MFU
+
+_PEAK_FLOPS = {  # dense bf16 per chip, from the vendors' datasheets
+    "NVIDIA H200": 989e12, "NVIDIA H100": 989e12, "NVIDIA A100": 312e12,
+    "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v4": 275e12, "TPU v6 lite": 918e12,
+}
+CPU_PEAK_FLOPS_PER_CORE = 50e9  # a rough fp32 figure for a current x86 core; MFU on CPU is indicative only
+
+
+def peak_flops(cfg: TrainConfig) -> float:
+    if cfg.peak_flops:
+        return cfg.peak_flops * jax.device_count()
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        import os  # noqa: PLC0415
+
+        return CPU_PEAK_FLOPS_PER_CORE * (os.cpu_count() or 1)
+    for name, flops in _PEAK_FLOPS.items():
+        if dev.device_kind.startswith(name):
+            return flops * jax.device_count()
+    return float("nan")
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x active matmul parameters (embedding lookup excluded; the MTP
+    block counted) plus attention scores and values over window and compressed keys."""
+    counts = param_count(config)
+    active = counts["active"] + counts["mtp"] - config.vocab_size * config.hidden_size
+    keys = []
+    for layer in range(config.num_hidden_layers + config.num_nextn_predict_layers):
+        kind, m = config.layer_type(layer), config.layer_ratio(layer)
+        k = min(config.sliding_window, seq_len)
+        if m:
+            visible = seq_len / m / 2  # visible entries averaged over positions
+            k += min(config.index_topk, visible) if kind.startswith("compressed_sparse") else visible
+        keys.append(k)
+    attention = sum(12 * config.num_attention_heads * config.head_dim * k for k in keys)
+    return 6 * active + attention
+
+
+def dump_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2))
