@@ -158,14 +158,21 @@ class _Exporter:
 
 
 def plan_shards(tensors: list[OutTensor], max_shard_bytes: int) -> list[list[OutTensor]]:
-    shards, current, size = [], [], 0
+    """Fill shards in order up to ``max_shard_bytes``; a quantised weight and its scale stay together."""
+    groups: list[list[OutTensor]] = []
     for t in tensors:
-        # keep a quantised weight and its scale together
-        if current and size + t.nbytes > max_shard_bytes and not t.name.endswith(".scale"):
+        if t.name.endswith(".scale") and groups:
+            groups[-1].append(t)
+        else:
+            groups.append([t])
+    shards, current, size = [], [], 0
+    for g in groups:
+        n = sum(t.nbytes for t in g)
+        if current and size + n > max_shard_bytes:
             shards.append(current)
             current, size = [], 0
-        current.append(t)
-        size += t.nbytes
+        current += g
+        size += n
     if current:
         shards.append(current)
     return shards

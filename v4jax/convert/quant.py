@@ -61,7 +61,7 @@ def scale_values(scale: np.ndarray) -> np.ndarray:
     """E8M0 or F32 scales -> float32 values (E8M0 byte b -> 2^(b-127); byte 255 -> NaN)."""
     if scale.dtype == E8M0 or scale.dtype == np.uint8:
         b = scale.view(np.uint8).astype(np.int32)
-        out = np.ldexp(np.float32(1.0), b - 127).astype(np.float32)
+        out = np.ldexp(np.float32(1.0), np.where(b == 255, 127, b) - 127).astype(np.float32)
         out[b == 255] = np.nan
         return out
     if scale.dtype == np.float32:
@@ -76,8 +76,7 @@ def _expand_cols(s: np.ndarray, block: int, cols: int) -> np.ndarray:
 
 def dequant_fp8(w: np.ndarray, scale: np.ndarray, row0: int = 0, dtype=np.float32) -> np.ndarray:
     """FP8 e4m3 weight rows [r, in] (rows row0..row0+r of the full matrix) and the full matrix's
-    block scale [ceil(out/128), ceil(in/128)] (or just the rows of it that cover these rows, when
-    ``row0`` is given relative to them) -> [r, in] in ``dtype``."""
+    block scale [ceil(out/128), ceil(in/128)] -> [r, in] in ``dtype``."""
     r, c = w.shape
     s = scale_values(scale)
     s_rows = s[(row0 + np.arange(r)) // FP8_BLOCK]  # [r, ceil(in/128)]
