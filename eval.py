@@ -1,0 +1,79 @@
+"""Perplexity of a training checkpoint's main and MTP heads, as JSON.
+
+    python eval.py --workdir runs/tiny [--step N] [--files PATH] [--batches N] [--out FILE]
+
+Reads the run's config from its checkpoint. By default it evaluates the held-out split of the run's
+corpus; ``--files`` (a .txt/.jsonl/.parquet file, directory or glob) evaluates other text instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, help="a train.py workdir (with checkpoints/)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--files", default=None, help="evaluate these files instead of the held-out split")
+    p.add_argument("--batches", type=int, default=None, help="stop after this many batches (default: one pass)")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    args = p.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from v4jax.checkpoint import Checkpointer
+    from v4jax.data import DataConfig, make_dataset
+    from v4jax.model import param_specs
+    from v4jax.trainer import TrainConfig, init_state, make_eval_step, make_optimizer
+
+    ckpt = Checkpointer(Path(args.workdir) / "checkpoints", async_save=False)
+    meta = ckpt.read_meta(args.step)
+    if meta is None:
+        print(f"error: no checkpoint in {args.workdir}/checkpoints", file=sys.stderr)
+        return 2
+    from v4jax.config import ModelConfig
+
+    config = ModelConfig.from_dict(meta["model"])
+    train_cfg = TrainConfig(**meta["train"])
+    data_cfg = DataConfig(**meta["data"])
+    if args.files:
+        data_cfg = dataclasses.replace(data_cfg, path=args.files, split="train", shuffle=False, num_epochs=1,
+                                       heldout_fraction=0.0)
+    else:
+        data_cfg = data_cfg.for_eval()
+
+    params = jax.tree.map(jnp.zeros_like, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), param_specs(config)))
+    abstract_state = jax.eval_shape(lambda p: init_state(p, make_optimizer(train_cfg)), params)
+    state, _, _ = ckpt.restore(abstract_state, args.step)
+    step = int(state["step"])
+    ckpt.close()
+
+    eval_fn = make_eval_step(config, jnp.bfloat16 if train_cfg.dtype == "bfloat16" else jnp.float32)
+    sums: dict[str, float] = {}
+    for i, batch in enumerate(make_dataset(data_cfg)):
+        if args.batches is not None and i >= args.batches:
+            break
+        for k, v in jax.device_get(eval_fn(state["params"], {k: jnp.asarray(v) for k, v in batch.items()})).items():
+            sums[k] = sums.get(k, 0.0) + float(np.asarray(v))
+    result = {"workdir": str(args.workdir), "step": step, "data": args.files or "held-out split"}
+    for head in ("main", "mtp"):
+        if f"{head}_tokens" in sums:
+            loss = sums[f"{head}_nll"] / max(sums[f"{head}_tokens"], 1.0)
+            result[head] = {"loss": loss, "perplexity": math.exp(loss), "tokens": int(sums[f"{head}_tokens"])}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
