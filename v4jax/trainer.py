@@ -189,7 +189,7 @@ def make_train_step(config: ModelConfig, cfg: TrainConfig, optimizer):
         # integer leaves (the hash tables) get float0 "gradients": make them zeros the optimizer can clip
         grads = jax.tree.map(lambda g, p: jnp.zeros(p.shape, F32) if g.dtype == jax.dtypes.float0 else g,
                              grads, params)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
 
