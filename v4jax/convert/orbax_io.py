@@ -32,6 +32,7 @@ import dataclasses
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -126,6 +127,9 @@ def _streaming_handler_class():
         def __init__(self, workers: int, window: int, on_block: Callable | None):
             super().__init__()
             self._workers, self._window, self._on_block = workers, window, on_block
+            self.cancelled = threading.Event()  # set by the caller to stop writing (e.g. on Ctrl-C)
+            self.idle = threading.Event()  # set while no write is running
+            self.idle.set()
 
         async def serialize(self, values, infos, args=None):
             return [ocp_future.CommitFutureAwaitingContractedSignals(self._write_all(values, infos),
@@ -143,6 +147,13 @@ def _streaming_handler_class():
             return await ts.open(ts.Spec(tspec), create=True, open=True, context=info.ts_context)
 
         async def _write_all(self, values, infos):
+            self.idle.clear()
+            try:
+                await self._write_all_blocks(values, infos)
+            finally:
+                self.idle.set()
+
+        async def _write_all_blocks(self, values, infos):
             loop = asyncio.get_running_loop()
             slots = asyncio.Semaphore(self._window)
             running: set[asyncio.Task] = set()
@@ -167,6 +178,8 @@ def _streaming_handler_class():
                             await slots.acquire()
                             if failed:
                                 raise failed[0]
+                            if self.cancelled.is_set():
+                                raise RuntimeError("conversion cancelled")
                             task = asyncio.ensure_future(one(t, leaf, lead, r0, r1))
                             running.add(task)
                             task.add_done_callback(lambda tk: (running.discard(tk), tk.cancelled() or (
@@ -205,8 +218,34 @@ def save_streaming(directory: str | Path, tree, *, compression: bool = False, wo
     try:
         ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry,
                                                              use_compression=compression))
+        # Orbax blocks in waits that a signal does not interrupt, so save from a worker thread and wait
+        # here in short, interruptible steps: on Ctrl-C the writer is told to stop and is waited for
+        # before the caller removes the temporary directory (so nothing is written into it afterwards).
+        errors: list[BaseException] = []
+
+        def run():
+            try:
+                ckptr.save(Path(directory).absolute(), tree)
+            except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
+                errors.append(e)
+
+        before = set(threading.enumerate())
+        worker = threading.Thread(target=run, name="v4jax-orbax-save", daemon=True)
+        worker.start()
         try:
-            ckptr.save(Path(directory).absolute(), tree)
+            while worker.is_alive():
+                worker.join(0.2)
+            if errors:
+                raise errors[0]
+        except BaseException:
+            handler.cancelled.set()
+            worker.join(600)
+            handler.idle.wait(600)
+            for t in set(threading.enumerate()) - before:  # Orbax's own commit/metadata threads
+                if t is not threading.current_thread():
+                    with contextlib.suppress(Exception):  # Orbax's threads re-raise their error on join
+                        t.join(60)
+            raise
         finally:
             ckptr.close()
     finally:

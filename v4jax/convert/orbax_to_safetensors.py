@@ -270,6 +270,7 @@ def to_safetensors(src: str | Path, dst: str | Path, *, layout: str | None = Non
     exporter = _Exporter(params, config, layout, quantize, plain, block_mb << 20, "mtp" in specs)
     tensors = exporter.tensors(specs)
     shards = plan_shards(tensors, max_shard_bytes)
+    cfg = output_config(config, layout, quantize, plain)  # before writing: the release style cannot hold every config
     total = sum(t.nbytes for t in tensors)
 
     bar = None
@@ -300,7 +301,6 @@ def to_safetensors(src: str | Path, dst: str | Path, *, layout: str | None = Non
                 raise
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        cfg = output_config(config, layout, quantize, plain)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     if bar is not None:
         bar.close()
