@@ -29,6 +29,8 @@ def parse_args(argv=None):
     p.add_argument("--config", default="configs/tiny.yaml", help="YAML file with model/train/data sections")
     p.add_argument("--workdir", default=None, help="output and checkpoint directory (default: runs/<config name>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
+    p.add_argument("--stop-after-step", type=int, default=None, metavar="N",
+                   help="save and stop after step N (split a run into jobs; the same command resumes)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=200 model.hidden_size=128")
     return p.parse_args(argv)
 
@@ -135,12 +137,13 @@ def main(argv=None) -> int:
                 if bad == 0 and done % cfg.checkpoint_every == 0:
                     checkpointer.save(done, state, data.get_state(), meta)
                     last = done
-                if stop["signal"] is not None:
-                    print(f"signal {stop['signal']}: saving step {done} and stopping", file=sys.stderr)
+                if stop["signal"] is not None or done == args.stop_after_step:
+                    why = f"signal {stop['signal']}" if stop["signal"] is not None else "--stop-after-step"
+                    print(f"{why}: saving step {done} and stopping", file=sys.stderr)
                     if bad == 0 and last != done:
                         checkpointer.save(done, state, data.get_state(), meta, force=True)
                         last = done
-                    status = 128 + stop["signal"]
+                    status = 0 if stop["signal"] is None else 128 + stop["signal"]
                     break
             else:
                 if bad == 0 and last != cfg.steps and start < cfg.steps:

@@ -6,6 +6,7 @@ from the reference's ``save_pretrained`` directory. Tolerance: max |ours - ref| 
 
 import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -84,7 +85,8 @@ def test_attention(case):
                                           config.ratio[config.layer_type(i)])
         with torch.no_grad():
             want = layer.self_attn(x, kw["position_embeddings"], kw["position_ids"], kw["attention_mask"])[0]
-        got = attention(jnp.asarray(x.numpy()), model.params["layers"][i]["attn"], config, i, positions, segments)
+        run = jax.jit(attention, static_argnums=(2, 3))
+        got = run(jnp.asarray(x.numpy()), model.params["layers"][i]["attn"], config, i, positions, segments)
         assert rel_err(got, want.numpy()) <= TOLERANCE, f"layer {i} ({config.layer_type(i)})"
 
 

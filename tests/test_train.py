@@ -32,7 +32,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     straight = tmp_path / "straight"
     assert train.main(["--workdir", str(straight), "train.steps=6", "train.checkpoint_every=3", *SMALL]) == 0
     split = tmp_path / "split"
-    assert train.main(["--workdir", str(split), "train.steps=3", "train.checkpoint_every=3", *SMALL]) == 0
+    assert train.main(["--workdir", str(split), "--stop-after-step", "3", "train.steps=6", "train.checkpoint_every=3",
+                       *SMALL]) == 0
+    assert losses(split).keys() == {1, 2, 3}
     assert train.main(["--workdir", str(split), "train.steps=6", "train.checkpoint_every=3", *SMALL]) == 0
     a, b = losses(straight), losses(split)
     assert sorted(a) == [1, 2, 3, 4, 5, 6] and sorted(b) == [1, 2, 3, 4, 5, 6]
