@@ -217,3 +217,26 @@ def test_quantise_refuses_non_finite():
     w[1, 1] = np.nan
     with pytest.raises(ValueError, match="layers.0.attn.wq_a.*NaN"):
         quant.quant_fp8(w, what="layers.0.attn.wq_a.weight")
+
+
+def test_quantisers_round_ties_to_even():
+    """Values exactly halfway between two codes (where round-to-nearest-even matters)."""
+    fp4_ties = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -2.5, -5.0])
+    w = np.zeros((1, 32), np.float32)
+    w[0, 0] = 6.0  # block max 6 -> scale 2^0
+    w[0, 1:1 + fp4_ties.size] = fp4_ties
+    packed, s = quant.quant_fp4(w)
+    assert int(s.view(np.uint8)[0, 0]) == 127
+    p = packed.view(np.uint8)[0]
+    codes = np.stack([p & 15, p >> 4], axis=-1).reshape(32)
+    np.testing.assert_array_equal(codes, ref_nearest_codes(w[0].astype(np.float64), E2M1_TABLE))
+    np.testing.assert_array_equal(E2M1_TABLE[codes[1:1 + fp4_ties.size]], [0, 1, 1, 2, 2, 4, 4, -0., -2, -4])
+
+    pos = E4M3_TABLE[:0x7F]  # positive finite e4m3 values, increasing
+    mids = (pos[1:] + pos[:-1]) / 2  # every halfway point
+    w8 = np.zeros((1, 128 * 2), np.float32)
+    w8[0, 0] = 448.0
+    w8[0, 1:1 + mids.size] = mids
+    q, s8 = quant.quant_fp8(w8)
+    assert int(s8.view(np.uint8)[0, 0]) == 127
+    np.testing.assert_array_equal(q.view(np.uint8)[0], ref_nearest_codes(w8[0].astype(np.float64), E4M3_TABLE))

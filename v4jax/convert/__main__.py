@@ -80,6 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="largest shard file, e.g. 5GB, 500MB, 2GiB (default: 5GB); a single larger tensor "
                    "gets a shard of its own")
+    b.add_argument("--workers", type=int, default=2, metavar="N",
+                   help="threads reading and quantising blocks (default: 2)")
+    b.add_argument("--window", type=int, default=4, metavar="N",
+                   help="blocks in flight at once; host memory grows with N x --block-mb (default: 4)")
     b.add_argument("--config", default=None, metavar="CONFIG_JSON",
                    help="config.json to use instead of the one in --src (needed for a bare Orbax params "
                    "checkpoint)")
@@ -91,8 +95,8 @@ def _common(p):
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --dst (only once the new output is complete)")
     p.add_argument("--block-mb", type=int, default=None, metavar="MB",
-                   help="rows are streamed in blocks of about this many MiB (default: 32 for to-orbax, 64 for "
-                   "to-safetensors); also the Orbax chunk size")
+                   help="rows are streamed in blocks of about this many MiB (default: 32; to-safetensors counts "
+                   "them in fp32); for to-orbax also the size of the Orbax chunks")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -121,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
 
             s = to_safetensors(args.src, args.dst, layout=args.layout, quantize=args.quantize, dtype=args.dtype,
                                max_shard_bytes=args.max_shard_size, overwrite=args.overwrite,
-                               progress=not args.no_progress, block_mb=args.block_mb or 64,
-                               config_path=args.config)
+                               progress=not args.no_progress, block_mb=args.block_mb or 32,
+                               config_path=args.config, workers=args.workers, window=args.window)
             print(f"wrote {args.dst}: {s['tensors']} tensors in {s['shards']} shards, {s['bytes'] / 1e9:.3f} GB, "
                   f"{s['layout']} layout, quantize {s['quantize']}, other weights {s['dtype']}")
     except (CheckpointError, ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:

@@ -331,11 +331,13 @@ class OrbaxParams:
             path = tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in path)
             self.leaves[path] = (tuple(m.shape), np.dtype(m.dtype))
             self._names[path] = m.name
-        self._open: dict[tuple, object] = {}
+        self._open: dict[tuple, object] = {}  # a few open leaves (blocks are read roughly in order)
+        self._lock = threading.Lock()
         self._ctx = ocp.type_handlers.get_ts_context(use_ocdbt=True)
 
     def _store(self, path):
-        t = self._open.get(path)
+        with self._lock:
+            t = self._open.get(path)
         if t is None:
             import orbax.checkpoint as ocp  # noqa: PLC0415
             import tensorstore as ts  # noqa: PLC0415
@@ -349,7 +351,10 @@ class OrbaxParams:
                 t = ts.open(ts.Spec(spec), open=True, context=self._ctx).result()
             except Exception as e:  # noqa: BLE001
                 raise CheckpointError(f"{self.directory}: cannot open leaf {self._names[path]}: {e}") from None
-            self._open = {path: t}  # keep one open leaf: they are read in order
+            with self._lock:
+                if len(self._open) >= 8:
+                    self._open.pop(next(iter(self._open)))
+                self._open[path] = t
         return t
 
     def read(self, path: tuple, lead: tuple, r0: int, r1: int) -> np.ndarray:

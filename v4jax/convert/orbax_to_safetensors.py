@@ -22,13 +22,17 @@ written; host memory holds a few blocks plus one quantised weight's scales, what
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
+import functools
 import json
 import re
+import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import ml_dtypes
 import numpy as np
@@ -69,24 +73,46 @@ def parse_size(text: str | int) -> int:
 
 @dataclasses.dataclass
 class OutTensor:
-    """One tensor of the output: its name (in the output layout), dtype, shape, and a generator of
-    its data in C-order pieces."""
+    """One tensor of the output: its name (in the output layout), dtype, shape, and ``pieces()``: its
+    data as a list of zero-argument callables, each giving the next C-order piece. Pieces may be
+    computed concurrently, except ``deferred`` ones (a quantised weight's scale), which are computed
+    when their turn to be written comes, after all earlier pieces."""
 
     name: str
     dtype: np.dtype
     shape: tuple
-    produce: Callable[[], Iterator[np.ndarray]]
+    pieces: Callable[[], list[Callable[[], np.ndarray]]]
+    deferred: bool = False
 
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
 
+class _ScaleBuffer:
+    """The scale of one quantised weight, filled block by block by the weight's pieces (possibly from
+    several threads), handed out once for writing and then dropped (so only the scales of weights
+    in flight are held)."""
+
+    def __init__(self, shape):
+        self.shape, self._array, self._lock = tuple(shape), None, threading.Lock()
+
+    def put(self, rows: slice, values: np.ndarray):
+        with self._lock:
+            if self._array is None:
+                self._array = np.zeros(self.shape, quant.E8M0)
+            self._array[rows] = values
+
+    def take(self) -> np.ndarray:
+        with self._lock:
+            out, self._array = self._array, None
+        return out if out is not None else np.zeros(self.shape, quant.E8M0)
+
+
 def _row_blocks(n_rows: int, row_bytes: int, block_bytes: int, align: int = 1):
     rows = max(1, block_bytes // max(1, row_bytes))
     rows = max(align, rows - rows % align)
-    for r0 in range(0, n_rows, rows):
-        yield r0, min(n_rows, r0 + rows)
+    return [(r0, min(n_rows, r0 + rows)) for r0 in range(0, n_rows, rows)]
 
 
 class _Exporter:
@@ -119,42 +145,43 @@ class _Exporter:
     def _tensor(self, path, lead, official, shape, fmt) -> list[OutTensor]:
         shape = tuple(shape)
         name = self._name(official)
+        read = functools.partial(self._read, path, lead)
         if fmt in ("plain", "f32", "int"):
             dtype = {"plain": self.plain, "f32": np.dtype(np.float32), "int": np.dtype(np.int64)}[fmt]
 
-            def produce(path=path, lead=lead, shape=shape, dtype=dtype):
+            def plain_pieces():
                 if len(shape) < 2:
-                    yield self._read(path, lead, 0, shape[0]).astype(dtype)
-                    return
-                for r0, r1 in _row_blocks(shape[0], shape[1] * 4, self.block_bytes):
-                    yield self._read(path, lead, r0, r1).astype(dtype)
+                    return [lambda: read(0, shape[0]).astype(dtype)]
+                return [functools.partial(lambda a, b: read(a, b).astype(dtype), r0, r1)
+                        for r0, r1 in _row_blocks(shape[0], shape[1] * 4, self.block_bytes)]
 
-            return [OutTensor(name, dtype, shape, produce)]
+            return [OutTensor(name, dtype, shape, plain_pieces)]
         if len(shape) != 2:
             raise AssertionError((path, shape))
         if fmt == "fp8":
-            scale = np.zeros(quant.fp8_scale_shape(shape), quant.E8M0)
+            scale = _ScaleBuffer(quant.fp8_scale_shape(shape))
 
-            def produce_w(path=path, lead=lead, shape=shape, scale=scale, official=official):
-                for r0, r1 in _row_blocks(shape[0], shape[1] * 4, self.block_bytes, align=quant.FP8_BLOCK):
-                    q, s = quant.quant_fp8(self._read(path, lead, r0, r1), what=official)
-                    scale[r0 // quant.FP8_BLOCK: r0 // quant.FP8_BLOCK + s.shape[0]] = s
-                    yield q
+            def fp8_piece(r0, r1):
+                q, s = quant.quant_fp8(read(r0, r1), what=official)
+                scale.put(slice(r0 // quant.FP8_BLOCK, r0 // quant.FP8_BLOCK + s.shape[0]), s)
+                return q
 
-            return [OutTensor(name, quant.E4M3, shape, produce_w),
-                    OutTensor(self._name(scale_name(official)), quant.E8M0, scale.shape, lambda s=scale: iter([s]))]
-        # fp4: scales for a block of rows come with the block; keep them for the scale tensor
-        packed = quant.fp4_packed_shape(shape)
-        scale = np.zeros(quant.fp4_scale_shape(shape), quant.E8M0)
+            blocks = _row_blocks(shape[0], shape[1] * 4, self.block_bytes, align=quant.FP8_BLOCK)
+            return [OutTensor(name, quant.E4M3, shape, lambda: [functools.partial(fp8_piece, *b) for b in blocks]),
+                    OutTensor(self._name(scale_name(official)), quant.E8M0, scale.shape, lambda: [scale.take],
+                              deferred=True)]
+        scale = _ScaleBuffer(quant.fp4_scale_shape(shape))
 
-        def produce_p(path=path, lead=lead, shape=shape, scale=scale, official=official):
-            for r0, r1 in _row_blocks(shape[0], shape[1] * 4, self.block_bytes):
-                q, s = quant.quant_fp4(self._read(path, lead, r0, r1), what=official)
-                scale[r0:r1] = s
-                yield q
+        def fp4_piece(r0, r1):
+            q, s = quant.quant_fp4(read(r0, r1), what=official)
+            scale.put(slice(r0, r1), s)
+            return q
 
-        return [OutTensor(name, np.dtype(np.int8), packed, produce_p),
-                OutTensor(self._name(scale_name(official)), quant.E8M0, scale.shape, lambda s=scale: iter([s]))]
+        blocks = _row_blocks(shape[0], shape[1] * 4, self.block_bytes)
+        return [OutTensor(name, np.dtype(np.int8), quant.fp4_packed_shape(shape),
+                          lambda: [functools.partial(fp4_piece, *b) for b in blocks]),
+                OutTensor(self._name(scale_name(official)), quant.E8M0, scale.shape, lambda: [scale.take],
+                          deferred=True)]
 
 
 def plan_shards(tensors: list[OutTensor], max_shard_bytes: int) -> list[list[OutTensor]]:
@@ -217,7 +244,8 @@ def check_params(params: OrbaxParams, specs, where) -> None:
 
 def to_safetensors(src: str | Path, dst: str | Path, *, layout: str | None = None, quantize: str = "none",
                    dtype: str = "auto", max_shard_bytes: int | str = "5GB", overwrite: bool = False,
-                   progress: bool = True, block_mb: int = 64, config_path: str | Path | None = None) -> dict:
+                   progress: bool = True, block_mb: int = 32, config_path: str | Path | None = None,
+                   workers: int = 2, window: int = 4) -> dict:
     """Write the Orbax checkpoint ``src`` (made by ``to_orbax``) as a safetensors checkpoint at ``dst``.
 
     ``layout``: "official" or "hf" (default: the layout ``src`` was converted from). Returns a summary.
@@ -280,21 +308,22 @@ def to_safetensors(src: str | Path, dst: str | Path, *, layout: str | None = Non
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="to-safetensors", dynamic_ncols=True)
     done = 0
     weight_map = {}
-    with atomic_output_dir(dst, overwrite) as tmp:
+    with atomic_output_dir(dst, overwrite) as tmp, \
+            concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="v4jax-quant") as pool:
         n = len(shards)
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             writer = SafetensorsWriter(tmp / fname, [(t.name, t.dtype, t.shape) for t in shard])
             try:
-                for t in shard:
-                    for piece in t.produce():
-                        writer.write(t.name, piece)
-                        if bar is not None:
-                            bar.update(piece.nbytes)
-                    weight_map[t.name] = fname
-                    done += 1
+                for t, piece in _pipeline(pool, shard, window):
+                    writer.write(t.name, piece)
                     if bar is not None:
-                        bar.set_postfix_str(f"{done}/{len(tensors)} tensors", refresh=False)
+                        bar.update(piece.nbytes)
+                    if writer.tensor_done:
+                        weight_map[t.name] = fname
+                        done += 1
+                        if bar is not None:
+                            bar.set_postfix_str(f"{done}/{len(tensors)} tensors", refresh=False)
                 writer.close()
             except BaseException:
                 writer.abort()
@@ -307,6 +336,28 @@ def to_safetensors(src: str | Path, dst: str | Path, *, layout: str | None = Non
     return {"tensors": len(tensors), "bytes": total, "shards": len(shards), "layout": layout,
             "config_style": RELEASE_STYLE if layout == OFFICIAL else "hf", "quantize": quantize,
             "dtype": str(np.dtype(plain)), "seconds": time.time() - start}
+
+
+def _pipeline(pool, shard: list[OutTensor], window: int):
+    """Yield (tensor, piece) in file order while up to ``window`` pieces are computed in ``pool``."""
+    work = ((t, fn, t.deferred) for t in shard for fn in t.pieces())
+    pending: collections.deque = collections.deque()
+    try:
+        for t, fn, deferred in work:
+            pending.append((t, fn if deferred else pool.submit(fn), deferred))
+            while sum(not d for _, _, d in pending) >= window:
+                yield _pop(pending)
+        while pending:
+            yield _pop(pending)
+    finally:
+        for _, f, d in pending:
+            if not d:
+                f.cancel()
+
+
+def _pop(pending):
+    t, f, deferred = pending.popleft()
+    return t, (f() if deferred else f.result())
 
 
 def _stored_param_dtype(params: OrbaxParams, specs) -> np.dtype:

@@ -32,6 +32,7 @@ E2M1_VALUES = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -
 
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 E8M0 = np.dtype(ml_dtypes.float8_e8m0fnu)
+E2M1 = np.dtype(ml_dtypes.float4_e2m1fn)
 
 # byte -> (value of the low nibble, value of the high nibble), viewed as one uint64 so that one
 # np.take does the whole lookup (much faster than fancy-indexing a [256, 2] table).
@@ -152,26 +153,15 @@ def quant_fp4(w: np.ndarray, what: str = "tensor") -> tuple[np.ndarray, np.ndarr
     if c % 2:
         raise ValueError(f"{what}: FP4 packing needs an even number of columns, got {c}")
     g = ceil_div(c, FP4_GROUP)
-    padded = np.zeros((r, g * FP4_GROUP), np.float32)
-    padded[:, :c] = w
+    if c % FP4_GROUP:
+        padded = np.zeros((r, g * FP4_GROUP), np.float32)
+        padded[:, :c] = w
+    else:
+        padded = w
     grouped = padded.reshape(r, g, FP4_GROUP)
     e = _pow2_exponent(np.abs(grouped).max(axis=2), FP4_MAX)
-    x = grouped * np.ldexp(np.float32(1.0), -e).astype(np.float32)[:, :, None]
-    x = x.reshape(r, g * FP4_GROUP)[:, :c]
-    codes = _e2m1_codes(x)
-    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8).view(np.int8)
+    x = grouped * np.ldexp(np.float32(1.0), -e).astype(np.float32)[:, :, None]  # exact: powers of two
+    # ml_dtypes' float32 -> e2m1 cast rounds to nearest, ties to even; its byte holds the 4-bit code
+    codes = x.reshape(r, g * FP4_GROUP)[:, :c].astype(E2M1).view(np.uint8) & 0xF
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).view(np.int8)
     return packed, _e8m0(e)
-
-
-_E2M1_POS = E2M1_VALUES[:8]
-
-
-def _e2m1_codes(x: np.ndarray) -> np.ndarray:
-    """Values with |x| <= 6 -> 4-bit e2m1 codes, round to nearest, ties to the even code."""
-    a = np.abs(x)
-    lo = np.clip(np.searchsorted(_E2M1_POS, a, side="right") - 1, 0, 6)
-    lo_v, hi_v = _E2M1_POS[lo], _E2M1_POS[lo + 1]
-    d_lo, d_hi = a - lo_v, hi_v - a
-    up = (d_hi < d_lo) | ((d_hi == d_lo) & (lo % 2 == 1))
-    code = np.where(a >= FP4_MAX, 7, np.where(up, lo + 1, lo)).astype(np.uint8)
-    return code | (np.signbit(x).astype(np.uint8) << 3)

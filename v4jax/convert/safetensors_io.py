@@ -270,6 +270,7 @@ class SafetensorsWriter:
         self._fh.write(struct.pack("<Q", len(raw)) + raw)
         self._i = 0
         self._done = 0  # bytes of the current tensor written
+        self.tensor_done = False
 
     def write(self, name: str, data) -> None:
         if self._i >= len(self._order):
@@ -285,7 +286,8 @@ class SafetensorsWriter:
             raise RuntimeError(f"{self.path}: tensor {name!r} got more than its {size} bytes")
         self._fh.write(buf)
         self._done += len(buf)
-        if self._done == size:
+        self.tensor_done = self._done == size  # the last write completed a tensor
+        if self.tensor_done:
             self._i += 1
             self._done = 0
 
