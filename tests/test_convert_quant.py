@@ -166,9 +166,13 @@ def ref_nearest_codes(x: np.ndarray, table: np.ndarray) -> np.ndarray:
     return np.array(out).reshape(x.shape)
 
 
-def test_fp8_quant_matches_reference_quantiser():
+# float32 inputs go through ml_dtypes' cast, bf16-exact ones through the library's bf16 lookup table
+@pytest.mark.parametrize("bf16_values", [False, True])
+def test_fp8_quant_matches_reference_quantiser(bf16_values):
     rng = np.random.default_rng(3)
     w = (rng.standard_normal((150, 140)) * np.exp(rng.uniform(-3, 3, (150, 1)))).astype(np.float32)
+    if bf16_values:
+        w = w.astype(ml_dtypes.bfloat16).astype(np.float32)
     w[:2, :5] = 0.0
     q, s = quant.quant_fp8(w)
     assert q.dtype == ml_dtypes.float8_e4m3fn and s.dtype == ml_dtypes.float8_e8m0fnu and s.shape == (2, 2)
@@ -182,9 +186,12 @@ def test_fp8_quant_matches_reference_quantiser():
             np.testing.assert_array_equal(got, codes)
 
 
-def test_fp4_quant_matches_reference_quantiser():
+@pytest.mark.parametrize("bf16_values", [False, True])
+def test_fp4_quant_matches_reference_quantiser(bf16_values):
     rng = np.random.default_rng(4)
     w = (rng.standard_normal((9, 80)) * 3).astype(np.float32)
+    if bf16_values:
+        w = w.astype(ml_dtypes.bfloat16).astype(np.float32)
     w[0, :32] = 0.0
     w[1, 3] = -0.0
     packed, s = quant.quant_fp4(w)

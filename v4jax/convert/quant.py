@@ -119,6 +119,25 @@ def _pow2_exponent(amax: np.ndarray, max_code: float) -> np.ndarray:
     return np.clip(e, -127, 127).astype(np.int32)
 
 
+_BF16_TABLES: dict = {}
+
+
+def _encode(x: np.ndarray, code_dtype: np.dtype) -> np.ndarray:
+    """float32 values within the code's range -> code bytes (round to nearest, ties to even), as
+    ml_dtypes' cast does. When every value is exactly a bf16 (always so for weights stored in bf16:
+    the block scaling multiplies by a power of two), a 65536-entry table indexed by the bf16 bit
+    pattern gives the same codes about four times faster than the cast."""
+    bits = x.view(np.uint32)
+    if not (bits & 0xFFFF).any():
+        table = _BF16_TABLES.get(code_dtype)
+        if table is None:
+            v = np.arange(65536, dtype=np.uint16).view(ml_dtypes.bfloat16).astype(np.float32)
+            v = np.where(np.isfinite(v) & (np.abs(v) <= 448), v, 0)
+            table = _BF16_TABLES[code_dtype] = v.astype(code_dtype).view(np.uint8)
+        return np.take(table, (bits >> 16).astype(np.uint16))
+    return x.astype(code_dtype).view(np.uint8)
+
+
 def _e8m0(e: np.ndarray) -> np.ndarray:
     return (e + 127).astype(np.uint8).view(E8M0)
 
@@ -141,7 +160,7 @@ def quant_fp8(w: np.ndarray, what: str = "tensor") -> tuple[np.ndarray, np.ndarr
     e = _pow2_exponent(amax, FP8_MAX)
     inv = np.ldexp(np.float32(1.0), -e).astype(np.float32)  # exact powers of two
     full = np.repeat(np.repeat(inv, FP8_BLOCK, axis=0)[:r], FP8_BLOCK, axis=1)[:, :c]
-    q = (w * full).astype(E4M3)  # ml_dtypes rounds to nearest, ties to even
+    q = _encode(w * full, E4M3).view(E4M3)  # round to nearest, ties to even
     return q, _e8m0(e)
 
 
@@ -161,7 +180,7 @@ def quant_fp4(w: np.ndarray, what: str = "tensor") -> tuple[np.ndarray, np.ndarr
     grouped = padded.reshape(r, g, FP4_GROUP)
     e = _pow2_exponent(np.abs(grouped).max(axis=2), FP4_MAX)
     x = grouped * np.ldexp(np.float32(1.0), -e).astype(np.float32)[:, :, None]  # exact: powers of two
-    # ml_dtypes' float32 -> e2m1 cast rounds to nearest, ties to even; its byte holds the 4-bit code
-    codes = x.reshape(r, g * FP4_GROUP)[:, :c].astype(E2M1).view(np.uint8) & 0xF
+    # round to nearest, ties to even; the e2m1 byte holds the 4-bit code
+    codes = _encode(np.ascontiguousarray(x.reshape(r, g * FP4_GROUP)[:, :c]), E2M1) & 0xF
     packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).view(np.int8)
     return packed, _e8m0(e)
