@@ -26,13 +26,15 @@ from v4jax.config import CSA, SWA, ModelConfig
 from v4jax.layers import F32, linear, linear_f32, rms_norm
 from v4jax.mhc import hc_head, hc_post, hc_pre
 from v4jax.moe import moe
+from v4jax.parallel import constrain_batch
 
 
 # --------------------------------------------------------------------------------------------------
 # Forward
 
 
-def block(x, p, config: ModelConfig, layer: int, positions, segment_ids, token_ids, sparse=True, with_aux=False):
+def block(x, p, config: ModelConfig, layer: int, positions, segment_ids, token_ids, sparse=True, with_aux=False,
+          parallel=None, mesh=None):
     """One decoder block on the streams x [b, s, n, d]: mHC around attention, then around the MoE.
 
     Returns (x, info): info holds the routing (``idx``, ``scores``) and, with ``with_aux``, the
@@ -45,10 +47,19 @@ def block(x, p, config: ModelConfig, layer: int, positions, segment_ids, token_i
     a, attn_aux = a if with_aux else (a, None)
     x = hc_post(a, x, post, comb)
     u, post, comb = hc_pre(x, p["hc_ffn"], **hc)
-    f, info = moe(rms_norm(u, p["ffn_norm"], config.rms_norm_eps), p["ffn"], token_ids, config)
+    f, info = moe(rms_norm(u, p["ffn_norm"], config.rms_norm_eps), p["ffn"], token_ids, config, parallel, mesh)
     if with_aux:
         info["attn"] = attn_aux
     return hc_post(f, x, post, comb), info
+
+
+def _maybe_remat(fn, parallel):
+    """Wrap a block in jax.checkpoint with the configured policy (static arguments from index 2 on)."""
+    from v4jax.parallel import REMAT_POLICIES  # noqa: PLC0415
+
+    if parallel is None or parallel.remat == "none":
+        return fn
+    return jax.checkpoint(fn, policy=REMAT_POLICIES[parallel.remat], static_argnums=(2, 3, 7, 8, 9, 10))
 
 
 def _default_layout(tokens):
@@ -62,7 +73,7 @@ def _head(x, p_hc, norm_w, head_w, config: ModelConfig):
 
 
 def forward(params, tokens, config: ModelConfig, *, positions=None, segment_ids=None, dtype=jnp.float32,
-            sparse=True, mtp=False, with_aux=False):
+            sparse=True, mtp=False, with_aux=False, parallel=None, mesh=None):
     """Run the model. tokens [b, s] int -> dict with ``logits`` [b, s, V] fp32 and ``routing``.
 
     positions/segment_ids [b, s]: per-document positions and document ids for packed rows (default:
@@ -70,6 +81,8 @@ def forward(params, tokens, config: ModelConfig, *, positions=None, segment_ids=
     t combines the main streams at t with token t+1 and predicts token t+2 (the last position sees
     a padding token 0 and is meaningless). ``sparse=False`` is the dense attention stage (CSA
     queries use every visible entry); ``with_aux`` adds each layer's attention aux to ``routing``.
+    ``parallel`` (a ``v4jax.parallel.ParallelConfig``) picks the MoE backend and the remat policy;
+    ``mesh`` turns on expert parallelism and batch sharding constraints at block boundaries.
     """
     chex.assert_rank(tokens, 2)
     if positions is None or segment_ids is None:
@@ -82,17 +95,20 @@ def forward(params, tokens, config: ModelConfig, *, positions=None, segment_ids=
     x = jnp.broadcast_to(e[:, :, None, :], e.shape[:2] + (n, e.shape[-1]))  # n identical streams
     routing = []
     for i, p in enumerate(params["layers"]):
-        x, info = block(x, p, config, i, positions, segment_ids, tokens, sparse, with_aux)
+        x = constrain_batch(x, mesh)
+        x, info = _maybe_remat(block, parallel)(x, p, config, i, positions, segment_ids, tokens, sparse, with_aux,
+                                                 parallel, mesh)
         routing.append(info)
+    x = constrain_batch(x, mesh)
     out = {"logits": _head(x, params["hc_head"], params["norm"], params["head"], config), "routing": routing}
     if mtp:
         out["mtp_logits"], out["mtp_routing"] = mtp_forward(
-            params, x, tokens, config, positions, segment_ids, dtype, sparse, with_aux)
+            params, x, tokens, config, positions, segment_ids, dtype, sparse, with_aux, parallel, mesh)
     return out
 
 
 def mtp_forward(params, x_main, tokens, config: ModelConfig, positions, segment_ids, dtype, sparse=True,
-                with_aux=False):
+                with_aux=False, parallel=None, mesh=None):
     """The depth-1 MTP block on the main model's final streams x_main [b, s, n, d] (before hc_head)."""
     p = params["mtp"]
     eps = config.rms_norm_eps
@@ -100,7 +116,8 @@ def mtp_forward(params, x_main, tokens, config: ModelConfig, positions, segment_
     e = rms_norm(params["embed"][nxt].astype(dtype), p["enorm"], eps)
     h = rms_norm(x_main, p["hnorm"], eps)  # per stream, over d
     x = (linear(e, p["e_proj"])[:, :, None, :] + linear(h, p["h_proj"])).astype(dtype)
-    x, info = block(x, p, config, config.num_hidden_layers, positions, segment_ids, nxt, sparse, with_aux)
+    x, info = _maybe_remat(block, parallel)(x, p, config, config.num_hidden_layers, positions, segment_ids, nxt,
+                                            sparse, with_aux, parallel, mesh)
     return _head(x, p["hc_head"], p["norm"], params["head"], config), info
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from v4jax.config import ModelConfig
 from v4jax.layers import F32, linear, linear_f32
@@ -51,36 +53,198 @@ def shared_expert(x: jax.Array, p: dict, limit: float) -> jax.Array:
     return linear(hidden.astype(x.dtype), p["w2"]).astype(F32)
 
 
-def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, p: dict, limit: float) -> jax.Array:
-    """Grouped-matmul reference path: sort token copies by expert and run jax.lax.ragged_dot.
+def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, backend: str = "ragged_dot",
+                   capacity_factor: float = 2.0) -> jax.Array:
+    """Rows of x [m, k], sorted by group, times their group's matrix w [g, k, n] -> [m, n].
+
+    ``sizes`` [g] counts the rows of each group (rows past their sum give zeros). Backends:
+    ``ragged_dot`` (jax.lax.ragged_dot, the reference), ``padded`` (scatter into [g, cap, k] with
+    cap = ceil(capacity_factor * m / g), one batched matmul, gather back; rows past a group's
+    capacity give zeros) and ``tokamax`` (the tokamax package's grouped matmul, GPU/TPU).
+    """
+    if backend == "ragged_dot":
+        return jax.lax.ragged_dot(x, w, sizes)
+    if backend == "tokamax":
+        try:
+            import tokamax  # noqa: PLC0415
+        except ImportError:
+            raise ImportError("parallel.moe_backend='tokamax' needs the tokamax package (Python >= 3.12, "
+                              "GPU or TPU): pip install tokamax, or use ragged_dot / padded") from None
+        return tokamax.ragged_dot(x, w, sizes)
+    if backend != "padded":
+        raise ValueError(f"unknown grouped-matmul backend {backend!r}")
+    m, g = x.shape[0], w.shape[0]
+    cap = max(1, -(-int(capacity_factor * m) // g))
+    starts = jnp.cumsum(sizes) - sizes
+    group = jnp.searchsorted(jnp.cumsum(sizes), jnp.arange(m), side="right")  # group of each row
+    offset = jnp.arange(m) - starts[jnp.minimum(group, g - 1)]
+    ok = (group < g) & (offset < cap)
+    slot = jnp.where(ok, group * cap + offset, g * cap)  # g * cap: dropped
+    padded = jnp.zeros((g * cap + 1, x.shape[1]), x.dtype).at[slot].set(x)[:-1].reshape(g, cap, -1)
+    out = jnp.einsum("gck,gkn->gcn", padded, w.astype(x.dtype)).reshape(g * cap, -1)
+    return jnp.where(ok[:, None], out[jnp.minimum(slot, g * cap - 1)], 0).astype(out.dtype)
+
+
+def expert_ffn(xs: jax.Array, sizes: jax.Array, weights: jax.Array, p: dict, limit: float, backend: str,
+               capacity_factor: float = 2.0) -> jax.Array:
+    """The routed SwiGLU on rows grouped by expert. xs [m, d] sorted by expert, sizes [e],
+    weights [m] routing weight per row (applied before w2). Returns [m, d] fp32."""
+    w1 = jnp.swapaxes(p["w1"], 1, 2).astype(xs.dtype)  # [e, d, f]
+    w3 = jnp.swapaxes(p["w3"], 1, 2).astype(xs.dtype)
+    w2 = jnp.swapaxes(p["w2"], 1, 2).astype(xs.dtype)  # [e, f, d]
+    mm = lambda a, w: grouped_matmul(a, w, sizes, backend, capacity_factor)  # noqa: E731
+    hidden = swiglu_hidden(mm(xs, w1), mm(xs, w3), limit)
+    hidden = (hidden * weights[:, None]).astype(xs.dtype)
+    return mm(hidden, w2).astype(F32)
+
+
+def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, p: dict, limit: float,
+                   backend: str = "ragged_dot", capacity_factor: float = 2.0) -> jax.Array:
+    """Single-device path: sort token copies by expert, one grouped matmul per projection.
 
     x [t, d]; idx, weights [t, k]; p {w1 [e, f, d], w3 [e, f, d], w2 [e, d, f]}. Returns [t, d] fp32.
     """
     t, k = idx.shape
-    n_experts = p["w1"].shape[0]
     flat = idx.reshape(-1)
     order = jnp.argsort(flat, stable=True)
-    xs = x[order // k]  # [t*k, d], grouped by expert
-    sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
-    w1 = jnp.swapaxes(p["w1"], 1, 2).astype(x.dtype)  # [e, d, f]
-    w3 = jnp.swapaxes(p["w3"], 1, 2).astype(x.dtype)
-    w2 = jnp.swapaxes(p["w2"], 1, 2).astype(x.dtype)  # [e, f, d]
-    hidden = swiglu_hidden(jax.lax.ragged_dot(xs, w1, sizes), jax.lax.ragged_dot(xs, w3, sizes), limit)
-    hidden = (hidden * weights.reshape(-1)[order][:, None]).astype(x.dtype)  # weight before w2
-    ys = jax.lax.ragged_dot(hidden, w2, sizes).astype(F32)
+    sizes = jnp.bincount(flat, length=p["w1"].shape[0]).astype(jnp.int32)
+    ys = expert_ffn(x[order // k], sizes, weights.reshape(-1)[order], p, limit, backend, capacity_factor)
     out = jnp.zeros_like(ys).at[order].set(ys)  # back to (token, slot) order
     return jnp.sum(out.reshape(t, k, -1), axis=1)
 
 
-def moe(x: jax.Array, p: dict, token_ids: jax.Array, config: ModelConfig):
+def routed_experts_all_to_all(x, idx, weights, p, limit, mesh, backend="ragged_dot", capacity_factor=2.0):
+    """Expert parallelism over the mesh's ``expert`` axis with a fixed-capacity all_to_all.
+
+    Tokens are split over the batch axes (data, fsdp, expert); experts over ``expert``. Each device
+    sends every (token, choice) to the device holding its expert, at most C = ceil(capacity_factor *
+    t_local * k / n_ep) rows per destination (the rest are dropped and counted); the receiver runs
+    its experts and sends the results back, where they are summed per token.
+    Returns (y [t, d] fp32, dropped: number of dropped (token, choice) pairs over all devices).
+    """
+    from v4jax.parallel import DEFAULT_RULES  # noqa: PLC0415
+
+    n_ep = mesh.shape["expert"]
+    batch_axes = tuple(a for a in DEFAULT_RULES["batch"] if mesh.shape[a] > 1)
+    n_tok = int(np.prod([mesh.shape[a] for a in batch_axes])) if batch_axes else 1
+    e_local = p["w1"].shape[0] // n_ep
+    t_local = x.shape[0] // n_tok
+    k = idx.shape[1]
+    cap = max(1, -(-int(capacity_factor * t_local * k) // n_ep))
+    tok = P(batch_axes or None, None)
+    exp = P("expert", None, None)
+
+    def local(x, idx, weights, w1, w3, w2):
+        d = x.shape[1]
+        flat_e, flat_w = idx.reshape(-1), weights.reshape(-1)
+        dest, local_e = flat_e // e_local, flat_e % e_local
+        onehot = jax.nn.one_hot(dest, n_ep, dtype=jnp.int32)
+        pos = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=1)  # rank within its destination
+        keep = pos < cap
+        slot = jnp.where(keep, dest * cap + pos, n_ep * cap)
+        rows = jnp.arange(flat_e.shape[0]) // k
+        send_x = jnp.zeros((n_ep * cap + 1, d), x.dtype).at[slot].set(x[rows])[:-1]
+        send_e = jnp.full((n_ep * cap + 1,), e_local, jnp.int32).at[slot].set(local_e)[:-1]
+        send_w = jnp.zeros((n_ep * cap + 1,), F32).at[slot].set(flat_w)[:-1]
+        a2a = lambda v: jax.lax.all_to_all(v.reshape((n_ep, cap) + v.shape[1:]), "expert", 0, 0,  # noqa: E731
+                                           tiled=True).reshape(v.shape)
+        recv_x, recv_e, recv_w = a2a(send_x), a2a(send_e), a2a(send_w)
+        order = jnp.argsort(recv_e, stable=True)  # empty slots (id e_local) sort last
+        sizes = jnp.bincount(recv_e, length=e_local + 1)[:e_local].astype(jnp.int32)
+        ys = expert_ffn(recv_x[order], sizes, recv_w[order], {"w1": w1, "w3": w3, "w2": w2}, limit, backend,
+                        capacity_factor)
+        ys = jnp.zeros_like(ys).at[order].set(ys)
+        ys = jnp.where((recv_e < e_local)[:, None], ys, 0.0)
+        back = a2a(ys)
+        got = jnp.where(keep[:, None], back[jnp.minimum(slot, n_ep * cap - 1)], 0.0)
+        dropped = jax.lax.psum(jnp.sum(~keep), mesh.axis_names)
+        return jnp.sum(got.reshape(-1, k, d), axis=1), dropped
+
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, exp, exp, exp), out_specs=(tok, P()),
+                       check_vma=False)
+    return fn(x, idx, weights, p["w1"], p["w3"], p["w2"])
+
+
+def routed_experts_ragged(x, idx, weights, p, limit, mesh, backend="ragged_dot"):
+    """Dropless expert parallelism with jax.lax.ragged_all_to_all (GPU/TPU; XLA:CPU lacks it).
+
+    Each device sorts its (token, choice) pairs by expert, sends each destination exactly its rows,
+    the receiver groups what it got by local expert, runs them, and the results travel back the same
+    way. The receive buffer is sized for the worst case (every pair of every peer), so nothing drops.
+    Returns y [t, d] fp32.
+    """
+    from v4jax.parallel import DEFAULT_RULES  # noqa: PLC0415
+
+    n_ep = mesh.shape["expert"]
+    batch_axes = tuple(a for a in DEFAULT_RULES["batch"] if mesh.shape[a] > 1)
+    e_local = p["w1"].shape[0] // n_ep
+    k = idx.shape[1]
+    tok = P(batch_axes or None, None)
+    exp = P("expert", None, None)
+
+    def local(x, idx, weights, w1, w3, w2):
+        d = x.shape[1]
+        m = idx.size
+        flat_e = idx.reshape(-1)
+        order = jnp.argsort(flat_e, stable=True)  # by expert, hence by destination
+        xs, ws, es = x[order // k], weights.reshape(-1)[order], flat_e[order]
+        counts = jnp.bincount(es, length=n_ep * e_local).reshape(n_ep, e_local).astype(jnp.int32)
+        send_sizes = jnp.sum(counts, axis=1)
+        in_offsets = jnp.cumsum(send_sizes) - send_sizes
+        me = jax.lax.axis_index("expert")
+        all_sizes = jax.lax.all_gather(send_sizes, "expert")  # [src, dst]
+        all_offsets = jax.lax.all_gather(in_offsets, "expert")
+        out_offsets = jnp.sum(jnp.where(jnp.arange(n_ep)[:, None] < me, all_sizes, 0), axis=0)  # in peer j
+        recv_sizes = all_sizes[:, me]
+        recv_counts = jax.lax.all_to_all(counts, "expert", 0, 0, tiled=True)  # [src, e_local]
+        cap = n_ep * m  # worst case: every pair of every peer comes here
+
+        def send(v, buf_rows, offsets, sizes, o_offsets, r_sizes):
+            out = jnp.zeros((buf_rows,) + v.shape[1:], v.dtype)
+            return jax.lax.ragged_all_to_all(v, out, offsets, sizes, o_offsets, r_sizes, axis_name="expert")
+
+        rx = send(xs, cap, in_offsets, send_sizes, out_offsets, recv_sizes)
+        rw = send(ws, cap, in_offsets, send_sizes, out_offsets, recv_sizes)
+        # expert id of every received row: sources in order, each sorted by local expert
+        bounds = jnp.cumsum(recv_counts.reshape(-1))
+        re = jnp.searchsorted(bounds, jnp.arange(cap), side="right") % e_local
+        valid = jnp.arange(cap) < jnp.sum(recv_sizes)
+        re = jnp.where(valid, re, e_local)
+        grp = jnp.argsort(re, stable=True)
+        sizes = jnp.sum(recv_counts, axis=0).astype(jnp.int32)
+        ys = expert_ffn(rx[grp], sizes, rw[grp], {"w1": w1, "w3": w3, "w2": w2}, limit, backend)
+        ys = jnp.zeros_like(ys).at[grp].set(ys)
+        ys = jnp.where(valid[:, None], ys, 0.0)
+        recv_offsets = jnp.cumsum(recv_sizes) - recv_sizes
+        back = send(ys, m, recv_offsets, recv_sizes, all_offsets[:, me], send_sizes)
+        out = jnp.zeros((m, d), F32).at[order].set(back)
+        return jnp.sum(out.reshape(-1, k, d), axis=1)
+
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, exp, exp, exp), out_specs=tok, check_vma=False)
+    return fn(x, idx, weights, p["w1"], p["w3"], p["w2"])
+
+
+def moe(x: jax.Array, p: dict, token_ids: jax.Array, config: ModelConfig, parallel=None, mesh=None):
     """x [b, s, d] (the ffn_norm output), token_ids [b, s] -> (y [b, s, d] in x.dtype, routing info).
 
-    The routing info (idx [b, s, k], scores [b, s, e]) feeds the balance loss and bias update.
+    The routing info (idx [b, s, k], scores [b, s, e]) feeds the balance loss and bias update; with
+    expert parallelism it also counts ``dropped`` (token, expert) pairs. ``parallel`` is a
+    ``v4jax.parallel.ParallelConfig``; ``mesh`` with an ``expert`` axis > 1 turns expert parallelism on.
     """
     b, s, d = x.shape
     flat = x.reshape(b * s, d)
     idx, w, scores = route(flat, p["gate"], token_ids.reshape(-1), config)
-    y = routed_experts(flat, idx, w, p["experts"], config.swiglu_limit)
+    backend = parallel.moe_backend if parallel else "ragged_dot"
+    cf = parallel.capacity_factor if parallel else 2.0
+    dropped = jnp.zeros((), jnp.int32)
+    if mesh is not None and mesh.shape.get("expert", 1) > 1:
+        if parallel is not None and parallel.moe_dispatch == "ragged":
+            y = routed_experts_ragged(flat, idx, w, p["experts"], config.swiglu_limit, mesh, backend)
+        else:
+            y, dropped = routed_experts_all_to_all(flat, idx, w, p["experts"], config.swiglu_limit, mesh,
+                                                   backend, cf)
+    else:
+        y = routed_experts(flat, idx, w, p["experts"], config.swiglu_limit, backend, cf)
     y = y + shared_expert(flat, p["shared_experts"], config.swiglu_limit)
-    info = {"idx": idx.reshape(b, s, -1), "scores": scores.reshape(b, s, -1)}
+    info = {"idx": idx.reshape(b, s, -1), "scores": scores.reshape(b, s, -1), "dropped": dropped}
     return y.astype(x.dtype).reshape(b, s, d), info

@@ -153,12 +153,12 @@ def _biased_layers(config: ModelConfig, params) -> list[tuple[Any, int]]:
     return out
 
 
-def loss_fn(params, batch, config: ModelConfig, cfg: TrainConfig, step):
+def loss_fn(params, batch, config: ModelConfig, cfg: TrainConfig, step, parallel=None, mesh=None):
     dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else F32
     has_mtp = "mtp" in params
     out = forward(params, batch["tokens"], config, positions=batch["positions"], segment_ids=batch["segment_ids"],
                   dtype=dtype, sparse=cfg.attention == "sparse", mtp=has_mtp,
-                  with_aux=cfg.indexer_loss_weight > 0)
+                  with_aux=cfg.indexer_loss_weight > 0, parallel=parallel, mesh=mesh)
     mask = batch["segment_ids"] > 0  # real tokens (padding has segment 0)
     lm = cross_entropy(out["logits"], batch["targets"], batch["loss_mask"])
     balance, indexer = routing_losses(out["routing"], config, mask)
@@ -172,20 +172,22 @@ def loss_fn(params, batch, config: ModelConfig, cfg: TrainConfig, step):
         loss = loss + weight * mtp
         metrics["mtp_loss"] = mtp
     loss = loss + cfg.balance_weight * balance + cfg.indexer_loss_weight * indexer
-    metrics.update(balance_loss=balance, indexer_loss=indexer)
+    metrics.update(balance_loss=balance, indexer_loss=indexer,
+                   dropped_tokens=sum(info["dropped"] for info in out["routing"]))
     routing = {str(i): info["idx"] for i, info in enumerate(out["routing"])}
     if has_mtp:
         routing["mtp"] = out["mtp_routing"]["idx"]
     return loss, (metrics, routing)
 
 
-def make_train_step(config: ModelConfig, cfg: TrainConfig, optimizer):
-    """A jitted ``step(state, batch) -> (state, metrics)``; see the module docstring."""
+def make_train_step(config: ModelConfig, cfg: TrainConfig, optimizer, parallel=None, mesh=None):
+    """A jitted ``step(state, batch) -> (state, metrics)``; see the module docstring. With ``mesh``
+    the state keeps the shardings it was placed with and the batch is split over the batch axes."""
 
     def step_fn(state, batch):
         params = state["params"]
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True, allow_int=True)
-        (loss, (metrics, routing)), grads = grad_fn(params, batch, config, cfg, state["step"])
+        (loss, (metrics, routing)), grads = grad_fn(params, batch, config, cfg, state["step"], parallel, mesh)
         # integer leaves (the hash tables) get float0 "gradients": make them zeros the optimizer can clip
         grads = jax.tree.map(lambda g, p: jnp.zeros(p.shape, F32) if g.dtype == jax.dtypes.float0 else g,
                              grads, params)
@@ -215,13 +217,13 @@ def make_train_step(config: ModelConfig, cfg: TrainConfig, optimizer):
     return jax.jit(step_fn, donate_argnums=(0,))
 
 
-def make_eval_step(config: ModelConfig, dtype=F32):
+def make_eval_step(config: ModelConfig, dtype=F32, parallel=None, mesh=None):
     """Jitted ``eval(params, batch) -> sums`` of main/MTP token losses and token counts."""
 
     def eval_fn(params, batch):
         has_mtp = "mtp" in params
         out = forward(params, batch["tokens"], config, positions=batch["positions"],
-                      segment_ids=batch["segment_ids"], dtype=dtype, mtp=has_mtp)
+                      segment_ids=batch["segment_ids"], dtype=dtype, mtp=has_mtp, parallel=parallel, mesh=mesh)
         res = {}
         for name, logits, tgt, m in (("main", out["logits"], batch["targets"], batch["loss_mask"]),
                                      ("mtp", out.get("mtp_logits"), batch["mtp_targets"], batch["mtp_mask"])):

@@ -1,0 +1,253 @@
+"""Device mesh, logical-axis sharding rules, and multi-host start-up.
+
+Mesh axes: ``data``, ``fsdp``, ``expert``, ``tensor`` (any may be 1). Parameters carry logical axis
+names (``vocab``, ``embed``, ``heads``, ``mlp``, ``experts``), derived from their tree paths here,
+and one table maps logical names to mesh axes. Changing the parallel layout means changing the table
+(or the mesh shape), not the model.
+
+Default table::
+
+    batch   -> (data, fsdp, expert)   activations: batch rows split over every data-like axis
+    vocab   -> tensor                 embed/head rows
+    embed   -> fsdp                   the model dimension of every weight (ZeRO-3 style)
+    heads   -> tensor                 attention heads (q, output groups, sinks, indexer heads)
+    mlp     -> tensor                 expert and shared-expert hidden size
+    experts -> expert                 routed experts
+
+A dimension that the mesh axes do not divide is replicated instead. Several logical axes may share a
+mesh axis when no tensor has both (vocab, heads and mlp all use ``tensor``); a tensor whose logical
+axes would put one mesh axis on two of its dimensions is refused, naming the axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+PARAM_AXES = ("vocab", "embed", "heads", "mlp", "experts")
+DEFAULT_RULES = {"batch": ("data", "fsdp", "expert"), "vocab": ("tensor",), "embed": ("fsdp",),
+                 "heads": ("tensor",), "mlp": ("tensor",), "experts": ("expert",)}
+
+
+class ShardingError(ValueError):
+    """A mesh or rule table that cannot work, with the reason."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """How the model runs on devices. The ``parallel:`` section of a YAML config.
+
+    mesh: sizes of data/fsdp/expert/tensor (their product must be the device count; one entry may
+    be -1 to take the rest). moe_dispatch: "capacity" (all_to_all with fixed per-device capacity;
+    runs everywhere, drops tokens over capacity and counts them) or "ragged" (dropless
+    ragged_all_to_all; GPU/TPU only). moe_backend: grouped matmul "ragged_dot" (reference),
+    "padded" (sort-and-pad into a batched matmul with per-expert capacity) or "tokamax".
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
+    moe_dispatch: str = "capacity"
+    moe_backend: str = "ragged_dot"
+    capacity_factor: float = 2.0
+    remat: str = "none"  # none | full | dots (save matmul outputs) | minimal (save nothing but block I/O)
+
+    def __post_init__(self):
+        sizes = [self.data, self.fsdp, self.expert, self.tensor]
+        if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+            raise ShardingError(f"parallel mesh sizes {dict(zip(MESH_AXES, sizes))}: use positive sizes, "
+                                "at most one -1")
+        if self.moe_dispatch not in ("capacity", "ragged"):
+            raise ShardingError(f"parallel.moe_dispatch={self.moe_dispatch!r}: capacity or ragged")
+        if self.moe_backend not in ("ragged_dot", "padded", "tokamax"):
+            raise ShardingError(f"parallel.moe_backend={self.moe_backend!r}: ragged_dot, padded or tokamax")
+        if not self.capacity_factor > 0:
+            raise ShardingError(f"parallel.capacity_factor={self.capacity_factor!r}: must be > 0")
+        if self.remat not in REMAT_POLICIES:
+            raise ShardingError(f"parallel.remat={self.remat!r}: one of {sorted(REMAT_POLICIES)}")
+
+    def mesh_shape(self, n_devices: int) -> tuple[int, ...]:
+        sizes = [self.data, self.fsdp, self.expert, self.tensor]
+        known = int(np.prod([s for s in sizes if s != -1]))
+        if -1 in sizes:
+            if n_devices % known:
+                raise ShardingError(f"{n_devices} devices cannot be split as {dict(zip(MESH_AXES, sizes))}")
+            sizes[sizes.index(-1)] = n_devices // known
+        if int(np.prod(sizes)) != n_devices:
+            raise ShardingError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                                f"there are {n_devices}")
+        return tuple(sizes)
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "minimal": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def make_mesh(cfg: ParallelConfig | None = None, devices=None) -> jax.sharding.Mesh:
+    """A mesh with axes (data, fsdp, expert, tensor) over ``devices`` (default: all)."""
+    cfg = cfg or ParallelConfig()
+    devices = list(jax.devices() if devices is None else devices)
+    shape = cfg.mesh_shape(len(devices))
+    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.sharding.Mesh(np.array(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rules
+
+
+def validate_rules(rules: Mapping[str, tuple[str, ...]], params=None) -> None:
+    """Every target is a mesh axis, named once per rule; with ``params``, no parameter's logical axes
+    put one mesh axis on two of its dimensions (checked for every leaf, all problems reported)."""
+    for logical, axes in rules.items():
+        if len(set(axes)) != len(axes) or any(a not in MESH_AXES for a in axes):
+            raise ShardingError(f"rule {logical!r} -> {axes!r}: name each mesh axis ({MESH_AXES}) at most once")
+    if params is None:
+        return
+    problems = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        logical = param_logical_axes(_names(path), len(leaf.shape))
+        seen: dict[str, str] = {}
+        for name in logical:
+            for axis in rules.get(name, ()) if name else ():
+                if axis in seen and seen[axis] != name:
+                    problems.append(f"{jax.tree_util.keystr(path)} {logical}: {seen[axis]!r} and {name!r} "
+                                    f"both on mesh axis {axis!r}")
+                seen[axis] = name
+    if problems:
+        raise ShardingError("the rules put two logical axes on one mesh axis:\n  " + "\n  ".join(problems))
+
+
+def spec_for(logical: tuple, shape: tuple, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> PartitionSpec:
+    """PartitionSpec of a tensor with these logical axes; axes the mesh does not divide are dropped."""
+    used, out = set(), []
+    for name, dim in zip(logical, shape):
+        axes = tuple(a for a in (rules.get(name, ()) if name else ()) if mesh.shape[a] > 1)
+        clash = used.intersection(axes)
+        if clash:
+            raise ShardingError(f"logical axes {logical} put mesh axis {sorted(clash)} on two dimensions")
+        if axes and dim % int(np.prod([mesh.shape[a] for a in axes])) == 0:
+            used.update(axes)
+            out.append(axes[0] if len(axes) == 1 else axes)
+        else:
+            out.append(None)
+    return PartitionSpec(*out)
+
+
+def _names(path) -> tuple:
+    return tuple(k.key if hasattr(k, "key") else getattr(k, "idx", getattr(k, "name", k)) for k in path)
+
+
+def param_logical_axes(path: tuple, ndim: int) -> tuple:
+    """Logical axis names of a parameter from its tree path (see v4jax.model for the tree)."""
+    names = [n for n in path if isinstance(n, str)]
+    leaf, parent = names[-1], names[-2] if len(names) > 1 else ""
+    if leaf in ("embed", "head"):
+        axes = ("vocab", "embed")
+    elif parent == "experts":
+        axes = ("experts", "embed", "mlp") if leaf == "w2" else ("experts", "mlp", "embed")
+    elif parent == "shared_experts":
+        axes = ("embed", "mlp") if leaf == "w2" else ("mlp", "embed")
+    elif leaf in ("wq_b",):
+        axes = ("heads", None)
+    elif leaf == "wo_a":
+        axes = ("heads", None)
+    elif leaf == "wo_b":
+        axes = ("embed", "heads")
+    elif leaf == "attn_sink":
+        axes = ("heads",)
+    elif leaf == "weights_proj":
+        axes = ("heads", "embed")
+    elif leaf == "fn" or (ndim == 2 and leaf in ("wq_a", "wkv", "wgate", "weight", "e_proj", "h_proj")):
+        axes = (None, "embed")
+    elif ndim == 1 and leaf in ("attn_norm", "ffn_norm", "norm", "enorm", "hnorm") and parent not in (
+            "attn", "compressor"):
+        axes = ("embed",)
+    else:
+        axes = (None,) * ndim
+    assert len(axes) == ndim, (path, axes, ndim)
+    return axes
+
+
+def param_shardings(params, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES):
+    """NamedSharding of every parameter (arrays or ShapeDtypeStructs) under the rules."""
+    validate_rules(rules, params)
+
+    def one(path, leaf):
+        axes = param_logical_axes(_names(path), len(leaf.shape))
+        return NamedSharding(mesh, spec_for(axes, leaf.shape, mesh, rules))
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def shard_like_params(tree, params, mesh, rules=DEFAULT_RULES):
+    """Shardings for a tree that contains parameter-shaped leaves (e.g. optimizer state): a leaf
+    whose path ends like a parameter's path and has its shape gets that parameter's sharding;
+    everything else is replicated."""
+    by_path = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(param_shardings(params, mesh, rules))[0]:
+        by_path[_names(path)] = leaf
+    shapes = {_names(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(path, leaf):
+        names = _names(path)
+        for k in range(len(names)):
+            key = names[k:]
+            if key in by_path and shapes[key] == tuple(getattr(leaf, "shape", ())):
+                return by_path[key]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES, ndim: int = 2) -> NamedSharding:
+    axes = tuple(a for a in rules["batch"] if mesh.shape[a] > 1)
+    return NamedSharding(mesh, PartitionSpec(axes or None, *([None] * (ndim - 1))))
+
+
+def constrain_batch(x: jax.Array, mesh: jax.sharding.Mesh | None, rules=DEFAULT_RULES) -> jax.Array:
+    """Constrain an activation [b, ...] to be split over the mesh's batch axes (used at block
+    boundaries); a no-op without a mesh."""
+    if mesh is None:
+        return x
+    axes = tuple(a for a in rules["batch"] if mesh.shape[a] > 1)
+    if not axes or x.shape[0] % int(np.prod([mesh.shape[a] for a in axes])):
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(axes, *([None] * (x.ndim - 1)))))
+
+
+# --------------------------------------------------------------------------------------------------
+# Multi-host
+
+
+def initialize_distributed() -> bool:
+    """Start jax.distributed when the environment describes a multi-process job.
+
+    TPU pods: the TPU runtime's environment is detected by jax itself. GPU clusters: set
+    JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run
+    under SLURM / Open MPI, which jax detects. Returns True if it initialised.
+    """
+    explicit = "JAX_COORDINATOR_ADDRESS" in os.environ
+    cluster = any(k in os.environ for k in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+                                            "MEGASCALE_COORDINATOR_ADDRESS"))
+    if not (explicit or cluster):
+        return False
+    if explicit:
+        jax.distributed.initialize(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+                                   num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                                   process_id=int(os.environ["JAX_PROCESS_ID"]))
+    else:
+        jax.distributed.initialize()
+    return True
