@@ -153,18 +153,31 @@ def dir_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
 
 
+_WRAPPER = """
+import resource, sys
+from v4jax.convert.__main__ import main
+rc = main(sys.argv[1:])
+print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+sys.exit(rc)
+"""
+
+
 def run_step(args: list[str]) -> dict:
+    """Run one conversion in a fresh process; its own peak RSS (threads included) is reported by the
+    process itself (RUSAGE_CHILDREN would give the maximum over all earlier children too)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.time()
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "v4jax.convert", *args, "--no-progress"], env=env,
+    proc = subprocess.run([sys.executable, "-c", _WRAPPER, *args, "--no-progress"], env=env,
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     wall = time.time() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"step failed: {args}\n{proc.stdout}\n{proc.stderr}")
-    return {"seconds": wall, "peak_rss_bytes": after.ru_maxrss * 1024, "cpu_seconds": (after.ru_utime - before.ru_utime)
-            + (after.ru_stime - before.ru_stime), "stdout": proc.stdout.strip()}
+    rss_kb = int(proc.stderr.rsplit("PEAK_RSS_KB", 1)[1].split()[0])
+    return {"seconds": wall, "peak_rss_bytes": rss_kb * 1024,
+            "cpu_seconds": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+            "load_average_after": os.getloadavg()[0], "stdout": proc.stdout.strip()}
 
 
 def spot_check(src: Path, back: Path, orbax: Path, config: ModelConfig):
@@ -217,7 +230,8 @@ def main():
     t0 = time.time()
     info = write_checkpoint(src, config)
     print(f"synthetic checkpoint: {info['tensors']} tensors, {info['bytes'] / 1e9:.2f} GB in {info['shards']} shards "
-          f"({time.time() - t0:.0f} s to write); largest tensor {info['largest_tensor_bytes'] / 1e9:.2f} GB", flush=True)
+          f"({time.time() - t0:.0f} s to write); largest tensor {info['largest_tensor_bytes'] / 1e9:.2f} GB",
+          flush=True)
 
     drop_page_cache(src)
     a = run_step(["to-orbax", "--src", str(src), "--dst", str(orbax)])

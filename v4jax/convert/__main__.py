@@ -54,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="threads reading and dequantising blocks (default: 2)")
     a.add_argument("--window", type=int, default=4, metavar="N",
                    help="blocks in flight at once; host memory grows with N x --block-mb (default: 4)")
+    a.add_argument("--mesh", default=None, metavar="AXIS=N,...",
+                   help="write sharded for a target mesh, e.g. fsdp=4,expert=8,tensor=2 (axes data, fsdp, "
+                   "expert, tensor): the Orbax chunks then tile each device's shard under v4jax.parallel's "
+                   "default rules, so restoring onto that mesh reads only each device's own chunks. Default: "
+                   "chunks of whole rows")
 
     b = sub.add_parser("to-safetensors", help="v4jax Orbax directory -> safetensors checkpoint",
                        description="Write a v4jax Orbax directory (made by to-orbax) as a complete safetensors "
@@ -100,6 +105,18 @@ def _common(p):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _mesh(text: str | None) -> dict[str, int] | None:
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        axis, _, size = part.partition("=")
+        if not size.strip().isdigit() or int(size) < 1:
+            raise ValueError(f"--mesh {text!r}: use AXIS=SIZE pairs separated by commas, e.g. fsdp=4,expert=8")
+        out[axis.strip()] = int(size)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion needs no accelerator
@@ -109,13 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     from v4jax.config import ConfigError  # noqa: PLC0415
     from v4jax.convert.safetensors_io import CheckpointError  # noqa: PLC0415
 
+    block_mb = args.block_mb
     try:
         if args.command == "to-orbax":
             from v4jax.convert.safetensors_to_orbax import to_orbax  # noqa: PLC0415
 
             s = to_orbax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
-                         progress=not args.no_progress, block_mb=args.block_mb or 32, compression=args.compress,
-                         workers=args.workers, window=args.window)
+                         progress=not args.no_progress, block_mb=32 if block_mb is None else block_mb,
+                         compression=args.compress,
+                         workers=args.workers, window=args.window, mesh=_mesh(args.mesh))
             print(f"wrote {args.dst}: {s['tensors']} tensors from the {s['layout']} layout "
                   f"({', '.join(f'{v} {k}' for k, v in s['formats'].items() if v)}), "
                   f"{s['bytes'] / 1e9:.3f} GB in {s['seconds']:.1f} s"
@@ -125,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
             s = to_safetensors(args.src, args.dst, layout=args.layout, quantize=args.quantize, dtype=args.dtype,
                                max_shard_bytes=args.max_shard_size, overwrite=args.overwrite,
-                               progress=not args.no_progress, block_mb=args.block_mb or 32,
+                               progress=not args.no_progress, block_mb=32 if block_mb is None else block_mb,
                                config_path=args.config, workers=args.workers, window=args.window)
             print(f"wrote {args.dst}: {s['tensors']} tensors in {s['shards']} shards, {s['bytes'] / 1e9:.3f} GB, "
                   f"{s['layout']} layout, quantize {s['quantize']}, other weights {s['dtype']}")

@@ -97,6 +97,7 @@ class StreamLeaf:
     dtype: np.dtype
     read: Callable
     rows: int  # rows per block (and per zarr chunk) along axis -2
+    cols: int | None = None  # zarr chunk width along axis -1 (default: the whole row)
 
     @property
     def size(self) -> int:  # Orbax checks leaves for zero size
@@ -113,7 +114,7 @@ class StreamLeaf:
     def chunk_shape(self) -> list[int]:
         if len(self.shape) < 2:
             return [max(1, s) for s in self.shape]
-        return [1] * (len(self.shape) - 2) + [self.rows, self.shape[-1]]
+        return [1] * (len(self.shape) - 2) + [self.rows, self.cols or self.shape[-1]]
 
 
 def _streaming_handler_class():
@@ -252,16 +253,54 @@ def save_streaming(directory: str | Path, tree, *, compression: bool = False, wo
         absl.logging.set_verbosity(verbosity)
 
 
-def stream_leaves(specs, sources: dict, block_bytes: int):
-    """Tree of StreamLeaf with ``specs``' structure; ``sources[path]`` has ``read`` (a LeafSource)."""
+def stream_leaves(specs, sources: dict, block_bytes: int, mesh: dict[str, int] | None = None):
+    """Tree of StreamLeaf with ``specs``' structure; ``sources[path]`` has ``read`` (a LeafSource).
+
+    Chunks are blocks of whole rows of about ``block_bytes``. With ``mesh`` (mesh axis -> size, e.g.
+    {"fsdp": 4, "expert": 8}), chunks are also aligned with each leaf's per-device shard under
+    ``v4jax.parallel``'s default rules: every chunk lies inside one device's shard, and a shard is a
+    whole number of chunks, so restoring onto that mesh reads only each device's own chunks.
+    """
     from v4jax.convert.names import tree_paths  # noqa: PLC0415
 
     flat = {}
     for path, spec in tree_paths(specs):
         src = sources[path]
         dt = np.dtype(spec.dtype)
-        flat[path] = StreamLeaf(tuple(spec.shape), dt, src.read, rows_per_block(spec.shape, dt.itemsize, block_bytes))
+        shape = tuple(spec.shape)
+        if mesh is None or len(shape) < 2:
+            flat[path] = StreamLeaf(shape, dt, src.read, rows_per_block(shape, dt.itemsize, block_bytes))
+            continue
+        shard = shard_shape(path, shape, mesh)
+        cols = shard[-1]
+        # rows per chunk: a divisor of the shard's rows, as large as the block size allows
+        budget = max(1, block_bytes // max(1, shape[-1] * dt.itemsize))
+        rows = max(d for d in _divisors(shard[-2]) if d <= budget) if budget < shard[-2] else shard[-2]
+        flat[path] = StreamLeaf(shape, dt, src.read, rows, None if cols == shape[-1] else cols)
     return unflatten(specs, flat)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def shard_shape(path: tuple, shape: tuple, mesh: dict[str, int]) -> tuple:
+    """Per-device shard shape of a parameter under v4jax.parallel's default rules on a mesh of these
+    axis sizes (dimensions the mesh does not divide stay whole, as there)."""
+    import types  # noqa: PLC0415
+
+    from v4jax.parallel import MESH_AXES, param_logical_axes, spec_for  # noqa: PLC0415
+
+    unknown = set(mesh) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"--mesh axes must be among {', '.join(MESH_AXES)}, got {', '.join(sorted(unknown))}")
+    sizes = types.SimpleNamespace(shape={a: int(mesh.get(a, 1)) for a in MESH_AXES})
+    spec = spec_for(param_logical_axes(path, len(shape)), shape, sizes)
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        out.append(dim // int(np.prod([sizes.shape[a] for a in axes])) if axes else dim)
+    return tuple(out)
 
 
 def unflatten(specs, flat: dict):
@@ -368,8 +407,10 @@ class OrbaxParams:
 
 def restore_params(directory: str | Path, specs, sharding=None):
     """Restore the params tree at ``directory/params`` (a converted directory) as jax Arrays shaped
-    and typed like ``specs`` (a param_specs tree; stored dtypes are cast), placed with ``sharding``
-    (default: the first device). Shapes are checked first; all mismatches are reported together."""
+    and typed like ``specs`` (a param_specs tree; stored dtypes are cast), placed with ``sharding``:
+    one Sharding for every leaf, or a tree of them like ``specs`` (e.g. ``v4jax.parallel.
+    param_shardings``); default: the first device. Shapes are checked first; all mismatches are
+    reported together."""
     import jax  # noqa: PLC0415
     import orbax.checkpoint as ocp  # noqa: PLC0415
 
@@ -386,5 +427,8 @@ def restore_params(directory: str | Path, specs, sharding=None):
     if problems:
         raise CheckpointError(summarise(f"{params_dir} does not match its config.json", problems), problems)
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), specs)
+    if isinstance(sharding, jax.sharding.Sharding):
+        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), specs)
+    else:
+        target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), specs, sharding)
     return ocp.StandardCheckpointer().restore(params_dir, target)

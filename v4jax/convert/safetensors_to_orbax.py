@@ -17,7 +17,9 @@ import numpy as np
 
 from v4jax.config import ConfigError, ModelConfig
 from v4jax.convert.names import HF_STYLE, RELEASE_STYLE, config_style
-from v4jax.convert.orbax_io import PARAMS, atomic_output_dir, check_output_dir, save_streaming, stream_leaves, write_marker
+from v4jax.convert.orbax_io import (
+    PARAMS, atomic_output_dir, check_output_dir, save_streaming, stream_leaves, write_marker,
+)
 from v4jax.convert.safetensors_io import Checkpoint
 from v4jax.convert.source import plan_checkpoint
 
@@ -74,12 +76,14 @@ class Progress:
 
 def to_orbax(src: str | Path, dst: str | Path, *, dtype: str = "bfloat16", overwrite: bool = False,
              progress: bool = True, block_mb: int = 32, compression: bool = False, workers: int = 2,
-             window: int = 4) -> dict:
+             window: int = 4, mesh: dict[str, int] | None = None) -> dict:
     """Convert the safetensors checkpoint directory ``src`` into a v4jax Orbax directory ``dst``.
 
     ``dtype``: "bfloat16" or "float32", for ordinary weights (fp32-kept tensors stay fp32, tid2eid
     int32). Host memory: about ``window`` blocks of ``block_mb`` MiB (plus the decoder's fp32
-    temporaries for them) and a fixed margin, independent of the checkpoint's size. Returns a summary.
+    temporaries for them) and a fixed margin, independent of the checkpoint's size. ``mesh``
+    (mesh axis -> size) aligns the Orbax chunks with that mesh's per-device shards (see
+    ``orbax_io.stream_leaves``). Returns a summary.
     """
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: use bfloat16 or float32")
@@ -90,7 +94,7 @@ def to_orbax(src: str | Path, dst: str | Path, *, dtype: str = "bfloat16", overw
     with Checkpoint(src) as ckpt:
         plan = plan_checkpoint(ckpt, config, DTYPES[dtype], directory=src)
         sources = {s.path: s for s in plan.sources}
-        tree = stream_leaves(plan.specs, sources, block_mb << 20)
+        tree = stream_leaves(plan.specs, sources, block_mb << 20, mesh)
         prog = Progress(plan.nbytes, plan.n_tensors, "to-orbax", progress)
         from v4jax.convert.names import tree_paths  # noqa: PLC0415
         from v4jax.convert.source import blocks  # noqa: PLC0415
@@ -106,7 +110,8 @@ def to_orbax(src: str | Path, dst: str | Path, *, dtype: str = "bfloat16", overw
                 save_streaming(tmp / PARAMS, tree, compression=compression, workers=workers, window=window,
                                on_block=lambda leaf, lead, n: prog.block((id(leaf), lead), n))
                 (tmp / "config.json").write_text(json.dumps(config_dict(config, style), indent=2) + "\n")
-                write_marker(tmp, config_style=style, source_layout=plan.layout, dtype=dtype, has_mtp=plan.has_mtp,
+                write_marker(tmp, mesh=mesh, config_style=style, source_layout=plan.layout, dtype=dtype,
+                             has_mtp=plan.has_mtp,
                              tensors=plan.n_tensors, leaves=len(plan.sources), nbytes=plan.nbytes,
                              source_nbytes=plan.source_nbytes, formats=plan.formats)
         finally:
