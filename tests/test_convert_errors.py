@@ -155,6 +155,19 @@ def test_all_mismatches_reported_together(tmp_path, capsys):
     assert len(e.value.problems) == 8
 
 
+def test_weight_scale_inv_is_accepted_for_scale(tmp_path):
+    """Other FP8 checkpoints name the block scale ``weight_scale_inv``; it reads like ``.scale``."""
+    import v4jax
+
+    t = _tensors()
+    t[FP8[:-7] + ".weight_scale_inv"] = quant.scale_values(t.pop(FP8[:-7] + ".scale"))  # as F32
+    _write(tmp_path / "alias", t)
+    _write(tmp_path / "plain", _tensors())
+    a = v4jax.from_pretrained(tmp_path / "alias", dtype="float32").params["layers"][1]["attn"]["wq_a"]
+    b = v4jax.from_pretrained(tmp_path / "plain", dtype="float32").params["layers"][1]["attn"]["wq_a"]
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_existing_output_is_kept_unless_overwrite(src, tmp_path, capsys):
     dst = tmp_path / "out"
     dst.mkdir()
