@@ -24,7 +24,6 @@ import optax
 import yaml
 
 from v4jax.config import ConfigError, ModelConfig, load_yaml
-from v4jax.data import DataConfig
 from v4jax.losses import cross_entropy, expert_load, routing_losses, update_router_bias
 from v4jax.model import forward, param_count
 from v4jax.optim import v4_optimizer
@@ -87,7 +86,7 @@ class TrainConfig:
 class RunConfig:
     model: ModelConfig
     train: TrainConfig
-    data: DataConfig
+    data: DataConfig  # noqa: F821 (v4jax.data imports grain; loaded only where data is read)
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model.to_hf_dict(), "train": dataclasses.asdict(self.train),
@@ -96,6 +95,8 @@ class RunConfig:
 
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML config and apply ``section.key=value`` overrides (values parsed as YAML)."""
+    from v4jax.data import DataConfig  # noqa: PLC0415
+
     raw = load_yaml(path)
     for item in overrides:
         if "=" not in item:
