@@ -165,19 +165,33 @@ sys.exit(rc)
 def run_step(args: list[str]) -> dict:
     """Run one conversion in a fresh process; its own peak RSS (threads included) is reported by the
     process itself (RUSAGE_CHILDREN would give the maximum over all earlier children too)."""
+    import psutil  # noqa: PLC0415
+
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.time()
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", _WRAPPER, *args, "--no-progress"], env=env,
-                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.Popen([sys.executable, "-c", _WRAPPER, *args, "--no-progress"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    samples = []  # (seconds, RSS bytes): shows whether memory plateaus or keeps growing with bytes done
+    child = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            samples.append((time.time() - start, child.memory_info().rss))
+        except psutil.Error:
+            pass
+        time.sleep(0.25)
+    stdout, stderr = proc.communicate()
+    proc = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     wall = time.time() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"step failed: {args}\n{proc.stdout}\n{proc.stderr}")
+    quarters = [max([r for t, r in samples if q * wall / 4 <= t < (q + 1) * wall / 4] or [0]) for q in range(4)]
     rss_kb = int(proc.stderr.rsplit("PEAK_RSS_KB", 1)[1].split()[0])
     return {"seconds": wall, "peak_rss_bytes": rss_kb * 1024,
             "cpu_seconds": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
-            "load_average_after": os.getloadavg()[0], "stdout": proc.stdout.strip()}
+            "peak_rss_by_quarter_bytes": quarters, "load_average_after": os.getloadavg()[0],
+            "stdout": proc.stdout.strip()}
 
 
 def spot_check(src: Path, back: Path, orbax: Path, config: ModelConfig):
@@ -236,14 +250,15 @@ def main():
     drop_page_cache(src)
     a = run_step(["to-orbax", "--src", str(src), "--dst", str(orbax)])
     a["out_bytes"] = dir_bytes(orbax / "params")
-    print(f"to-orbax: {a['seconds']:.1f} s, peak RSS {a['peak_rss_bytes'] / 2**30:.2f} GiB; {a['stdout']}", flush=True)
+    print(f"to-orbax: {a['seconds']:.1f} s, peak RSS {a['peak_rss_bytes'] / 2**30:.2f} GiB (by quarter of the run: "
+          f"{', '.join(f'{q / 2**30:.2f}' for q in a['peak_rss_by_quarter_bytes'])}); {a['stdout']}", flush=True)
 
     drop_page_cache(orbax)
     b = run_step(["to-safetensors", "--src", str(orbax), "--dst", str(back), "--layout", "official",
                   "--quantize", "fp8+fp4"])
     b["out_bytes"] = dir_bytes(back)
-    print(f"to-safetensors: {b['seconds']:.1f} s, peak RSS {b['peak_rss_bytes'] / 2**30:.2f} GiB; {b['stdout']}",
-          flush=True)
+    print(f"to-safetensors: {b['seconds']:.1f} s, peak RSS {b['peak_rss_bytes'] / 2**30:.2f} GiB (by quarter: "
+          f"{', '.join(f'{q / 2**30:.2f}' for q in b['peak_rss_by_quarter_bytes'])}); {b['stdout']}", flush=True)
 
     checked = spot_check(src, back, orbax, config)
     marker = json.loads((orbax / "v4jax_checkpoint.json").read_text())

@@ -224,6 +224,17 @@ def test_ctrl_c_during_to_orbax_leaves_nothing(src, tmp_path, monkeypatch):
     _nothing_left(dst)
 
 
+def test_leftovers_of_a_killed_run_are_removed(src, tmp_path, capsys):
+    dst = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".out.partial-{int(dead.stdout)}"  # as a SIGKILLed run would leave it
+    (stale / "params").mkdir(parents=True)
+    live = tmp_path / f".out.partial-{os.getppid()}"  # a live process's: kept
+    live.mkdir()
+    assert _run(capsys, "to-orbax", "--src", src[0], "--dst", dst)[0] == 0
+    assert not stale.exists() and live.exists() and (dst / "v4jax_checkpoint.json").exists()
+
+
 def test_interrupted_or_failed_to_safetensors_leaves_nothing(src, tmp_path, monkeypatch, capsys):
     from v4jax.convert import orbax_io
 

@@ -59,6 +59,7 @@ def atomic_output_dir(dst: str | Path, overwrite: bool = False):
     dst = Path(dst).absolute()
     check_output_dir(dst, overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(dst)
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -74,6 +75,20 @@ def atomic_output_dir(dst: str | Path, overwrite: bool = False):
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, dst)
+
+
+def _remove_stale(dst: Path) -> None:
+    """Remove ``.NAME.partial-PID`` / ``.NAME.old-PID`` left by runs that were killed (their PID is gone)."""
+    for p in dst.parent.glob(f".{dst.name}.*-*"):
+        kind, _, pid = p.name[len(dst.name) + 2:].rpartition("-")
+        if kind not in ("partial", "old") or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:
+            pass  # another user's live process
 
 
 def check_output_dir(dst: str | Path, overwrite: bool) -> None:
