@@ -422,7 +422,7 @@ def test_to_orbax_sharded_for_a_target_mesh(world, orbax_official):
 
     dst = world["root"] / "orbax_mesh"
     assert cli(["to-orbax", "--src", str(world["official"]), "--dst", str(dst), "--dtype", "float32",
-                "--mesh", "fsdp=2,expert=2,tensor=2", "--block-mb", "0", "--no-progress"]) == 0
+                "--mesh", "fsdp=2,expert=2,tensor=2", "--block-mb", "0.01", "--no-progress"]) == 0
     stored = OrbaxParams(dst / "params")
     mesh_sizes = {"fsdp": 2, "expert": 2, "tensor": 2}
     w1 = ("layers", 1, "ffn", "experts", "w1")
@@ -434,7 +434,8 @@ def test_to_orbax_sharded_for_a_target_mesh(world, orbax_official):
         shard = shard_shape(path, shape, mesh_sizes)
         assert all(s % c == 0 for s, c in zip(shard, chunk)), (path, shard, chunk)
         if path == w1:
-            assert tuple(chunk) == (1, 1, 80)  # --block-mb 0: one row per chunk, one device's columns
+            # 10 KiB blocks hold 16 rows of 160 fp32: 12 rows (a divisor of the shard's 24), one device's columns
+            assert tuple(chunk) == (1, 12, 80)
     del ts
 
     mesh = make_mesh(ParallelConfig(data=1, fsdp=2, expert=2, tensor=2))

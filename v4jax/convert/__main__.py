@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
 def _common(p):
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --dst (only once the new output is complete)")
-    p.add_argument("--block-mb", type=int, default=None, metavar="MB",
+    p.add_argument("--block-mb", type=float, default=None, metavar="MB",
                    help="rows are streamed in blocks of about this many MiB (default: 32; to-safetensors counts "
                    "them in fp32); for to-orbax also the size of the Orbax chunks")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -244,7 +244,7 @@ def check_params(params: OrbaxParams, specs, where) -> None:
 
 def to_safetensors(src: str | Path, dst: str | Path, *, layout: str | None = None, quantize: str = "none",
                    dtype: str = "auto", max_shard_bytes: int | str = "5GB", overwrite: bool = False,
-                   progress: bool = True, block_mb: int = 32, config_path: str | Path | None = None,
+                   progress: bool = True, block_mb: float = 32, config_path: str | Path | None = None,
                    workers: int = 2, window: int = 4) -> dict:
     """Write the Orbax checkpoint ``src`` (made by ``to_orbax``) as a safetensors checkpoint at ``dst``.
 
@@ -295,7 +295,7 @@ def to_safetensors(src: str | Path, dst: str | Path, *, layout: str | None = Non
         odd = [".".join(map(str, p)) for p, s in tree_paths(specs) if is_routed_expert(p) and s.shape[-1] % 2]
         if odd:
             raise CheckpointError(f"FP4 packs two columns per byte; these experts have an odd number: {odd}")
-    exporter = _Exporter(params, config, layout, quantize, plain, block_mb << 20, "mtp" in specs)
+    exporter = _Exporter(params, config, layout, quantize, plain, int(block_mb * 2**20), "mtp" in specs)
     tensors = exporter.tensors(specs)
     shards = plan_shards(tensors, max_shard_bytes)
     cfg = output_config(config, layout, quantize, plain)  # before writing: the release style cannot hold every config

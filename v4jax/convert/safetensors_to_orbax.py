@@ -75,7 +75,7 @@ class Progress:
 
 
 def to_orbax(src: str | Path, dst: str | Path, *, dtype: str = "bfloat16", overwrite: bool = False,
-             progress: bool = True, block_mb: int = 32, compression: bool = False, workers: int = 2,
+             progress: bool = True, block_mb: float = 32, compression: bool = False, workers: int = 2,
              window: int = 4, mesh: dict[str, int] | None = None) -> dict:
     """Convert the safetensors checkpoint directory ``src`` into a v4jax Orbax directory ``dst``.
 
@@ -94,7 +94,7 @@ def to_orbax(src: str | Path, dst: str | Path, *, dtype: str = "bfloat16", overw
     with Checkpoint(src) as ckpt:
         plan = plan_checkpoint(ckpt, config, DTYPES[dtype], directory=src)
         sources = {s.path: s for s in plan.sources}
-        tree = stream_leaves(plan.specs, sources, block_mb << 20, mesh)
+        tree = stream_leaves(plan.specs, sources, int(block_mb * 2**20), mesh)
         prog = Progress(plan.nbytes, plan.n_tensors, "to-orbax", progress)
         from v4jax.convert.names import tree_paths  # noqa: PLC0415
         from v4jax.convert.source import blocks  # noqa: PLC0415
