@@ -287,6 +287,9 @@ def to_safetensors(src: str | Path, dst: str | Path, *, layout: str | None = Non
     elif "mtp" not in specs and config.num_nextn_predict_layers and layout == OFFICIAL:
         warnings.warn(f"{src} has no MTP block (converted from a checkpoint without one): the output has no "
                       "mtp.* tensors", stacklevel=2)
+    if layout == HF and quantize != "none":
+        warnings.warn("quantised weights in the transformers layout keep the release's `.scale` tensors; v4jax "
+                      "reads them, transformers' own loader has not been tested on them", stacklevel=2)
     if dtype == "auto":  # as released when quantising, else as stored
         plain = BF16 if quantize != "none" else _stored_param_dtype(params, specs)
     else:
