@@ -12,6 +12,7 @@ checkpoint, training resumes from it (same model and data settings required). Wr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import signal
@@ -37,6 +38,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from v4jax.parallel import initialize_distributed
+
+    initialize_distributed()  # multi-host jobs: from the environment (see README); a no-op otherwise
     from v4jax.checkpoint import Checkpointer, abstract
     from v4jax.config import ConfigError, ModelConfig
     from v4jax.data import make_dataset
@@ -64,6 +68,18 @@ def main(argv=None) -> int:
               "tokenizer's vocabulary", file=sys.stderr)
         return 2
 
+    from v4jax.parallel import ShardingError, batch_sharding, make_mesh, param_shardings, shard_like_params
+
+    try:
+        mesh = make_mesh(run.parallel)
+    except ShardingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    batch_split = int(np.prod([mesh.shape[a] for a in ("data", "fsdp", "expert")]))
+    if run.data.batch_size % batch_split:
+        print(f"error: data.batch_size={run.data.batch_size} must be divisible by the {batch_split} devices "
+              "that split the batch (parallel.data x fsdp x expert)", file=sys.stderr)
+        return 2
     cfg, config = run.train, run.model
     data = make_dataset(run.data)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -72,7 +88,10 @@ def main(argv=None) -> int:
     from v4jax.model import init_params
 
     optimizer = make_optimizer(cfg)
-    state = init_state(init_params(config, cfg.seed), optimizer)
+    params = init_params(config, cfg.seed)
+    params = jax.device_put(params, param_shardings(params, mesh))
+    state = init_state(params, optimizer)
+    state = jax.device_put(state, shard_like_params(state, params, mesh))
     checkpointer = Checkpointer(ckpt_dir, cfg.keep_checkpoints, cfg.checkpoint_every)
     if checkpointer.latest_step() is not None:
         state, data_state, _ = checkpointer.restore(abstract(state))
@@ -80,8 +99,10 @@ def main(argv=None) -> int:
         print(f"resumed from step {int(state['step'])} in {ckpt_dir}", file=sys.stderr)
     meta = run.to_dict()
 
-    step_fn = make_train_step(config, cfg, optimizer)
-    eval_fn = make_eval_step(config) if cfg.eval_every else None
+    step_fn = make_train_step(config, cfg, optimizer, run.parallel, mesh)
+    eval_fn = make_eval_step(config, parallel=run.parallel, mesh=mesh) if cfg.eval_every else None
+    to_global = lambda b: {k: jax.make_array_from_process_local_data(batch_sharding(mesh), v)  # noqa: E731
+                           for k, v in b.items()}
     tokens_per_step = run.data.batch_size * run.data.seq_len
     flops_step = flops_per_token(config, run.data.seq_len) * tokens_per_step
     peak = peak_flops(cfg)
@@ -104,7 +125,7 @@ def main(argv=None) -> int:
     try:
         with (workdir / "metrics.jsonl").open("a") as log:
             for step in range(start, cfg.steps):
-                batch = {k: jnp.asarray(v) for k, v in next(data).items()}
+                batch = to_global(next(data))
                 state, metrics = step_fn(state, batch)
                 window_tokens += tokens_per_step
                 done = step + 1
@@ -125,7 +146,7 @@ def main(argv=None) -> int:
                     m.update(step=done, tokens_per_s=tps, mfu=flops_step / tokens_per_step * tps / peak,
                              time=time.time())
                     if eval_fn is not None and done % cfg.eval_every == 0:
-                        m.update(_evaluate(eval_fn, state["params"], run.data, cfg.eval_batches))
+                        m.update(_evaluate(eval_fn, state["params"], run.data, cfg.eval_batches, to_global))
                     log.write(json.dumps(m) + "\n")
                     log.flush()
                     for k, v in m.items():
@@ -167,13 +188,14 @@ def _resume_problem(saved: dict, run, model_config_cls) -> str | None:
     return None
 
 
-def _evaluate(eval_fn, params, data_cfg, batches: int) -> dict:
+def _evaluate(eval_fn, params, data_cfg, batches: int, to_global) -> dict:
+    """Held-out losses over a fixed number of batches (the same count on every host)."""
     from v4jax.data import make_dataset
 
-    it = make_dataset(data_cfg.for_eval())
+    it = make_dataset(dataclasses.replace(data_cfg.for_eval(), num_epochs=None))
     sums: dict[str, float] = {}
     for _, batch in zip(range(batches), it):
-        for k, v in jax.device_get(eval_fn(params, {k: jnp.asarray(v) for k, v in batch.items()})).items():
+        for k, v in jax.device_get(eval_fn(params, to_global(batch))).items():
             sums[k] = sums.get(k, 0.0) + float(np.asarray(v))
     out = {}
     for head in ("main", "mtp"):

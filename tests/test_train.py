@@ -19,7 +19,7 @@ from v4jax.trainer import init_state, load_run_config, make_optimizer, make_trai
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["model.num_hidden_layers=2", "model.layer_types=[csa, hca]", "model.hidden_size=32",
-         "model.n_routed_experts=4", "data.seq_len=48", "data.batch_size=4", "train.log_every=1",
+         "model.n_routed_experts=4", "data.seq_len=48", "data.batch_size=8", "train.log_every=1",
          "train.eval_every=0", "--no-progress"]
 
 
@@ -89,7 +89,7 @@ def test_non_finite_step_is_skipped():
     state = init_state(params, optimizer)
     before = jax.tree.map(np.asarray, state["params"])
     step = make_train_step(run.model, run.train, optimizer)
-    b, s = 4, 48
+    b, s = 8, 48
     batch = {"tokens": jnp.ones((b, s), jnp.int32), "positions": jnp.broadcast_to(jnp.arange(s), (b, s)),
              "segment_ids": jnp.ones((b, s), jnp.int32), "targets": jnp.ones((b, s), jnp.int32),
              "loss_mask": jnp.ones((b, s)), "mtp_targets": jnp.ones((b, s), jnp.int32), "mtp_mask": jnp.ones((b, s))}

@@ -27,6 +27,9 @@ from v4jax.config import ConfigError, ModelConfig, load_yaml
 from v4jax.losses import cross_entropy, expert_load, routing_losses, update_router_bias
 from v4jax.model import forward, param_count
 from v4jax.optim import v4_optimizer
+from v4jax.parallel import ParallelConfig, ShardingError
+
+SECTIONS = ("model", "train", "data", "parallel")
 
 F32 = jnp.float32
 
@@ -87,10 +90,11 @@ class RunConfig:
     model: ModelConfig
     train: TrainConfig
     data: DataConfig  # noqa: F821 (v4jax.data imports grain; loaded only where data is read)
+    parallel: ParallelConfig = ParallelConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model.to_hf_dict(), "train": dataclasses.asdict(self.train),
-                "data": dataclasses.asdict(self.data)}
+                "data": dataclasses.asdict(self.data), "parallel": dataclasses.asdict(self.parallel)}
 
 
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
@@ -103,13 +107,13 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.steps=200")
         key, value = item.split("=", 1)
         parts = key.split(".")
-        if len(parts) != 2 or parts[0] not in ("model", "train", "data"):
-            raise ConfigError(f"override key {key!r} must be model.<field>, train.<field> or data.<field>")
+        if len(parts) != 2 or parts[0] not in SECTIONS:
+            raise ConfigError(f"override key {key!r} must be <section>.<field> with a section from {SECTIONS}")
         raw.setdefault(parts[0], {})[parts[1]] = yaml.safe_load(value)
-    unknown = set(raw) - {"model", "train", "data"}
+    unknown = set(raw) - set(SECTIONS)
     if unknown:
-        raise ConfigError(f"{path}: unknown sections {sorted(unknown)} (allowed: model, train, data)")
-    for section, cls in (("train", TrainConfig), ("data", DataConfig)):
+        raise ConfigError(f"{path}: unknown sections {sorted(unknown)} (allowed: {', '.join(SECTIONS)})")
+    for section, cls in (("train", TrainConfig), ("data", DataConfig), ("parallel", ParallelConfig)):
         fields = {f.name for f in dataclasses.fields(cls)}
         bad = set(raw.get(section) or {}) - fields
         if bad:
@@ -117,7 +121,11 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     model = ModelConfig.from_dict(raw["model"])
     train = TrainConfig(**(raw.get("train") or {}))
     data = DataConfig(**(raw.get("data") or {}))
-    return RunConfig(model, train, data)
+    try:
+        parallel = ParallelConfig(**(raw.get("parallel") or {}))
+    except ShardingError as e:
+        raise ConfigError(str(e)) from None
+    return RunConfig(model, train, data, parallel)
 
 
 # --------------------------------------------------------------------------------------------------
