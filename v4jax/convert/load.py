@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from v4jax.config import ModelConfig
-from v4jax.convert.names import is_routed_expert, official_name, tree_paths
+from v4jax.convert.names import is_routed_expert, official_name, tree_paths, unflatten
 from v4jax.convert.safetensors_io import Checkpoint, CheckpointError  # noqa: F401 (re-exported)
 from v4jax.convert.source import blocks, plan_checkpoint, rows_per_block
 
@@ -64,17 +64,6 @@ def load_checkpoint(directory: str | Path, config: ModelConfig, dtype=jnp.float3
             flat[src.path] = out
         if bar is not None:
             bar.close()
-        return _unflatten(plan.specs, flat), plan.layout
+        return unflatten(plan.specs, flat), plan.layout
     finally:
         ckpt.close()
-
-
-def _unflatten(specs, flat):
-    def build(tree, prefix):
-        if isinstance(tree, dict):
-            return {k: build(v, prefix + (k,)) for k, v in tree.items()}
-        if isinstance(tree, list):
-            return [build(v, prefix + (i,)) for i, v in enumerate(tree)]
-        return flat[prefix]
-
-    return build(specs, ())

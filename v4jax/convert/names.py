@@ -33,6 +33,19 @@ def tree_paths(tree) -> list[tuple[tuple, object]]:
     return out
 
 
+def unflatten(specs, flat: dict):
+    """Rebuild a tree shaped like ``specs`` from {path: leaf} (paths as ``tree_paths`` gives them)."""
+
+    def build(tree, prefix):
+        if isinstance(tree, dict):
+            return {k: build(v, prefix + (k,)) for k, v in tree.items()}
+        if isinstance(tree, list):
+            return [build(v, prefix + (i,)) for i, v in enumerate(tree)]
+        return flat[prefix]
+
+    return build(specs, ())
+
+
 def is_routed_expert(path: tuple) -> bool:
     return "experts" in path
 

@@ -38,6 +38,7 @@ from typing import Callable
 
 import numpy as np
 
+from v4jax.convert.names import unflatten
 from v4jax.convert.safetensors_io import CheckpointError
 from v4jax.convert.source import blocks, rows_per_block
 
@@ -316,17 +317,6 @@ def shard_shape(path: tuple, shape: tuple, mesh: dict[str, int]) -> tuple:
         axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
         out.append(dim // int(np.prod([sizes.shape[a] for a in axes])) if axes else dim)
     return tuple(out)
-
-
-def unflatten(specs, flat: dict):
-    def build(tree, prefix):
-        if isinstance(tree, dict):
-            return {k: build(v, prefix + (k,)) for k, v in tree.items()}
-        if isinstance(tree, list):
-            return [build(v, prefix + (i,)) for i, v in enumerate(tree)]
-        return flat[prefix]
-
-    return build(specs, ())
 
 
 # --------------------------------------------------------------------------------------------------
