@@ -150,3 +150,18 @@ def test_checkpoint_abstract_helper_keeps_shardings(params):
     sharded = jax.device_put(params, param_shardings(params, mesh))
     a = abstract(sharded)
     assert a["embed"].sharding == sharded["embed"].sharding
+
+
+def test_from_pretrained_shards_by_the_rules(tmp_path):
+    import v4jax
+    from tests.test_bad_input import write_checkpoint
+
+    config = CONFIGS["a"]
+    directory = write_checkpoint(tmp_path / "ck", config)
+    mesh = make_mesh(ParallelConfig(2, 2, 2, 1))
+    model = v4jax.from_pretrained(directory, dtype="float32", mesh=mesh)
+    w1 = model.params["layers"][2]["ffn"]["experts"]["w1"]
+    assert w1.sharding.spec == jax.sharding.PartitionSpec("expert", None, "fsdp")
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, size=(2, 16))
+    alone = v4jax.from_pretrained(directory, dtype="float32")
+    assert rel(model.logits(tokens), alone.logits(tokens)) <= 2e-5

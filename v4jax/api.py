@@ -103,7 +103,9 @@ def from_pretrained(path, dtype="bfloat16", mesh: jax.sharding.Mesh | None = Non
 
     ``dtype`` is the compute dtype ("float32" for parity, "bfloat16" for speed); fp32-kept tensors
     (mHC, sinks, position and router biases) stay fp32. With ``mesh`` the parameters are placed on
-    its devices, replicated. A checkpoint without ``mtp.*`` tensors loads without the MTP block,
+    its devices: sharded by ``v4jax.parallel``'s logical-axis rules when the mesh has the axes
+    (data, fsdp, expert, tensor) (e.g. from ``v4jax.parallel.make_mesh``), replicated on any other
+    mesh. A checkpoint without ``mtp.*`` tensors loads without the MTP block,
     with a warning (safetensors) or silently (Orbax, where the conversion warned).
     """
     from v4jax.convert.load import load_checkpoint  # noqa: PLC0415
@@ -121,12 +123,17 @@ def from_pretrained(path, dtype="bfloat16", mesh: jax.sharding.Mesh | None = Non
         specs = param_specs(config, dt)
         if not read_marker(path).get("has_mtp", True):
             specs.pop("mtp", None)
-        sharding = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        return Model(config, restore_params(path, specs, sharding), dt)
+        return Model(config, restore_params(path, specs, None if mesh is None else _placement(specs, mesh)), dt)
     params, _ = load_checkpoint(path, config, dt)
     if mesh is None:
-        params = jax.tree.map(jnp.asarray, params)
-    else:
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        params = jax.tree.map(lambda a: jax.device_put(a, replicated), params)
-    return Model(config, params, dt)
+        return Model(config, jax.tree.map(jnp.asarray, params), dt)
+    return Model(config, jax.device_put(params, _placement(params, mesh)), dt)
+
+
+def _placement(params, mesh: jax.sharding.Mesh):
+    """Rule-based shardings on a v4jax mesh; one replicated sharding on any other mesh."""
+    from v4jax.parallel import MESH_AXES, param_shardings  # noqa: PLC0415
+
+    if set(MESH_AXES) <= set(mesh.axis_names):
+        return param_shardings(params, mesh)
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
