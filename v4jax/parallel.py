@@ -47,7 +47,8 @@ class ParallelConfig:
     be -1 to take the rest). moe_dispatch: "capacity" (all_to_all with fixed per-device capacity;
     runs everywhere, drops tokens over capacity and counts them) or "ragged" (dropless
     ragged_all_to_all; GPU/TPU only). moe_backend: grouped matmul "ragged_dot" (reference),
-    "padded" (sort-and-pad into a batched matmul with per-expert capacity) or "tokamax".
+    "padded" (sort-and-pad into a batched matmul with per-expert capacity capacity_factor x the mean
+    load; rows past it get no expert output and are not yet counted in ``dropped_tokens``) or "tokamax".
     """
 
     data: int = -1
@@ -57,7 +58,7 @@ class ParallelConfig:
     moe_dispatch: str = "capacity"
     moe_backend: str = "ragged_dot"
     capacity_factor: float = 2.0
-    remat: str = "none"  # none | full | dots (save matmul outputs) | minimal (save nothing but block I/O)
+    remat: str = "none"  # none | full (recompute each block in the backward pass) | dots (keep matmul outputs)
 
     def __post_init__(self):
         sizes = [self.data, self.fsdp, self.expert, self.tensor]
@@ -89,7 +90,6 @@ class ParallelConfig:
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "minimal": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
