@@ -105,6 +105,12 @@ def test_missing_files_are_clear(tmp_path):
         model_config_from_yaml(tmp_path / "bad.yaml")
 
 
+def test_mtp_layer_type_survives_both_styles():
+    c = model_config_from_yaml("configs/tiny.yaml").replace(mtp_layer_type="csa")
+    assert ModelConfig.from_dict(c.to_hf_dict()) == c
+    assert ModelConfig.from_dict(c.to_release_dict()) == c
+
+
 def test_release_style_refuses_what_it_cannot_express():
     c = model_config_from_yaml("configs/tiny.yaml").replace(compress_rates={"csa": 2, "hca": 8})
     with pytest.raises(ConfigError, match="release's config.json style"):

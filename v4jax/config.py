@@ -190,6 +190,8 @@ class ModelConfig:
                 "compress": {**compress, "partial_rotary_factor": rotary},
             },
         )
+        if self.mtp_layer_type != SWA:  # transformers has no MTP block; keep ours for the round trip
+            out["mtp_layer_type"] = self.mtp_layer_type
         return out
 
     def _common_dict(self) -> dict[str, Any]:
