@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import sys
@@ -27,12 +28,10 @@ def main(argv=None) -> int:
 
     import jax
     import jax.numpy as jnp
-    import numpy as np
-
     from v4jax.checkpoint import Checkpointer
     from v4jax.data import DataConfig, make_dataset
     from v4jax.model import param_specs
-    from v4jax.trainer import TrainConfig, init_state, make_eval_step, make_optimizer
+    from v4jax.trainer import TrainConfig, evaluate, init_state, make_eval_step, make_optimizer
 
     ckpt = Checkpointer(Path(args.workdir) / "checkpoints", async_save=False)
     meta = ckpt.read_meta(args.step)
@@ -50,24 +49,17 @@ def main(argv=None) -> int:
     else:
         data_cfg = data_cfg.for_eval()
 
-    params = jax.tree.map(jnp.zeros_like, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), param_specs(config)))
-    abstract_state = jax.eval_shape(lambda p: init_state(p, make_optimizer(train_cfg)), params)
+    abstract_state = jax.eval_shape(lambda p: init_state(p, make_optimizer(train_cfg)), param_specs(config))
     state, _, _ = ckpt.restore(abstract_state, args.step)
     step = int(state["step"])
     ckpt.close()
 
     eval_fn = make_eval_step(config, jnp.bfloat16 if train_cfg.dtype == "bfloat16" else jnp.float32)
-    sums: dict[str, float] = {}
-    for i, batch in enumerate(make_dataset(data_cfg)):
-        if args.batches is not None and i >= args.batches:
-            break
-        for k, v in jax.device_get(eval_fn(state["params"], {k: jnp.asarray(v) for k, v in batch.items()})).items():
-            sums[k] = sums.get(k, 0.0) + float(np.asarray(v))
+    batches = itertools.islice(make_dataset(data_cfg), args.batches)  # None: one whole pass
+    heads = evaluate(eval_fn, state["params"], ({k: jnp.asarray(v) for k, v in b.items()} for b in batches))
     result = {"workdir": str(args.workdir), "step": step, "data": args.files or "held-out split"}
-    for head in ("main", "mtp"):
-        if f"{head}_tokens" in sums:
-            loss = sums[f"{head}_nll"] / max(sums[f"{head}_tokens"], 1.0)
-            result[head] = {"loss": loss, "perplexity": math.exp(loss), "tokens": int(sums[f"{head}_tokens"])}
+    for head, r in heads.items():
+        result[head] = {"loss": r["loss"], "perplexity": math.exp(r["loss"]), "tokens": int(r["tokens"])}
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

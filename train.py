@@ -191,17 +191,11 @@ def _resume_problem(saved: dict, run, model_config_cls) -> str | None:
 def _evaluate(eval_fn, params, data_cfg, batches: int, to_global) -> dict:
     """Held-out losses over a fixed number of batches (the same count on every host)."""
     from v4jax.data import make_dataset
+    from v4jax.trainer import evaluate
 
     it = make_dataset(dataclasses.replace(data_cfg.for_eval(), num_epochs=None))
-    sums: dict[str, float] = {}
-    for _, batch in zip(range(batches), it):
-        for k, v in jax.device_get(eval_fn(params, to_global(batch))).items():
-            sums[k] = sums.get(k, 0.0) + float(np.asarray(v))
-    out = {}
-    for head in ("main", "mtp"):
-        if f"{head}_tokens" in sums:
-            out[f"eval_{head}_loss"] = sums[f"{head}_nll"] / max(sums[f"{head}_tokens"], 1.0)
-    return out
+    heads = evaluate(eval_fn, params, (to_global(b) for _, b in zip(range(batches), it)))
+    return {f"eval_{head}_loss": r["loss"] for head, r in heads.items()}
 
 
 if __name__ == "__main__":

@@ -246,6 +246,18 @@ def make_eval_step(config: ModelConfig, dtype=F32, parallel=None, mesh=None):
     return jax.jit(eval_fn)
 
 
+def evaluate(eval_fn, params, batches) -> dict[str, dict[str, float]]:
+    """Token-weighted mean loss of each head over an iterable of batches (device arrays):
+    {"main": {"loss", "tokens"}, "mtp": {...}} (mtp only when the model has the block)."""
+    sums: dict[str, float] = {}
+    for batch in batches:
+        for k, v in jax.device_get(eval_fn(params, batch)).items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    return {head: {"loss": sums[f"{head}_nll"] / max(sums[f"{head}_tokens"], 1.0),
+                   "tokens": sums[f"{head}_tokens"]}
+            for head in ("main", "mtp") if f"{head}_tokens" in sums}
+
+
 # --------------------------------------------------------------------------------------------------
 # FLOPs and MFU
 
