@@ -75,19 +75,23 @@ def _expand_cols(s: np.ndarray, block: int, cols: int) -> np.ndarray:
     return np.repeat(s, block, axis=1)[:, :cols]
 
 
+def _scale_column_blocks(v: np.ndarray, scales: np.ndarray, block: int) -> np.ndarray:
+    """Multiply v [r, c] (fp32, in place) by one scale per ``block`` columns: scales [r, ceil(c/block)]."""
+    r, c = v.shape
+    if c % block == 0:
+        np.multiply(v.reshape(r, c // block, block), scales[:, :, None], out=v.reshape(r, c // block, block))
+    else:
+        np.multiply(v, _expand_cols(scales, block, c), out=v)
+    return v
+
+
 def dequant_fp8(w: np.ndarray, scale: np.ndarray, row0: int = 0, dtype=np.float32) -> np.ndarray:
     """FP8 e4m3 weight rows [r, in] (rows row0..row0+r of the full matrix) and the full matrix's
     block scale [ceil(out/128), ceil(in/128)] -> [r, in] in ``dtype``."""
     r, c = w.shape
     s = scale_values(scale)
     s_rows = s[(row0 + np.arange(r)) // FP8_BLOCK]  # [r, ceil(in/128)]
-    v = np.take(_FP8_VALUES, w.view(np.uint8))
-    if c % FP8_BLOCK == 0:
-        v = v.reshape(r, c // FP8_BLOCK, FP8_BLOCK)
-        np.multiply(v, s_rows[:, :, None], out=v)
-        v = v.reshape(r, c)
-    else:
-        np.multiply(v, _expand_cols(s_rows, FP8_BLOCK, c), out=v)
+    v = _scale_column_blocks(np.take(_FP8_VALUES, w.view(np.uint8)), s_rows, FP8_BLOCK)
     return v if np.dtype(dtype) == np.float32 else v.astype(dtype)
 
 
@@ -96,13 +100,8 @@ def dequant_fp4(packed: np.ndarray, scale: np.ndarray, dtype=np.float32) -> np.n
     r, half = packed.shape
     c = 2 * half
     s = scale_values(scale)
-    v = np.take(_FP4_PAIRS_U64, packed.view(np.uint8)).view(np.float32).reshape(r, c)
-    if c % FP4_GROUP == 0:
-        v = v.reshape(r, c // FP4_GROUP, FP4_GROUP)
-        np.multiply(v, s[:, :, None], out=v)
-        v = v.reshape(r, c)
-    else:
-        np.multiply(v, _expand_cols(s, FP4_GROUP, c), out=v)
+    v = _scale_column_blocks(np.take(_FP4_PAIRS_U64, packed.view(np.uint8)).view(np.float32).reshape(r, c), s,
+                             FP4_GROUP)
     return v if np.dtype(dtype) == np.float32 else v.astype(dtype)
 
 
