@@ -49,7 +49,8 @@ def main(argv=None) -> int:
     else:
         data_cfg = data_cfg.for_eval()
 
-    abstract_state = jax.eval_shape(lambda p: init_state(p, make_optimizer(train_cfg)), param_specs(config))
+    scan = meta.get("parallel", {}).get("scan_layers", False)  # the run's parameter layout
+    abstract_state = jax.eval_shape(lambda p: init_state(p, make_optimizer(train_cfg)), param_specs(config, scan=scan))
     state, _, _ = ckpt.restore(abstract_state, args.step)
     step = int(state["step"])
     ckpt.close()

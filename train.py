@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     from v4jax.model import init_params
 
     optimizer = make_optimizer(cfg)
-    params = init_params(config, cfg.seed)
+    params = init_params(config, cfg.seed, scan=run.parallel.scan_layers)
     params = jax.device_put(params, param_shardings(params, mesh))
     state = init_state(params, optimizer)
     state = jax.device_put(state, shard_like_params(state, params, mesh))
@@ -182,6 +182,10 @@ def main(argv=None) -> int:
 def _resume_problem(saved: dict, run, model_config_cls) -> str | None:
     if model_config_cls.from_dict(saved["model"]) != run.model:
         return "its model config differs"
+    scanned = saved.get("parallel", {}).get("scan_layers", False)
+    if scanned != run.parallel.scan_layers:
+        return (f"parallel.scan_layers differs: saved {scanned}, now {run.parallel.scan_layers}; the parameter "
+                "layouts differ, so set it as saved")
     for key in ("tokenizer", "seq_len", "batch_size", "path", "seed"):
         if saved["data"].get(key) != getattr(run.data, key):
             return f"data.{key} differs: saved {saved['data'].get(key)!r}, now {getattr(run.data, key)!r}"

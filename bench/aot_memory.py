@@ -2,9 +2,15 @@
 
     python bench/aot_memory.py --config configs/small.yaml --devices 8 --mesh fsdp=8 --batch 8 --seq 2048
 
+``--layers N`` keeps the config's first N layers (to show how compile time grows with depth);
+``--no-scan`` compiles the unrolled per-layer loop instead of the scanned layers.
+
 Nothing is allocated: parameters, optimizer state and batch are abstract. ``--devices N`` compiles for
 N fake CPU devices (the CPU backend's memory analysis); on a GPU/TPU host leave it out to use the
-real devices.
+real devices; ``--tpu-topology`` compiles for a TPU slice from any host where libtpu is installed:
+
+    pip install 'jax[tpu]==0.10.2'   # in a separate virtual environment
+    python bench/aot_memory.py --config configs/v4-flash.yaml --tpu-topology v5p:8x8x4 --mesh fsdp=16,expert=16
 """
 
 from __future__ import annotations
@@ -25,11 +31,17 @@ def main():
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--remat", default="none")
+    ap.add_argument("--layers", type=int, default=None, help="keep only the first N layers")
+    ap.add_argument("--no-scan", action="store_true", help="unrolled layers instead of jax.lax.scan")
+    ap.add_argument("--tpu-topology", default=None,
+                    help="compile for a TPU slice that is not here, e.g. v5p:8x8x4 (needs jax[tpu], i.e. libtpu)")
     args = ap.parse_args()
     if args.devices:
         os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
         os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import jax
+
     from v4jax.config import model_config_from_yaml
     from v4jax.memory import training_memory
     from v4jax.model import param_count
@@ -40,12 +52,22 @@ def main():
     for item in args.mesh.split(","):
         k, v = item.split("=")
         sizes[k] = int(v)
-    par = ParallelConfig(**sizes, remat=args.remat, capacity_factor=2.0)
+    par = ParallelConfig(**sizes, remat=args.remat, capacity_factor=2.0, scan_layers=not args.no_scan)
     config = model_config_from_yaml(args.config)
+    if args.layers:
+        config = config.replace(num_hidden_layers=args.layers, layer_types=config.layer_types[:args.layers],
+                                num_hash_layers=min(config.num_hash_layers, args.layers))
     t = time.perf_counter()
-    report = training_memory(config, TrainConfig(dtype=args.dtype), par, make_mesh(par), args.batch, args.seq)
-    report.update(config=args.config, params=param_count(config)["total"], compile_s=time.perf_counter() - t,
-                  remat=args.remat, dtype=args.dtype)
+    devices = None
+    if args.tpu_topology:
+        from jax.experimental import topologies
+
+        devices = topologies.get_topology_desc(platform="tpu", topology_name=args.tpu_topology).devices
+    mesh = make_mesh(par, devices)
+    report = training_memory(config, TrainConfig(dtype=args.dtype), par, mesh, args.batch, args.seq)
+    report.update(config=args.config, layers=config.num_hidden_layers, scan=par.scan_layers,
+                  params=param_count(config)["total"], compile_s=time.perf_counter() - t, remat=args.remat,
+                  dtype=args.dtype, device_kind=mesh.devices.flat[0].device_kind, jax=jax.__version__)
     print(json.dumps(report, indent=2))
     gib = 2**30
     print(f"per device: arguments {report['argument_bytes_per_device'] / gib:.2f} GiB, temporaries "

@@ -69,21 +69,28 @@ def indexer_kl(index_scores: jax.Array, entry_probs: jax.Array, entry_mask: jax.
     return jnp.sum(kl * has) / jnp.maximum(jnp.sum(has), 1)
 
 
-def routing_losses(routing: list[dict], config: ModelConfig, mask: jax.Array, first_layer: int = 0):
-    """Balance loss summed over learned-router layers, indexer KL averaged over CSA layers with aux.
+def layer_routing_stats(info: dict, layer: int, config: ModelConfig, mask: jax.Array) -> dict:
+    """What the losses and the bias update need from one layer's routing info (``forward``'s
+    ``layer_stats`` hook, so it runs inside the layer and the large per-layer arrays die there).
 
-    ``routing`` is forward()'s per-layer info list; ``first_layer`` is the layer id of its first entry
-    (num_hidden_layers for the MTP block).
+    Returns ``dropped``, ``load`` [E] (``expert_load``), ``balance`` for learned-router layers and
+    ``indexer_kl`` for CSA layers run ``with_aux``. ``layer`` == L is the MTP block.
     """
-    balance, kls = jnp.zeros((), F32), []
-    for i, info in enumerate(routing):
-        if first_layer + i >= config.num_hash_layers:
-            balance = balance + balance_loss(info["scores"], info["idx"], mask, config.num_experts_per_tok)
-        aux = info.get("attn") or {}
-        if config.layer_type(first_layer + i) == CSA and "index_scores" in aux:
-            kls.append(indexer_kl(aux["index_scores"], aux["entry_probs"], aux["entry_mask"], mask))
-    indexer = jnp.mean(jnp.stack(kls)) if kls else jnp.zeros((), F32)
-    return balance, indexer
+    out = {"dropped": info["dropped"], "load": expert_load(info["idx"], mask, config.n_routed_experts)}
+    if layer >= config.num_hash_layers:
+        out["balance"] = balance_loss(info["scores"], info["idx"], mask, config.num_experts_per_tok)
+    aux = info.get("attn") or {}
+    if config.layer_type(layer) == CSA and "index_scores" in aux:
+        out["indexer_kl"] = indexer_kl(aux["index_scores"], aux["entry_probs"], aux["entry_mask"], mask)
+    return out
+
+
+def routing_losses(stats: list[dict]) -> tuple[jax.Array, jax.Array]:
+    """Balance loss summed over learned-router layers and indexer KL averaged over the CSA layers
+    that have one, from ``layer_routing_stats`` of every layer (main and MTP)."""
+    balance = sum((s["balance"] for s in stats if "balance" in s), jnp.zeros((), F32))
+    kls = [s["indexer_kl"] for s in stats if "indexer_kl" in s]
+    return balance, jnp.mean(jnp.stack(kls)) if kls else jnp.zeros((), F32)
 
 
 def expert_load(idx: jax.Array, mask: jax.Array, n_experts: int) -> jax.Array:
@@ -92,5 +99,6 @@ def expert_load(idx: jax.Array, mask: jax.Array, n_experts: int) -> jax.Array:
 
 
 def update_router_bias(bias: jax.Array, load: jax.Array, speed: float) -> jax.Array:
-    """Aux-loss-free balancing: raise the bias of under-loaded experts, lower the over-loaded ones."""
-    return bias + speed * jnp.sign(jnp.mean(load) - load)
+    """Aux-loss-free balancing: raise the bias of under-loaded experts, lower the over-loaded ones.
+    bias, load [..., E] (leading axes: stacked layers, each balanced on its own)."""
+    return bias + speed * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)

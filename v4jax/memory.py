@@ -22,8 +22,8 @@ BATCH_FIELDS = {"tokens": jnp.int32, "positions": jnp.int32, "segment_ids": jnp.
                 "loss_mask": jnp.float32, "mtp_targets": jnp.int32, "mtp_mask": jnp.float32}
 
 
-def abstract_state(config: ModelConfig, cfg: TrainConfig, mesh):
-    specs = param_specs(config)
+def abstract_state(config: ModelConfig, cfg: TrainConfig, mesh, scan: bool = True):
+    specs = param_specs(config, scan=scan)
     shardings = param_shardings(specs, mesh)
     params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), specs, shardings)
     state = jax.eval_shape(lambda p: init_state(p, make_optimizer(cfg)), params)
@@ -34,7 +34,7 @@ def abstract_state(config: ModelConfig, cfg: TrainConfig, mesh):
 def training_memory(config: ModelConfig, cfg: TrainConfig, parallel: ParallelConfig, mesh, batch_size: int,
                     seq_len: int) -> dict:
     """Per-device bytes of the compiled training step (arguments, outputs, temporaries) and totals."""
-    state = abstract_state(config, cfg, mesh)
+    state = abstract_state(config, cfg, mesh, parallel.scan_layers)
     sharding = batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), dt, sharding=sharding) for k, dt in BATCH_FIELDS.items()}
     step = make_train_step(config, cfg, make_optimizer(cfg), parallel, mesh)

@@ -12,6 +12,8 @@ official names, so conversion is a rename. The tree (L main layers; ``mtp`` only
         ffn {gate {weight [E, d], bias [E] | tid2eid [V, K]},
              experts {w1 [E, I, d], w3 [E, I, d], w2 [E, d, I]}, shared_experts {w1, w3, w2}}
     mtp: one more block (the keys above) plus e_proj, h_proj [d, d], enorm, hnorm, norm [d], hc_head
+
+Training uses the scan layout instead, where ``stages`` replaces ``layers`` (see v4jax.scan).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from v4jax.layers import F32, linear, linear_f32, rms_norm
 from v4jax.mhc import hc_head, hc_post, hc_pre
 from v4jax.moe import moe
 from v4jax.parallel import constrain_batch
+from v4jax.scan import run_stages, stack_layers
 
 
 # --------------------------------------------------------------------------------------------------
@@ -53,13 +56,21 @@ def block(x, p, config: ModelConfig, layer: int, positions, segment_ids, token_i
     return hc_post(f, x, post, comb), info
 
 
-def _maybe_remat(fn, parallel):
-    """Wrap a block in jax.checkpoint with the configured policy (static arguments from index 2 on)."""
+def layer_fn(config: ModelConfig, layer: int, positions, segment_ids, token_ids, sparse, with_aux, parallel,
+             mesh, layer_stats=None, in_scan=False):
+    """``f(x, p) -> (x, info)``: ``block`` for one layer (info reduced by ``layer_stats(info, layer)``
+    when given), wrapped in jax.checkpoint with the configured remat policy. Inside a scan, CSE
+    prevention is left off (the loop already stops it)."""
     from v4jax.parallel import REMAT_POLICIES  # noqa: PLC0415
+
+    def fn(x, p):
+        x = constrain_batch(x, mesh)
+        x, info = block(x, p, config, layer, positions, segment_ids, token_ids, sparse, with_aux, parallel, mesh)
+        return x, (info if layer_stats is None else layer_stats(info, layer))
 
     if parallel is None or parallel.remat == "none":
         return fn
-    return jax.checkpoint(fn, policy=REMAT_POLICIES[parallel.remat], static_argnums=(2, 3, 7, 8, 9, 10))
+    return jax.checkpoint(fn, policy=REMAT_POLICIES[parallel.remat], prevent_cse=not in_scan)
 
 
 def _default_layout(tokens):
@@ -73,7 +84,7 @@ def _head(x, p_hc, norm_w, head_w, config: ModelConfig):
 
 
 def forward(params, tokens, config: ModelConfig, *, positions=None, segment_ids=None, dtype=jnp.float32,
-            sparse=True, mtp=False, with_aux=False, parallel=None, mesh=None):
+            sparse=True, mtp=False, with_aux=False, parallel=None, mesh=None, layer_stats=None):
     """Run the model. tokens [b, s] int -> dict with ``logits`` [b, s, V] fp32 and ``routing``.
 
     positions/segment_ids [b, s]: per-document positions and document ids for packed rows (default:
@@ -83,6 +94,8 @@ def forward(params, tokens, config: ModelConfig, *, positions=None, segment_ids=
     queries use every visible entry); ``with_aux`` adds each layer's attention aux to ``routing``.
     ``parallel`` (a ``v4jax.parallel.ParallelConfig``) picks the MoE backend and the remat policy;
     ``mesh`` turns on expert parallelism and batch sharding constraints at block boundaries.
+    ``layer_stats(info, layer)``, when given, replaces each layer's info inside the layer (inside the
+    scan), so only what it returns is kept (the trainer keeps loss terms and expert loads).
     """
     chex.assert_rank(tokens, 2)
     if positions is None or segment_ids is None:
@@ -93,22 +106,27 @@ def forward(params, tokens, config: ModelConfig, *, positions=None, segment_ids=
     n = config.hc_mult
     e = params["embed"][tokens].astype(dtype)  # [b, s, d]
     x = jnp.broadcast_to(e[:, :, None, :], e.shape[:2] + (n, e.shape[-1]))  # n identical streams
-    routing = []
-    for i, p in enumerate(params["layers"]):
-        x = constrain_batch(x, mesh)
-        x, info = _maybe_remat(block, parallel)(x, p, config, i, positions, segment_ids, tokens, sparse, with_aux,
-                                                 parallel, mesh)
-        routing.append(info)
+    def make(layer, in_scan=False):
+        return layer_fn(config, layer, positions, segment_ids, tokens, sparse, with_aux, parallel, mesh, layer_stats,
+                        in_scan)
+
+    if "stages" in params:  # the scan layout (v4jax.scan)
+        x, routing = run_stages(x, params["stages"], config, lambda layer: make(layer, in_scan=True))
+    else:
+        routing = []
+        for i, p in enumerate(params["layers"]):
+            x, info = make(i)(x, p)
+            routing.append(info)
     x = constrain_batch(x, mesh)
     out = {"logits": _head(x, params["hc_head"], params["norm"], params["head"], config), "routing": routing}
     if mtp:
         out["mtp_logits"], out["mtp_routing"] = mtp_forward(
-            params, x, tokens, config, positions, segment_ids, dtype, sparse, with_aux, parallel, mesh)
+            params, x, tokens, config, positions, segment_ids, dtype, sparse, with_aux, parallel, mesh, layer_stats)
     return out
 
 
 def mtp_forward(params, x_main, tokens, config: ModelConfig, positions, segment_ids, dtype, sparse=True,
-                with_aux=False, parallel=None, mesh=None):
+                with_aux=False, parallel=None, mesh=None, layer_stats=None):
     """The depth-1 MTP block on the main model's final streams x_main [b, s, n, d] (before hc_head)."""
     p = params["mtp"]
     eps = config.rms_norm_eps
@@ -116,8 +134,8 @@ def mtp_forward(params, x_main, tokens, config: ModelConfig, positions, segment_
     e = rms_norm(params["embed"][nxt].astype(dtype), p["enorm"], eps)
     h = rms_norm(x_main, p["hnorm"], eps)  # per stream, over d
     x = (linear(e, p["e_proj"])[:, :, None, :] + linear(h, p["h_proj"])).astype(dtype)
-    x, info = _maybe_remat(block, parallel)(x, p, config, config.num_hidden_layers, positions, segment_ids, nxt,
-                                            sparse, with_aux, parallel, mesh)
+    x, info = layer_fn(config, config.num_hidden_layers, positions, segment_ids, nxt, sparse, with_aux, parallel,
+                       mesh, layer_stats)(x, p)
     return _head(x, p["hc_head"], p["norm"], params["head"], config), info
 
 
@@ -189,18 +207,20 @@ def _leaf_dtype(group: str, dtype):
     return {"param": jnp.dtype(dtype), "f32": jnp.dtype(F32), "int": jnp.dtype(jnp.int32)}[group]
 
 
-def param_specs(config: ModelConfig, dtype=jnp.float32) -> dict:
-    """The parameter tree as jax.ShapeDtypeStruct leaves (no memory allocated)."""
-    return _build(config, lambda kind, shape, group: jax.ShapeDtypeStruct(shape, _leaf_dtype(group, dtype)))
+def param_specs(config: ModelConfig, dtype=jnp.float32, scan: bool = False) -> dict:
+    """The parameter tree as jax.ShapeDtypeStruct leaves (no memory allocated); ``scan``: in the scan
+    layout (``v4jax.scan``)."""
+    specs = _build(config, lambda kind, shape, group: jax.ShapeDtypeStruct(shape, _leaf_dtype(group, dtype)))
+    return stack_layers(specs, config) if scan else specs
 
 
-def init_params(config: ModelConfig, seed: int = 0, dtype=jnp.float32) -> dict:
+def init_params(config: ModelConfig, seed: int = 0, dtype=jnp.float32, scan: bool = False) -> dict:
     """A random model. Matrices ~ N(0, initializer_range); norm weights 1; attention sinks, compressor
     position biases and router biases 0. mHC (spec C.4): fn ~ N(0, initializer_range), base 0 and
     scale 0.01, so every stream mix starts near uniform and the residual path dominates. Hash
     layers get a random table of K distinct experts per token id (the release's hash is not
     published). fp32-kept tensors (mHC, sinks, position biases, router bias) are fp32 whatever
-    ``dtype``. Deterministic in ``seed``.
+    ``dtype``. Deterministic in ``seed`` (the scan layout holds the same values).
     """
     rng = np.random.default_rng(seed)
     std = config.initializer_range
@@ -216,7 +236,8 @@ def init_params(config: ModelConfig, seed: int = 0, dtype=jnp.float32) -> dict:
         fill = {"ones": 1.0, "zeros": 0.0, "hc_scale": 0.01}[kind]
         return jnp.full(shape, fill, dt)
 
-    return _build(config, make)
+    params = _build(config, make)
+    return stack_layers(params, config) if scan else params
 
 
 def param_count(config: ModelConfig) -> dict[str, int]:

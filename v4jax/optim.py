@@ -32,7 +32,8 @@ Which matrices are orthogonalised (one NS per logically independent matrix)
 --------------------------------------------------------------------------
 * A leaf's last two axes are the matrix ([out, in]); every leading axis is a batch of independent
   matrices. Routed experts ``ffn.experts.{w1,w3,w2}`` [E, out, in] therefore get one NS per expert
-  and per projection, batched, and sqrt(max(n, m)) uses the per-expert shape.
+  and per projection, batched, and sqrt(max(n, m)) uses the per-expert shape. The layer axis of the
+  scan layout (``stages``, v4jax.scan) is one more batch axis, so both layouts get the same updates.
 * A leaf may further be split into *row blocks* (``muon_row_blocks``); each block is its own matrix
   (own Frobenius norm, own NS, own sqrt(max(rows_block, m)) scale). Equal consecutive blocks are
   batched. Row blocks are used for fused tensors whose rows are separate linear maps:
@@ -257,7 +258,7 @@ def _label(names: tuple, leaf) -> str:
         return ADAMW_NO_DECAY
     if isinstance(last, str) and (last.endswith("norm") or last in ("attn_sink", "ape")):
         return ADAMW_NO_DECAY
-    if len(shape) < 2:
+    if len(shape) - (names[:1] == ("stages",)) < 2:  # the scan layout's layer axis is a batch axis
         return ADAMW_NO_DECAY
     return MUON
 

@@ -59,6 +59,7 @@ class ParallelConfig:
     moe_backend: str = "ragged_dot"
     capacity_factor: float = 2.0
     remat: str = "none"  # none | full (recompute each block in the backward pass) | dots (keep matmul outputs)
+    scan_layers: bool = True  # train on the scan layout (v4jax.scan): compile time independent of depth
 
     def __post_init__(self):
         sizes = [self.data, self.fsdp, self.expert, self.tensor]
@@ -150,8 +151,11 @@ def _names(path) -> tuple:
 
 
 def param_logical_axes(path: tuple, ndim: int) -> tuple:
-    """Logical axis names of a parameter from its tree path (see v4jax.model for the tree)."""
+    """Logical axis names of a parameter from its tree path (see v4jax.model for the tree). The
+    leading layer axis of the scan layout (``stages``) is never split: the scan slices it."""
     names = [n for n in path if isinstance(n, str)]
+    if names[0] == "stages":
+        return (None,) + param_logical_axes(tuple(names[1:]), ndim - 1)
     leaf, parent = names[-1], names[-2] if len(names) > 1 else ""
     if leaf in ("embed", "head"):
         axes = ("vocab", "embed")

@@ -24,10 +24,11 @@ import optax
 import yaml
 
 from v4jax.config import ConfigError, ModelConfig, load_yaml
-from v4jax.losses import cross_entropy, expert_load, routing_losses, update_router_bias
+from v4jax.losses import cross_entropy, layer_routing_stats, routing_losses, update_router_bias
 from v4jax.model import forward, param_count
 from v4jax.optim import v4_optimizer
 from v4jax.parallel import ParallelConfig, ShardingError
+from v4jax.scan import plan
 
 SECTIONS = ("model", "train", "data", "parallel")
 
@@ -154,39 +155,47 @@ def init_state(params, optimizer) -> dict:
 # The step
 
 
-def _biased_layers(config: ModelConfig, params) -> list[tuple[Any, int]]:
-    """(routing list index, layer id) of every layer whose router has a bias: main then MTP."""
-    out = [(str(i), i) for i in range(config.num_hash_layers, config.num_hidden_layers)]
+def _biased_gates(config: ModelConfig, params) -> list[tuple[dict, list[str]]]:
+    """(gate dict, routing keys of its layers) for every router with a bias, main layers then MTP.
+    In the scan layout one gate holds the stacked biases of several layers, in scan order."""
+    out = []
+    if "stages" in params:
+        for st, slots in zip(plan(config), params["stages"], strict=True):
+            for j, p in enumerate(slots):
+                if st.start + j >= config.num_hash_layers:
+                    out.append((p["ffn"]["gate"], [str(i) for i in st.layer_ids(j)]))
+    else:
+        out += [(params["layers"][i]["ffn"]["gate"], [str(i)])
+                for i in range(config.num_hash_layers, config.num_hidden_layers)]
     if "mtp" in params:
-        out.append(("mtp", config.num_hidden_layers))
+        out.append((params["mtp"]["ffn"]["gate"], ["mtp"]))
     return out
 
 
 def loss_fn(params, batch, config: ModelConfig, cfg: TrainConfig, step, parallel=None, mesh=None):
     dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else F32
     has_mtp = "mtp" in params
+    mask = batch["segment_ids"] > 0  # real tokens (padding has segment 0)
     out = forward(params, batch["tokens"], config, positions=batch["positions"], segment_ids=batch["segment_ids"],
                   dtype=dtype, sparse=cfg.attention == "sparse", mtp=has_mtp,
-                  with_aux=cfg.indexer_loss_weight > 0, parallel=parallel, mesh=mesh)
-    mask = batch["segment_ids"] > 0  # real tokens (padding has segment 0)
+                  with_aux=cfg.indexer_loss_weight > 0, parallel=parallel, mesh=mesh,
+                  layer_stats=lambda info, layer: layer_routing_stats(info, layer, config, mask))
+    stats = {str(i): s for i, s in enumerate(out["routing"])}
+    if has_mtp:
+        stats["mtp"] = out["mtp_routing"]
     lm = cross_entropy(out["logits"], batch["targets"], batch["loss_mask"])
-    balance, indexer = routing_losses(out["routing"], config, mask)
+    balance, indexer = routing_losses(list(stats.values()))
     metrics = {"lm_loss": lm}
     loss = lm
     if has_mtp:
         mtp = cross_entropy(out["mtp_logits"], batch["mtp_targets"], batch["mtp_mask"])
-        b2, i2 = routing_losses([out["mtp_routing"]], config, mask, first_layer=config.num_hidden_layers)
-        balance, indexer = balance + b2, indexer + i2
         weight = jnp.where(step >= cfg.decay_start, cfg.mtp_weight_after_decay, cfg.mtp_weight)
         loss = loss + weight * mtp
         metrics["mtp_loss"] = mtp
     loss = loss + cfg.balance_weight * balance + cfg.indexer_loss_weight * indexer
     metrics.update(balance_loss=balance, indexer_loss=indexer,
-                   dropped_tokens=sum(info["dropped"] for info in out["routing"]))
-    routing = {str(i): info["idx"] for i, info in enumerate(out["routing"])}
-    if has_mtp:
-        routing["mtp"] = out["mtp_routing"]["idx"]
-    return loss, (metrics, routing)
+                   dropped_tokens=sum(s["dropped"] for s in stats.values()))
+    return loss, (metrics, {k: s["load"] for k, s in stats.items()})
 
 
 def make_train_step(config: ModelConfig, cfg: TrainConfig, optimizer, parallel=None, mesh=None):
@@ -196,7 +205,7 @@ def make_train_step(config: ModelConfig, cfg: TrainConfig, optimizer, parallel=N
     def step_fn(state, batch):
         params = state["params"]
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True, allow_int=True)
-        (loss, (metrics, routing)), grads = grad_fn(params, batch, config, cfg, state["step"], parallel, mesh)
+        (loss, (metrics, loads_by_layer)), grads = grad_fn(params, batch, config, cfg, state["step"], parallel, mesh)
         # integer leaves (the hash tables) get float0 "gradients": make them zeros the optimizer can clip
         grads = jax.tree.map(lambda g, p: jnp.zeros(p.shape, F32) if g.dtype == jax.dtypes.float0 else g,
                              grads, params)
@@ -204,13 +213,11 @@ def make_train_step(config: ModelConfig, cfg: TrainConfig, optimizer, parallel=N
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
 
-        mask = batch["segment_ids"] > 0
         loads = []
-        for key, layer in _biased_layers(config, params):
-            node = new_params["mtp"] if key == "mtp" else new_params["layers"][layer]
-            gate = node["ffn"]["gate"]
-            load = expert_load(routing[key], mask, config.n_routed_experts)
-            loads.append(load)
+        for gate, keys in _biased_gates(config, new_params):
+            load = [loads_by_layer[key] for key in keys]
+            loads += load
+            load = load[0] if gate["bias"].ndim == 1 else jnp.stack(load)
             gate["bias"] = update_router_bias(gate["bias"], load, cfg.bias_update_speed)
 
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -220,7 +227,7 @@ def make_train_step(config: ModelConfig, cfg: TrainConfig, optimizer, parallel=N
         imbalance = (jnp.mean(jnp.stack([jnp.max(ld) / jnp.maximum(jnp.mean(ld), 1e-9) for ld in loads]))
                      if loads else jnp.zeros(()))
         metrics.update(loss=loss, grad_norm=grad_norm, ok=ok, lr=learning_rate(cfg)(state["step"]),
-                       max_load_over_mean=imbalance, tokens=jnp.sum(mask))
+                       max_load_over_mean=imbalance, tokens=jnp.sum(batch["segment_ids"] > 0))
         return new_state, metrics
 
     return jax.jit(step_fn, donate_argnums=(0,))

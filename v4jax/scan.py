@@ -1,0 +1,125 @@
+"""Scanned layers: runs of identical decoder layers stacked and run with ``jax.lax.scan``.
+
+XLA then compiles one loop body per kind of layer instead of one copy per layer, so the compile
+time of a deep model stops growing with its depth.
+
+Two layers can share a loop body when they have the same *signature*: the same attention kind (SWA,
+CSA or HCA) and the same router (hash-routed or learned). ``plan`` splits the L main layers into
+*stages*. A stage is ``repeats`` copies of a unit of ``period`` consecutive layers. V4-Flash gives
+three stages: the two hash-routed SWA layers, the hash-routed CSA layer 2, and (HCA, CSA) x 20 for
+layers 3..42. The MTP block is never scanned.
+
+Scan layout of the parameter tree: ``params["layers"]`` (a list of L layer trees) becomes
+``params["stages"]``. That is one entry per stage, each a list of ``period`` layer trees whose
+leaves have a leading axis of length ``repeats``. Layer ``start + k*period + j`` is
+``stages[s][j]`` at index k. ``stack_layers`` and ``unstack_layers`` convert between the two
+layouts. ``v4jax.model.forward`` runs either layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from v4jax.config import ModelConfig
+
+MAX_PERIOD = 4  # longest unit searched for (V4 needs 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    start: int  # first layer
+    period: int  # layers per unit
+    repeats: int  # units stacked
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.period * self.repeats
+
+    def layer_ids(self, j: int) -> range:
+        """The layers at position j of the unit, in scan order."""
+        return range(self.start + j, self.stop, self.period)
+
+
+def layer_signature(config: ModelConfig, layer: int) -> tuple[str, bool]:
+    return config.layer_type(layer), layer < config.num_hash_layers
+
+
+def plan(config: ModelConfig) -> tuple[Stage, ...]:
+    """Split the main layers into stages, greedily from the first layer: at each layer take the unit
+    (period 1..MAX_PERIOD) whose repeats cover the most layers (the shorter unit on a tie); a layer
+    that starts no repeat is a stage of its own."""
+    sig = [layer_signature(config, i) for i in range(config.num_hidden_layers)]
+    stages, i = [], 0
+    while i < len(sig):
+        best = Stage(i, 1, 1)
+        for period in range(1, MAX_PERIOD + 1):
+            unit = sig[i:i + period]
+            if len(unit) < period:
+                break
+            repeats = 1
+            while sig[i + repeats * period:i + (repeats + 1) * period] == unit:
+                repeats += 1
+            if repeats > 1 and period * repeats > best.period * best.repeats:
+                best = Stage(i, period, repeats)
+        stages.append(best)
+        i = best.stop
+    return tuple(stages)
+
+
+def _stack(trees):
+    def one(*leaves):
+        if isinstance(leaves[0], jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct((len(leaves),) + leaves[0].shape, leaves[0].dtype)
+        return jnp.stack(leaves)
+
+    return jax.tree.map(one, *trees)
+
+
+def stack_layers(params: dict, config: ModelConfig) -> dict:
+    """The scan layout of a parameter tree (arrays or ShapeDtypeStructs); unchanged if already so."""
+    if "stages" in params:
+        return params
+    layers = params["layers"]
+    stages = [[_stack([layers[i] for i in st.layer_ids(j)]) for j in range(st.period)] for st in plan(config)]
+    out = {k: v for k, v in params.items() if k != "layers"}
+    out["stages"] = stages
+    return out
+
+
+def unstack_layers(params: dict, config: ModelConfig) -> dict:
+    """The per-layer list layout of a parameter tree (arrays); unchanged if already so."""
+    if "stages" not in params:
+        return params
+    layers: list = [None] * config.num_hidden_layers
+    for st, slots in zip(plan(config), params["stages"], strict=True):
+        for j, tree in enumerate(slots):
+            for k, i in enumerate(st.layer_ids(j)):
+                layers[i] = jax.tree.map(lambda a, k=k: a[k], tree)
+    out = {k: v for k, v in params.items() if k != "stages"}
+    out["layers"] = layers
+    return out
+
+
+def run_stages(x, stages, config: ModelConfig, layer_fn):
+    """Run every stage with ``lax.scan``. ``layer_fn(layer)`` gives ``f(x, p) -> (x, info)`` for that
+    layer (only its signature may matter: one function serves all repeats). Returns x and the list of
+    the L layers' infos, unstacked."""
+    infos: list = [None] * config.num_hidden_layers
+    for st, slots in zip(plan(config), stages, strict=True):
+        fns = [layer_fn(st.start + j) for j in range(st.period)]
+
+        def unit(x, ps, fns=fns):
+            outs = []
+            for fn, p in zip(fns, ps):
+                x, info = fn(x, p)
+                outs.append(info)
+            return x, outs
+
+        x, outs = jax.lax.scan(unit, x, slots)
+        for j, out in enumerate(outs):
+            for k, i in enumerate(st.layer_ids(j)):
+                infos[i] = jax.tree.map(lambda a, k=k: a[k], out)
+    return x, infos
