@@ -60,13 +60,14 @@ def check_ragged(config, devices):
     return out
 
 
-def run(config, devices, backend, dispatch, b, s, steps, remat):
+def run(config, devices, backend, dispatch, b, s, steps, remat, scan=True):
     n = len(devices)
-    par = ParallelConfig(1, 1, n, 1, moe_dispatch=dispatch, moe_backend=backend, capacity_factor=2.0, remat=remat)
+    par = ParallelConfig(1, 1, n, 1, moe_dispatch=dispatch, moe_backend=backend, capacity_factor=2.0, remat=remat,
+                         scan_layers=scan)
     mesh = make_mesh(par, devices)
     cfg = TrainConfig(steps=1000, dtype="bfloat16", log_every=1)
     opt = make_optimizer(cfg)
-    params = init_params(config, 0)
+    params = init_params(config, 0, scan=scan)
     params = jax.device_put(params, param_shardings(params, mesh))
     state = init_state(params, opt)
     state = jax.device_put(state, shard_like_params(state, params, mesh))
@@ -88,9 +89,9 @@ def run(config, devices, backend, dispatch, b, s, steps, remat):
     tps = b * s / med
     peak = PEAK_BF16.get(devices[0].device_kind, float("nan")) * n
     return {"devices": n, "backend": backend, "dispatch": dispatch if n > 1 else "-", "batch": b, "seq": s,
-            "remat": remat, "step_s": med, "step_s_spread": float(np.max(times) - np.min(times)),
+            "remat": remat, "scan": scan, "step_s": med, "step_s_spread": float(np.max(times) - np.min(times)),
             "tokens_per_s": tps, "mfu": flops_per_token(config, s) * tps / peak, "compile_s": compile_s,
-            "loss": float(m["loss"]), "dropped": int(m["dropped_tokens"]),
+            "loss": float(m["loss"]), "ok": bool(m["ok"]), "dropped": int(m["dropped_tokens"]),
             "peak_mem_gb": max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in devices) / 2**30}
 
 
@@ -102,26 +103,34 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--backends", default="ragged_dot,padded")
     ap.add_argument("--devices", default="1,2", help="device counts to run")
+    ap.add_argument("--dispatch", default="capacity,ragged", help="expert-parallel dispatches to run on > 1 GPU")
     ap.add_argument("--remat", default="none")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--no-scan", action="store_true", help="unrolled layers instead of jax.lax.scan")
+    ap.add_argument("--skip-check", action="store_true", help="skip the dispatch correctness check")
+    ap.add_argument("--json", default=None, help="write every figure here (rewritten after each run)")
     args = ap.parse_args()
     config = model_config_from_yaml(args.config)
     devs = jax.devices()
     print(f"{len(devs)} x {devs[0].device_kind}, jax {jax.__version__}", flush=True)
     results = {"check": None, "runs": []}
-    if len(devs) >= 2:
+    if len(devs) >= 2 and not args.skip_check:
         results["check"] = check_ragged(config, devs[:2])
         print("expert-parallel dispatch vs single device (max rel err):", results["check"], flush=True)
     for n in [int(x) for x in args.devices.split(",") if int(x) <= len(devs)]:
         for backend in args.backends.split(","):
             ragged = n > 1 and devs[0].platform != "cpu"
-            for dispatch in (["capacity", "ragged"] if ragged else ["capacity"]):
+            dispatches = [d for d in args.dispatch.split(",") if ragged or d == "capacity"] if n > 1 else ["capacity"]
+            for dispatch in dispatches:
                 try:
-                    r = run(config, devs[:n], backend, dispatch, args.batch, args.seq, args.steps, args.remat)
+                    r = run(config, devs[:n], backend, dispatch, args.batch, args.seq, args.steps, args.remat,
+                            not args.no_scan)
                 except Exception as e:  # keep measuring the other settings; report the failure
                     r = {"devices": n, "backend": backend, "dispatch": dispatch, "error": repr(e)[:300]}
                 results["runs"].append(r)
                 print(json.dumps(r), flush=True)
+                if args.json:
+                    with open(args.json, "w") as f:
+                        json.dump(results, f, indent=2)
     print(f"\n{'gpus':>4} {'backend':>10} {'dispatch':>9} {'step s':>8} {'tok/s':>9} {'MFU':>6} {'mem GB':>7}")
     for r in results["runs"]:
         if "error" in r:
@@ -129,9 +138,6 @@ def main():
         else:
             print(f"{r['devices']:>4} {r['backend']:>10} {r['dispatch']:>9} {r['step_s']:8.3f} "
                   f"{r['tokens_per_s']:9.0f} {r['mfu']:6.1%} {r['peak_mem_gb']:7.1f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -125,6 +125,56 @@ def test_grouped_matmul_backends(backend):
     assert rel(got, ref) <= 1e-5
 
 
+def _kernel_leaving_unvisited_rows_nan():
+    """A grouped matmul that behaves like a tiled GPU kernel: output rows past sum(sizes) are never
+    written (NaN here), and the weight gradient masks rows by multiplying with a 0/1 group mask,
+    so a NaN input row poisons it (0 * NaN)."""
+
+    def unwritten(m, n, sizes):
+        return jnp.where((jnp.arange(m) < jnp.sum(sizes))[:, None], 0.0, jnp.nan) * jnp.ones((m, n))
+
+    @jax.custom_vjp
+    def mm(x, w, sizes):
+        return jax.lax.ragged_dot(x, w, sizes) + unwritten(x.shape[0], w.shape[2], sizes)
+
+    def fwd(x, w, sizes):
+        return mm(x, w, sizes), (x, w, sizes)
+
+    def bwd(res, dy):
+        x, w, sizes = res
+        group = jnp.searchsorted(jnp.cumsum(sizes), jnp.arange(x.shape[0]), side="right")
+        member = jax.nn.one_hot(group, w.shape[0], dtype=x.dtype)  # [m, g]; rows past the end: all 0
+        dw = jnp.einsum("mg,mk,mn->gkn", member, x, dy)
+        dx = jnp.einsum("mg,mn,gkn->mk", member, dy, w) + unwritten(x.shape[0], x.shape[1], sizes)
+        return dx, dw, None
+
+    mm.defvjp(fwd, bwd)
+    return mm
+
+
+def test_unvisited_rows_cannot_poison_gradients():
+    from v4jax.moe import zero_unvisited_rows
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(12, 8)), jnp.float32)
+    w1 = jnp.asarray(rng.normal(size=(3, 8, 5)), jnp.float32)
+    w2 = jnp.asarray(rng.normal(size=(3, 5, 8)), jnp.float32)
+    sizes = jnp.array([3, 0, 4], jnp.int32)  # rows 7.. are empty slots, as in the capacity dispatch
+    valid = (jnp.arange(12) < 7)[:, None]
+    kernel = _kernel_leaving_unvisited_rows_nan()
+
+    def loss(matmul, w1, w2):  # the expert FFN's shape: routing weight 0 on empty rows, output masked
+        h = jnp.tanh(matmul(x, w1, sizes)) * jnp.where(valid, 1.0, 0.0)
+        return jnp.sum(jnp.where(valid, matmul(h, w2, sizes), 0.0) ** 2)
+
+    grad = jax.grad(loss, argnums=(1, 2))
+    assert not np.isfinite(grad(kernel, w1, w2)[1]).all()  # the hazard is real without the mask
+    reference = grad(jax.lax.ragged_dot, w1, w2)
+    got = grad(lambda a, w, s: zero_unvisited_rows(kernel, a, w, s), w1, w2)
+    for g, r in zip(got, reference):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
 def test_checkpoint_restores_across_meshes(params, tmp_path):
     cfg = TrainConfig(steps=10)
     opt = make_optimizer(cfg)

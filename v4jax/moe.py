@@ -70,7 +70,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, backend: str = 
         except ImportError:
             raise ImportError("parallel.moe_backend='tokamax' needs the tokamax package (Python >= 3.12, "
                               "GPU or TPU): pip install tokamax, or use ragged_dot / padded") from None
-        return tokamax.ragged_dot(x, w, sizes)
+        return zero_unvisited_rows(tokamax.ragged_dot, x, w, sizes)
     if backend != "padded":
         raise ValueError(f"unknown grouped-matmul backend {backend!r}")
     m, g = x.shape[0], w.shape[0]
@@ -83,6 +83,17 @@ def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, backend: str = 
     padded = jnp.zeros((g * cap + 1, x.shape[1]), x.dtype).at[slot].set(x)[:-1].reshape(g, cap, -1)
     out = jnp.einsum("gck,gkn->gcn", padded, w.astype(x.dtype)).reshape(g * cap, -1)
     return jnp.where(ok[:, None], out[jnp.minimum(slot, g * cap - 1)], 0).astype(out.dtype)
+
+
+def zero_unvisited_rows(matmul, x: jax.Array, w: jax.Array, sizes: jax.Array) -> jax.Array:
+    """``matmul(x, w, sizes)`` with the rows past sum(sizes) zeroed on the way in and out.
+
+    tokamax's kernels leave those output rows unwritten (``zero_initialize`` defaults to False), and
+    the capacity dispatch always has such rows (its empty slots). Whatever they hold would otherwise
+    reach the weight gradients as 0 * NaN. Masking the input too zeroes them in the VJP as well.
+    """
+    valid = (jnp.arange(x.shape[0]) < jnp.sum(sizes))[:, None]
+    return jnp.where(valid, matmul(jnp.where(valid, x, 0), w, sizes), 0)
 
 
 def expert_ffn(xs: jax.Array, sizes: jax.Array, weights: jax.Array, p: dict, limit: float, backend: str,
