@@ -31,6 +31,9 @@ def main():
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--remat", default="none")
+    ap.add_argument("--backend", default="ragged_dot",
+                    help="grouped matmul: ragged_dot, or padded (XLA:CPU lowers ragged_dot to a dense per-expert "
+                         "product, so on fake CPU devices padded is the realistic one)")
     ap.add_argument("--layers", type=int, default=None, help="keep only the first N layers")
     ap.add_argument("--no-scan", action="store_true", help="unrolled layers instead of jax.lax.scan")
     ap.add_argument("--tpu-topology", default=None,
@@ -52,7 +55,8 @@ def main():
     for item in args.mesh.split(","):
         k, v = item.split("=")
         sizes[k] = int(v)
-    par = ParallelConfig(**sizes, remat=args.remat, capacity_factor=2.0, scan_layers=not args.no_scan)
+    par = ParallelConfig(**sizes, remat=args.remat, capacity_factor=2.0, scan_layers=not args.no_scan,
+                         moe_backend=args.backend)
     config = model_config_from_yaml(args.config)
     if args.layers:
         config = config.replace(num_hidden_layers=args.layers, layer_types=config.layer_types[:args.layers],
@@ -65,7 +69,7 @@ def main():
         devices = topologies.get_topology_desc(platform="tpu", topology_name=args.tpu_topology).devices
     mesh = make_mesh(par, devices)
     report = training_memory(config, TrainConfig(dtype=args.dtype), par, mesh, args.batch, args.seq)
-    report.update(config=args.config, layers=config.num_hidden_layers, scan=par.scan_layers,
+    report.update(config=args.config, layers=config.num_hidden_layers, scan=par.scan_layers, backend=args.backend,
                   params=param_count(config)["total"], compile_s=time.perf_counter() - t, remat=args.remat,
                   dtype=args.dtype, device_kind=mesh.devices.flat[0].device_kind, jax=jax.__version__)
     print(json.dumps(report, indent=2))

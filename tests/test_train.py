@@ -48,6 +48,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert result["step"] == 6 and result["main"]["perplexity"] == pytest.approx(np.exp(result["main"]["loss"]))
     assert "mtp" in result and result["main"]["tokens"] > 0
 
+    # the run trained on the scan layout; resuming it on the per-layer layout is refused up front
+    assert train.main(["--workdir", str(straight), "train.steps=7", "parallel.scan_layers=false", *SMALL]) == 2
+
 
 def test_sigterm_saves_before_exit(tmp_path):
     workdir = tmp_path / "sig"

@@ -106,6 +106,7 @@ def forward(params, tokens, config: ModelConfig, *, positions=None, segment_ids=
     n = config.hc_mult
     e = params["embed"][tokens].astype(dtype)  # [b, s, d]
     x = jnp.broadcast_to(e[:, :, None, :], e.shape[:2] + (n, e.shape[-1]))  # n identical streams
+
     def make(layer, in_scan=False):
         return layer_fn(config, layer, positions, segment_ids, tokens, sparse, with_aux, parallel, mesh, layer_stats,
                         in_scan)
