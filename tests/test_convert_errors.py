@@ -213,13 +213,18 @@ def test_ctrl_c_during_to_orbax_leaves_nothing(src, tmp_path, monkeypatch):
         calls["n"] += 1
         if calls["n"] == 20:
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C; the main thread waits for this writer thread
-            time.sleep(0.5)
+            time.sleep(2.0)  # room for a loaded machine's main thread to take the signal
         return real(self, *a)
 
     monkeypatch.setattr(source.LeafSource, "read", interrupting)
+    # Ctrl-C's own handler, whatever an earlier test in this process left installed
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     dst = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt):
-        to_orbax(src[0], dst, progress=False)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            to_orbax(src[0], dst, progress=False)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     time.sleep(1.0)  # nothing reappears afterwards
     _nothing_left(dst)
 
