@@ -210,20 +210,24 @@ def make_train_step(config: ModelConfig, cfg: TrainConfig, optimizer, parallel=N
         grads = jax.tree.map(lambda g, p: jnp.zeros(p.shape, F32) if g.dtype == jax.dtypes.float0 else g,
                              grads, params)
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
-
-        loads = []
-        for gate, keys in _biased_gates(config, new_params):
-            load = [loads_by_layer[key] for key in keys]
-            loads += load
-            load = load[0] if gate["bias"].ndim == 1 else jnp.stack(load)
-            gate["bias"] = update_router_bias(gate["bias"], load, cfg.bias_update_speed)
-
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
-        keep_old = {"params": params, "opt_state": state["opt_state"], "step": state["step"] + 1}
-        new_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state, keep_old)
+
+        def apply(state):
+            # Under a conditional, so a skipped step keeps the (donated) state buffers as they are
+            # instead of materialising a new state beside the old one and selecting between them.
+            updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+            new_params = optax.apply_updates(state["params"], updates)
+            for gate, keys in _biased_gates(config, new_params):
+                load = [loads_by_layer[key] for key in keys]
+                load = load[0] if gate["bias"].ndim == 1 else jnp.stack(load)
+                gate["bias"] = update_router_bias(gate["bias"], load, cfg.bias_update_speed)
+            return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
+
+        def skip(state):
+            return {**state, "step": state["step"] + 1}
+
+        new_state = jax.lax.cond(ok, apply, skip, state)
+        loads = [loads_by_layer[key] for _, keys in _biased_gates(config, params) for key in keys]
         imbalance = (jnp.mean(jnp.stack([jnp.max(ld) / jnp.maximum(jnp.mean(ld), 1e-9) for ld in loads]))
                      if loads else jnp.zeros(()))
         metrics.update(loss=loss, grad_norm=grad_norm, ok=ok, lr=learning_rate(cfg)(state["step"]),
