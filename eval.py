@@ -28,7 +28,7 @@ def main(argv=None) -> int:
 
     import jax
     import jax.numpy as jnp
-    from v4jax.checkpoint import Checkpointer
+    from v4jax.checkpoint import Checkpointer, model_config_from_meta, scan_layers_from_meta
     from v4jax.data import DataConfig, make_dataset
     from v4jax.model import param_specs
     from v4jax.trainer import TrainConfig, evaluate, init_state, make_eval_step, make_optimizer
@@ -38,9 +38,7 @@ def main(argv=None) -> int:
     if meta is None:
         print(f"error: no checkpoint in {args.workdir}/checkpoints", file=sys.stderr)
         return 2
-    from v4jax.config import ModelConfig
-
-    config = ModelConfig.from_dict(meta["model"])
+    config = model_config_from_meta(meta)
     train_cfg = TrainConfig(**meta["train"])
     data_cfg = DataConfig(**meta["data"])
     if args.files:
@@ -49,8 +47,8 @@ def main(argv=None) -> int:
     else:
         data_cfg = data_cfg.for_eval()
 
-    scan = meta.get("parallel", {}).get("scan_layers", False)  # the run's parameter layout
-    abstract_state = jax.eval_shape(lambda p: init_state(p, make_optimizer(train_cfg)), param_specs(config, scan=scan))
+    specs = param_specs(config, scan=scan_layers_from_meta(meta))  # in the run's parameter layout
+    abstract_state = jax.eval_shape(lambda p: init_state(p, make_optimizer(train_cfg)), specs)
     state, _, _ = ckpt.restore(abstract_state, args.step)
     step = int(state["step"])
     ckpt.close()

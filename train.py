@@ -42,7 +42,7 @@ def main(argv=None) -> int:
 
     initialize_distributed()  # multi-host jobs: from the environment (see README); a no-op otherwise
     from v4jax.checkpoint import Checkpointer, abstract
-    from v4jax.config import ConfigError, ModelConfig
+    from v4jax.config import ConfigError
     from v4jax.data import make_dataset
     from v4jax.trainer import (flops_per_token, init_state, load_run_config, make_eval_step, make_optimizer,
                                make_train_step, peak_flops)
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     if ckpt_dir.exists():
         saved = Checkpointer(ckpt_dir, run.train.keep_checkpoints).read_meta()
         if saved is not None:
-            problem = _resume_problem(saved, run, ModelConfig)
+            problem = _resume_problem(saved, run)
             if problem:
                 print(f"error: {workdir} holds a checkpoint of another run ({problem}); use another --workdir",
                       file=sys.stderr)
@@ -179,10 +179,12 @@ def main(argv=None) -> int:
     return status
 
 
-def _resume_problem(saved: dict, run, model_config_cls) -> str | None:
-    if model_config_cls.from_dict(saved["model"]) != run.model:
+def _resume_problem(saved: dict, run) -> str | None:
+    from v4jax.checkpoint import model_config_from_meta, scan_layers_from_meta
+
+    if model_config_from_meta(saved) != run.model:
         return "its model config differs"
-    scanned = saved.get("parallel", {}).get("scan_layers", False)
+    scanned = scan_layers_from_meta(saved)
     if scanned != run.parallel.scan_layers:
         return (f"parallel.scan_layers differs: saved {scanned}, now {run.parallel.scan_layers}; the parameter "
                 "layouts differ, so set it as saved")

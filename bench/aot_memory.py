@@ -10,7 +10,8 @@ N fake CPU devices (the CPU backend's memory analysis); on a GPU/TPU host leave 
 real devices; ``--tpu-topology`` compiles for a TPU slice from any host where libtpu is installed:
 
     pip install 'jax[tpu]==0.10.2'   # in a separate virtual environment
-    python bench/aot_memory.py --config configs/v4-flash.yaml --tpu-topology v5p:8x8x4 --mesh fsdp=16,expert=16
+    python bench/aot_memory.py --config configs/v4-flash.yaml --tpu-topology v5p:8x8x4 --mesh fsdp=16,expert=16 \
+        --batch 256 --seq 4096 --remat full
 """
 
 from __future__ import annotations

@@ -26,13 +26,14 @@ def rel(a, b):
     return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
 
 
-def batch():
+def batch(config=CONFIG, b=B, s=S):
+    """A training batch of random tokens, one document per row."""
     rng = np.random.default_rng(0)
-    tokens = rng.integers(0, CONFIG.vocab_size, size=(B, S)).astype(np.int32)
-    pos = np.broadcast_to(np.arange(S, dtype=np.int32), (B, S))
-    return {"tokens": tokens, "positions": pos, "segment_ids": np.ones((B, S), np.int32),
-            "targets": np.roll(tokens, -1, 1), "loss_mask": np.ones((B, S), np.float32),
-            "mtp_targets": np.roll(tokens, -2, 1), "mtp_mask": np.ones((B, S), np.float32)}
+    tokens = rng.integers(0, config.vocab_size, size=(b, s)).astype(np.int32)
+    pos = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))
+    return {"tokens": tokens, "positions": pos, "segment_ids": np.ones((b, s), np.int32),
+            "targets": np.roll(tokens, -1, 1), "loss_mask": np.ones((b, s), np.float32),
+            "mtp_targets": np.roll(tokens, -2, 1), "mtp_mask": np.ones((b, s), np.float32)}
 
 
 def parallel_for(shape):

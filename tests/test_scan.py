@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.test_parallel import batch, rel
 from tests.tiny_configs import CONFIGS
 from v4jax.config import model_config_from_yaml
 from v4jax.model import forward, init_params, param_specs
@@ -21,19 +22,6 @@ from v4jax.trainer import TrainConfig, init_state, make_optimizer, make_train_st
 # 7 layers: two hash-routed SWA layers, then (CSA, HCA) x 2 and a last CSA
 CONFIG = CONFIGS["a"].replace(num_hidden_layers=7, layer_types=("swa", "swa", "csa", "hca", "csa", "hca", "csa"))
 B, S = 4, 40
-
-
-def rel(a, b):
-    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
-
-
-def batch(config, b=B, s=S):
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, config.vocab_size, size=(b, s)).astype(np.int32)
-    return {"tokens": tokens, "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)),
-            "segment_ids": np.ones((b, s), np.int32), "targets": np.roll(tokens, -1, 1),
-            "loss_mask": np.ones((b, s), np.float32), "mtp_targets": np.roll(tokens, -2, 1),
-            "mtp_mask": np.ones((b, s), np.float32)}
 
 
 def test_plan_of_the_released_flash():
@@ -73,7 +61,7 @@ def test_layouts_round_trip():
 def test_scan_forward_matches_the_loop(remat):
     par = ParallelConfig(remat=remat)
     params = init_params(CONFIG, 0)
-    tokens = batch(CONFIG)["tokens"]
+    tokens = batch(CONFIG, B, S)["tokens"]
     run = jax.jit(lambda p: forward(p, tokens, CONFIG, mtp=True, with_aux=True, parallel=par))
     loop, scanned = run(params), run(stack_layers(params, CONFIG))
     assert rel(scanned["logits"], loop["logits"]) <= 1e-6
@@ -93,7 +81,7 @@ def _step(params, config, par=None, mesh=None, b=None):
     state = init_state(params, opt)
     if mesh is not None:
         state = jax.device_put(state, shard_like_params(state, params, mesh))
-    return make_train_step(config, cfg, opt, par, mesh)(state, b if b is not None else batch(config))
+    return make_train_step(config, cfg, opt, par, mesh)(state, b if b is not None else batch(config, B, S))
 
 
 # 6 layers in two stages (2 x SWA, 2 x (CSA, HCA)), 8 experts to split over the expert axis
@@ -126,7 +114,7 @@ def test_scan_train_step_on_a_mesh_matches_one_device(scan_step):
     shardings = param_shardings(params, mesh)
     assert shardings["stages"][1][0]["ffn"]["experts"]["w1"].spec == jax.sharding.PartitionSpec(
         None, "expert", "tensor", None)
-    b = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in batch(config).items()}
+    b = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in batch(config, B, S).items()}
     _, metrics = _step(jax.device_put(params, shardings), config, par, mesh, b)
     assert int(metrics["dropped_tokens"]) == 0
     alone = scan_step[1]

@@ -72,3 +72,9 @@ def abstract(tree):
 
 def model_config_from_meta(meta: dict) -> ModelConfig:
     return ModelConfig.from_dict(meta["model"])
+
+
+def scan_layers_from_meta(meta: dict) -> bool:
+    """Whether the saved parameters are in the scan layout (checkpoints from before
+    ``parallel.scan_layers`` existed hold the per-layer layout)."""
+    return bool(meta.get("parallel", {}).get("scan_layers", False))

@@ -89,17 +89,22 @@ def stack_layers(params: dict, config: ModelConfig) -> dict:
     return out
 
 
+def _per_layer(stages, config: ModelConfig) -> list:
+    """Stacked trees, one list of ``period`` trees per stage -> the L per-layer trees, in layer order."""
+    layers: list = [None] * config.num_hidden_layers
+    for st, slots in zip(plan(config), stages, strict=True):
+        for j, tree in enumerate(slots):
+            for k, i in enumerate(st.layer_ids(j)):
+                layers[i] = jax.tree.map(lambda a, k=k: a[k], tree)
+    return layers
+
+
 def unstack_layers(params: dict, config: ModelConfig) -> dict:
     """The per-layer list layout of a parameter tree (arrays); unchanged if already so."""
     if "stages" not in params:
         return params
-    layers: list = [None] * config.num_hidden_layers
-    for st, slots in zip(plan(config), params["stages"], strict=True):
-        for j, tree in enumerate(slots):
-            for k, i in enumerate(st.layer_ids(j)):
-                layers[i] = jax.tree.map(lambda a, k=k: a[k], tree)
     out = {k: v for k, v in params.items() if k != "stages"}
-    out["layers"] = layers
+    out["layers"] = _per_layer(params["stages"], config)
     return out
 
 
@@ -107,7 +112,7 @@ def run_stages(x, stages, config: ModelConfig, layer_fn):
     """Run every stage with ``lax.scan``. ``layer_fn(layer)`` gives ``f(x, p) -> (x, info)`` for that
     layer (only its signature may matter: one function serves all repeats). Returns x and the list of
     the L layers' infos, unstacked."""
-    infos: list = [None] * config.num_hidden_layers
+    stacked_infos = []
     for st, slots in zip(plan(config), stages, strict=True):
         fns = [layer_fn(st.start + j) for j in range(st.period)]
 
@@ -119,7 +124,5 @@ def run_stages(x, stages, config: ModelConfig, layer_fn):
             return x, outs
 
         x, outs = jax.lax.scan(unit, x, slots)
-        for j, out in enumerate(outs):
-            for k, i in enumerate(st.layer_ids(j)):
-                infos[i] = jax.tree.map(lambda a, k=k: a[k], out)
-    return x, infos
+        stacked_infos.append(outs)
+    return x, _per_layer(stacked_infos, config)
