@@ -77,6 +77,7 @@ def run(config, devices, backend, dispatch, b, s, steps, remat, scan=True):
     state, m = step(state, batch)
     jax.block_until_ready(m["loss"])
     compile_s = time.perf_counter() - t
+    first_loss, oks = float(m["loss"]), [bool(m["ok"])]
     state, m = step(state, batch)
     jax.block_until_ready(m["loss"])
     times = []
@@ -85,13 +86,14 @@ def run(config, devices, backend, dispatch, b, s, steps, remat, scan=True):
         state, m = step(state, batch)
         jax.block_until_ready(m["loss"])
         times.append(time.perf_counter() - t)
+        oks.append(bool(m["ok"]))
     med = float(np.median(times))
     tps = b * s / med
     peak = PEAK_BF16.get(devices[0].device_kind, float("nan")) * n
     return {"devices": n, "backend": backend, "dispatch": dispatch if n > 1 else "-", "batch": b, "seq": s,
             "remat": remat, "scan": scan, "step_s": med, "step_s_spread": float(np.max(times) - np.min(times)),
             "tokens_per_s": tps, "mfu": flops_per_token(config, s) * tps / peak, "compile_s": compile_s,
-            "loss": float(m["loss"]), "ok": bool(m["ok"]), "dropped": int(m["dropped_tokens"]),
+            "first_loss": first_loss, "loss": float(m["loss"]), "ok_steps": f"{sum(oks)}/{len(oks)}", "dropped": int(m["dropped_tokens"]),
             "peak_mem_gb": max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in devices) / 2**30}
 
 
