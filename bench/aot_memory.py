@@ -8,7 +8,7 @@
 Nothing is allocated: parameters, optimizer state and batch are abstract. ``--devices N`` compiles for
 N fake CPU devices (the CPU backend's memory analysis); on a GPU/TPU host leave it out to use the
 real devices; ``--mock-gpus N`` (on a host with one GPU or more) compiles for N GPUs of that kind
-through jax's mock GPU processes, nothing running; ``--tpu-topology`` compiles for a TPU slice from any host where libtpu is installed:
+through jax's mock GPU topology, nothing running; ``--tpu-topology`` compiles for a TPU slice from any host where libtpu is installed:
 
     pip install 'jax[tpu]==0.10.2'   # in a separate virtual environment
     python bench/aot_memory.py --config configs/v4-flash.yaml --tpu-topology v5p:8x8x4 --mesh fsdp=16,expert=16 \
@@ -39,15 +39,15 @@ def main():
     ap.add_argument("--layers", type=int, default=None, help="keep only the first N layers")
     ap.add_argument("--no-scan", action="store_true", help="unrolled layers instead of jax.lax.scan")
     ap.add_argument("--mock-gpus", type=int, default=None,
-                    help="compile for N GPUs of the first local GPU's kind (jax's mock GPU processes, one GPU each)")
+                    help="compile for N GPUs of the first local GPU's kind (jax's mock GPU topology, 1 x N x 1)")
     ap.add_argument("--tpu-topology", default=None,
                     help="compile for a TPU slice that is not here, e.g. v5p:8x8x4 (needs jax[tpu], i.e. libtpu)")
     args = ap.parse_args()
     if args.devices:
         os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
         os.environ["JAX_PLATFORMS"] = "cpu"
-    if args.mock_gpus:  # N mock processes of one GPU each; the real GPU is only asked for its kind
-        os.environ.update(CUDA_VISIBLE_DEVICES="0", MOCK_NUM_GPU_PROCESSES=str(args.mock_gpus),
+    if args.mock_gpus:  # N mock hosts of one GPU each; the real GPU is only asked for its kind
+        os.environ.update(CUDA_VISIBLE_DEVICES="0", JAX_MOCK_GPU_TOPOLOGY=f"1x{args.mock_gpus}x1",
                           XLA_PYTHON_CLIENT_PREALLOCATE="false")
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0"
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
