@@ -53,6 +53,8 @@ def main():
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import jax
 
+    if args.mock_gpus:
+        jax.config.update("jax_mock_gpu_topology", f"1x{args.mock_gpus}x1")
     from v4jax.config import model_config_from_yaml
     from v4jax.memory import training_memory
     from v4jax.model import param_count
