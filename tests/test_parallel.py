@@ -69,9 +69,13 @@ def test_mesh_matches_single_device(name, params, single):
     cfg = TrainConfig(steps=10)
     opt = make_optimizer(cfg)
     state = init_state(sharded, opt)
-    state = jax.device_put(state, shard_like_params(state, params, mesh))
-    _, metrics = make_train_step(CONFIG, cfg, opt, par, mesh)(state, b)
+    placed = shard_like_params(state, params, mesh)
+    state = jax.device_put(state, placed)
+    new_state, metrics = make_train_step(CONFIG, cfg, opt, par, mesh)(state, b)
     assert int(metrics["dropped_tokens"]) == 0
+    # the state leaves the step as it came in: sharded by the rules, not replicated
+    same = jax.tree.map(lambda a, sh: a.sharding.is_equivalent_to(sh, a.ndim), new_state, placed)
+    assert all(jax.tree.leaves(same))
     for k in ("loss", "grad_norm"):
         assert abs(float(metrics[k]) - single[1][k]) / abs(single[1][k]) <= 1e-4, k
 
