@@ -51,7 +51,7 @@ def check_ragged(config, devices):
     if devices[0].platform == "cpu":  # XLA:CPU has no ragged-all-to-all
         out["ragged"] = None
     else:
-        ragged = jax.jit(lambda *a: routed_experts_ragged(*a, config.swiglu_limit, mesh))(x, idx, w, p["experts"])
+        ragged, _ = jax.jit(lambda *a: routed_experts_ragged(*a, config.swiglu_limit, mesh))(x, idx, w, p["experts"])
         out["ragged"] = float(np.abs(np.asarray(ragged) - ref).max() / np.abs(ref).max())
     capacity, dropped = jax.jit(lambda *a: routed_experts_all_to_all(
         *a, config.swiglu_limit, mesh, capacity_factor=float(len(devices))))(x, idx, w, p["experts"])

@@ -12,7 +12,7 @@ import pytest
 from tests.tiny_configs import CONFIGS
 from v4jax.checkpoint import Checkpointer, abstract
 from v4jax.model import forward, init_params
-from v4jax.moe import routed_experts, routed_experts_all_to_all, route
+from v4jax.moe import route, routed_experts, routed_experts_all_to_all, shared_expert
 from v4jax.parallel import (DEFAULT_RULES, ParallelConfig, ShardingError, batch_sharding, make_mesh,
                             param_shardings, shard_like_params, spec_for, validate_rules)
 from v4jax.trainer import TrainConfig, init_state, make_optimizer, make_train_step
@@ -114,6 +114,56 @@ def test_capacity_dispatch_drops_and_counts():
     assert int(dropped) > 0
     # a token whose choices all arrived is exact; the others lack exactly the dropped experts
     assert rel(small, ref) > 1e-3
+
+
+def _rank_within(keys):
+    """For each position, how many earlier positions hold the same key (numpy, for the references)."""
+    seen, rank = {}, np.zeros(len(keys), np.int64)
+    for i, key in enumerate(keys):
+        rank[i] = seen.get(key, 0)
+        seen[key] = rank[i] + 1
+    return rank
+
+
+def test_capacity_dispatch_counts_each_dropped_pair_once():
+    """The count equals a numpy replay of the dispatch rule (per token shard, the pairs past C =
+    ceil(cf * t_local * k / n_ep) for one destination), also when a tensor axis replicates the tokens."""
+    config = CONFIG
+    p = init_params(config, 0)["layers"][1]["ffn"]
+    x = jax.random.normal(jax.random.PRNGKey(2), (64, config.hidden_size))
+    idx, w, _ = route(x, p["gate"], jnp.zeros(64, jnp.int32), config)
+    n_ep, cf, k = 4, 0.5, idx.shape[1]
+    e_local = config.n_routed_experts // n_ep
+    shards = np.split(np.asarray(idx), n_ep)  # tokens split over the expert axis only
+    cap = -(-int(cf * shards[0].shape[0] * k) // n_ep)
+    expected = sum(int(np.sum(_rank_within(list(sh.reshape(-1) // e_local)) >= cap)) for sh in shards)
+    assert expected > 0
+    for shape in [(1, 1, 4, 1), (1, 1, 4, 2)]:
+        mesh = make_mesh(ParallelConfig(*shape), jax.devices()[:int(np.prod(shape))])
+        _, dropped = routed_experts_all_to_all(x, idx, w, p["experts"], config.swiglu_limit, mesh, capacity_factor=cf)
+        assert int(dropped) == expected, shape
+
+
+def test_padded_backend_counts_its_overflow():
+    """The padded matmul keeps the first ceil(cf * t * k / e) pairs of each expert (in token order)
+    and drops the rest: its output equals the exact MoE with the dropped pairs' weights set to 0,
+    and ``dropped`` counts them."""
+    from v4jax.moe import moe
+
+    config = CONFIG
+    p = init_params(config, 0)["layers"][1]["ffn"]
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 16, config.hidden_size))
+    cf = 0.5
+    y, info = moe(x, p, jnp.zeros((2, 16), jnp.int32), config, ParallelConfig(moe_backend="padded",
+                                                                                capacity_factor=cf))
+    flat = x.reshape(32, -1)
+    idx, w, _ = route(flat, p["gate"], jnp.zeros(32, jnp.int32), config)
+    cap = -(-int(cf * idx.size) // config.n_routed_experts)
+    over = (_rank_within(list(np.asarray(idx).reshape(-1))) >= cap).reshape(idx.shape)
+    assert 0 < over.sum() == int(info["dropped"])
+    kept = routed_experts(flat, idx, jnp.where(over, 0.0, w), p["experts"], config.swiglu_limit)
+    ref = kept + shared_expert(flat, p["shared_experts"], config.swiglu_limit)
+    assert rel(y.reshape(32, -1), ref) <= 1e-5
 
 
 @pytest.mark.parametrize("backend", ["ragged_dot", "padded"])

@@ -74,7 +74,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, backend: str = 
     if backend != "padded":
         raise ValueError(f"unknown grouped-matmul backend {backend!r}")
     m, g = x.shape[0], w.shape[0]
-    cap = max(1, -(-int(capacity_factor * m) // g))
+    cap = padded_capacity(m, g, capacity_factor)
     starts = jnp.cumsum(sizes) - sizes
     group = jnp.searchsorted(jnp.cumsum(sizes), jnp.arange(m), side="right")  # group of each row
     offset = jnp.arange(m) - starts[jnp.minimum(group, g - 1)]
@@ -83,6 +83,18 @@ def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, backend: str = 
     padded = jnp.zeros((g * cap + 1, x.shape[1]), x.dtype).at[slot].set(x)[:-1].reshape(g, cap, -1)
     out = jnp.einsum("gck,gkn->gcn", padded, w.astype(x.dtype)).reshape(g * cap, -1)
     return jnp.where(ok[:, None], out[jnp.minimum(slot, g * cap - 1)], 0).astype(out.dtype)
+
+
+def padded_capacity(m: int, g: int, capacity_factor: float) -> int:
+    """Rows per group of the ``padded`` backend: ceil(capacity_factor * m / g), at least 1."""
+    return max(1, -(-int(capacity_factor * m) // g))
+
+
+def padded_overflow(sizes: jax.Array, m: int, capacity_factor: float) -> jax.Array:
+    """Rows the ``padded`` backend leaves without output: those past their group's capacity, for a
+    grouped matmul of m rows with group sizes ``sizes`` [g]. An int32 scalar."""
+    cap = padded_capacity(m, sizes.shape[0], capacity_factor)
+    return jnp.sum(jnp.maximum(sizes - cap, 0)).astype(jnp.int32)
 
 
 def zero_unvisited_rows(matmul, x: jax.Array, w: jax.Array, sizes: jax.Array) -> jax.Array:
@@ -131,7 +143,8 @@ def routed_experts_all_to_all(x, idx, weights, p, limit, mesh, backend="ragged_d
     sends every (token, choice) to the device holding its expert, at most C = ceil(capacity_factor *
     t_local * k / n_ep) rows per destination (the rest are dropped and counted); the receiver runs
     its experts and sends the results back, where they are summed per token.
-    Returns (y [t, d] fp32, dropped: number of dropped (token, choice) pairs over all devices).
+    Returns (y [t, d] fp32, dropped: number of dropped (token, choice) pairs over all devices, at
+    the dispatch or, with the ``padded`` backend, past an expert's capacity on the receiver).
     """
     from v4jax.parallel import DEFAULT_RULES  # noqa: PLC0415
 
@@ -168,7 +181,10 @@ def routed_experts_all_to_all(x, idx, weights, p, limit, mesh, backend="ragged_d
         ys = jnp.where((recv_e < e_local)[:, None], ys, 0.0)
         back = a2a(ys)
         got = jnp.where(keep[:, None], back[jnp.minimum(slot, n_ep * cap - 1)], 0.0)
-        dropped = jax.lax.psum(jnp.sum(~keep), mesh.axis_names)
+        dropped = jnp.sum(~keep)
+        if backend == "padded":
+            dropped += padded_overflow(sizes, recv_x.shape[0], capacity_factor)
+        dropped = jax.lax.psum(dropped, batch_axes)  # tokens are replicated over the other axes
         return jnp.sum(got.reshape(-1, k, d), axis=1), dropped
 
     fn = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, exp, exp, exp), out_specs=(tok, P()),
@@ -176,13 +192,14 @@ def routed_experts_all_to_all(x, idx, weights, p, limit, mesh, backend="ragged_d
     return fn(x, idx, weights, p["w1"], p["w3"], p["w2"])
 
 
-def routed_experts_ragged(x, idx, weights, p, limit, mesh, backend="ragged_dot"):
+def routed_experts_ragged(x, idx, weights, p, limit, mesh, backend="ragged_dot", capacity_factor=2.0):
     """Dropless expert parallelism with jax.lax.ragged_all_to_all (GPU/TPU; XLA:CPU lacks it).
 
     Each device sorts its (token, choice) pairs by expert, sends each destination exactly its rows,
     the receiver groups what it got by local expert, runs them, and the results travel back the same
-    way. The receive buffer is sized for the worst case (every pair of every peer), so nothing drops.
-    Returns y [t, d] fp32.
+    way. The receive buffer is sized for the worst case (every pair of every peer), so the dispatch
+    drops nothing. Returns (y [t, d] fp32, dropped): dropped counts the (token, choice) pairs past an
+    expert's capacity in the ``padded`` backend (0 with the others), over all devices.
     """
     from v4jax.parallel import DEFAULT_RULES  # noqa: PLC0415
 
@@ -223,23 +240,26 @@ def routed_experts_ragged(x, idx, weights, p, limit, mesh, backend="ragged_dot")
         re = jnp.where(valid, re, e_local)
         grp = jnp.argsort(re, stable=True)
         sizes = jnp.sum(recv_counts, axis=0).astype(jnp.int32)
-        ys = expert_ffn(rx[grp], sizes, rw[grp], {"w1": w1, "w3": w3, "w2": w2}, limit, backend)
+        ys = expert_ffn(rx[grp], sizes, rw[grp], {"w1": w1, "w3": w3, "w2": w2}, limit, backend, capacity_factor)
         ys = jnp.zeros_like(ys).at[grp].set(ys)
         ys = jnp.where(valid[:, None], ys, 0.0)
         recv_offsets = jnp.cumsum(recv_sizes) - recv_sizes
         back = send(ys, m, recv_offsets, recv_sizes, all_offsets[:, me], send_sizes)
         out = jnp.zeros((m, d), F32).at[order].set(back)
-        return jnp.sum(out.reshape(-1, k, d), axis=1)
+        dropped = padded_overflow(sizes, cap, capacity_factor) if backend == "padded" else jnp.zeros((), jnp.int32)
+        return jnp.sum(out.reshape(-1, k, d), axis=1), jax.lax.psum(dropped, batch_axes)
 
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, exp, exp, exp), out_specs=tok, check_vma=False)
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, exp, exp, exp), out_specs=(tok, P()),
+                       check_vma=False)
     return fn(x, idx, weights, p["w1"], p["w3"], p["w2"])
 
 
 def moe(x: jax.Array, p: dict, token_ids: jax.Array, config: ModelConfig, parallel=None, mesh=None):
     """x [b, s, d] (the ffn_norm output), token_ids [b, s] -> (y [b, s, d] in x.dtype, routing info).
 
-    The routing info (idx [b, s, k], scores [b, s, e]) feeds the balance loss and bias update; with
-    expert parallelism it also counts ``dropped`` (token, expert) pairs. ``parallel`` is a
+    The routing info (idx [b, s, k], scores [b, s, e]) feeds the balance loss and bias update;
+    ``dropped`` counts the (token, expert) pairs that got no expert output: over the capacity
+    dispatch's per-device limit, or over an expert's capacity in the ``padded`` backend. ``parallel`` is a
     ``v4jax.parallel.ParallelConfig``; ``mesh`` with an ``expert`` axis > 1 turns expert parallelism on.
     """
     b, s, d = x.shape
@@ -247,15 +267,16 @@ def moe(x: jax.Array, p: dict, token_ids: jax.Array, config: ModelConfig, parall
     idx, w, scores = route(flat, p["gate"], token_ids.reshape(-1), config)
     backend = parallel.moe_backend if parallel else "ragged_dot"
     cf = parallel.capacity_factor if parallel else 2.0
-    dropped = jnp.zeros((), jnp.int32)
     if mesh is not None and mesh.shape.get("expert", 1) > 1:
-        if parallel is not None and parallel.moe_dispatch == "ragged":
-            y = routed_experts_ragged(flat, idx, w, p["experts"], config.swiglu_limit, mesh, backend)
-        else:
-            y, dropped = routed_experts_all_to_all(flat, idx, w, p["experts"], config.swiglu_limit, mesh,
-                                                   backend, cf)
+        dispatch = routed_experts_ragged if parallel is not None and parallel.moe_dispatch == "ragged" \
+            else routed_experts_all_to_all
+        y, dropped = dispatch(flat, idx, w, p["experts"], config.swiglu_limit, mesh, backend, cf)
     else:
         y = routed_experts(flat, idx, w, p["experts"], config.swiglu_limit, backend, cf)
+        dropped = jnp.zeros((), jnp.int32)
+        if backend == "padded":
+            sizes = jnp.bincount(idx.reshape(-1), length=p["experts"]["w1"].shape[0])
+            dropped = padded_overflow(sizes, idx.size, cf)
     y = y + shared_expert(flat, p["shared_experts"], config.swiglu_limit)
     info = {"idx": idx.reshape(b, s, -1), "scores": scores.reshape(b, s, -1), "dropped": dropped}
     return y.astype(x.dtype).reshape(b, s, d), info

@@ -48,7 +48,7 @@ class ParallelConfig:
     runs everywhere, drops tokens over capacity and counts them) or "ragged" (dropless
     ragged_all_to_all; GPU/TPU only). moe_backend: grouped matmul "ragged_dot" (reference),
     "padded" (sort-and-pad into a batched matmul with per-expert capacity capacity_factor x the mean
-    load; rows past it get no expert output and are not yet counted in ``dropped_tokens``) or "tokamax".
+    load; rows past it get no expert output and are counted in ``dropped_tokens``) or "tokamax".
     """
 
     data: int = -1
