@@ -7,8 +7,8 @@
 
 Nothing is allocated: parameters, optimizer state and batch are abstract. ``--devices N`` compiles for
 N fake CPU devices (the CPU backend's memory analysis); on a GPU/TPU host leave it out to use the
-real devices; ``--mock-gpus N`` (on a host with one GPU or more) compiles for N GPUs of that kind
-through jax's mock GPU topology, nothing running; ``--tpu-topology`` compiles for a TPU slice from any host where libtpu is installed:
+real devices; ``--mock-gpus N`` (on a host with a GPU) compiles for N GPUs of that kind through
+jax's mock GPU topology; ``--tpu-topology`` compiles for a TPU slice from any host with libtpu:
 
     pip install 'jax[tpu]==0.10.2'   # in a separate virtual environment
     python bench/aot_memory.py --config configs/v4-flash.yaml --tpu-topology v5p:8x8x4 --mesh fsdp=16,expert=16 \
@@ -47,13 +47,12 @@ def main():
         os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
         os.environ["JAX_PLATFORMS"] = "cpu"
     if args.mock_gpus:  # N mock hosts of one GPU each; the real GPU is only asked for its kind
-        os.environ.update(CUDA_VISIBLE_DEVICES="0", JAX_MOCK_GPU_TOPOLOGY=f"1x{args.mock_gpus}x1",
-                          XLA_PYTHON_CLIENT_PREALLOCATE="false")
+        os.environ.update(CUDA_VISIBLE_DEVICES="0", XLA_PYTHON_CLIENT_PREALLOCATE="false")
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0"
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import jax
 
-    if args.mock_gpus:
+    if args.mock_gpus:  # through jax.config: jax 0.11.2 ignored the JAX_MOCK_GPU_TOPOLOGY variable
         jax.config.update("jax_mock_gpu_topology", f"1x{args.mock_gpus}x1")
     from v4jax.config import model_config_from_yaml
     from v4jax.memory import training_memory

@@ -259,8 +259,9 @@ def moe(x: jax.Array, p: dict, token_ids: jax.Array, config: ModelConfig, parall
 
     The routing info (idx [b, s, k], scores [b, s, e]) feeds the balance loss and bias update;
     ``dropped`` counts the (token, expert) pairs that got no expert output: over the capacity
-    dispatch's per-device limit, or over an expert's capacity in the ``padded`` backend. ``parallel`` is a
-    ``v4jax.parallel.ParallelConfig``; ``mesh`` with an ``expert`` axis > 1 turns expert parallelism on.
+    dispatch's per-device limit, or over an expert's capacity in the ``padded`` backend.
+    ``parallel`` is a ``v4jax.parallel.ParallelConfig``; ``mesh`` with an ``expert`` axis > 1 turns
+    expert parallelism on.
     """
     b, s, d = x.shape
     flat = x.reshape(b * s, d)
