@@ -93,7 +93,8 @@ def run(config, devices, backend, dispatch, b, s, steps, remat, scan=True):
     return {"devices": n, "backend": backend, "dispatch": dispatch if n > 1 else "-", "batch": b, "seq": s,
             "remat": remat, "scan": scan, "step_s": med, "step_s_spread": float(np.max(times) - np.min(times)),
             "tokens_per_s": tps, "mfu": flops_per_token(config, s) * tps / peak, "compile_s": compile_s,
-            "first_loss": first_loss, "loss": float(m["loss"]), "ok_steps": f"{sum(oks)}/{len(oks)}", "dropped": int(m["dropped_tokens"]),
+            "first_loss": first_loss, "loss": float(m["loss"]), "ok_steps": f"{sum(oks)}/{len(oks)}",
+            "dropped": int(m["dropped_tokens"]),
             "peak_mem_gb": max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in devices) / 2**30}
 
 
