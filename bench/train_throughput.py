@@ -46,7 +46,7 @@ def check_ragged(config, devices):
     p = init_params(small, 0)["layers"][-1]["ffn"]
     x = jax.random.normal(jax.random.PRNGKey(0), (512, config.hidden_size), jnp.float32)
     idx, w, _ = route(x, p["gate"], jnp.zeros(512, jnp.int32), config)
-    ref = np.asarray(routed_experts(x, idx, w, p["experts"], config.swiglu_limit))
+    ref = np.asarray(routed_experts(x, idx, w, p["experts"], config.swiglu_limit)[0])
     out = {}
     if devices[0].platform == "cpu":  # XLA:CPU has no ragged-all-to-all
         out["ragged"] = None

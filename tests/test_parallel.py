@@ -106,7 +106,7 @@ def test_capacity_dispatch_drops_and_counts():
     p = init_params(config, 0)["layers"][1]["ffn"]
     x = jax.random.normal(jax.random.PRNGKey(0), (64, config.hidden_size))
     idx, w, _ = route(x, p["gate"], jnp.zeros(64, jnp.int32), config)
-    ref = routed_experts(x, idx, w, p["experts"], config.swiglu_limit)
+    ref, _ = routed_experts(x, idx, w, p["experts"], config.swiglu_limit)
     full, dropped = routed_experts_all_to_all(x, idx, w, p["experts"], config.swiglu_limit, mesh, capacity_factor=8.0)
     assert int(dropped) == 0 and rel(full, ref) <= 1e-5
     small, dropped = routed_experts_all_to_all(x, idx, w, p["experts"], config.swiglu_limit, mesh,
@@ -161,7 +161,7 @@ def test_padded_backend_counts_its_overflow():
     cap = -(-int(cf * idx.size) // config.n_routed_experts)
     over = (_rank_within(list(np.asarray(idx).reshape(-1))) >= cap).reshape(idx.shape)
     assert 0 < over.sum() == int(info["dropped"])
-    kept = routed_experts(flat, idx, jnp.where(over, 0.0, w), p["experts"], config.swiglu_limit)
+    kept, _ = routed_experts(flat, idx, jnp.where(over, 0.0, w), p["experts"], config.swiglu_limit)
     ref = kept + shared_expert(flat, p["shared_experts"], config.swiglu_limit)
     assert rel(y.reshape(32, -1), ref) <= 1e-5
 
@@ -172,8 +172,8 @@ def test_grouped_matmul_backends(backend):
     p = init_params(config, 0)["layers"][1]["ffn"]
     x = jax.random.normal(jax.random.PRNGKey(1), (40, config.hidden_size))
     idx, w, _ = route(x, p["gate"], jnp.zeros(40, jnp.int32), config)
-    ref = routed_experts(x, idx, w, p["experts"], config.swiglu_limit)
-    got = routed_experts(x, idx, w, p["experts"], config.swiglu_limit, backend, capacity_factor=8.0)
+    ref, _ = routed_experts(x, idx, w, p["experts"], config.swiglu_limit)
+    got, _ = routed_experts(x, idx, w, p["experts"], config.swiglu_limit, backend, capacity_factor=8.0)
     assert rel(got, ref) <= 1e-5
     mesh = make_mesh(ParallelConfig(2, 1, 4, 1))
     got, _ = routed_experts_all_to_all(x, idx, w, p["experts"], config.swiglu_limit, mesh, backend, 8.0)

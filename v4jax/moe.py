@@ -74,7 +74,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, backend: str = 
     if backend != "padded":
         raise ValueError(f"unknown grouped-matmul backend {backend!r}")
     m, g = x.shape[0], w.shape[0]
-    cap = padded_capacity(m, g, capacity_factor)
+    cap = capacity(m, g, capacity_factor)
     starts = jnp.cumsum(sizes) - sizes
     group = jnp.searchsorted(jnp.cumsum(sizes), jnp.arange(m), side="right")  # group of each row
     offset = jnp.arange(m) - starts[jnp.minimum(group, g - 1)]
@@ -85,16 +85,10 @@ def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, backend: str = 
     return jnp.where(ok[:, None], out[jnp.minimum(slot, g * cap - 1)], 0).astype(out.dtype)
 
 
-def padded_capacity(m: int, g: int, capacity_factor: float) -> int:
-    """Rows per group of the ``padded`` backend: ceil(capacity_factor * m / g), at least 1."""
-    return max(1, -(-int(capacity_factor * m) // g))
-
-
-def padded_overflow(sizes: jax.Array, m: int, capacity_factor: float) -> jax.Array:
-    """Rows the ``padded`` backend leaves without output: those past their group's capacity, for a
-    grouped matmul of m rows with group sizes ``sizes`` [g]. An int32 scalar."""
-    cap = padded_capacity(m, sizes.shape[0], capacity_factor)
-    return jnp.sum(jnp.maximum(sizes - cap, 0)).astype(jnp.int32)
+def capacity(rows: int, groups: int, capacity_factor: float) -> int:
+    """Slots per group of a fixed-capacity buffer: ceil(capacity_factor * rows / groups), at least 1
+    (the padded matmul's per-expert capacity, the capacity dispatch's per-destination one)."""
+    return max(1, -(-int(capacity_factor * rows) // groups))
 
 
 def zero_unvisited_rows(matmul, x: jax.Array, w: jax.Array, sizes: jax.Array) -> jax.Array:
@@ -109,31 +103,37 @@ def zero_unvisited_rows(matmul, x: jax.Array, w: jax.Array, sizes: jax.Array) ->
 
 
 def expert_ffn(xs: jax.Array, sizes: jax.Array, weights: jax.Array, p: dict, limit: float, backend: str,
-               capacity_factor: float = 2.0) -> jax.Array:
+               capacity_factor: float = 2.0) -> tuple[jax.Array, jax.Array]:
     """The routed SwiGLU on rows grouped by expert. xs [m, d] sorted by expert, sizes [e],
-    weights [m] routing weight per row (applied before w2). Returns [m, d] fp32."""
+    weights [m] routing weight per row (applied before w2). Returns (ys [m, d] fp32, dropped): the
+    rows that got no output, those past an expert's capacity in the ``padded`` backend (0 otherwise)."""
     w1 = jnp.swapaxes(p["w1"], 1, 2).astype(xs.dtype)  # [e, d, f]
     w3 = jnp.swapaxes(p["w3"], 1, 2).astype(xs.dtype)
     w2 = jnp.swapaxes(p["w2"], 1, 2).astype(xs.dtype)  # [e, f, d]
     mm = lambda a, w: grouped_matmul(a, w, sizes, backend, capacity_factor)  # noqa: E731
     hidden = swiglu_hidden(mm(xs, w1), mm(xs, w3), limit)
     hidden = (hidden * weights[:, None]).astype(xs.dtype)
-    return mm(hidden, w2).astype(F32)
+    dropped = jnp.zeros((), jnp.int32)
+    if backend == "padded":
+        cap = capacity(xs.shape[0], sizes.shape[0], capacity_factor)
+        dropped = jnp.sum(jnp.maximum(sizes - cap, 0)).astype(jnp.int32)
+    return mm(hidden, w2).astype(F32), dropped
 
 
 def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, p: dict, limit: float,
-                   backend: str = "ragged_dot", capacity_factor: float = 2.0) -> jax.Array:
+                   backend: str = "ragged_dot", capacity_factor: float = 2.0) -> tuple[jax.Array, jax.Array]:
     """Single-device path: sort token copies by expert, one grouped matmul per projection.
 
-    x [t, d]; idx, weights [t, k]; p {w1 [e, f, d], w3 [e, f, d], w2 [e, d, f]}. Returns [t, d] fp32.
+    x [t, d]; idx, weights [t, k]; p {w1 [e, f, d], w3 [e, f, d], w2 [e, d, f]}. Returns (y [t, d]
+    fp32, dropped (token, choice) pairs: the ``padded`` backend's overflow).
     """
     t, k = idx.shape
     flat = idx.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     sizes = jnp.bincount(flat, length=p["w1"].shape[0]).astype(jnp.int32)
-    ys = expert_ffn(x[order // k], sizes, weights.reshape(-1)[order], p, limit, backend, capacity_factor)
+    ys, dropped = expert_ffn(x[order // k], sizes, weights.reshape(-1)[order], p, limit, backend, capacity_factor)
     out = jnp.zeros_like(ys).at[order].set(ys)  # back to (token, slot) order
-    return jnp.sum(out.reshape(t, k, -1), axis=1)
+    return jnp.sum(out.reshape(t, k, -1), axis=1), dropped
 
 
 def routed_experts_all_to_all(x, idx, weights, p, limit, mesh, backend="ragged_dot", capacity_factor=2.0):
@@ -154,7 +154,7 @@ def routed_experts_all_to_all(x, idx, weights, p, limit, mesh, backend="ragged_d
     e_local = p["w1"].shape[0] // n_ep
     t_local = x.shape[0] // n_tok
     k = idx.shape[1]
-    cap = max(1, -(-int(capacity_factor * t_local * k) // n_ep))
+    cap = capacity(t_local * k, n_ep, capacity_factor)
     tok = P(batch_axes or None, None)
     exp = P("expert", None, None)
 
@@ -175,16 +175,13 @@ def routed_experts_all_to_all(x, idx, weights, p, limit, mesh, backend="ragged_d
         recv_x, recv_e, recv_w = a2a(send_x), a2a(send_e), a2a(send_w)
         order = jnp.argsort(recv_e, stable=True)  # empty slots (id e_local) sort last
         sizes = jnp.bincount(recv_e, length=e_local + 1)[:e_local].astype(jnp.int32)
-        ys = expert_ffn(recv_x[order], sizes, recv_w[order], {"w1": w1, "w3": w3, "w2": w2}, limit, backend,
-                        capacity_factor)
+        ys, overflow = expert_ffn(recv_x[order], sizes, recv_w[order], {"w1": w1, "w3": w3, "w2": w2}, limit,
+                                  backend, capacity_factor)
         ys = jnp.zeros_like(ys).at[order].set(ys)
         ys = jnp.where((recv_e < e_local)[:, None], ys, 0.0)
         back = a2a(ys)
         got = jnp.where(keep[:, None], back[jnp.minimum(slot, n_ep * cap - 1)], 0.0)
-        dropped = jnp.sum(~keep)
-        if backend == "padded":
-            dropped += padded_overflow(sizes, recv_x.shape[0], capacity_factor)
-        dropped = jax.lax.psum(dropped, batch_axes)  # tokens are replicated over the other axes
+        dropped = jax.lax.psum(jnp.sum(~keep) + overflow, batch_axes)  # tokens are replicated over the rest
         return jnp.sum(got.reshape(-1, k, d), axis=1), dropped
 
     fn = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, exp, exp, exp), out_specs=(tok, P()),
@@ -240,13 +237,13 @@ def routed_experts_ragged(x, idx, weights, p, limit, mesh, backend="ragged_dot",
         re = jnp.where(valid, re, e_local)
         grp = jnp.argsort(re, stable=True)
         sizes = jnp.sum(recv_counts, axis=0).astype(jnp.int32)
-        ys = expert_ffn(rx[grp], sizes, rw[grp], {"w1": w1, "w3": w3, "w2": w2}, limit, backend, capacity_factor)
+        ys, dropped = expert_ffn(rx[grp], sizes, rw[grp], {"w1": w1, "w3": w3, "w2": w2}, limit, backend,
+                                 capacity_factor)
         ys = jnp.zeros_like(ys).at[grp].set(ys)
         ys = jnp.where(valid[:, None], ys, 0.0)
         recv_offsets = jnp.cumsum(recv_sizes) - recv_sizes
         back = send(ys, m, recv_offsets, recv_sizes, all_offsets[:, me], send_sizes)
         out = jnp.zeros((m, d), F32).at[order].set(back)
-        dropped = padded_overflow(sizes, cap, capacity_factor) if backend == "padded" else jnp.zeros((), jnp.int32)
         return jnp.sum(out.reshape(-1, k, d), axis=1), jax.lax.psum(dropped, batch_axes)
 
     fn = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, exp, exp, exp), out_specs=(tok, P()),
@@ -273,11 +270,7 @@ def moe(x: jax.Array, p: dict, token_ids: jax.Array, config: ModelConfig, parall
             else routed_experts_all_to_all
         y, dropped = dispatch(flat, idx, w, p["experts"], config.swiglu_limit, mesh, backend, cf)
     else:
-        y = routed_experts(flat, idx, w, p["experts"], config.swiglu_limit, backend, cf)
-        dropped = jnp.zeros((), jnp.int32)
-        if backend == "padded":
-            sizes = jnp.bincount(idx.reshape(-1), length=p["experts"]["w1"].shape[0])
-            dropped = padded_overflow(sizes, idx.size, cf)
+        y, dropped = routed_experts(flat, idx, w, p["experts"], config.swiglu_limit, backend, cf)
     y = y + shared_expert(flat, p["shared_experts"], config.swiglu_limit)
     info = {"idx": idx.reshape(b, s, -1), "scores": scores.reshape(b, s, -1), "dropped": dropped}
     return y.astype(x.dtype).reshape(b, s, d), info
