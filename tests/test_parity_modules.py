@@ -86,7 +86,7 @@ def test_attention(case):
         with torch.no_grad():
             want = layer.self_attn(x, kw["position_embeddings"], kw["position_ids"], kw["attention_mask"])[0]
         run = jax.jit(attention, static_argnums=(2, 3))
-        got = run(jnp.asarray(x.numpy()), model.params["layers"][i]["attn"], config, i, positions, segments)
+        got, _ = run(jnp.asarray(x.numpy()), model.params["layers"][i]["attn"], config, i, positions, segments)
         assert rel_err(got, want.numpy()) <= TOLERANCE, f"layer {i} ({config.layer_type(i)})"
 
 

@@ -1,12 +1,29 @@
 """DeepSeek-V4 attention: sliding window + compressed entries (CSA/HCA) + sink, one softmax (spec §2.6).
 
-Shape letters: b batch, s tokens, h heads, c head dim, n compressed entries, m compression ratio,
-u window chunk, w query within a chunk, j key within two chunks, g output groups.
+Shape letters: b batch, s tokens, h heads, c head dim, e compressed entries, k slots of a query's
+compressed index list, u query blocks, q query within a block, j window key of a block, g output
+groups. m is a layer's compression ratio.
 
 Every layer has the sliding-window branch over one shared K=V head. A compressed layer adds entries
 that pool m tokens each (``HCA``: m tokens; ``CSA``: 2m overlapping tokens, then a lightning indexer
 picks the top-k entries per query). All keys, plus a per-head sink logit with a zero value, share
 one softmax. The output is de-rotated at the query position and projected through g groups.
+
+**Index-list form** (the official code's). Query t attends to one list of keys:
+
+    window slots      t-W+1 .. t          (none before the row's start or in another document)
+    compressed slots  CSA: the indexer's top-k entries (-1 padded)
+                      HCA: every entry, of which t sees those of its document that ended by t
+
+``sparse_attention`` runs that list over blocks of queries (``jax.lax.map``, each block under
+``jax.checkpoint``), so no tensor holds both a query axis and a full key or entry axis: memory is
+linear in the sequence. Two parts of a list are contiguous and are read as slices rather than
+gathered: a block of W queries finds all its window slots among the 2W keys ending at the block, and
+"every entry" is the entry array itself under a visibility mask. Only CSA's top-k is gathered. The
+arithmetic is that of gathering the list.
+
+The lightning indexer (``indexer_topk``) likewise scores blocks of queries against blocks of
+entries, merging a running top-k, and never holds the [b, s, e] score matrix.
 
 Packed sequences: ``segment_ids`` separate documents and ``positions`` restart at 0 in each one.
 Compression runs per document (a block is m consecutive tokens of one document, starting at a
@@ -16,6 +33,8 @@ another document.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -24,20 +43,44 @@ from v4jax.layers import F32, apply_rope, linear, linear_f32, rms_norm, rope_ang
 
 NEG_INF = -jnp.inf
 
+# Default chunk sizes (``v4jax.parallel.ParallelConfig`` sets them per run). They trade memory for
+# loop steps and never change a result.
+QUERY_CHUNK = 512  # queries per step of the attention and of the indexer
+KEY_CHUNK = 4096  # entries per step of the indexer's running top-k
+
 
 # --------------------------------------------------------------------------------------------------
 # Compressed entries
 
 
+class Entries(NamedTuple):
+    """A layer's compressed entries and what decides which queries see them (all [b, e] but keys).
+
+    Query t sees entry i iff ``valid[i]``, ``seg[i] == seg(t)`` and ``last[i] <= position(t)``: the
+    whole block (and for CSA the block before it) is at or before t, in t's document.
+    """
+
+    keys: jax.Array  # [b, e, c] pooled, normalised, RoPE at the block's first position
+    seg: jax.Array  # document id of the block
+    last: jax.Array  # document position of the block's last token
+    last_row: jax.Array  # row index of the block's last token (bounds the indexer's scan)
+    valid: jax.Array  # a complete block (slots past the row's count of blocks are not)
+
+    def visible(self, seg: jax.Array, pos: jax.Array) -> jax.Array:
+        """Which entries queries with segment ids and positions [b, q] see: [b, q, e] bool."""
+        return (self.valid[:, None, :] & (self.seg[:, None, :] == seg[:, :, None])
+                & (self.last[:, None, :] <= pos[:, :, None]))
+
+
 def compressed_entries(positions: jax.Array, segment_ids: jax.Array, m: int):
     """Where the complete m-token blocks of each document start.
 
-    positions, segment_ids: [b, s]. Returns (start [b, n], valid [b, n]) with n = s // m, the row
+    positions, segment_ids: [b, s]. Returns (start [b, e], valid [b, e]) with e = s // m, the row
     index of each block's first token, in order; entries past the row's count are not valid.
     """
     b, s = positions.shape
-    n = s // m
-    if n == 0:
+    e = s // m
+    if e == 0:
         return jnp.zeros((b, 0), jnp.int32), jnp.zeros((b, 0), bool)
     last = jnp.arange(s) + (m - 1)
     last_c = jnp.minimum(last, s - 1)
@@ -46,10 +89,10 @@ def compressed_entries(positions: jax.Array, segment_ids: jax.Array, m: int):
     )
     is_start = (positions % m == 0) & (last < s) & same_doc
     rank = jnp.cumsum(is_start, axis=1) - 1
-    slot = jnp.where(is_start, rank, n)  # n: out of range, dropped
-    start = jnp.zeros((b, n), jnp.int32)
+    slot = jnp.where(is_start, rank, e)  # e: out of range, dropped
+    start = jnp.zeros((b, e), jnp.int32)
     start = jax.vmap(lambda st, sl: st.at[sl].set(jnp.arange(s, dtype=jnp.int32), mode="drop"))(start, slot)
-    valid = jnp.arange(n)[None, :] < jnp.sum(is_start, axis=1, keepdims=True)
+    valid = jnp.arange(e)[None, :] < jnp.sum(is_start, axis=1, keepdims=True)
     return start, valid
 
 
@@ -58,17 +101,16 @@ def compress(x: jax.Array, p: dict, start: jax.Array, first_block: jax.Array, m:
     """Pool m (HCA) or 2m overlapping (CSA) tokens per entry with a learned per-channel softmax.
 
     x: [b, s, d]; p: {wkv [k*c, d], wgate [k*c, d], ape [m, k*c], norm [c]} with k = 2 if overlap.
-    start: [b, n] first token of each entry; first_block: [b, n] the entry is its document's first.
-    Returns the normalised entries [b, n, c] in x.dtype (RoPE not yet applied).
+    start: [b, e] first token of each entry; first_block: [b, e] the entry is its document's first.
+    Returns the normalised entries [b, e, c] in x.dtype (RoPE not yet applied).
     """
     kv = linear_f32(x, p["wkv"])  # [b, s, k*c], projections in fp32
     gate = linear_f32(x, p["wgate"])
     c = p["norm"].shape[0]
     ape = p["ape"].astype(F32)
-    offsets = jnp.arange(m)
-    cur = start[..., None] + offsets  # [b, n, m] token indices of the block itself
+    cur = start[..., None] + jnp.arange(m)  # [b, e, m] token indices of the block itself
 
-    def gather(t, idx):  # t [b, s, f], idx [b, n, m] -> [b, n, m, f]
+    def gather(t, idx):  # t [b, s, f], idx [b, e, m] -> [b, e, m, f]
         return jax.vmap(lambda tb, ib: tb[ib])(t, jnp.clip(idx, 0, t.shape[1] - 1))
 
     if overlap:
@@ -82,112 +124,210 @@ def compress(x: jax.Array, p: dict, start: jax.Array, first_block: jax.Array, m:
     else:
         vals = gather(kv, cur)
         logits = gather(gate, cur) + ape
-    pooled = jnp.sum(jax.nn.softmax(logits, axis=2) * vals, axis=2)  # [b, n, c] fp32
+    pooled = jnp.sum(jax.nn.softmax(logits, axis=2) * vals, axis=2)  # [b, e, c] fp32
     return rms_norm(pooled.astype(x.dtype), p["norm"], eps)
 
 
-def _entries(x, p, positions, segment_ids, m, overlap, freqs, eps):
-    """Compressed keys [b, n, c] with RoPE at the block's first position, and visibility [b, s, n]."""
+def make_entries(x, p, positions, segment_ids, m: int, overlap: bool, freqs, eps: float) -> Entries:
+    """The compressed entries of x [b, s, d] with the compressor p, RoPE'd at each block's first position."""
     start, valid = compressed_entries(positions, segment_ids, m)
     block_pos = jnp.take_along_axis(positions, start, axis=1)  # = block index * m
-    entries = compress(x, p, start, block_pos == 0, m, overlap, eps)
-    entries = apply_rope(entries, *rope_angles(freqs, block_pos))
-    entry_seg = jnp.take_along_axis(segment_ids, start, axis=1)
-    # query t may use entry w of its own document iff the block ended at or before t
-    visible = (
-        valid[:, None, :]
-        & (entry_seg[:, None, :] == segment_ids[:, :, None])
-        & (block_pos[:, None, :] // m < (positions[:, :, None] + 1) // m)
-    )
-    return entries, visible
-
-
-def indexer_select(x, cq, p, positions, segment_ids, config: ModelConfig, freqs, m):
-    """Lightning indexer: which compressed entries each query uses.
-
-    I[t, w] = sum_h wI[t, h] * relu(qI[t, h] . KI[w]) over visible w; keep the top index_topk.
-    Scores are computed in fp32. The indexer's inputs are detached: the selection carries no
-    gradient, and the indexer's own training loss (``v4jax.losses.indexer_kl``) reaches only its
-    parameters. Returns (selected [b, s, n] bool, scores [b, s, n] fp32 with -inf where not visible).
-    """
-    x, cq = jax.lax.stop_gradient(x), jax.lax.stop_gradient(cq)
-    b, s, _ = x.shape
-    keys, visible = _entries(x, p["compressor"], positions, segment_ids, m, True, freqs, config.rms_norm_eps)
-    hi, ci = config.index_n_heads, config.index_head_dim
-    q = linear(cq, p["wq_b"]).reshape(b, s, hi, ci)
-    q = apply_rope(q, *rope_angles(freqs, positions))
-    weights = linear_f32(x, p["weights_proj"]) * (ci**-0.5 * hi**-0.5)  # [b, s, hi]
-    dots = jnp.einsum("bshc,bnc->bshn", q.astype(F32), keys.astype(F32))
-    scores = jnp.einsum("bsh,bshn->bsn", weights, jax.nn.relu(dots))
-    scores = jnp.where(visible, scores, NEG_INF)
-    k = min(config.index_topk, keys.shape[1])
-    _, top = jax.lax.top_k(jax.lax.stop_gradient(scores), k)  # [b, s, k]
-    picked = jnp.zeros(scores.shape, bool)
-    picked = jax.vmap(jax.vmap(lambda row, idx: row.at[idx].set(True)))(picked, top)
-    return picked & visible, scores  # picks that landed on masked entries are dropped
+    keys = compress(x, p, start, block_pos == 0, m, overlap, eps)
+    keys = apply_rope(keys, *rope_angles(freqs, block_pos))
+    return Entries(keys, jnp.take_along_axis(segment_ids, start, axis=1), block_pos + (m - 1), start + (m - 1),
+                   valid)
 
 
 # --------------------------------------------------------------------------------------------------
-# Core attention: window chunks and compressed entries in one softmax with a sink
+# Lightning indexer
 
 
-def _window_keys(kv: jax.Array, chunk: int):
-    """kv [b, S, c] (S a multiple of chunk) -> keys of chunk u and u-1: [b, u, 2*chunk, c]."""
-    b, S, c = kv.shape
-    k = kv.reshape(b, S // chunk, chunk, c)
-    prev = jnp.pad(k, ((0, 0), (1, 0), (0, 0), (0, 0)))[:, :-1]
-    return jnp.concatenate([prev, k], axis=2)
+def _index_scores(w: jax.Array, dots: jax.Array) -> jax.Array:
+    """I = sum_h w[h] * relu(dots[h]): w [b, q, h] fp32, dots [b, q, h, k] fp32 -> [b, q, k]."""
+    return jnp.einsum("bqh,bqhk->bqk", w, jax.nn.relu(dots))
 
 
-def core_attention(q, kv, sink, window, segment_ids, entries=None, entry_mask=None, entry_probs=False):
-    """One softmax over window keys, compressed entries and the sink; value = key.
+def indexer_inputs(x, cq, p, positions, segment_ids, config: ModelConfig, freqs, m: int):
+    """The indexer's queries [b, s, h, c], per-head weights [b, s, h] (fp32) and keys (its own CSA
+    compressor's entries). Its inputs x and cq are detached: the indexer's loss reaches only its
+    parameters, and the selection carries no gradient into the model."""
+    x, cq = jax.lax.stop_gradient(x), jax.lax.stop_gradient(cq)
+    b, s, _ = x.shape
+    h, c = config.index_n_heads, config.index_head_dim
+    keys = make_entries(x, p["compressor"], positions, segment_ids, m, True, freqs, config.rms_norm_eps)
+    q = apply_rope(linear(cq, p["wq_b"]).reshape(b, s, h, c), *rope_angles(freqs, positions))
+    w = linear_f32(x, p["weights_proj"]) * (c**-0.5 * h**-0.5)
+    return q, w, keys
 
-    q: [b, s, h, c]; kv: [b, s, c]; sink: [h] (an fp32 logit, not scaled); segment_ids: [b, s];
-    entries: [b, n, c] with entry_mask [b, s, n] (True = used). Returns [b, s, h, c] in q's dtype,
-    and with ``entry_probs`` also the attention probability of each entry summed over heads [b, s, n].
-    Window: query t sees key u iff 0 <= t - u < window and both are in the same document.
+
+def _pad_axis1(a: jax.Array, size: int, fill) -> jax.Array:
+    pad = [(0, 0)] * a.ndim
+    pad[1] = (0, size - a.shape[1])
+    return jnp.pad(a, pad, constant_values=fill)
+
+
+def _chunks(a: jax.Array, n: int) -> jax.Array:
+    """[b, n*q, ...] -> [n, b, q, ...]: the leading axis is what ``jax.lax.map`` steps over."""
+    return jnp.moveaxis(a.reshape((a.shape[0], n, -1) + a.shape[2:]), 1, 0)
+
+
+def _unchunk(a: jax.Array, s: int) -> jax.Array:
+    """[n, b, q, ...] -> [b, n*q, ...][:, :s]."""
+    a = jnp.moveaxis(a, 0, 1)
+    return a.reshape((a.shape[0], -1) + a.shape[3:])[:, :s]
+
+
+def indexer_topk(q, w, keys: Entries, segment_ids, positions, k: int, *, query_chunk: int = QUERY_CHUNK,
+                 key_chunk: int = KEY_CHUNK) -> jax.Array:
+    """The top-k entries of each query by I[t, i] = sum_h w[t, h] relu(q[t, h] . K[i]) over the
+    entries t sees (spec §2.6.4), in fp32. Not differentiable: it only selects.
+
+    q [b, s, h, c]; w [b, s, h]; keys: the indexer's entries. Returns idx [b, s, min(k, e)] int32,
+    -1 in the slots a query with fewer visible entries leaves empty. Queries go in chunks of
+    ``query_chunk``; each chunk scans the entries in blocks of ``key_chunk``, merging a running top-k,
+    and stops after the last block that any of its queries can see. Ties go to the lower entry index,
+    as in one ``jax.lax.top_k`` over all entries.
+    """
+    q, w, keys = jax.lax.stop_gradient((q, w, keys))
+    b, s, h, c = q.shape
+    e = keys.keys.shape[1]
+    k = min(k, e)
+    qc = min(query_chunk, s)
+    n_q = -(-s // qc)
+    kc = min(key_chunk, e)
+    n_k = -(-e // kc)
+    keys = Entries(*(_pad_axis1(a, n_k * kc, fill) for a, fill in zip(keys, (0, -1, 0, 0, False))))
+
+    # A chunk can see only entries whose block ended by its last row; valid entries come first, in
+    # row order, so that is a prefix of the entry axis.
+    ends = jnp.where(keys.valid, keys.last_row, jnp.iinfo(jnp.int32).max)
+    chunk_last = jnp.minimum(jnp.arange(n_q) * qc + qc - 1, s - 1)
+    seen = jnp.max(jax.vmap(lambda en: jnp.searchsorted(en, chunk_last, side="right"))(ends), axis=0)  # [n_q]
+    blocks = (seen + kc - 1) // kc
+
+    def chunk(xs):
+        qb, wb, seg, pos, nb = xs  # [b, qc, h, c], [b, qc, h], [b, qc], [b, qc], []
+
+        def step(j, best):
+            vals, ids = best
+            blk = Entries(*(jax.lax.dynamic_slice_in_dim(a, j * kc, kc, axis=1) for a in keys))
+            dots = jnp.einsum("bqhc,bkc->bqhk", qb, blk.keys, preferred_element_type=F32)
+            scores = jnp.where(blk.visible(seg, pos), _index_scores(wb, dots), NEG_INF)
+            cand_ids = jnp.broadcast_to(j * kc + jnp.arange(kc, dtype=jnp.int32), scores.shape)
+            vals, at = jax.lax.top_k(jnp.concatenate([vals, scores], axis=-1), k)
+            return vals, jnp.take_along_axis(jnp.concatenate([ids, cand_ids], axis=-1), at, axis=-1)
+
+        init = (jnp.full((b, qc, k), NEG_INF, F32), jnp.full((b, qc, k), -1, jnp.int32))
+        vals, ids = jax.lax.fori_loop(0, nb, step, init)
+        return jnp.where(vals > NEG_INF, ids, -1)
+
+    xs = (_chunks(_pad_axis1(q, n_q * qc, 0), n_q), _chunks(_pad_axis1(w, n_q * qc, 0), n_q),
+          _chunks(_pad_axis1(segment_ids, n_q * qc, -2), n_q), _chunks(_pad_axis1(positions, n_q * qc, 0), n_q),
+          blocks)
+    return _unchunk(jax.lax.map(chunk, xs), s)
+
+
+def indexer_scores_at(q, w, keys: jax.Array, idx, *, query_chunk: int = QUERY_CHUNK) -> jax.Array:
+    """The indexer scores of the selected entries, differentiable in q, w and keys (for the KL loss).
+
+    q [b, s, h, c], w [b, s, h], keys [b, e, c], idx [b, s, k] -> [b, s, k] fp32 (-inf where idx < 0),
+    computed over chunks of queries (each recomputed in the backward pass).
+    """
+    b, s = idx.shape[:2]
+    qc = min(query_chunk, s)
+    n_q = -(-s // qc)
+
+    def chunk(xs):
+        qb, wb, ib = xs
+        picked = jax.vmap(lambda kb, i: kb[i])(keys, jnp.maximum(ib, 0))  # [b, q, k, c]
+        dots = jnp.einsum("bqhc,bqkc->bqhk", qb, picked, preferred_element_type=F32)
+        return jnp.where(ib >= 0, _index_scores(wb, dots), NEG_INF)
+
+    xs = tuple(_chunks(_pad_axis1(a, n_q * qc, fill), n_q) for a, fill in ((q, 0), (w, 0), (idx, -1)))
+    return _unchunk(jax.lax.map(jax.checkpoint(chunk, prevent_cse=False), xs), s)
+
+
+def indexer_scores_dense(q, w, keys: Entries, segment_ids, positions) -> jax.Array:
+    """Every entry's indexer score, [b, s, e] fp32 (-inf where not visible). O(s * e) memory: for
+    the dense warm-up stage at short context only."""
+    dots = jnp.einsum("bqhc,bkc->bqhk", q, keys.keys, preferred_element_type=F32)
+    return jnp.where(keys.visible(segment_ids, positions), _index_scores(w, dots), NEG_INF)
+
+
+# --------------------------------------------------------------------------------------------------
+# Core attention over each query's index list, with the sink
+
+
+def sparse_attention(q, kv, sink, segment_ids, positions, window: int, entries: Entries | None = None,
+                     entry_idx=None, *, query_chunk: int = QUERY_CHUNK, with_probs: bool = False):
+    """One softmax per query over its window slots, its compressed slots and the sink; value = key.
+
+    q [b, s, h, c]; kv [b, s, c] (the window keys); sink [h] (an fp32 logit, not scaled);
+    segment_ids, positions [b, s]. ``entries`` (None for SWA) with ``entry_idx`` [b, s, k] int32
+    (CSA: the top-k, -1 = empty slot) or ``entry_idx=None`` (every visible entry: HCA, and CSA in
+    the dense stage). Window: query t sees row u iff 0 <= t - u < window, in t's document.
+
+    Returns (out [b, s, h, c] in q's dtype, probs): with ``with_probs`` the attention probability of
+    each compressed slot summed over heads, [b, s, k] (or [b, s, e] for every visible entry);
+    otherwise None. Runs over ``query_chunk`` queries at a time.
     """
     b, s, h, c = q.shape
     scale = c**-0.5
-    chunk = min(window, s)
-    S = -(-s // chunk) * chunk
-    pad = ((0, 0), (0, S - s))
-    qc = jnp.pad(q, pad + ((0, 0), (0, 0))).reshape(b, S // chunk, chunk, h, c)
-    keys = _window_keys(jnp.pad(kv, pad + ((0, 0),)), chunk)  # [b, u, 2*chunk, c]
-    seg = jnp.pad(segment_ids, pad, constant_values=-1)
-    key_seg = _window_keys(seg[..., None], chunk)[..., 0]  # [b, u, 2*chunk]
+    blk = min(window, s)  # queries per block: a block's window slots lie in the 2*blk keys ending at it
+    per_step = max(1, min(query_chunk // blk, -(-s // blk)))  # blocks per lax.map step
+    n_blk = -(-s // (blk * per_step)) * per_step
+    size = n_blk * blk
+    has_entries = entries is not None and entries.keys.shape[1] > 0
 
-    t = jnp.arange(S).reshape(S // chunk, chunk)  # query index per (u, w)
-    src = t[:, :1] - chunk + jnp.arange(2 * chunk)  # key index per (u, j)
-    dist = t[:, :, None] - src[:, None, :]  # [u, w, j]
-    win_ok = (dist >= 0) & (dist < window) & (src[:, None, :] >= 0)
-    win_ok = win_ok[None] & (seg.reshape(b, S // chunk, chunk)[..., None] == key_seg[:, :, None, :])
+    cur = _chunks(_pad_axis1(kv, size, 0), n_blk)  # [u, b, q, c]
+    cur_seg = _chunks(_pad_axis1(segment_ids, size, -1), n_blk)  # padded keys match no query
+    prev = lambda a, fill: jnp.concatenate([jnp.full_like(a[:1], fill), a[:-1]], axis=0)  # noqa: E731
+    xs = {"q": _chunks(_pad_axis1(q, size, 0), n_blk),
+          "seg": _chunks(_pad_axis1(segment_ids, size, -2), n_blk),  # padded queries match nothing
+          "pos": _chunks(_pad_axis1(positions, size, 0), n_blk),
+          "keys": jnp.concatenate([prev(cur, 0), cur], axis=2),  # [u, b, j = 2q, c]
+          "key_seg": jnp.concatenate([prev(cur_seg, -1), cur_seg], axis=2)}
+    if has_entries and entry_idx is not None:
+        xs["idx"] = _chunks(_pad_axis1(entry_idx, size, -1), n_blk)
+    dist = blk + jnp.arange(blk)[:, None] - jnp.arange(2 * blk)[None, :]  # [q, j] query row - key row
+    band = (dist >= 0) & (dist < window)
+    sink = sink.astype(F32)
 
-    logits = jnp.einsum("buwhc,bujc->buwhj", qc, keys, preferred_element_type=F32) * scale
-    logits = jnp.where(win_ok[:, :, :, None, :], logits, NEG_INF)
-    m = jnp.maximum(jnp.max(logits, axis=-1), sink.astype(F32))  # [b, u, w, h]
-    if entries is not None and entries.shape[1] > 0:
-        cl = jnp.einsum("bshc,bnc->bshn", q, entries, preferred_element_type=F32) * scale
-        cl = jnp.where(entry_mask[:, :, None, :], cl, NEG_INF)
-        cl = jnp.pad(cl, pad + ((0, 0), (0, 0)), constant_values=NEG_INF).reshape(
-            b, S // chunk, chunk, h, -1)
-        m = jnp.maximum(m, jnp.max(cl, axis=-1))
-    m = jax.lax.stop_gradient(m)
-    p_win = jnp.exp(logits - m[..., None])
-    denom = jnp.sum(p_win, axis=-1) + jnp.exp(sink.astype(F32) - m)
-    if entries is not None and entries.shape[1] > 0:
-        p_cmp = jnp.exp(cl - m[..., None])
-        denom = denom + jnp.sum(p_cmp, axis=-1)
-    inv = (1.0 / denom)[..., None]
-    out = jnp.einsum("buwhj,bujc->buwhc", (p_win * inv).astype(q.dtype), keys, preferred_element_type=F32)
-    if entries is not None and entries.shape[1] > 0:
-        out = out + jnp.einsum("buwhn,bnc->buwhc", (p_cmp * inv).astype(q.dtype), entries,
-                               preferred_element_type=F32)
-    out = out.reshape(b, S, h, c)[:, :s].astype(q.dtype)
-    if not entry_probs:
-        return out
-    mass = jnp.sum(p_cmp * inv, axis=3).reshape(b, S, -1)[:, :s]
-    return out, mass
+    def block(xs):
+        qb = xs["q"]  # [b, q, h, c]
+        ok = band & (xs["seg"][:, :, None] == xs["key_seg"][:, None, :])  # [b, q, j]
+        logits = jnp.einsum("bqhc,bjc->bqhj", qb, xs["keys"], preferred_element_type=F32) * scale
+        logits = jnp.where(ok[:, :, None, :], logits, NEG_INF)
+        mx = jnp.maximum(jnp.max(logits, axis=-1), sink)  # [b, q, h]
+        if has_entries:
+            if "idx" in xs:  # gather the listed entries
+                ekeys = jax.vmap(lambda kb, i: kb[i])(entries.keys, jnp.maximum(xs["idx"], 0))  # [b, q, k, c]
+                eok = xs["idx"] >= 0
+                elog = jnp.einsum("bqhc,bqkc->bqhk", qb, ekeys, preferred_element_type=F32) * scale
+            else:  # every entry, masked to the visible ones
+                ekeys = entries.keys
+                eok = entries.visible(xs["seg"], xs["pos"])
+                elog = jnp.einsum("bqhc,bkc->bqhk", qb, ekeys, preferred_element_type=F32) * scale
+            elog = jnp.where(eok[:, :, None, :], elog, NEG_INF)
+            mx = jnp.maximum(mx, jnp.max(elog, axis=-1))
+        mx = jax.lax.stop_gradient(mx)
+        p_win = jnp.exp(logits - mx[..., None])
+        denom = jnp.sum(p_win, axis=-1) + jnp.exp(sink - mx)
+        if has_entries:
+            p_ent = jnp.exp(elog - mx[..., None])
+            denom = denom + jnp.sum(p_ent, axis=-1)
+        inv = (1.0 / denom)[..., None]
+        out = jnp.einsum("bqhj,bjc->bqhc", (p_win * inv).astype(q.dtype), xs["keys"], preferred_element_type=F32)
+        probs = None
+        if has_entries:
+            spec = "bqhk,bqkc->bqhc" if "idx" in xs else "bqhk,bkc->bqhc"
+            out = out + jnp.einsum(spec, (p_ent * inv).astype(q.dtype), ekeys, preferred_element_type=F32)
+            if with_probs:
+                probs = jnp.sum(p_ent * inv, axis=2)
+        return out.astype(q.dtype), probs
+
+    out, probs = jax.lax.map(jax.checkpoint(block, prevent_cse=False), xs, batch_size=per_step)
+    return _unchunk(out, s), (None if probs is None else _unchunk(probs, s))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,17 +335,21 @@ def core_attention(q, kv, sink, window, segment_ids, entries=None, entry_mask=No
 
 
 def attention(x: jax.Array, p: dict, config: ModelConfig, layer: int, positions: jax.Array,
-              segment_ids: jax.Array, sparse: bool = True, with_aux: bool = False):
-    """x: [b, s, d] (the attn_norm output) -> [b, s, d]. ``layer`` == L selects the MTP layer's type.
+              segment_ids: jax.Array, sparse: bool = True, with_aux: bool = False, parallel=None):
+    """x: [b, s, d] (the attn_norm output) -> (out [b, s, d], aux). ``layer`` == L is the MTP layer.
 
     ``sparse=False`` lets CSA queries use every visible compressed entry (the dense training stage).
-    ``with_aux`` also returns a dict; for CSA layers it holds what the indexer loss needs:
-    ``index_scores`` [b, s, n], ``entry_mask`` [b, s, n] (entries the queries used) and
-    ``entry_probs`` [b, s, n] (main-attention probability of each entry, summed over heads).
+    With ``with_aux``, aux holds what the indexer loss needs for a CSA layer: ``index_scores``,
+    ``entry_probs`` (main-attention probability summed over heads) and ``entry_mask`` (slot used),
+    each [b, s, k] over the selected entries, or [b, s, e] over all entries in the dense stage
+    (which holds O(s * e) scores and is meant for short contexts). Otherwise aux is {}.
+    ``parallel`` (a ``v4jax.parallel.ParallelConfig``) sets the chunk sizes.
     """
     b, s, _ = x.shape
     h, c, eps = config.num_attention_heads, config.head_dim, config.rms_norm_eps
     kind, m = config.layer_type(layer), config.layer_ratio(layer)
+    q_chunk = parallel.attention_chunk if parallel else QUERY_CHUNK
+    k_chunk = parallel.indexer_key_chunk if parallel else KEY_CHUNK
     freqs = rope_frequencies(config, layer)
     cos, sin = rope_angles(freqs, positions)
 
@@ -214,25 +358,29 @@ def attention(x: jax.Array, p: dict, config: ModelConfig, layer: int, positions:
     q = apply_rope(q, cos, sin)
     kv = apply_rope(rms_norm(linear(x, p["wkv"]), p["kv_norm"], eps), cos, sin)  # [b, s, c], K = V
 
-    entries = entry_mask = None
+    entries = idx = None
     aux = {}
     if kind != SWA:
-        entries, entry_mask = _entries(x, p["compressor"], positions, segment_ids, m, kind == CSA, freqs, eps)
-        if kind == CSA and entries.shape[1] > 0 and (sparse or with_aux):
-            selected, aux["index_scores"] = indexer_select(x, cq, p["indexer"], positions, segment_ids, config,
-                                                           freqs, m)
-            entry_mask = selected if sparse else entry_mask
-            aux["entry_mask"] = entry_mask
+        entries = make_entries(x, p["compressor"], positions, segment_ids, m, kind == CSA, freqs, eps)
+        if kind == CSA and entries.keys.shape[1] > 0 and (sparse or with_aux):
+            iq, iw, ikeys = indexer_inputs(x, cq, p["indexer"], positions, segment_ids, config, freqs, m)
+            if sparse:
+                idx = indexer_topk(iq, iw, ikeys, segment_ids, positions, config.index_topk, query_chunk=q_chunk,
+                                   key_chunk=k_chunk)
+                if with_aux:
+                    aux = {"index_scores": indexer_scores_at(iq, iw, ikeys.keys, idx, query_chunk=q_chunk),
+                           "entry_mask": idx >= 0}
+            else:
+                aux = {"index_scores": indexer_scores_dense(iq, iw, ikeys, segment_ids, positions),
+                       "entry_mask": entries.visible(segment_ids, positions)}
 
-    want_probs = "index_scores" in aux
-    o = core_attention(q, kv, p["attn_sink"], config.sliding_window, segment_ids, entries, entry_mask,
-                       entry_probs=want_probs)
-    if want_probs:
-        o, aux["entry_probs"] = o
+    o, probs = sparse_attention(q, kv, p["attn_sink"], segment_ids, positions, config.sliding_window, entries, idx,
+                                query_chunk=q_chunk, with_probs=bool(aux))
+    if aux:
+        aux["entry_probs"] = probs
     o = apply_rope(o, cos, sin, inverse=True)  # de-rotate at the query position
 
     g = config.o_groups
     wa = p["wo_a"].reshape(g, config.o_lora_rank, -1).astype(x.dtype)  # [g, d_g, h*c/g]
     z = jnp.einsum("bsgi,gri->bsgr", o.reshape(b, s, g, -1), wa)
-    out = linear(z.reshape(b, s, -1), p["wo_b"])
-    return (out, aux) if with_aux else out
+    return linear(z.reshape(b, s, -1), p["wo_b"]), aux

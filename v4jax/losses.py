@@ -1,6 +1,8 @@
 """DeepSeek-V4 training losses and the aux-loss-free router bias update (spec §4).
 
-* next-token cross-entropy, and the MTP cross-entropy (token t+2) with its weight λ;
+* next-token cross-entropy, and the MTP cross-entropy (token t+2) with its weight λ, both through
+  ``token_nll``: the head and its logsumexp run over chunks of tokens, so the [tokens, vocab]
+  logits never exist at once;
 * the sequence-wise balance loss (V3 form, weight 1e-4);
 * the lightning-indexer KL loss (V3.2's DSA form adapted to compressed entries);
 * the router bias update b ← b + u·sign(mean load − load), u = 0.001, outside the optimiser.
@@ -11,10 +13,11 @@ Choices where the spec says a detail is unpublished:
   tokens, for the layers with a learned router (hash layers choose by token id, so the loss could not
   change their choice), averaged over rows and summed over layers.
 * **Indexer target.** p_t is the main attention's probability of each compressed entry, summed over
-  heads and renormalised over the entries the query used (all visible ones in the dense stage, the
-  selected ones in the sparse stage); the KL is taken against the indexer's softmax over the same
-  entries. Window keys and the sink are left out of the target: the indexer only ranks compressed
-  entries. The target is a constant (stop-gradient) and the indexer's inputs are detached, so the KL
+  heads and renormalised over the entries the query used (the selected top-k in the sparse stage,
+  taken from the attention's own softmax; all visible ones in the dense stage, a short-context path
+  with [b, s, e] arrays); the KL is taken against the indexer's softmax over the same entries.
+  Window keys and the sink are left out of the target: the indexer only ranks compressed entries.
+  The target is a constant (stop-gradient) and the indexer's inputs are detached, so the KL
   trains only the indexer and the LM loss never does.
 * **Bias update load.** The load is counted over the whole global batch (all hosts), per layer.
 """
@@ -29,12 +32,64 @@ from v4jax.config import CSA, ModelConfig
 F32 = jnp.float32
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy over masked positions. logits [b, s, V] fp32, targets/mask [b, s]."""
+def _nll_chunk(x, w, targets):
+    """x [t, d], w [V, d] (both in the matmul dtype), targets [t] -> (nll [t], logz [t]) in fp32."""
+    logits = jnp.einsum("td,vd->tv", x, w, preferred_element_type=F32)
     logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return logz - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0], logz
+
+
+@jax.custom_vjp
+def _token_nll(x, w, targets):  # x [n, t, d], targets [n, t]: n chunks of t tokens
+    return _token_nll_fwd(x, w, targets)[0]
+
+
+def _token_nll_fwd(x, w, targets):
+    nll, logz = jax.lax.map(lambda a: _nll_chunk(a[0], w.astype(x.dtype), a[1]), (x, targets))
+    return nll, (x, w, targets, logz)
+
+
+def _token_nll_bwd(res, g):
+    x, w, targets, logz = res
+    wc = w.astype(x.dtype)
+
+    def step(dw, a):
+        xc, tc, zc, gc = a
+        logits = jnp.einsum("td,vd->tv", xc, wc, preferred_element_type=F32)
+        dlogits = (jnp.exp(logits - zc[:, None]) - jax.nn.one_hot(tc, w.shape[0], dtype=F32)) * gc[:, None]
+        dlogits = dlogits.astype(x.dtype)
+        dx = jnp.einsum("tv,vd->td", dlogits, wc, preferred_element_type=F32).astype(x.dtype)
+        return dw + jnp.einsum("tv,td->vd", dlogits, xc, preferred_element_type=F32), dx
+
+    dw, dx = jax.lax.scan(step, jnp.zeros(w.shape, F32), (x, targets, logz, g))
+    return dx, dw.astype(w.dtype), None
+
+
+_token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
+
+
+def token_nll(x: jax.Array, w: jax.Array, targets: jax.Array, chunk: int = 1024) -> jax.Array:
+    """-log softmax(x @ w^T)[target] of every token, without the [tokens, V] logits.
+
+    x [b, s, d] (the final normed hidden state; the matmuls run in its dtype with fp32 accumulation,
+    so fp32 x is the exact fp32 path), w [V, d] (the head), targets [b, s] -> nll [b, s] fp32.
+    Tokens go ``chunk`` at a time through the head and an fp32 logsumexp; the backward pass
+    recomputes each chunk's logits and accumulates the head's gradient in fp32.
+    """
+    b, s, d = x.shape
+    t = b * s
+    chunk = min(chunk, t)
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    xs = jnp.pad(x.reshape(t, d), ((0, pad), (0, 0))).reshape(n, chunk, d)
+    ts = jnp.pad(targets.reshape(t), (0, pad)).reshape(n, chunk)
+    return _token_nll(xs, w, ts).reshape(-1)[:t].reshape(b, s)
+
+
+def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of values [b, s] over the positions where mask [b, s] is set."""
     mask = mask.astype(F32)
-    return jnp.sum((logz - picked) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def balance_loss(scores: jax.Array, idx: jax.Array, mask: jax.Array, k: int) -> jax.Array:
@@ -56,7 +111,8 @@ def balance_loss(scores: jax.Array, idx: jax.Array, mask: jax.Array, k: int) -> 
 def indexer_kl(index_scores: jax.Array, entry_probs: jax.Array, entry_mask: jax.Array, mask: jax.Array) -> jax.Array:
     """KL(p || softmax(I)) over the entries each query used, averaged over queries that used any.
 
-    index_scores, entry_probs [b, s, n]; entry_mask [b, s, n] bool; mask [b, s] (real tokens).
+    index_scores, entry_probs [b, s, k]; entry_mask [b, s, k] bool (slot k holds an entry the query
+    used: the selected ones, or every entry in the dense stage); mask [b, s] (real tokens).
     """
     p = jax.lax.stop_gradient(entry_probs) * entry_mask
     total = jnp.sum(p, axis=-1, keepdims=True)

@@ -45,9 +45,8 @@ def block(x, p, config: ModelConfig, layer: int, positions, segment_ids, token_i
     """
     hc = dict(sinkhorn_iters=config.hc_sinkhorn_iters, hc_eps=config.hc_eps, norm_eps=config.rms_norm_eps)
     u, post, comb = hc_pre(x, p["hc_attn"], **hc)
-    a = attention(rms_norm(u, p["attn_norm"], config.rms_norm_eps), p["attn"], config, layer, positions,
-                  segment_ids, sparse, with_aux)
-    a, attn_aux = a if with_aux else (a, None)
+    a, attn_aux = attention(rms_norm(u, p["attn_norm"], config.rms_norm_eps), p["attn"], config, layer, positions,
+                            segment_ids, sparse, with_aux, parallel)
     x = hc_post(a, x, post, comb)
     u, post, comb = hc_pre(x, p["hc_ffn"], **hc)
     f, info = moe(rms_norm(u, p["ffn_norm"], config.rms_norm_eps), p["ffn"], token_ids, config, parallel, mesh)
@@ -78,14 +77,19 @@ def _default_layout(tokens):
     return jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)), jnp.zeros((b, s), jnp.int32)
 
 
-def _head(x, p_hc, norm_w, head_w, config: ModelConfig):
+def _final_hidden(x, p_hc, norm_w, config: ModelConfig):
+    """Streams [b, s, n, d] -> the head's input [b, s, d]: hc_head collapse, then the final norm."""
     y = hc_head(x, p_hc, hc_eps=config.hc_eps, norm_eps=config.rms_norm_eps)
-    return linear_f32(rms_norm(y, norm_w, config.rms_norm_eps), head_w)
+    return rms_norm(y, norm_w, config.rms_norm_eps)
 
 
 def forward(params, tokens, config: ModelConfig, *, positions=None, segment_ids=None, dtype=jnp.float32,
-            sparse=True, mtp=False, with_aux=False, parallel=None, mesh=None, layer_stats=None):
+            sparse=True, mtp=False, with_aux=False, parallel=None, mesh=None, layer_stats=None, logits=True):
     """Run the model. tokens [b, s] int -> dict with ``logits`` [b, s, V] fp32 and ``routing``.
+
+    With ``logits=False`` the result has the head's input ``hidden`` [b, s, d] (and ``mtp_hidden``)
+    instead of logits, for a loss that applies the head in chunks (``v4jax.losses.token_nll``) or a
+    prefill that needs only the last position.
 
     positions/segment_ids [b, s]: per-document positions and document ids for packed rows (default:
     one document per row). With ``mtp=True`` the result also has ``mtp_logits`` [b, s, V]: position
@@ -119,16 +123,20 @@ def forward(params, tokens, config: ModelConfig, *, positions=None, segment_ids=
             x, info = make(i)(x, p)
             routing.append(info)
     x = constrain_batch(x, mesh)
-    out = {"logits": _head(x, params["hc_head"], params["norm"], params["head"], config), "routing": routing}
+    head = (lambda y: linear_f32(y, params["head"])) if logits else (lambda y: y)  # noqa: E731
+    name = "logits" if logits else "hidden"
+    out = {name: head(_final_hidden(x, params["hc_head"], params["norm"], config)), "routing": routing}
     if mtp:
-        out["mtp_logits"], out["mtp_routing"] = mtp_forward(
+        hidden, out["mtp_routing"] = mtp_forward(
             params, x, tokens, config, positions, segment_ids, dtype, sparse, with_aux, parallel, mesh, layer_stats)
+        out[f"mtp_{name}"] = head(hidden)
     return out
 
 
 def mtp_forward(params, x_main, tokens, config: ModelConfig, positions, segment_ids, dtype, sparse=True,
                 with_aux=False, parallel=None, mesh=None, layer_stats=None):
-    """The depth-1 MTP block on the main model's final streams x_main [b, s, n, d] (before hc_head)."""
+    """The depth-1 MTP block on the main model's final streams x_main [b, s, n, d] (before hc_head).
+    Returns the MTP head's input [b, s, d] and the block's routing info."""
     p = params["mtp"]
     eps = config.rms_norm_eps
     nxt = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))  # position t carries token t+1
@@ -137,7 +145,7 @@ def mtp_forward(params, x_main, tokens, config: ModelConfig, positions, segment_
     x = (linear(e, p["e_proj"])[:, :, None, :] + linear(h, p["h_proj"])).astype(dtype)
     x, info = layer_fn(config, config.num_hidden_layers, positions, segment_ids, nxt, sparse, with_aux, parallel,
                        mesh, layer_stats)(x, p)
-    return _head(x, p["hc_head"], p["norm"], params["head"], config), info
+    return _final_hidden(x, p["hc_head"], p["norm"], config), info
 
 
 # --------------------------------------------------------------------------------------------------

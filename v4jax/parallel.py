@@ -49,6 +49,9 @@ class ParallelConfig:
     ragged_all_to_all; GPU/TPU only). moe_backend: grouped matmul "ragged_dot" (reference),
     "padded" (sort-and-pad into a batched matmul with per-expert capacity capacity_factor x the mean
     load; rows past it get no expert output and are counted in ``dropped_tokens``) or "tokamax".
+    attention_chunk, indexer_key_chunk, loss_chunk: how many queries the attention and the indexer
+    take per step, entries per step of the indexer's running top-k, and tokens per step of the LM
+    head's cross-entropy. They bound memory per step and never change a result.
     """
 
     data: int = -1
@@ -60,6 +63,9 @@ class ParallelConfig:
     capacity_factor: float = 2.0
     remat: str = "none"  # none | full (recompute each block in the backward pass) | dots (keep matmul outputs)
     scan_layers: bool = True  # train on the scan layout (v4jax.scan): compile time independent of depth
+    attention_chunk: int = 512
+    indexer_key_chunk: int = 4096
+    loss_chunk: int = 1024
 
     def __post_init__(self):
         sizes = [self.data, self.fsdp, self.expert, self.tensor]
@@ -72,6 +78,10 @@ class ParallelConfig:
             raise ShardingError(f"parallel.moe_backend={self.moe_backend!r}: ragged_dot, padded or tokamax")
         if not self.capacity_factor > 0:
             raise ShardingError(f"parallel.capacity_factor={self.capacity_factor!r}: must be > 0")
+        for name in ("attention_chunk", "indexer_key_chunk", "loss_chunk"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise ShardingError(f"parallel.{name}={v!r}: must be an integer >= 1")
         if self.remat not in REMAT_POLICIES:
             raise ShardingError(f"parallel.remat={self.remat!r}: one of {sorted(REMAT_POLICIES)}")
 

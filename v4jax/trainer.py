@@ -24,7 +24,7 @@ import optax
 import yaml
 
 from v4jax.config import ConfigError, ModelConfig, load_yaml
-from v4jax.losses import cross_entropy, layer_routing_stats, routing_losses, update_router_bias
+from v4jax.losses import layer_routing_stats, masked_mean, routing_losses, token_nll, update_router_bias
 from v4jax.model import forward, param_count
 from v4jax.optim import v4_optimizer
 from v4jax.parallel import ParallelConfig, ShardingError, param_shardings, shard_like_params
@@ -179,16 +179,21 @@ def loss_fn(params, batch, config: ModelConfig, cfg: TrainConfig, step, parallel
     out = forward(params, batch["tokens"], config, positions=batch["positions"], segment_ids=batch["segment_ids"],
                   dtype=dtype, sparse=cfg.attention == "sparse", mtp=has_mtp,
                   with_aux=cfg.indexer_loss_weight > 0, parallel=parallel, mesh=mesh,
-                  layer_stats=lambda info, layer: layer_routing_stats(info, layer, config, mask))
+                  layer_stats=lambda info, layer: layer_routing_stats(info, layer, config, mask), logits=False)
     stats = {str(i): s for i, s in enumerate(out["routing"])}
     if has_mtp:
         stats["mtp"] = out["mtp_routing"]
-    lm = cross_entropy(out["logits"], batch["targets"], batch["loss_mask"])
+    chunk = (parallel or ParallelConfig()).loss_chunk
+
+    def ce(hidden, targets, loss_mask):
+        return masked_mean(token_nll(hidden, params["head"], targets, chunk), loss_mask)
+
+    lm = ce(out["hidden"], batch["targets"], batch["loss_mask"])
     balance, indexer = routing_losses(list(stats.values()))
     metrics = {"lm_loss": lm}
     loss = lm
     if has_mtp:
-        mtp = cross_entropy(out["mtp_logits"], batch["mtp_targets"], batch["mtp_mask"])
+        mtp = ce(out["mtp_hidden"], batch["mtp_targets"], batch["mtp_mask"])
         weight = jnp.where(step >= cfg.decay_start, cfg.mtp_weight_after_decay, cfg.mtp_weight)
         loss = loss + weight * mtp
         metrics["mtp_loss"] = mtp
@@ -247,16 +252,19 @@ def make_train_step(config: ModelConfig, cfg: TrainConfig, optimizer, parallel=N
 def make_eval_step(config: ModelConfig, dtype=F32, parallel=None, mesh=None):
     """Jitted ``eval(params, batch) -> sums`` of main/MTP token losses and token counts."""
 
+    chunk = (parallel or ParallelConfig()).loss_chunk
+
     def eval_fn(params, batch):
         has_mtp = "mtp" in params
         out = forward(params, batch["tokens"], config, positions=batch["positions"],
-                      segment_ids=batch["segment_ids"], dtype=dtype, mtp=has_mtp, parallel=parallel, mesh=mesh)
+                      segment_ids=batch["segment_ids"], dtype=dtype, mtp=has_mtp, parallel=parallel, mesh=mesh,
+                      logits=False)
         res = {}
-        for name, logits, tgt, m in (("main", out["logits"], batch["targets"], batch["loss_mask"]),
-                                     ("mtp", out.get("mtp_logits"), batch["mtp_targets"], batch["mtp_mask"])):
-            if logits is None:
+        for name, hidden, tgt, m in (("main", out["hidden"], batch["targets"], batch["loss_mask"]),
+                                     ("mtp", out.get("mtp_hidden"), batch["mtp_targets"], batch["mtp_mask"])):
+            if hidden is None:
                 continue
-            nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tgt[..., None], -1)[..., 0]
+            nll = token_nll(hidden.astype(F32), params["head"], tgt, chunk)  # the fp32 head, as in logits
             res[f"{name}_nll"] = jnp.sum(nll * m)
             res[f"{name}_tokens"] = jnp.sum(m)
         return res
