@@ -46,7 +46,7 @@ NEG_INF = -jnp.inf
 # Default chunk sizes (``v4jax.parallel.ParallelConfig`` sets them per run). They trade memory for
 # loop steps and never change a result.
 QUERY_CHUNK = 512  # queries per step of the attention and of the indexer
-KEY_CHUNK = 4096  # entries per step of the indexer's running top-k
+KEY_CHUNK = 8192  # entries per step of the indexer's running top-k
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,6 +205,13 @@ def indexer_topk(q, w, keys: Entries, segment_ids, positions, k: int, *, query_c
     seen = jnp.max(jax.vmap(lambda en: jnp.searchsorted(en, chunk_last, side="right"))(ends), axis=0)  # [n_q]
     blocks = (seen + kc - 1) // kc
 
+    room = 2 * k  # candidates a block may hand to the merge after the threshold filter
+
+    def merge(vals, ids, cand_vals, cand_ids):
+        # the running best come first: among equal scores they hold the lower entry indices
+        vals, at = jax.lax.top_k(jnp.concatenate([vals, cand_vals], axis=-1), k)
+        return vals, jnp.take_along_axis(jnp.concatenate([ids, cand_ids], axis=-1), at, axis=-1)
+
     def chunk(xs):
         qb, wb, seg, pos, nb = xs  # [b, qc, h, c], [b, qc, h], [b, qc], [b, qc], []
 
@@ -214,8 +221,19 @@ def indexer_topk(q, w, keys: Entries, segment_ids, positions, k: int, *, query_c
             dots = jnp.einsum("bqhc,bkc->bqhk", qb, blk.keys, preferred_element_type=F32)
             scores = jnp.where(blk.visible(seg, pos), _index_scores(wb, dots), NEG_INF)
             cand_ids = jnp.broadcast_to(j * kc + jnp.arange(kc, dtype=jnp.int32), scores.shape)
-            vals, at = jax.lax.top_k(jnp.concatenate([vals, scores], axis=-1), k)
-            return vals, jnp.take_along_axis(jnp.concatenate([ids, cand_ids], axis=-1), at, axis=-1)
+            # Only scores above the current k-th best can enter (an equal one loses to the lower
+            # index already held). Once that threshold is up, a block has few such scores: pack
+            # them into `room` slots, in entry order, so the top_k sorts 3k values, not k + kc.
+            passing = scores > vals[..., k - 1:k]
+            slot = jnp.where(passing, jnp.cumsum(passing, axis=-1) - 1, room)  # room: dropped
+
+            def packed(_):
+                put = jax.vmap(jax.vmap(lambda dst, sl, v: dst.at[sl].set(v, mode="drop")))
+                return merge(vals, ids, put(jnp.full(vals.shape[:-1] + (room,), NEG_INF), slot, scores),
+                             put(jnp.full(vals.shape[:-1] + (room,), -1, jnp.int32), slot, cand_ids))
+
+            fits = jnp.max(jnp.sum(passing, axis=-1)) <= room
+            return jax.lax.cond(fits, packed, lambda _: merge(vals, ids, scores, cand_ids), None)
 
         init = (jnp.full((b, qc, k), NEG_INF, F32), jnp.full((b, qc, k), -1, jnp.int32))
         vals, ids = jax.lax.fori_loop(0, nb, step, init)

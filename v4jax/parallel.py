@@ -64,7 +64,7 @@ class ParallelConfig:
     remat: str = "none"  # none | full (recompute each block in the backward pass) | dots (keep matmul outputs)
     scan_layers: bool = True  # train on the scan layout (v4jax.scan): compile time independent of depth
     attention_chunk: int = 512
-    indexer_key_chunk: int = 4096
+    indexer_key_chunk: int = 8192
     loss_chunk: int = 1024
 
     def __post_init__(self):
