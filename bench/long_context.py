@@ -83,7 +83,7 @@ def prefill(v4, params, config, seq, runs, parallel):
     compiled = fn.lower(params, tokens).compile()
     compile_s = time.perf_counter() - t0
     times = []
-    for _ in range(runs):
+    while len(times) < runs and sum(times) < 30:  # a long run is not repeated past 30 s
         t0 = time.perf_counter()
         logits, dropped = compiled(params, tokens)
         jax.block_until_ready(logits)
@@ -142,8 +142,12 @@ def main():
     ap.add_argument("--tree", default=None, help="import v4jax from this checkout (the peer)")
     ap.add_argument("--label", default=None, help="name of this tree in the output")
     ap.add_argument("--layers", type=int, default=None, help="keep only the first N layers (CPU trials)")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds: skip a length that would end after this (the last length's compile time plus "
+                         "its run time scaled with the square of the length)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    started = time.perf_counter()
     if args.tree:
         sys.path.insert(0, args.tree)
     import dataclasses
@@ -177,8 +181,17 @@ def main():
     else:
         opt = v4jax.trainer.make_optimizer(v4jax.trainer.TrainConfig(steps=1000, dtype="bfloat16"))
         state = v4jax.trainer.init_state(device_params(v4jax, config, jnp.float32, True), opt)
+    last = None
     for seq in sorted(int(s) for s in args.seqs.split(",")):
         row = dict(head, seq=seq)
+        if args.deadline and last is not None:
+            ran = sum(last.get("times_s", [])) + last.get("step_s", 0) * (args.steps + 1)
+            predicted = last["compile_s"] + ran * (seq / last["seq"]) ** 2
+            if time.perf_counter() - started + predicted > args.deadline:
+                row["error"] = f"skipped: predicted {predicted:.0f} s, past the {args.deadline:.0f} s deadline"
+                results.append(row)
+                print(json.dumps(row), flush=True)
+                break
         try:
             if args.mode == "prefill":
                 row.update(prefill(v4jax, params, config, seq, args.steps, par))
@@ -189,6 +202,7 @@ def main():
             row["error"] = repr(e)[:400]
         row["peak_gib"] = peak_gib(dev)
         results.append(row)
+        last = row
         print(json.dumps(row), flush=True)
         if args.json:
             with open(args.json, "w") as f:
