@@ -48,6 +48,17 @@ def device_params(v4, config, dtype, scan):
     return v4.scan.stack_layers(params, config) if scan else params
 
 
+def synthetic_batch(config, batch, seq):
+    """Rows of uniform random tokens, one document each, every position in the losses."""
+    import numpy as np
+
+    tokens = np.random.default_rng(0).integers(3, config.vocab_size, size=(batch, seq)).astype(np.int32)
+    return {"tokens": tokens, "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
+            "segment_ids": np.ones((batch, seq), np.int32), "targets": np.roll(tokens, -1, 1),
+            "loss_mask": np.ones((batch, seq), np.float32), "mtp_targets": np.roll(tokens, -2, 1),
+            "mtp_mask": np.ones((batch, seq), np.float32)}
+
+
 def peak_gib(device):
     return (device.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
 
@@ -101,13 +112,7 @@ def train(v4, state, config, batch, seq, steps, parallel):
 
     cfg = v4.trainer.TrainConfig(steps=1000, dtype="bfloat16", log_every=1)
     opt = v4.trainer.make_optimizer(cfg)
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(3, config.vocab_size, size=(batch, seq)).astype(np.int32)
-    data = {"tokens": tokens, "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
-            "segment_ids": np.ones((batch, seq), np.int32), "targets": np.roll(tokens, -1, 1),
-            "loss_mask": np.ones((batch, seq), np.float32), "mtp_targets": np.roll(tokens, -2, 1),
-            "mtp_mask": np.ones((batch, seq), np.float32)}
-    data = jax.device_put(data)
+    data = jax.device_put(synthetic_batch(config, batch, seq))
     step = v4.trainer.make_train_step(config, cfg, opt, parallel)
     t0 = time.perf_counter()
     compiled = step.lower(state, data).compile()

@@ -81,6 +81,29 @@ def test_attention_at_8k_tokens_equals_the_dense_reference(long_inputs, layer):
                            ) <= 1e-6, (chunks, key)
 
 
+@pytest.mark.parametrize("layer", [0, 1, 2], ids=["swa", "csa", "hca"])
+def test_attention_gradient_equals_the_dense_reference(long_inputs, layer):
+    """Gradients of a projection of the output (plus the indexer loss on CSA) with respect to the
+    input and every parameter, through the hand-written backward passes of the listed entries."""
+    params, x, positions, segments = long_inputs
+    s = 2048
+    x, positions, segments = x[:, :s], positions[:, :s], segments[:, :s]
+    proj = jnp.asarray(np.random.default_rng(5).normal(size=(1, s, LONG.hidden_size)), jnp.float32)
+
+    def loss(fn, x, p):
+        out, aux = fn(x, p, LONG, layer, positions, segments, True, True)
+        return jnp.sum(out * proj) + (_kl(aux, segments) if aux else 0.0)
+
+    p = params["layers"][layer]["attn"]
+    want = jax.jit(jax.grad(lambda x, p: loss(dense_reference.attention, x, p), argnums=(0, 1)))(x, p)
+    got = jax.jit(jax.grad(lambda x, p: loss(attention, x, p), argnums=(0, 1)))(x, p)
+    for (path, g), r in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
+        if np.abs(np.asarray(r)).max() == 0:
+            assert np.abs(np.asarray(g)).max() == 0, path
+        else:
+            assert rel(g, r) <= TOLERANCE, (jax.tree_util.keystr(path), rel(g, r))
+
+
 def _np_visible(seg_q, pos_q, entries):
     return (entries["valid"][None] & (entries["seg"][None] == seg_q[:, None])
             & (entries["last"][None] <= pos_q[:, None]))

@@ -128,6 +128,7 @@ def compress(x: jax.Array, p: dict, start: jax.Array, first_block: jax.Array, m:
     return rms_norm(pooled.astype(x.dtype), p["norm"], eps)
 
 
+@jax.named_scope("compressor")
 def make_entries(x, p, positions, segment_ids, m: int, overlap: bool, freqs, eps: float) -> Entries:
     """The compressed entries of x [b, s, d] with the compressor p, RoPE'd at each block's first position."""
     start, valid = compressed_entries(positions, segment_ids, m)
@@ -147,6 +148,7 @@ def _index_scores(w: jax.Array, dots: jax.Array) -> jax.Array:
     return jnp.einsum("bqh,bqhk->bqk", w, jax.nn.relu(dots))
 
 
+@jax.named_scope("indexer")
 def indexer_inputs(x, cq, p, positions, segment_ids, config: ModelConfig, freqs, m: int):
     """The indexer's queries [b, s, h, c], per-head weights [b, s, h] (fp32) and keys (its own CSA
     compressor's entries). Its inputs x and cq are detached: the indexer's loss reaches only its
@@ -177,6 +179,67 @@ def _unchunk(a: jax.Array, s: int) -> jax.Array:
     return a.reshape((a.shape[0], -1) + a.shape[3:])[:, :s]
 
 
+def _take(keys: jax.Array, idx: jax.Array) -> jax.Array:
+    """keys [b, e, c], idx [b, q, k] (-1 = empty, read as entry 0) -> the listed entries [b, q, k, c]."""
+    return jax.vmap(lambda kb, i: kb[i])(keys, jnp.maximum(idx, 0))
+
+
+def _spread(v: jax.Array, idx: jax.Array, e: int) -> jax.Array:
+    """v [b, q, h, k] -> [b, q, h, e] with v[..., j] at entry idx[..., j] (the transpose of _take)."""
+    put = jax.vmap(jax.vmap(lambda vq, iq: jnp.zeros(vq.shape[:-1] + (e,), vq.dtype).at[:, iq].add(vq)))
+    return put(v, jnp.maximum(idx, 0))
+
+
+# Attention over listed entries, with hand-written backward passes. Autodiff of the gather would
+# scatter-add [b, q, k, c] rows into the entries, and XLA:GPU serialises the colliding row updates
+# (3.2 s of a 4 s small.yaml step on an H200). Here the cotangent is spread as scalars into a
+# [b, q, h, e] array (no collisions: a query lists an entry once) and contracted with a matmul.
+# Empty slots (-1) carry zero cotangent: their logits are masked to -inf and their probabilities 0.
+
+
+@jax.custom_vjp
+def listed_dot(q, keys, idx):
+    """q [b, q, h, c] . keys[idx] -> [b, q, h, k] fp32."""
+    return jnp.einsum("bqhc,bqkc->bqhk", q, _take(keys, idx), preferred_element_type=F32)
+
+
+def _listed_dot_fwd(q, keys, idx):
+    return listed_dot(q, keys, idx), (q, keys, idx)
+
+
+def _listed_dot_bwd(res, g):
+    q, keys, idx = res
+    dq = jnp.einsum("bqhk,bqkc->bqhc", g.astype(q.dtype), _take(keys, idx), preferred_element_type=F32)
+    dense = _spread(g, idx, keys.shape[1]).astype(q.dtype)
+    dkeys = jnp.einsum("bqhe,bqhc->bec", dense, q, preferred_element_type=F32)
+    return dq.astype(q.dtype), dkeys.astype(keys.dtype), None
+
+
+listed_dot.defvjp(_listed_dot_fwd, _listed_dot_bwd)
+
+
+@jax.custom_vjp
+def listed_combine(p, keys, idx):
+    """sum_k p [b, q, h, k] * keys[idx] -> [b, q, h, c] fp32."""
+    return jnp.einsum("bqhk,bqkc->bqhc", p, _take(keys, idx), preferred_element_type=F32)
+
+
+def _listed_combine_fwd(p, keys, idx):
+    return listed_combine(p, keys, idx), (p, keys, idx)
+
+
+def _listed_combine_bwd(res, g):
+    p, keys, idx = res
+    dp = jnp.einsum("bqhc,bqkc->bqhk", g.astype(p.dtype), _take(keys, idx), preferred_element_type=F32)
+    dense = _spread(p, idx, keys.shape[1])
+    dkeys = jnp.einsum("bqhe,bqhc->bec", dense, g.astype(p.dtype), preferred_element_type=F32)
+    return dp.astype(p.dtype), dkeys.astype(keys.dtype), None
+
+
+listed_combine.defvjp(_listed_combine_fwd, _listed_combine_bwd)
+
+
+@jax.named_scope("indexer")
 def indexer_topk(q, w, keys: Entries, segment_ids, positions, k: int, *, query_chunk: int = QUERY_CHUNK,
                  key_chunk: int = KEY_CHUNK) -> jax.Array:
     """The top-k entries of each query by I[t, i] = sum_h w[t, h] relu(q[t, h] . K[i]) over the
@@ -245,6 +308,7 @@ def indexer_topk(q, w, keys: Entries, segment_ids, positions, k: int, *, query_c
     return _unchunk(jax.lax.map(chunk, xs), s)
 
 
+@jax.named_scope("indexer")
 def indexer_scores_at(q, w, keys: jax.Array, idx, *, query_chunk: int = QUERY_CHUNK) -> jax.Array:
     """The indexer scores of the selected entries, differentiable in q, w and keys (for the KL loss).
 
@@ -257,14 +321,13 @@ def indexer_scores_at(q, w, keys: jax.Array, idx, *, query_chunk: int = QUERY_CH
 
     def chunk(xs):
         qb, wb, ib = xs
-        picked = jax.vmap(lambda kb, i: kb[i])(keys, jnp.maximum(ib, 0))  # [b, q, k, c]
-        dots = jnp.einsum("bqhc,bqkc->bqhk", qb, picked, preferred_element_type=F32)
-        return jnp.where(ib >= 0, _index_scores(wb, dots), NEG_INF)
+        return jnp.where(ib >= 0, _index_scores(wb, listed_dot(qb, keys, ib)), NEG_INF)
 
     xs = tuple(_chunks(_pad_axis1(a, n_q * qc, fill), n_q) for a, fill in ((q, 0), (w, 0), (idx, -1)))
     return _unchunk(jax.lax.map(jax.checkpoint(chunk, prevent_cse=False), xs), s)
 
 
+@jax.named_scope("indexer")
 def indexer_scores_dense(q, w, keys: Entries, segment_ids, positions) -> jax.Array:
     """Every entry's indexer score, [b, s, e] fp32 (-inf where not visible). O(s * e) memory: for
     the dense warm-up stage at short context only."""
@@ -318,14 +381,12 @@ def sparse_attention(q, kv, sink, segment_ids, positions, window: int, entries: 
         logits = jnp.where(ok[:, :, None, :], logits, NEG_INF)
         mx = jnp.maximum(jnp.max(logits, axis=-1), sink)  # [b, q, h]
         if has_entries:
-            if "idx" in xs:  # gather the listed entries
-                ekeys = jax.vmap(lambda kb, i: kb[i])(entries.keys, jnp.maximum(xs["idx"], 0))  # [b, q, k, c]
+            if "idx" in xs:  # the listed entries
                 eok = xs["idx"] >= 0
-                elog = jnp.einsum("bqhc,bqkc->bqhk", qb, ekeys, preferred_element_type=F32) * scale
+                elog = listed_dot(qb, entries.keys, xs["idx"]) * scale
             else:  # every entry, masked to the visible ones
-                ekeys = entries.keys
                 eok = entries.visible(xs["seg"], xs["pos"])
-                elog = jnp.einsum("bqhc,bkc->bqhk", qb, ekeys, preferred_element_type=F32) * scale
+                elog = jnp.einsum("bqhc,bkc->bqhk", qb, entries.keys, preferred_element_type=F32) * scale
             elog = jnp.where(eok[:, :, None, :], elog, NEG_INF)
             mx = jnp.maximum(mx, jnp.max(elog, axis=-1))
         mx = jax.lax.stop_gradient(mx)
@@ -338,8 +399,9 @@ def sparse_attention(q, kv, sink, segment_ids, positions, window: int, entries: 
         out = jnp.einsum("bqhj,bjc->bqhc", (p_win * inv).astype(q.dtype), xs["keys"], preferred_element_type=F32)
         probs = None
         if has_entries:
-            spec = "bqhk,bqkc->bqhc" if "idx" in xs else "bqhk,bkc->bqhc"
-            out = out + jnp.einsum(spec, (p_ent * inv).astype(q.dtype), ekeys, preferred_element_type=F32)
+            p_out = (p_ent * inv).astype(q.dtype)
+            out = out + (listed_combine(p_out, entries.keys, xs["idx"]) if "idx" in xs else
+                         jnp.einsum("bqhk,bkc->bqhc", p_out, entries.keys, preferred_element_type=F32))
             if with_probs:
                 probs = jnp.sum(p_ent * inv, axis=2)
         return out.astype(q.dtype), probs
@@ -352,6 +414,7 @@ def sparse_attention(q, kv, sink, segment_ids, positions, window: int, entries: 
 # The attention module
 
 
+@jax.named_scope("attention")
 def attention(x: jax.Array, p: dict, config: ModelConfig, layer: int, positions: jax.Array,
               segment_ids: jax.Array, sparse: bool = True, with_aux: bool = False, parallel=None):
     """x: [b, s, d] (the attn_norm output) -> (out [b, s, d], aux). ``layer`` == L is the MTP layer.

@@ -68,6 +68,7 @@ def _token_nll_bwd(res, g):
 _token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
 
 
+@jax.named_scope("lm_head")
 def token_nll(x: jax.Array, w: jax.Array, targets: jax.Array, chunk: int = 1024) -> jax.Array:
     """-log softmax(x @ w^T)[target] of every token, without the [tokens, V] logits.
 

@@ -45,6 +45,7 @@ def sinkhorn(logits: jax.Array, iters: int, eps: float) -> jax.Array:
     return jax.lax.fori_loop(0, iters - 1, row_then_column, m)
 
 
+@jax.named_scope("mhc")
 def hc_pre(x: jax.Array, p: dict, *, sinkhorn_iters: int, hc_eps: float, norm_eps: float):
     """Collapse the streams for a sublayer.
 
@@ -62,6 +63,7 @@ def hc_pre(x: jax.Array, p: dict, *, sinkhorn_iters: int, hc_eps: float, norm_ep
     return collapsed, post, comb
 
 
+@jax.named_scope("mhc")
 def hc_post(f: jax.Array, x: jax.Array, post: jax.Array, comb: jax.Array) -> jax.Array:
     """Expand a sublayer output f [b, s, d] back into the streams x [b, s, n, d].
 
@@ -72,6 +74,7 @@ def hc_post(f: jax.Array, x: jax.Array, post: jax.Array, comb: jax.Array) -> jax
     return out.astype(x.dtype)
 
 
+@jax.named_scope("mhc")
 def hc_head(x: jax.Array, p: dict, *, hc_eps: float, norm_eps: float) -> jax.Array:
     """Final collapse before the norm and head: x [b, s, n, d] -> [b, s, d]; p {fn [n, n*d], base [n], scale [1]}."""
     mix = _mix_logits(x, p["fn"], norm_eps)

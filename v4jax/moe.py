@@ -251,6 +251,7 @@ def routed_experts_ragged(x, idx, weights, p, limit, mesh, backend="ragged_dot",
     return fn(x, idx, weights, p["w1"], p["w3"], p["w2"])
 
 
+@jax.named_scope("moe")
 def moe(x: jax.Array, p: dict, token_ids: jax.Array, config: ModelConfig, parallel=None, mesh=None):
     """x [b, s, d] (the ffn_norm output), token_ids [b, s] -> (y [b, s, d] in x.dtype, routing info).
 

@@ -219,6 +219,7 @@ def make_train_step(config: ModelConfig, cfg: TrainConfig, optimizer, parallel=N
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
+        @jax.named_scope("optimizer")
         def apply(state):
             # Under a conditional, so a skipped step keeps the (donated) state buffers as they are
             # instead of materialising a new state beside the old one and selecting between them.

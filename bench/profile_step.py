@@ -1,0 +1,127 @@
+"""Profile one training step: device time by part of the model and the costliest device ops.
+
+    python bench/profile_step.py --config configs/small.yaml --batch 8 --seq 2048
+
+Compiles the full training step (as bench/long_context.py's ``train``), runs two steps, traces the
+third with ``jax.profiler`` and reads the trace back (``jax.profiler.ProfileData``). Every device op
+is charged to the first of the model's ``jax.named_scope``s in its op path (attention, indexer,
+compressor, mhc, moe, lm_head, optimizer; "other" when none), and the table lists the top ops by
+total time with their op path. ``--trace-dir`` keeps the trace for TensorBoard / XProf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import re
+import sys
+import tempfile
+import time
+
+SCOPES = ("indexer", "compressor", "attention", "mhc", "moe", "lm_head", "optimizer")
+SKIP_LINES = ("XLA Modules", "Steps", "XLA TraceMe", "Framework Name Scope", "Framework Ops", "Source code")
+
+
+def device_events(path: str, platform: str):
+    """(name, duration_ns, op path) of every op event on the device planes of an xplane file."""
+    from jax.profiler import ProfileData
+
+    pd = ProfileData.from_file(path)
+    for plane in pd.planes:
+        if platform == "gpu" and not plane.name.startswith("/device:GPU"):
+            continue
+        if platform == "cpu" and plane.name != "/host:CPU":
+            continue
+        for line in plane.lines:
+            if line.name in SKIP_LINES or (platform == "cpu" and not line.name.startswith("tf_XLA")):
+                continue
+            for ev in line.events:
+                stats = dict(ev.stats)
+                scope = str(stats.get("hlo_op") or stats.get("tf_op") or stats.get("long_name") or "")
+                yield ev.name, ev.duration_ns, scope
+
+
+def op_paths(hlo_text: str) -> dict[str, str]:
+    """HLO instruction name -> its op path (the jax name scopes), from the compiled module's text."""
+    pat = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"')
+    return {m.group(1): m.group(2) for m in map(pat.match, hlo_text.splitlines()) if m}
+
+
+def scope_of(path: str) -> str:
+    for s in SCOPES:
+        if s in path:
+            return s
+    return "other"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/small.yaml")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--remat", default="none")
+    ap.add_argument("--backend", default="padded")
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--trace-dir", default=None)
+    ap.add_argument("--tree", default=None, help="import v4jax from this checkout")
+    args = ap.parse_args()
+    if args.tree:
+        sys.path.insert(0, args.tree)
+    sys.path.insert(0, os.path.dirname(__file__))
+    import jax
+    import jax.numpy as jnp
+
+    import long_context
+    import v4jax.layers
+    import v4jax.model
+    import v4jax.scan
+    import v4jax.trainer
+    from v4jax.config import model_config_from_yaml
+    from v4jax.parallel import ParallelConfig
+
+    config = model_config_from_yaml(args.config)
+    if args.layers:
+        config = config.replace(num_hidden_layers=args.layers, layer_types=config.layer_types[: args.layers])
+    par = ParallelConfig(moe_backend=args.backend, remat=args.remat)
+    cfg = v4jax.trainer.TrainConfig(steps=1000, dtype="bfloat16")
+    opt = v4jax.trainer.make_optimizer(cfg)
+    state = v4jax.trainer.init_state(long_context.device_params(v4jax, config, jnp.float32, True), opt)
+    data = jax.device_put(long_context.synthetic_batch(config, args.batch, args.seq))
+    step = v4jax.trainer.make_train_step(config, cfg, opt, par)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, data).compile()
+    print(f"compile {time.perf_counter() - t0:.1f} s", flush=True)
+    for _ in range(2):
+        state, m = compiled(state, data)
+    jax.block_until_ready(m["loss"])
+    trace_dir = args.trace_dir or tempfile.mkdtemp()
+    t0 = time.perf_counter()
+    with jax.profiler.trace(trace_dir):
+        state, m = compiled(state, data)
+        jax.block_until_ready(m["loss"])
+    wall = time.perf_counter() - t0
+    path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1]
+    platform = jax.devices()[0].platform
+    by_scope, by_op, paths, counts = (collections.Counter(), collections.Counter(), {}, collections.Counter())
+    hlo_paths = op_paths(compiled.as_text())
+    for name, ns, scope in device_events(path, platform):
+        scope = hlo_paths.get(scope, hlo_paths.get(name, scope))
+        by_scope[scope_of(scope)] += ns
+        by_op[name] += ns
+        counts[name] += 1
+        paths.setdefault(name, scope)
+    total = sum(by_scope.values())
+    print(f"\nstep wall {wall:.3f} s (traced); device op time {total / 1e9:.3f} s; loss {float(m['loss']):.3f}")
+    print(f"\n{'part':<12} {'ms':>10} {'share':>7}")
+    for s, ns in by_scope.most_common():
+        print(f"{s:<12} {ns / 1e6:10.1f} {ns / max(total, 1):7.1%}")
+    print(f"\n{'ms':>9} {'calls':>6}  op  (op path)")
+    for name, ns in by_op.most_common(args.top):
+        print(f"{ns / 1e6:9.2f} {counts[name]:6d}  {name[:60]}  ({paths[name][-110:]})")
+
+
+if __name__ == "__main__":
+    main()
