@@ -149,7 +149,7 @@ def main():
     ap.add_argument("--layers", type=int, default=None, help="keep only the first N layers (CPU trials)")
     ap.add_argument("--deadline", type=float, default=None,
                     help="seconds: skip a length that would end after this (the last length's compile time plus "
-                         "its run time scaled with the square of the length)")
+                         "its run time scaled with the length to the power 1.5, as the H200 prefill scaled)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     started = time.perf_counter()
@@ -191,7 +191,7 @@ def main():
         row = dict(head, seq=seq)
         if args.deadline and last is not None:
             ran = sum(last.get("times_s", [])) + last.get("step_s", 0) * (args.steps + 1)
-            predicted = last["compile_s"] + ran * (seq / last["seq"]) ** 2
+            predicted = last["compile_s"] + ran * (seq / last["seq"]) ** 1.5
             if time.perf_counter() - started + predicted > args.deadline:
                 row["error"] = f"skipped: predicted {predicted:.0f} s, past the {args.deadline:.0f} s deadline"
                 results.append(row)
