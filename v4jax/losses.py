@@ -45,7 +45,8 @@ def _token_nll(x, w, targets):  # x [n, t, d], targets [n, t]: n chunks of t tok
 
 
 def _token_nll_fwd(x, w, targets):
-    nll, logz = jax.lax.map(lambda a: _nll_chunk(a[0], w.astype(x.dtype), a[1]), (x, targets))
+    wc = w.astype(x.dtype)
+    nll, logz = jax.lax.map(lambda a: _nll_chunk(a[0], wc, a[1]), (x, targets))
     return nll, (x, w, targets, logz)
 
 

@@ -123,13 +123,16 @@ def forward(params, tokens, config: ModelConfig, *, positions=None, segment_ids=
             x, info = make(i)(x, p)
             routing.append(info)
     x = constrain_batch(x, mesh)
-    head = (lambda y: linear_f32(y, params["head"])) if logits else (lambda y: y)  # noqa: E731
-    name = "logits" if logits else "hidden"
-    out = {name: head(_final_hidden(x, params["hc_head"], params["norm"], config)), "routing": routing}
+    out = {"routing": routing}
+    hidden = {"": _final_hidden(x, params["hc_head"], params["norm"], config)}
     if mtp:
-        hidden, out["mtp_routing"] = mtp_forward(
+        hidden["mtp_"], out["mtp_routing"] = mtp_forward(
             params, x, tokens, config, positions, segment_ids, dtype, sparse, with_aux, parallel, mesh, layer_stats)
-        out[f"mtp_{name}"] = head(hidden)
+    for prefix, y in hidden.items():
+        if logits:
+            out[prefix + "logits"] = linear_f32(y, params["head"])
+        else:
+            out[prefix + "hidden"] = y
     return out
 
 
