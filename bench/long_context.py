@@ -26,10 +26,13 @@ import time
 
 
 def device_params(v4, config, dtype, scan):
-    """A random model drawn on the device with the layout and kinds ``v4jax.model`` initialises."""
+    """A random model drawn on the device (trees since the parameter declarations do so themselves;
+    for older trees, the same kinds of values through their ``_build``)."""
     import jax
     import jax.numpy as jnp
 
+    if not hasattr(v4.model, "_build"):
+        return v4.model.init_params(config, 0, dtype, scan)
     counter = iter(range(1 << 30))
     key = jax.random.PRNGKey(0)
     leaf_dtype = {"param": dtype, "f32": jnp.float32, "int": jnp.int32}
@@ -46,6 +49,15 @@ def device_params(v4, config, dtype, scan):
 
     params = v4.model._build(config, make)
     return v4.scan.stack_layers(params, config) if scan else params
+
+
+def optimizer(v4, cfg, config):
+    """The tree's optimizer (its make_optimizer takes the model config since the declarations)."""
+    import inspect
+
+    if "config" in inspect.signature(v4.trainer.make_optimizer).parameters:
+        return v4.trainer.make_optimizer(cfg, config)
+    return v4.trainer.make_optimizer(cfg)
 
 
 def synthetic_batch(config, batch, seq):
@@ -111,7 +123,7 @@ def train(v4, state, config, batch, seq, steps, parallel):
     import numpy as np
 
     cfg = v4.trainer.TrainConfig(steps=1000, dtype="bfloat16", log_every=1)
-    opt = v4.trainer.make_optimizer(cfg)
+    opt = optimizer(v4, cfg, config)
     data = jax.device_put(synthetic_batch(config, batch, seq))
     step = v4.trainer.make_train_step(config, cfg, opt, parallel)
     t0 = time.perf_counter()
@@ -184,7 +196,7 @@ def main():
     if args.mode == "prefill":
         params = device_params(v4jax, config, jnp.bfloat16, True)
     else:
-        opt = v4jax.trainer.make_optimizer(v4jax.trainer.TrainConfig(steps=1000, dtype="bfloat16"))
+        opt = optimizer(v4jax, v4jax.trainer.TrainConfig(steps=1000, dtype="bfloat16"), config)
         state = v4jax.trainer.init_state(device_params(v4jax, config, jnp.float32, True), opt)
     last = None
     for seq in sorted(int(s) for s in args.seqs.split(",")):

@@ -87,7 +87,7 @@ def main():
         config = config.replace(num_hidden_layers=args.layers, layer_types=config.layer_types[: args.layers])
     par = ParallelConfig(moe_backend=args.backend, remat=args.remat)
     cfg = v4jax.trainer.TrainConfig(steps=1000, dtype="bfloat16")
-    opt = v4jax.trainer.make_optimizer(cfg)
+    opt = v4jax.trainer.make_optimizer(cfg, config)
     state = v4jax.trainer.init_state(long_context.device_params(v4jax, config, jnp.float32, True), opt)
     data = jax.device_put(long_context.synthetic_batch(config, args.batch, args.seq))
     step = v4jax.trainer.make_train_step(config, cfg, opt, par)

@@ -419,6 +419,7 @@ def test_to_orbax_sharded_for_a_target_mesh(world, orbax_official):
     from v4jax.convert.orbax_io import OrbaxParams, shard_shape
     from v4jax.model import param_specs
     from v4jax.parallel import ParallelConfig, make_mesh, param_shardings
+    from v4jax.params import info_at
 
     dst = world["root"] / "orbax_mesh"
     assert cli(["to-orbax", "--src", str(world["official"]), "--dst", str(dst), "--dtype", "float32",
@@ -426,12 +427,12 @@ def test_to_orbax_sharded_for_a_target_mesh(world, orbax_official):
     stored = OrbaxParams(dst / "params")
     mesh_sizes = {"fsdp": 2, "expert": 2, "tensor": 2}
     w1 = ("layers", 1, "ffn", "experts", "w1")
-    assert shard_shape(w1, (4, 48, 160), mesh_sizes) == (2, 24, 80)
+    assert shard_shape(info_at(CONFIG, w1).axes, (4, 48, 160), mesh_sizes) == (2, 24, 80)
     for path, (shape, _) in stored.leaves.items():
         if len(shape) < 2:
             continue
         chunk = stored._store(path).chunk_layout.read_chunk.shape
-        shard = shard_shape(path, shape, mesh_sizes)
+        shard = shard_shape(info_at(CONFIG, path).axes, shape, mesh_sizes)
         assert all(s % c == 0 for s, c in zip(shard, chunk)), (path, shard, chunk)
         if path == w1:
             # 10 KiB blocks hold 16 rows of 160 fp32: 12 rows (a divisor of the shard's 24), one device's columns
@@ -442,7 +443,7 @@ def test_to_orbax_sharded_for_a_target_mesh(world, orbax_official):
     specs = param_specs(CONFIG, np.float32)
     from v4jax.convert.orbax_io import restore_params
 
-    sharded = restore_params(dst, specs, param_shardings(specs, mesh))
+    sharded = restore_params(dst, specs, param_shardings(specs, mesh, CONFIG))
     leaf = sharded["layers"][1]["ffn"]["experts"]["w1"]
     assert leaf.sharding.shard_shape(leaf.shape) == (2, 24, 80)
     plain = _flat(v4jax.from_pretrained(orbax_official, dtype="float32").params)

@@ -196,7 +196,7 @@ def test_row_blocks_equal_separate_matrices(blocks):
 
 def test_row_blocks_of_tiny_model():
     cfg = CONFIGS["a"]
-    blocks = optim.muon_row_blocks(init_params(cfg))
+    blocks = optim.muon_row_blocks(init_params(cfg), cfg)
     n, c, ci = cfg.hc_mult, cfg.head_dim, cfg.index_head_dim
     g, dg = cfg.o_groups, cfg.o_lora_rank
     assert blocks["['layers'][1]['attn']['compressor']['wkv']"] == (c, c)  # CSA: overlapping
@@ -207,8 +207,8 @@ def test_row_blocks_of_tiny_model():
     assert blocks["['layers'][0]['hc_attn']['fn']"] == (n, n, n * n)
     assert blocks["['mtp']['hc_ffn']['fn']"] == (n, n, n * n)
     assert "['hc_head']['fn']" not in blocks
-    assert not any("['fn']" in k for k in optim.muon_row_blocks(init_params(cfg), split_mhc_fn=False))
-    labels = optim.param_labels(init_params(cfg))
+    assert not any("['fn']" in k for k in optim.muon_row_blocks(init_params(cfg), cfg, split_mhc_fn=False))
+    labels = optim.param_labels(init_params(cfg), cfg)
     flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(labels)[0]}
     assert all(flat[k] == optim.MUON for k in blocks)
 
@@ -221,10 +221,10 @@ def test_row_blocks_of_tiny_model():
 def test_every_leaf_labelled_exactly_once(name):
     cfg = CONFIGS[name]
     params = init_params(cfg)
-    labels = optim.param_labels(params)
+    labels = optim.param_labels(params, cfg)
     assert jax.tree.structure(labels) == jax.tree.structure(params)
-    assert jax.tree.structure(optim.param_labels(param_specs(cfg))) == jax.tree.structure(params)
-    assert jax.tree.leaves(optim.param_labels(param_specs(cfg))) == jax.tree.leaves(labels)
+    assert jax.tree.structure(optim.param_labels(param_specs(cfg), cfg)) == jax.tree.structure(params)
+    assert jax.tree.leaves(optim.param_labels(param_specs(cfg), cfg)) == jax.tree.leaves(labels)
     leaves = jax.tree.leaves(labels)
     assert set(leaves) <= set(optim.LABELS)
     # the partition masks cover every leaf exactly once
@@ -283,7 +283,7 @@ def test_v4_optimizer_leaves_match_their_optimisers():
     params["layers"][1]["ffn"]["gate"]["bias"] = jnp.linspace(-1.0, 1.0, cfg.n_routed_experts)
     grads = [_random_grads(params, s) for s in range(2)]
     sched = optax.linear_schedule(1e-3, 2e-3, 5)
-    out = run_opt(optim.v4_optimizer(sched), params, grads)[-1]
+    out = run_opt(optim.v4_optimizer(sched, cfg), params, grads)[-1]
 
     # frozen leaves are exactly unchanged
     tid = "['layers'][0]['ffn']['gate']['tid2eid']"
@@ -308,7 +308,7 @@ def test_v4_optimizer_leaves_match_their_optimisers():
                  "['layers'][0]['attn']['compressor']['ape']"):
         np.testing.assert_allclose(_tree_get(out, path), alone(adamw(0.0), path), rtol=1e-6, atol=1e-8)
     # Muon leaves, including a batched expert stack and split fused tensors
-    blocks = optim.muon_row_blocks(params)
+    blocks = optim.muon_row_blocks(params, cfg)
     for path in ("['layers'][0]['ffn']['experts']['w2']", "['layers'][1]['ffn']['gate']['weight']",
                  "['layers'][1]['attn']['compressor']['wkv']", "['layers'][0]['attn']['wo_a']",
                  "['layers'][1]['hc_attn']['fn']"):
@@ -324,20 +324,19 @@ def test_v4_optimizer_leaves_match_their_optimisers():
 
 def test_v4_optimizer_accepts_float0_gradients_of_int_leaves():
     """jax.grad(..., allow_int=True) gives float0 for tid2eid; the update must still apply."""
-    rng = np.random.default_rng(8)
-    params = {"embed": rand(rng, (11, 8)), "norm": jnp.ones((8,)),
-              "layers": [{"ffn": {"gate": {"weight": rand(rng, (6, 8)),
-                                           "tid2eid": jnp.asarray(rng.integers(0, 6, (11, 2)), jnp.int32)}}}]}
+    cfg = CONFIGS["a"]
+    params = init_params(cfg, seed=8)
     tokens = jnp.array([[1, 2, 3]])
 
     def loss(p):
-        ids = p["layers"][0]["ffn"]["gate"]["tid2eid"][tokens]
+        gate = p["layers"][0]["ffn"]["gate"]
+        ids = gate["tid2eid"][tokens]
         h = p["embed"][tokens] * p["norm"]
-        return jnp.sum((h @ p["layers"][0]["ffn"]["gate"]["weight"].T) ** 2) + jnp.sum(ids * 0)
+        return jnp.sum((h @ gate["weight"].T) ** 2) + jnp.sum(ids * 0)
 
     grads = jax.grad(loss, allow_int=True)(params)
     assert grads["layers"][0]["ffn"]["gate"]["tid2eid"].dtype == jax.dtypes.float0
-    tx = optim.v4_optimizer(1e-3)
+    tx = optim.v4_optimizer(1e-3, cfg)
     upd, _ = tx.update(grads, tx.init(params), params)
     new = optax.apply_updates(params, upd)
     tid = new["layers"][0]["ffn"]["gate"]["tid2eid"]

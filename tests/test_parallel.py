@@ -51,7 +51,7 @@ def single(params):
     b = batch()
     logits = jax.jit(lambda p, t: forward(p, t, CONFIG, mtp=True)["logits"])(params, b["tokens"])
     cfg = TrainConfig(steps=10)
-    opt = make_optimizer(cfg)
+    opt = make_optimizer(cfg, CONFIG)
     _, metrics = make_train_step(CONFIG, cfg, opt)(init_state(jax.tree.map(jnp.copy, params), opt), b)  # donated
     return np.asarray(logits), {k: float(metrics[k]) for k in ("loss", "grad_norm")}
 
@@ -61,15 +61,15 @@ def test_mesh_matches_single_device(name, params, single):
     shape = MESHES[name]
     par = parallel_for(shape)
     mesh = make_mesh(par)
-    sharded = jax.device_put(jax.tree.map(jnp.copy, params), param_shardings(params, mesh))  # train donates
+    sharded = jax.device_put(jax.tree.map(jnp.copy, params), param_shardings(params, mesh, CONFIG))  # train donates
     b = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in batch().items()}
     fwd = jax.jit(lambda p, t: forward(p, t, CONFIG, mtp=True, parallel=par, mesh=mesh)["logits"])
     assert rel(fwd(sharded, b["tokens"]), single[0]) <= 2e-5
 
     cfg = TrainConfig(steps=10)
-    opt = make_optimizer(cfg)
+    opt = make_optimizer(cfg, CONFIG)
     state = init_state(sharded, opt)
-    placed = shard_like_params(state, params, mesh)
+    placed = shard_like_params(state, params, mesh, CONFIG)
     state = jax.device_put(state, placed)
     new_state, metrics = make_train_step(CONFIG, cfg, opt, par, mesh)(state, b)
     assert int(metrics["dropped_tokens"]) == 0
@@ -82,7 +82,7 @@ def test_mesh_matches_single_device(name, params, single):
 
 def test_params_are_really_sharded(params):
     mesh = make_mesh(ParallelConfig(2, 2, 2, 1))
-    sh = param_shardings(params, mesh)
+    sh = param_shardings(params, mesh, CONFIG)
     assert sh["layers"][1]["ffn"]["experts"]["w1"].spec == jax.sharding.PartitionSpec("expert", None, "fsdp")
     assert sh["embed"].spec == jax.sharding.PartitionSpec(None, "fsdp")
     assert sh["layers"][0]["ffn"]["gate"]["tid2eid"].spec == jax.sharding.PartitionSpec(None, None)
@@ -90,7 +90,7 @@ def test_params_are_really_sharded(params):
 
 def test_rules_refuse_two_axes_on_one_mesh_axis(params):
     with pytest.raises(ShardingError, match="'mlp' and 'embed' both on mesh axis 'fsdp'"):
-        validate_rules({**DEFAULT_RULES, "mlp": ("fsdp",)}, params)
+        validate_rules({**DEFAULT_RULES, "mlp": ("fsdp",)}, params, CONFIG)
     with pytest.raises(ShardingError, match="at most once"):
         validate_rules({**DEFAULT_RULES, "embed": ("fsdp", "fsdp")})
     mesh = make_mesh(ParallelConfig(1, 2, 2, 2))
@@ -232,17 +232,17 @@ def test_unvisited_rows_cannot_poison_gradients():
 
 def test_checkpoint_restores_across_meshes(params, tmp_path):
     cfg = TrainConfig(steps=10)
-    opt = make_optimizer(cfg)
+    opt = make_optimizer(cfg, CONFIG)
     mesh_a = make_mesh(ParallelConfig(2, 2, 2, 1))
     state = init_state(jax.tree.map(jnp.copy, params), opt)
-    state = jax.device_put(state, shard_like_params(state, params, mesh_a))
+    state = jax.device_put(state, shard_like_params(state, params, mesh_a, CONFIG))
     ckpt = Checkpointer(tmp_path / "ck", async_save=False)
     ckpt.save(1, state, {"x": 1}, {"model": CONFIG.to_hf_dict()})
     ckpt.wait()
 
     mesh_b = make_mesh(ParallelConfig(1, 1, 4, 2))
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
-                          shard_like_params(state, params, mesh_b))
+                          shard_like_params(state, params, mesh_b, CONFIG))
     restored, data_state, _ = ckpt.restore(target)
     assert data_state == {"x": 1}
     w1 = restored["params"]["layers"][1]["ffn"]["experts"]["w1"]
@@ -252,7 +252,7 @@ def test_checkpoint_restores_across_meshes(params, tmp_path):
 
 def test_checkpoint_abstract_helper_keeps_shardings(params):
     mesh = make_mesh(ParallelConfig(8, 1, 1, 1))
-    sharded = jax.device_put(params, param_shardings(params, mesh))
+    sharded = jax.device_put(params, param_shardings(params, mesh, CONFIG))
     a = abstract(sharded)
     assert a["embed"].sharding == sharded["embed"].sharding
 

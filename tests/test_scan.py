@@ -77,10 +77,10 @@ def test_scan_forward_matches_the_loop(remat):
 
 def _step(params, config, par=None, mesh=None, b=None):
     cfg = TrainConfig(steps=10, bias_update_speed=0.01)
-    opt = make_optimizer(cfg)
+    opt = make_optimizer(cfg, config)
     state = init_state(params, opt)
     if mesh is not None:
-        state = jax.device_put(state, shard_like_params(state, params, mesh))
+        state = jax.device_put(state, shard_like_params(state, params, mesh, config))
     return make_train_step(config, cfg, opt, par, mesh)(state, b if b is not None else batch(config, B, S))
 
 
@@ -111,7 +111,7 @@ def test_scan_train_step_on_a_mesh_matches_one_device(scan_step):
     params = init_params(config, 0, scan=True)
     par = ParallelConfig(2, 1, 2, 2, capacity_factor=2.0)
     mesh = make_mesh(par)
-    shardings = param_shardings(params, mesh)
+    shardings = param_shardings(params, mesh, config)
     assert shardings["stages"][1][0]["ffn"]["experts"]["w1"].spec == jax.sharding.PartitionSpec(
         None, "expert", "tensor", None)
     b = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in batch(config, B, S).items()}

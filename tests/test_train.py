@@ -86,7 +86,7 @@ def test_non_finite_step_is_skipped():
     run = load_run_config(ROOT / "configs/tiny.yaml", [o for o in SMALL if not o.startswith("--")])
     from v4jax.model import init_params
 
-    optimizer = make_optimizer(run.train)
+    optimizer = make_optimizer(run.train, run.model)
     params = init_params(run.model, 0)
     params["norm"] = params["norm"].at[0].set(jnp.nan)
     state = init_state(params, optimizer)

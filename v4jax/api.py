@@ -123,17 +123,17 @@ def from_pretrained(path, dtype="bfloat16", mesh: jax.sharding.Mesh | None = Non
         specs = param_specs(config, dt)
         if not read_marker(path).get("has_mtp", True):
             specs.pop("mtp", None)
-        return Model(config, restore_params(path, specs, None if mesh is None else _placement(specs, mesh)), dt)
+        return Model(config, restore_params(path, specs, None if mesh is None else _placement(specs, mesh, config)), dt)
     params, _ = load_checkpoint(path, config, dt)
     if mesh is None:
         return Model(config, jax.tree.map(jnp.asarray, params), dt)
-    return Model(config, jax.device_put(params, _placement(params, mesh)), dt)
+    return Model(config, jax.device_put(params, _placement(params, mesh, config)), dt)
 
 
-def _placement(params, mesh: jax.sharding.Mesh):
+def _placement(params, mesh: jax.sharding.Mesh, config):
     """Rule-based shardings on a v4jax mesh; one replicated sharding on any other mesh."""
     from v4jax.parallel import MESH_AXES, param_shardings  # noqa: PLC0415
 
     if set(MESH_AXES) <= set(mesh.axis_names):
-        return param_shardings(params, mesh)
+        return param_shardings(params, mesh, config)
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

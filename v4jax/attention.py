@@ -37,9 +37,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from v4jax.config import CSA, SWA, ModelConfig
 from v4jax.layers import F32, apply_rope, linear, linear_f32, rms_norm, rope_angles, rope_frequencies
+from v4jax.params import Init, declare, matrix, pure, vector
 
 NEG_INF = -jnp.inf
 
@@ -465,3 +467,59 @@ def attention(x: jax.Array, p: dict, config: ModelConfig, layer: int, positions:
     wa = p["wo_a"].reshape(g, config.o_lora_rank, -1).astype(x.dtype)  # [g, d_g, h*c/g]
     z = jnp.einsum("bsgi,gri->bsgr", o.reshape(b, s, g, -1), wa)
     return linear(z.reshape(b, s, -1), p["wo_b"]), aux
+
+
+# --------------------------------------------------------------------------------------------------
+# The modules: parameters (release names), each with its declaration
+
+
+class Compressor(nnx.Module):
+    """A KV compressor: per-channel softmax pooling of m tokens (HCA) or 2m overlapping ones (CSA:
+    ``wkv``/``wgate`` rows are the previous- and current-block projections, two matrices for Muon)."""
+
+    def __init__(self, config: ModelConfig, init: Init, head_dim: int, m: int, overlap: bool):
+        d, k = config.hidden_size, 2 if overlap else 1
+        blocks = (head_dim, head_dim) if overlap else None
+        self.wkv = declare(init, matrix((k * head_dim, d), (None, "embed"), row_blocks=blocks))
+        self.wgate = declare(init, matrix((k * head_dim, d), (None, "embed"), row_blocks=blocks))
+        self.ape = declare(init, vector((m, k * head_dim), init="zeros", kind="f32"))
+        self.norm = declare(init, vector((head_dim,)))
+
+
+class Indexer(nnx.Module):
+    """The lightning indexer of a CSA layer: its query projection, per-head weights and compressor."""
+
+    def __init__(self, config: ModelConfig, init: Init, m: int):
+        h, c = config.index_n_heads, config.index_head_dim
+        self.wq_b = declare(init, matrix((h * c, config.q_lora_rank), ("heads", None), export="fp8"))
+        self.weights_proj = declare(init, matrix((h, config.hidden_size), ("heads", "embed")))
+        self.compressor = Compressor(config, init, c, m, True)
+
+
+class Attention(nnx.Module):
+    """One layer's attention (its kind from ``config.layer_type(layer)``; layer L is the MTP block's).
+
+    Calling it runs ``attention`` on its parameters: x [b, s, d] -> (out [b, s, d], aux)."""
+
+    def __init__(self, config: ModelConfig, layer: int, init: Init):
+        d, h, c, r = config.hidden_size, config.num_attention_heads, config.head_dim, config.q_lora_rank
+        g, dg = config.o_groups, config.o_lora_rank
+        kind, m = config.layer_type(layer), config.layer_ratio(layer)
+        self.config, self.layer = config, layer
+        self.wq_a = declare(init, matrix((r, d), (None, "embed"), export="fp8"))
+        self.q_norm = declare(init, vector((r,)))
+        self.wq_b = declare(init, matrix((h * c, r), ("heads", None), export="fp8"))
+        self.wkv = declare(init, matrix((c, d), (None, "embed"), export="fp8"))
+        self.kv_norm = declare(init, vector((c,)))
+        # group j's rows only multiply head group j's outputs: g matrices for Muon
+        self.wo_a = declare(init, matrix((g * dg, h * c // g), ("heads", None), export="fp8",
+                                         row_blocks=(dg,) * g if g > 1 else None))
+        self.wo_b = declare(init, matrix((d, g * dg), ("embed", "heads"), export="fp8"))
+        self.attn_sink = declare(init, vector((h,), ("heads",), init="zeros", kind="f32"))
+        if kind != SWA:
+            self.compressor = Compressor(config, init, c, m, kind == CSA)
+        if kind == CSA:
+            self.indexer = Indexer(config, init, m)
+
+    def __call__(self, x, positions, segment_ids, sparse: bool = True, with_aux: bool = False, parallel=None):
+        return attention(x, pure(self), self.config, self.layer, positions, segment_ids, sparse, with_aux, parallel)

@@ -24,11 +24,11 @@ BATCH_FIELDS = {"tokens": jnp.int32, "positions": jnp.int32, "segment_ids": jnp.
 
 def abstract_state(config: ModelConfig, cfg: TrainConfig, mesh, scan: bool = True):
     specs = param_specs(config, scan=scan)
-    shardings = param_shardings(specs, mesh)
+    shardings = param_shardings(specs, mesh, config)
     params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), specs, shardings)
-    state = jax.eval_shape(lambda p: init_state(p, make_optimizer(cfg)), params)
+    state = jax.eval_shape(lambda p: init_state(p, make_optimizer(cfg, config)), params)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state,
-                        shard_like_params(state, specs, mesh))
+                        shard_like_params(state, specs, mesh, config))
 
 
 def training_memory(config: ModelConfig, cfg: TrainConfig, parallel: ParallelConfig, mesh, batch_size: int,
@@ -37,7 +37,7 @@ def training_memory(config: ModelConfig, cfg: TrainConfig, parallel: ParallelCon
     state = abstract_state(config, cfg, mesh, parallel.scan_layers)
     sharding = batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), dt, sharding=sharding) for k, dt in BATCH_FIELDS.items()}
-    step = make_train_step(config, cfg, make_optimizer(cfg), parallel, mesh)
+    step = make_train_step(config, cfg, make_optimizer(cfg, config), parallel, mesh)
     compiled = step.lower(state, batch).compile()
     m = compiled.memory_analysis()
     state_bytes = sum(s.size * s.dtype.itemsize for s in jax.tree.leaves(state))

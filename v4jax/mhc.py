@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from v4jax.params import MUON, Init, ParamInfo, declare, pure, vector
 
 F32 = jnp.float32
 
@@ -80,3 +83,30 @@ def hc_head(x: jax.Array, p: dict, *, hc_eps: float, norm_eps: float) -> jax.Arr
     mix = _mix_logits(x, p["fn"], norm_eps)
     pre = jax.nn.sigmoid(mix * p["scale"].astype(F32)[0] + p["base"].astype(F32)) + hc_eps
     return jnp.einsum("bsn,bsnd->bsd", pre, x.astype(F32)).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# The module: the parameters of one mixing site
+
+
+class HyperConnection(nnx.Module):
+    """The parameters of one mHC site: ``hc_attn`` / ``hc_ffn`` around a sublayer, whose ``fn`` rows
+    are the pre [n], post [n] and comb [n*n] maps (three matrices for Muon), or ``hc_head`` before
+    the head (``head=True``: pre rows only). All fp32, as in the release."""
+
+    def __init__(self, config, init: Init, head: bool = False):
+        n, d = config.hc_mult, config.hidden_size
+        rows = n if head else (2 + n) * n
+        self.head = head
+        self.eps = (config.hc_eps, config.rms_norm_eps, config.hc_sinkhorn_iters)
+        self.fn = declare(init, ParamInfo((rows, n * d), "normal", "f32", (None, "embed"), MUON,
+                                          None if head else (n, n, n * n), "f32"))
+        self.base = declare(init, vector((rows,), init="zeros", kind="f32"))
+        self.scale = declare(init, vector((1 if head else 3,), init="hc_scale", kind="f32"))
+
+    def __call__(self, x: jax.Array):
+        """``hc_pre`` (a sublayer site) or ``hc_head`` (the head site) on the streams x [b, s, n, d]."""
+        hc_eps, norm_eps, iters = self.eps
+        if self.head:
+            return hc_head(x, pure(self), hc_eps=hc_eps, norm_eps=norm_eps)
+        return hc_pre(x, pure(self), sinkhorn_iters=iters, hc_eps=hc_eps, norm_eps=norm_eps)

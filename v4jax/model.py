@@ -22,12 +22,14 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from v4jax.attention import attention
-from v4jax.config import CSA, SWA, ModelConfig
-from v4jax.layers import F32, linear, linear_f32, rms_norm
-from v4jax.mhc import hc_head, hc_post, hc_pre
-from v4jax.moe import moe
+from v4jax.attention import Attention, attention
+from v4jax.config import ModelConfig
+from v4jax.layers import linear, linear_f32, rms_norm
+from v4jax.mhc import HyperConnection, hc_head, hc_post, hc_pre
+from v4jax.moe import MoE, moe
+from v4jax.params import ADAMW, Init, ParamInfo, declare, matrix, pure, vector
 from v4jax.parallel import constrain_batch
 from v4jax.scan import run_stages, stack_layers
 
@@ -152,104 +154,81 @@ def mtp_forward(params, x_main, tokens, config: ModelConfig, positions, segment_
 
 
 # --------------------------------------------------------------------------------------------------
-# Parameter tree and initialisation
+# The modules: parameters with their declarations (v4jax.params), named as in the release
 
 
-def _build(config: ModelConfig, make) -> dict:
-    """Build the parameter tree, calling ``make(kind, shape, group)`` for each leaf.
+class Block(nnx.Module):
+    """One decoder block: mHC around the attention and around the MoE, with their norms. Calling it
+    runs ``block`` on its parameters."""
 
-    kind: "normal" | "ones" | "zeros" | "hc_scale" | "hash"; group: "param" (stored in the model
-    dtype), "f32" (kept in fp32 like the checkpoint's F32 tensors) or "int".
+    def __init__(self, config: ModelConfig, layer: int, init: Init):
+        d = config.hidden_size
+        self.config, self.layer = config, layer
+        self.hc_attn = HyperConnection(config, init)
+        self.hc_ffn = HyperConnection(config, init)
+        self.attn_norm = declare(init, vector((d,), ("embed",)))
+        self.ffn_norm = declare(init, vector((d,), ("embed",)))
+        self.attn = Attention(config, layer, init)
+        self.ffn = MoE(config, layer, init)
+
+    def __call__(self, x, positions, segment_ids, token_ids, **kw):
+        return block(x, pure(self), self.config, self.layer, positions, segment_ids, token_ids, **kw)
+
+
+class MTPBlock(Block):
+    """The depth-1 MTP block (``mtp.0.*``): a block of type ``config.mtp_layer_type`` plus the
+    projections that combine the main streams with the next token's embedding, and its own head
+    norm and collapse (it shares the main model's embedding and head)."""
+
+    def __init__(self, config: ModelConfig, init: Init):
+        super().__init__(config, config.num_hidden_layers, init)
+        d = config.hidden_size
+        self.e_proj = declare(init, matrix((d, d), (None, "embed"), export="fp8"))
+        self.h_proj = declare(init, matrix((d, d), (None, "embed"), export="fp8"))
+        for name in ("enorm", "hnorm", "norm"):
+            setattr(self, name, declare(init, vector((d,), ("embed",))))
+        self.hc_head = HyperConnection(config, init, head=True)
+
+
+class Transformer(nnx.Module):
+    """The whole model, for the functional API (``forward`` on ``pure(model)``) or called directly.
+
+    ``Transformer(config, nnx.Rngs(seed), dtype)`` draws a random model: matrices ~ N(0,
+    initializer_range), norm weights 1, sinks, compressor position biases and router biases 0, mHC
+    base 0 and scale 0.01 (spec C.4: every stream mix starts near uniform, the residual path
+    dominates), and for hash layers K distinct experts per token id (the release's hash is not
+    published). fp32-kept tensors are fp32 whatever ``dtype``. ``rngs=None`` gives an abstract model
+    (``jax.ShapeDtypeStruct`` values).
     """
-    d, n = config.hidden_size, config.hc_mult
 
-    def mhc(rows):
-        return {"fn": make("normal", (rows, n * d), "f32"), "base": make("zeros", (rows,), "f32"),
-                "scale": make("hc_scale", (3 if rows > n else 1,), "f32")}
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs | None, dtype=jnp.float32):
+        init = Init(rngs, dtype, config.initializer_range, config.n_routed_experts)
+        v, d = config.vocab_size, config.hidden_size
+        self.config = config
+        self.embed = declare(init, ParamInfo((v, d), "normal", "param", ("vocab", "embed"), ADAMW))
+        self.layers = nnx.List([Block(config, i, init) for i in range(config.num_hidden_layers)])
+        self.hc_head = HyperConnection(config, init, head=True)
+        self.norm = declare(init, vector((d,), ("embed",)))
+        self.head = declare(init, ParamInfo((v, d), "normal", "param", ("vocab", "embed"), ADAMW))
+        if config.num_nextn_predict_layers:
+            self.mtp = MTPBlock(config, init)
 
-    def compressor(head_dim, m, overlap):
-        k = 2 if overlap else 1
-        return {"wkv": make("normal", (k * head_dim, d), "param"), "wgate": make("normal", (k * head_dim, d), "param"),
-                "ape": make("zeros", (m, k * head_dim), "f32"), "norm": make("ones", (head_dim,), "param")}
-
-    def layer_params(layer: int):
-        h, c, r = config.num_attention_heads, config.head_dim, config.q_lora_rank
-        kind, m = config.layer_type(layer), config.layer_ratio(layer)
-        g, dg = config.o_groups, config.o_lora_rank
-        attn = {"wq_a": make("normal", (r, d), "param"), "q_norm": make("ones", (r,), "param"),
-                "wq_b": make("normal", (h * c, r), "param"), "wkv": make("normal", (c, d), "param"),
-                "kv_norm": make("ones", (c,), "param"), "wo_a": make("normal", (g * dg, h * c // g), "param"),
-                "wo_b": make("normal", (d, g * dg), "param"), "attn_sink": make("zeros", (h,), "f32")}
-        if kind != SWA:
-            attn["compressor"] = compressor(c, m, kind == CSA)
-        if kind == CSA:
-            hi, ci = config.index_n_heads, config.index_head_dim
-            attn["indexer"] = {"wq_b": make("normal", (hi * ci, r), "param"),
-                               "weights_proj": make("normal", (hi, d), "param"),
-                               "compressor": compressor(ci, m, True)}
-        e, f = config.n_routed_experts, config.moe_intermediate_size
-        gate = {"weight": make("normal", (e, d), "param")}
-        if layer < config.num_hash_layers:
-            gate["tid2eid"] = make("hash", (config.vocab_size, config.num_experts_per_tok), "int")
-        else:
-            gate["bias"] = make("zeros", (e,), "f32")
-        ffn = {"gate": gate,
-               "experts": {"w1": make("normal", (e, f, d), "param"), "w3": make("normal", (e, f, d), "param"),
-                           "w2": make("normal", (e, d, f), "param")},
-               "shared_experts": {"w1": make("normal", (f, d), "param"), "w3": make("normal", (f, d), "param"),
-                                  "w2": make("normal", (d, f), "param")}}
-        return {"hc_attn": mhc(config.hc_mix_dim), "hc_ffn": mhc(config.hc_mix_dim),
-                "attn_norm": make("ones", (d,), "param"), "ffn_norm": make("ones", (d,), "param"),
-                "attn": attn, "ffn": ffn}
-
-    v = config.vocab_size
-    params = {"embed": make("normal", (v, d), "param"),
-              "layers": [layer_params(i) for i in range(config.num_hidden_layers)],
-              "hc_head": mhc(n), "norm": make("ones", (d,), "param"), "head": make("normal", (v, d), "param")}
-    if config.num_nextn_predict_layers:
-        mtp = layer_params(config.num_hidden_layers)
-        mtp.update(e_proj=make("normal", (d, d), "param"), h_proj=make("normal", (d, d), "param"),
-                   enorm=make("ones", (d,), "param"), hnorm=make("ones", (d,), "param"),
-                   norm=make("ones", (d,), "param"), hc_head=mhc(n))
-        params["mtp"] = mtp
-    return params
+    def __call__(self, tokens, **kw):
+        return forward(pure(self), tokens, self.config, **kw)
 
 
-def _leaf_dtype(group: str, dtype):
-    return {"param": jnp.dtype(dtype), "f32": jnp.dtype(F32), "int": jnp.dtype(jnp.int32)}[group]
+def init_params(config: ModelConfig, seed: int = 0, dtype=jnp.float32, scan: bool = False) -> dict:
+    """A random model's parameter tree (see ``Transformer``), deterministic in ``seed``; ``scan``:
+    in the scan layout (``v4jax.scan``), which holds the same values."""
+    params = pure(Transformer(config, nnx.Rngs(seed), dtype))
+    return stack_layers(params, config) if scan else params
 
 
 def param_specs(config: ModelConfig, dtype=jnp.float32, scan: bool = False) -> dict:
     """The parameter tree as jax.ShapeDtypeStruct leaves (no memory allocated); ``scan``: in the scan
     layout (``v4jax.scan``)."""
-    specs = _build(config, lambda kind, shape, group: jax.ShapeDtypeStruct(shape, _leaf_dtype(group, dtype)))
+    specs = pure(Transformer(config, None, dtype))
     return stack_layers(specs, config) if scan else specs
-
-
-def init_params(config: ModelConfig, seed: int = 0, dtype=jnp.float32, scan: bool = False) -> dict:
-    """A random model. Matrices ~ N(0, initializer_range); norm weights 1; attention sinks, compressor
-    position biases and router biases 0. mHC (spec C.4): fn ~ N(0, initializer_range), base 0 and
-    scale 0.01, so every stream mix starts near uniform and the residual path dominates. Hash
-    layers get a random table of K distinct experts per token id (the release's hash is not
-    published). fp32-kept tensors (mHC, sinks, position biases, router bias) are fp32 whatever
-    ``dtype``. Deterministic in ``seed`` (the scan layout holds the same values).
-    """
-    rng = np.random.default_rng(seed)
-    std = config.initializer_range
-
-    def make(kind, shape, group):
-        dt = _leaf_dtype(group, dtype)
-        if kind == "normal":
-            return jnp.asarray(rng.normal(0.0, std, size=shape), dt)
-        if kind == "hash":
-            e = config.n_routed_experts
-            table = np.argsort(rng.random((shape[0], e)), axis=1)[:, : shape[1]]
-            return jnp.asarray(table, dt)
-        fill = {"ones": 1.0, "zeros": 0.0, "hc_scale": 0.01}[kind]
-        return jnp.full(shape, fill, dt)
-
-    params = _build(config, make)
-    return stack_layers(params, config) if scan else params
 
 
 def param_count(config: ModelConfig) -> dict[str, int]:

@@ -17,10 +17,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from v4jax.config import ModelConfig
 from v4jax.layers import F32, linear, linear_f32
+from v4jax.params import FROZEN, Init, ParamInfo, declare, matrix, pure
 
 
 def router_scores(x: jax.Array, gate_weight: jax.Array) -> jax.Array:
@@ -275,3 +277,55 @@ def moe(x: jax.Array, p: dict, token_ids: jax.Array, config: ModelConfig, parall
     y = y + shared_expert(flat, p["shared_experts"], config.swiglu_limit)
     info = {"idx": idx.reshape(b, s, -1), "scores": scores.reshape(b, s, -1), "dropped": dropped}
     return y.astype(x.dtype).reshape(b, s, d), info
+
+
+# --------------------------------------------------------------------------------------------------
+# The modules: parameters (release names), each with its declaration
+
+
+class Gate(nnx.Module):
+    """The router: ``weight`` [E, d], and either the selection bias (learned routers; updated by the
+    aux-loss-free rule, not the optimizer) or the hash table ``tid2eid`` [V, K] (hash layers)."""
+
+    def __init__(self, config: ModelConfig, layer: int, init: Init):
+        e = config.n_routed_experts
+        self.weight = declare(init, matrix((e, config.hidden_size), (None, "embed")))
+        if layer < config.num_hash_layers:
+            self.tid2eid = declare(init, ParamInfo((config.vocab_size, config.num_experts_per_tok), "hash", "int",
+                                                   (None, None), FROZEN, export="int"))
+        else:
+            self.bias = declare(init, ParamInfo((e,), "zeros", "f32", (None,), FROZEN, export="f32"))
+
+
+class Experts(nnx.Module):
+    """The routed experts' SwiGLU weights, stacked over experts (one Muon matrix per expert)."""
+
+    def __init__(self, config: ModelConfig, init: Init):
+        e, f, d = config.n_routed_experts, config.moe_intermediate_size, config.hidden_size
+        up = ("experts", "mlp", "embed")
+        self.w1 = declare(init, matrix((e, f, d), up, export="experts"))
+        self.w3 = declare(init, matrix((e, f, d), up, export="experts"))
+        self.w2 = declare(init, matrix((e, d, f), ("experts", "embed", "mlp"), export="experts"))
+
+
+class SharedExpert(nnx.Module):
+    """The always-on expert's SwiGLU weights."""
+
+    def __init__(self, config: ModelConfig, init: Init):
+        f, d = config.moe_intermediate_size, config.hidden_size
+        self.w1 = declare(init, matrix((f, d), ("mlp", "embed"), export="fp8"))
+        self.w3 = declare(init, matrix((f, d), ("mlp", "embed"), export="fp8"))
+        self.w2 = declare(init, matrix((d, f), ("embed", "mlp"), export="fp8"))
+
+
+class MoE(nnx.Module):
+    """One layer's MoE. Calling it runs ``moe``: x [b, s, d], token ids [b, s] -> (y, info)."""
+
+    def __init__(self, config: ModelConfig, layer: int, init: Init):
+        self.config = config
+        self.gate = Gate(config, layer, init)
+        self.experts = Experts(config, init)
+        self.shared_experts = SharedExpert(config, init)
+
+    def __call__(self, x, token_ids, parallel=None, mesh=None):
+        return moe(x, pure(self), token_ids, self.config, parallel, mesh)

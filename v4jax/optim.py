@@ -34,17 +34,17 @@ Which matrices are orthogonalised (one NS per logically independent matrix)
   matrices. Routed experts ``ffn.experts.{w1,w3,w2}`` [E, out, in] therefore get one NS per expert
   and per projection, batched, and sqrt(max(n, m)) uses the per-expert shape. The layer axis of the
   scan layout (``stages``, v4jax.scan) is one more batch axis, so both layouts get the same updates.
-* A leaf may further be split into *row blocks* (``muon_row_blocks``); each block is its own matrix
-  (own Frobenius norm, own NS, own sqrt(max(rows_block, m)) scale). Equal consecutive blocks are
-  batched. Row blocks are used for fused tensors whose rows are separate linear maps:
+* A leaf may further be split into *row blocks* (declared ``row_blocks``, gathered by
+  ``muon_row_blocks``); each block is its own matrix (own Frobenius norm, own NS, own
+  sqrt(max(rows_block, m)) scale). Equal consecutive blocks are batched. Row blocks are used for fused tensors whose rows are separate linear maps:
 
   - CSA compressor ``wkv``/``wgate`` [2c, d] (main and indexer compressors): rows [0:c] produce the
     previous-block series and rows [c:2c] the current-block series (spec §2.6.3). They are two
     projections that are only concatenated for one matmul, so they are two matrices. HCA
-    compressors ([c, d]) are one matrix. The block count comes from the sibling ``norm`` [c].
+    compressors ([c, d]) are one matrix.
   - ``attn.wo_a`` [g*d_g, h*c/g]: group j's rows [j*d_g:(j+1)*d_g] only ever multiply head group
     j's outputs (a block-diagonal grouped projection stored compactly), so the g groups are g
-    matrices [d_g, h*c/g]. g is read from the sibling ``wq_b`` [h*c, r]: g = h*c / (h*c/g).
+    matrices [d_g, h*c/g].
   - mHC ``hc_attn``/``hc_ffn`` ``fn`` [(2+n)n, n*d]: split into pre [n, n*d], post [n, n*d] and
     comb [n^2, n*d] (``split_mhc_fn=True``, the default). The report leaves this open (spec A.7).
     We split because the three row blocks are the separate maps phi_pre, phi_post, phi_res of the
@@ -57,8 +57,8 @@ Which matrices are orthogonalised (one NS per logically independent matrix)
     per-head Muon (spec A.4), and the router's rows are compared against each other by top-k, so
     it is one matrix.
 
-Parameter labels (``param_labels``; one per leaf, from the tree paths)
----------------------------------------------------------------------
+Parameter labels (``param_labels``; one per leaf, declared with the parameter in ``v4jax.params``)
+--------------------------------------------------------------------------------------------------
 * ``"muon"``: every float matrix not listed below (report: "all other modules are Muon").
 * ``"adamw"`` (AdamW with weight decay 0.1): ``embed`` and ``head``, as the report says.
 * ``"adamw_no_decay"`` (the same AdamW, weight decay 0): RMSNorm weights (every ``*norm`` leaf),
@@ -88,17 +88,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from v4jax.params import ADAMW, ADAMW_NO_DECAY, FROZEN, LABELS, MUON, path_keys, tree_infos
+
 F32 = jnp.float32
 
 #: 8 steps of Keller Jordan's coefficients, then 2 stabilising steps with p(1) = 1, p'(1) = 0.
 HYBRID_NS_COEFFS: tuple[tuple[float, float, float], ...] = (
     ((3.4445, -4.7750, 2.0315),) * 8 + ((2.0, -1.5, 0.5),) * 2)
 
-MUON = "muon"
-ADAMW = "adamw"
-ADAMW_NO_DECAY = "adamw_no_decay"
-FROZEN = "frozen"
-LABELS = (MUON, ADAMW, ADAMW_NO_DECAY, FROZEN)
 
 RowBlocks = tuple[int, ...]
 
@@ -226,90 +223,25 @@ def muon(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.95, weight_d
     )
 
 
-# --------------------------------------------------------------------------------------------------
-# Labelling
+# Labels and row blocks, from the parameters' declarations (v4jax.params)
 
 
-def _names(path) -> tuple:
-    out = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            out.append(k.key)
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            out.append(k.idx)
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            out.append(k.name)
-        else:
-            out.append(str(k))
-    return tuple(out)
+def param_labels(params, config) -> Any:
+    """The optimiser label of every leaf (same tree structure, str leaves): one of ``LABELS``, as
+    declared. Accepts arrays, ShapeDtypeStructs (``model.param_specs``) and gradient trees, in
+    either parameter layout."""
+    return jax.tree.map(lambda info: info.optimizer, tree_infos(config, params))
 
 
-def _label(names: tuple, leaf) -> str:
-    last = names[-1] if names else None
-    parent = names[-2] if len(names) > 1 else None
-    shape, dtype = tuple(leaf.shape), jnp.dtype(leaf.dtype)
-    if not jnp.issubdtype(dtype, jnp.floating) or last == "tid2eid":
-        return FROZEN
-    if parent == "gate" and last == "bias":
-        return FROZEN
-    if len(names) == 1 and last in ("embed", "head"):
-        return ADAMW
-    if isinstance(parent, str) and parent.startswith("hc_") and last in ("base", "scale"):
-        return ADAMW_NO_DECAY
-    if isinstance(last, str) and (last.endswith("norm") or last in ("attn_sink", "ape")):
-        return ADAMW_NO_DECAY
-    if len(shape) - (names[:1] == ("stages",)) < 2:  # the scan layout's layer axis is a batch axis
-        return ADAMW_NO_DECAY
-    return MUON
-
-
-def param_labels(params) -> Any:
-    """The optimiser label of every leaf (same tree structure, str leaves): one of ``LABELS``.
-
-    Works from the tree paths (and dtype / rank), so it accepts arrays, ShapeDtypeStructs
-    (``model.param_specs``) and gradient trees alike. See the module docstring for the rules.
-    """
-    return jax.tree_util.tree_map_with_path(lambda path, x: _label(_names(path), x), params)
-
-
-def muon_row_blocks(params, *, split_mhc_fn: bool = True) -> dict[str, RowBlocks]:
-    """Row blocks of every fused Muon leaf, keyed by ``jax.tree_util.keystr(path)``.
-
-    Only leaves that are split appear (compressor wkv/wgate with 2c rows, attn.wo_a with g > 1
-    groups, mHC fn with (2+n)n rows when ``split_mhc_fn``); sibling leaves give the block sizes.
-    """
-    flat, _ = jax.tree_util.tree_flatten_with_path(params)
-    by_names = {_names(path): (path, leaf) for path, leaf in flat}
+def muon_row_blocks(params, config, *, split_mhc_fn: bool = True) -> dict[str, RowBlocks]:
+    """Row blocks of every fused Muon leaf, keyed by ``jax.tree_util.keystr(path)``: the declared
+    ``row_blocks`` (compressor wkv/wgate with 2c rows, attn.wo_a with g > 1 groups, mHC fn with
+    (2+n)n rows unless not ``split_mhc_fn``)."""
     out: dict[str, RowBlocks] = {}
-    for names, (path, leaf) in by_names.items():
-        if _label(names, leaf) != MUON:
+    for path, info in jax.tree_util.tree_flatten_with_path(tree_infos(config, params))[0]:
+        if info.row_blocks is None or (not split_mhc_fn and path_keys(path)[-1] == "fn"):
             continue
-        last = names[-1]
-        parent = names[-2] if len(names) > 1 else None
-        rows, cols = leaf.shape[-2], leaf.shape[-1]
-        blocks: RowBlocks | None = None
-        if parent == "compressor" and last in ("wkv", "wgate"):
-            c = by_names[names[:-1] + ("norm",)][1].shape[-1]
-            if rows == 2 * c:
-                blocks = (c, c)
-            elif rows != c:
-                raise ValueError(f"{jax.tree_util.keystr(path)}: {rows} rows, compressor width {c}")
-        elif parent == "attn" and last == "wo_a":
-            hc = by_names[names[:-1] + ("wq_b",)][1].shape[-2]  # h*c
-            if hc % cols or rows % (hc // cols):
-                raise ValueError(f"{jax.tree_util.keystr(path)}: shape {leaf.shape} vs wq_b rows {hc}")
-            g = hc // cols
-            if g > 1:
-                blocks = (rows // g,) * g
-        elif isinstance(parent, str) and parent.startswith("hc_") and last == "fn" and split_mhc_fn:
-            scale = by_names.get(names[:-1] + ("scale",))
-            if scale is not None and scale[1].shape[-1] == 3:
-                n = math.isqrt(rows + 1) - 1
-                if (2 + n) * n != rows:
-                    raise ValueError(f"{jax.tree_util.keystr(path)}: {rows} rows is not (2+n)n")
-                blocks = (n, n, n * n)
-        if blocks is not None:
-            out[jax.tree_util.keystr(path)] = blocks
+        out[jax.tree_util.keystr(path)] = info.row_blocks
     return out
 
 
@@ -335,12 +267,12 @@ def freeze() -> optax.GradientTransformation:
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
-def v4_optimizer(learning_rate: optax.ScalarOrSchedule, *, muon_momentum: float = 0.95,
+def v4_optimizer(learning_rate: optax.ScalarOrSchedule, config, *, muon_momentum: float = 0.95,
                  muon_weight_decay: float = 0.1, rms_scale: float = 0.18, adam_b1: float = 0.9,
                  adam_b2: float = 0.95, adam_eps: float = 1e-20, adam_weight_decay: float = 0.1,
                  adam_decay_all: bool = False, ns_dtype=F32, split_mhc_fn: bool = True,
                  mu_dtype=None) -> optax.GradientTransformation:
-    """Muon + AdamW over a whole v4jax parameter tree, split by ``param_labels``.
+    """Muon + AdamW over a v4jax parameter tree of ``config`` (either layout), split by ``param_labels``.
 
     learning_rate: a scalar or an optax schedule, shared by both optimisers (spec §4).
     Muon: ``muon(learning_rate, muon_momentum, muon_weight_decay, rms_scale)`` with the row blocks of
@@ -353,7 +285,7 @@ def v4_optimizer(learning_rate: optax.ScalarOrSchedule, *, muon_momentum: float 
     """
 
     def build(tree) -> optax.GradientTransformation:
-        blocks = muon_row_blocks(tree, split_mhc_fn=split_mhc_fn)
+        blocks = muon_row_blocks(tree, config, split_mhc_fn=split_mhc_fn)
         adam = lambda wd: optax.adamw(learning_rate, b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=wd,
                                       mu_dtype=mu_dtype)
         return optax.partition(
@@ -362,11 +294,10 @@ def v4_optimizer(learning_rate: optax.ScalarOrSchedule, *, muon_momentum: float 
              ADAMW: adam(adam_weight_decay),
              ADAMW_NO_DECAY: adam(adam_weight_decay if adam_decay_all else 0.0),
              FROZEN: freeze()},
-            param_labels(tree))
+            param_labels(tree, config))
 
-    # The row blocks need sibling shapes (e.g. a compressor's norm), which optax.partition masks
-    # out of the Muon branch, so they are worked out here on the full tree (updates have the
-    # params' structure and shapes), at trace time.
+    # Labels and row blocks are looked up by path, at trace time, on the tree being updated
+    # (updates have the params' structure and shapes).
     def init_fn(params):
         return build(params).init(params)
 

@@ -1,8 +1,8 @@
 """Device mesh, logical-axis sharding rules, and multi-host start-up.
 
 Mesh axes: ``data``, ``fsdp``, ``expert``, ``tensor`` (any may be 1). Parameters carry logical axis
-names (``vocab``, ``embed``, ``heads``, ``mlp``, ``experts``), derived from their tree paths here,
-and one table maps logical names to mesh axes. Changing the parallel layout means changing the table
+names (``vocab``, ``embed``, ``heads``, ``mlp``, ``experts``) in their declarations
+(``v4jax.params``), and one table maps logical names to mesh axes. Changing the parallel layout means changing the table
 (or the mesh shape), not the model.
 
 Default table::
@@ -28,6 +28,8 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
+
+from v4jax.params import path_keys, tree_infos
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 PARAM_AXES = ("vocab", "embed", "heads", "mlp", "experts")
@@ -118,37 +120,39 @@ def make_mesh(cfg: ParallelConfig | None = None, devices=None) -> jax.sharding.M
 # Rules
 
 
-def validate_rules(rules: Mapping[str, tuple[str, ...]], params=None) -> None:
-    """Every target is a mesh axis, named once per rule; with ``params``, no parameter's logical axes
-    put one mesh axis on two of its dimensions (checked for every leaf, all problems reported)."""
+def validate_rules(rules: Mapping[str, tuple[str, ...]], params=None, config=None) -> None:
+    """Every target is a mesh axis, named once per rule; with ``params`` (and their ``config``), no
+    parameter's logical axes put one mesh axis on two of its dimensions (checked for every leaf,
+    all problems reported)."""
     for logical, axes in rules.items():
         if len(set(axes)) != len(axes) or any(a not in MESH_AXES for a in axes):
             raise ShardingError(f"rule {logical!r} -> {axes!r}: name each mesh axis ({MESH_AXES}) at most once")
     if params is None:
         return
     problems = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        logical = param_logical_axes(_names(path), len(leaf.shape))
+    for path, info in jax.tree_util.tree_flatten_with_path(tree_infos(config, params))[0]:
         seen: dict[str, str] = {}
-        for name in logical:
+        for name in info.axes:
             for axis in rules.get(name, ()) if name else ():
                 if axis in seen and seen[axis] != name:
-                    problems.append(f"{jax.tree_util.keystr(path)} {logical}: {seen[axis]!r} and {name!r} "
+                    problems.append(f"{jax.tree_util.keystr(path)} {info.axes}: {seen[axis]!r} and {name!r} "
                                     f"both on mesh axis {axis!r}")
                 seen[axis] = name
     if problems:
         raise ShardingError("the rules put two logical axes on one mesh axis:\n  " + "\n  ".join(problems))
 
 
-def spec_for(logical: tuple, shape: tuple, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> PartitionSpec:
-    """PartitionSpec of a tensor with these logical axes; axes the mesh does not divide are dropped."""
+def spec_for(logical: tuple, shape: tuple, mesh, rules=DEFAULT_RULES) -> PartitionSpec:
+    """PartitionSpec of a tensor with these logical axes on a mesh (or a {axis: size} mapping); axes
+    the mesh does not divide are dropped."""
+    sizes = mesh if isinstance(mesh, Mapping) else dict(mesh.shape)
     used, out = set(), []
     for name, dim in zip(logical, shape):
-        axes = tuple(a for a in (rules.get(name, ()) if name else ()) if mesh.shape[a] > 1)
+        axes = tuple(a for a in (rules.get(name, ()) if name else ()) if sizes.get(a, 1) > 1)
         clash = used.intersection(axes)
         if clash:
             raise ShardingError(f"logical axes {logical} put mesh axis {sorted(clash)} on two dimensions")
-        if axes and dim % int(np.prod([mesh.shape[a] for a in axes])) == 0:
+        if axes and dim % int(np.prod([sizes[a] for a in axes])) == 0:
             used.update(axes)
             out.append(axes[0] if len(axes) == 1 else axes)
         else:
@@ -156,67 +160,25 @@ def spec_for(logical: tuple, shape: tuple, mesh: jax.sharding.Mesh, rules=DEFAUL
     return PartitionSpec(*out)
 
 
-def _names(path) -> tuple:
-    return tuple(k.key if hasattr(k, "key") else getattr(k, "idx", getattr(k, "name", k)) for k in path)
+def param_shardings(params, mesh: jax.sharding.Mesh, config, rules=DEFAULT_RULES):
+    """NamedSharding of every parameter (arrays or ShapeDtypeStructs, either layout, or a subtree),
+    from its declared logical axes (``v4jax.params``) under the rules."""
+    validate_rules(rules, params, config)
+    return jax.tree.map(lambda info: NamedSharding(mesh, spec_for(info.axes, info.shape, mesh, rules)),
+                        tree_infos(config, params))
 
 
-def param_logical_axes(path: tuple, ndim: int) -> tuple:
-    """Logical axis names of a parameter from its tree path (see v4jax.model for the tree). The
-    leading layer axis of the scan layout (``stages``) is never split: the scan slices it."""
-    names = [n for n in path if isinstance(n, str)]
-    if names[0] == "stages":
-        return (None,) + param_logical_axes(tuple(names[1:]), ndim - 1)
-    leaf, parent = names[-1], names[-2] if len(names) > 1 else ""
-    if leaf in ("embed", "head"):
-        axes = ("vocab", "embed")
-    elif parent == "experts":
-        axes = ("experts", "embed", "mlp") if leaf == "w2" else ("experts", "mlp", "embed")
-    elif parent == "shared_experts":
-        axes = ("embed", "mlp") if leaf == "w2" else ("mlp", "embed")
-    elif leaf in ("wq_b",):
-        axes = ("heads", None)
-    elif leaf == "wo_a":
-        axes = ("heads", None)
-    elif leaf == "wo_b":
-        axes = ("embed", "heads")
-    elif leaf == "attn_sink":
-        axes = ("heads",)
-    elif leaf == "weights_proj":
-        axes = ("heads", "embed")
-    elif leaf == "fn" or (ndim == 2 and leaf in ("wq_a", "wkv", "wgate", "weight", "e_proj", "h_proj")):
-        axes = (None, "embed")
-    elif ndim == 1 and leaf in ("attn_norm", "ffn_norm", "norm", "enorm", "hnorm") and parent not in (
-            "attn", "compressor"):
-        axes = ("embed",)
-    else:
-        axes = (None,) * ndim
-    assert len(axes) == ndim, (path, axes, ndim)
-    return axes
-
-
-def param_shardings(params, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES):
-    """NamedSharding of every parameter (arrays or ShapeDtypeStructs) under the rules."""
-    validate_rules(rules, params)
-
-    def one(path, leaf):
-        axes = param_logical_axes(_names(path), len(leaf.shape))
-        return NamedSharding(mesh, spec_for(axes, leaf.shape, mesh, rules))
-
-    return jax.tree_util.tree_map_with_path(one, params)
-
-
-def shard_like_params(tree, params, mesh, rules=DEFAULT_RULES):
+def shard_like_params(tree, params, mesh, config, rules=DEFAULT_RULES):
     """Shardings for a tree that contains parameter-shaped leaves (e.g. optimizer state): a leaf
     whose path ends like a parameter's path and has its shape gets that parameter's sharding;
     everything else is replicated."""
-    by_path = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(param_shardings(params, mesh, rules))[0]:
-        by_path[_names(path)] = leaf
-    shapes = {_names(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    by_path = {path_keys(p): sh for p, sh in jax.tree_util.tree_flatten_with_path(
+        param_shardings(params, mesh, config, rules))[0]}
+    shapes = {path_keys(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def one(path, leaf):
-        names = _names(path)
+        names = path_keys(path)
         for k in range(len(names)):
             key = names[k:]
             if key in by_path and shapes[key] == tuple(getattr(leaf, "shape", ())):

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from v4jax.config import ModelConfig
+from v4jax.params import ParamInfo
 
 MAX_PERIOD = 4  # longest unit searched for (V4 needs 2)
 
@@ -73,13 +74,16 @@ def _stack(trees):
     def one(*leaves):
         if isinstance(leaves[0], jax.ShapeDtypeStruct):
             return jax.ShapeDtypeStruct((len(leaves),) + leaves[0].shape, leaves[0].dtype)
+        if isinstance(leaves[0], ParamInfo):  # layers of one signature have one declaration
+            return leaves[0].stacked(len(leaves))
         return jnp.stack(leaves)
 
     return jax.tree.map(one, *trees)
 
 
 def stack_layers(params: dict, config: ModelConfig) -> dict:
-    """The scan layout of a parameter tree (arrays or ShapeDtypeStructs); unchanged if already so."""
+    """The scan layout of a parameter tree (arrays, ShapeDtypeStructs or ParamInfos); unchanged if
+    already so."""
     if "stages" in params:
         return params
     layers = params["layers"]

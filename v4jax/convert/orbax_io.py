@@ -269,15 +269,16 @@ def save_streaming(directory: str | Path, tree, *, compression: bool = False, wo
         absl.logging.set_verbosity(verbosity)
 
 
-def stream_leaves(specs, sources: dict, block_bytes: int, mesh: dict[str, int] | None = None):
+def stream_leaves(specs, sources: dict, block_bytes: int, mesh: dict[str, int] | None = None, config=None):
     """Tree of StreamLeaf with ``specs``' structure; ``sources[path]`` has ``read`` (a LeafSource).
 
     Chunks are blocks of whole rows of about ``block_bytes``. With ``mesh`` (mesh axis -> size, e.g.
-    {"fsdp": 4, "expert": 8}), chunks are also aligned with each leaf's per-device shard under
-    ``v4jax.parallel``'s default rules: every chunk lies inside one device's shard, and a shard is a
+    {"fsdp": 4, "expert": 8}) and the ``config`` (whose declarations give the logical axes), chunks
+    are also aligned with each leaf's per-device shard under ``v4jax.parallel``'s default rules: every chunk lies inside one device's shard, and a shard is a
     whole number of chunks, so restoring onto that mesh reads only each device's own chunks.
     """
     from v4jax.convert.names import tree_paths  # noqa: PLC0415
+    from v4jax.params import info_at  # noqa: PLC0415
 
     flat = {}
     for path, spec in tree_paths(specs):
@@ -287,7 +288,7 @@ def stream_leaves(specs, sources: dict, block_bytes: int, mesh: dict[str, int] |
         if mesh is None or len(shape) < 2:
             flat[path] = StreamLeaf(shape, dt, src.read, rows_per_block(shape, dt.itemsize, block_bytes))
             continue
-        shard = shard_shape(path, shape, mesh)
+        shard = shard_shape(info_at(config, path).axes, shape, mesh)
         cols = shard[-1]
         # rows per chunk: a divisor of the shard's rows, as large as the block size allows
         budget = max(1, block_bytes // max(1, shape[-1] * dt.itemsize))
@@ -300,22 +301,20 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def shard_shape(path: tuple, shape: tuple, mesh: dict[str, int]) -> tuple:
-    """Per-device shard shape of a parameter under v4jax.parallel's default rules on a mesh of these
-    axis sizes (dimensions the mesh does not divide stay whole, as there)."""
-    import types  # noqa: PLC0415
-
-    from v4jax.parallel import MESH_AXES, param_logical_axes, spec_for  # noqa: PLC0415
+def shard_shape(logical_axes: tuple, shape: tuple, mesh: dict[str, int]) -> tuple:
+    """Per-device shard shape of a parameter with these logical axes under v4jax.parallel's default
+    rules on a mesh of these axis sizes (dimensions the mesh does not divide stay whole, as there)."""
+    from v4jax.parallel import MESH_AXES, spec_for  # noqa: PLC0415
 
     unknown = set(mesh) - set(MESH_AXES)
     if unknown:
         raise ValueError(f"--mesh axes must be among {', '.join(MESH_AXES)}, got {', '.join(sorted(unknown))}")
-    sizes = types.SimpleNamespace(shape={a: int(mesh.get(a, 1)) for a in MESH_AXES})
-    spec = spec_for(param_logical_axes(path, len(shape)), shape, sizes)
+    sizes = {a: int(mesh.get(a, 1)) for a in MESH_AXES}
+    spec = spec_for(logical_axes, shape, sizes)
     out = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
         axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-        out.append(dim // int(np.prod([sizes.shape[a] for a in axes])) if axes else dim)
+        out.append(dim // int(np.prod([sizes[a] for a in axes])) if axes else dim)
     return tuple(out)
 
 

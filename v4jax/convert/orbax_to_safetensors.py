@@ -47,12 +47,9 @@ from v4jax.convert.orbax_io import (
 )
 from v4jax.convert.safetensors_io import Checkpoint, CheckpointError, SafetensorsWriter
 from v4jax.convert.source import summarise
+from v4jax.params import info_at
 
 QUANTIZE = ("none", "fp8", "fp8+fp4")
-# Matrices the release stores as FP8 (besides the routed experts), by the end of their tree path.
-FP8_MATRICES = {("attn", "wq_a"), ("attn", "wq_b"), ("attn", "wkv"), ("attn", "wo_a"), ("attn", "wo_b"),
-                ("indexer", "wq_b"), ("shared_experts", "w1"), ("shared_experts", "w2"), ("shared_experts", "w3"),
-                ("mtp", "e_proj"), ("mtp", "h_proj")}
 BF16 = np.dtype(ml_dtypes.bfloat16)
 PLAIN_DTYPES = {"bfloat16": BF16, "float32": np.dtype(np.float32)}
 INDEX = Checkpoint.INDEX
@@ -124,15 +121,13 @@ class _Exporter:
     def tensors(self, specs) -> list[OutTensor]:
         out = []
         for path, spec in tree_paths(specs):
-            kept_f32 = np.dtype(spec.dtype) == np.float32  # specs are built in bf16: fp32 means fp32-kept
-            is_int = np.issubdtype(np.dtype(spec.dtype), np.integer)
-            if is_routed_expert(path):
+            export = info_at(self.config, path).export  # as declared (v4jax.params)
+            if export == "experts":  # one tensor per routed expert, FP8 or FP4 when quantising
                 fmt = {"none": "plain", "fp8": "fp8", "fp8+fp4": "fp4"}[self.quantize]
                 for e in range(spec.shape[0]):
                     out += self._tensor(path, (e,), official_name(path, e), spec.shape[1:], fmt)
             else:
-                fmt = ("int" if is_int else "f32" if kept_f32 else
-                       "fp8" if self.quantize != "none" and tuple(path[-2:]) in FP8_MATRICES else "plain")
+                fmt = "plain" if export == "fp8" and self.quantize == "none" else export
                 out += self._tensor(path, (), official_name(path), spec.shape, fmt)
         return out
 

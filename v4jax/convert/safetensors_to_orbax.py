@@ -94,7 +94,7 @@ def to_orbax(src: str | Path, dst: str | Path, *, dtype: str = "bfloat16", overw
     with Checkpoint(src) as ckpt:
         plan = plan_checkpoint(ckpt, config, DTYPES[dtype], directory=src)
         sources = {s.path: s for s in plan.sources}
-        tree = stream_leaves(plan.specs, sources, int(block_mb * 2**20), mesh)
+        tree = stream_leaves(plan.specs, sources, int(block_mb * 2**20), mesh, config)
         prog = Progress(plan.nbytes, plan.n_tensors, "to-orbax", progress)
         from v4jax.convert.names import tree_paths  # noqa: PLC0415
         from v4jax.convert.source import blocks  # noqa: PLC0415
