@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -87,11 +86,11 @@ def main(argv=None) -> int:
 
     from v4jax.model import init_params
 
-    optimizer = make_optimizer(cfg)
+    optimizer = make_optimizer(cfg, config)
     params = init_params(config, cfg.seed, scan=run.parallel.scan_layers)
-    params = jax.device_put(params, param_shardings(params, mesh))
+    params = jax.device_put(params, param_shardings(params, mesh, config))
     state = init_state(params, optimizer)
-    state = jax.device_put(state, shard_like_params(state, params, mesh))
+    state = jax.device_put(state, shard_like_params(state, params, mesh, config))
     checkpointer = Checkpointer(ckpt_dir, cfg.keep_checkpoints, cfg.checkpoint_every)
     if checkpointer.latest_step() is not None:
         state, data_state, _ = checkpointer.restore(abstract(state))

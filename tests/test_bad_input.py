@@ -4,33 +4,14 @@ import json
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 import v4jax
-from tests.tiny_configs import CONFIGS
-from v4jax.convert.names import official_name, tree_paths
+from tests.helpers import CONFIGS, write_checkpoint
+from v4jax.convert.names import tree_paths
 from v4jax.convert.safetensors_io import CheckpointError
 from v4jax.model import init_params
 
 CONFIG = CONFIGS["a"]
-
-
-def write_checkpoint(directory, config, edit=None):
-    """A release-layout checkpoint of a random model, written here (independent of our converter)."""
-    tensors = {}
-    for path, leaf in tree_paths(init_params(config, seed=0)):
-        leaf = np.asarray(leaf)
-        if "experts" in path:
-            for e in range(leaf.shape[0]):
-                tensors[official_name(path, e)] = leaf[e]
-        else:
-            tensors[official_name(path)] = leaf
-    if edit:
-        edit(tensors)
-    directory.mkdir(exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, directory / "model.safetensors")
-    (directory / "config.json").write_text(json.dumps(config.to_release_dict()))
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -116,3 +116,36 @@ def test_release_style_refuses_what_it_cannot_express():
     with pytest.raises(ConfigError, match="release's config.json style"):
         c.to_release_dict()
     assert ModelConfig.from_dict(c.to_hf_dict()) == c
+
+
+def test_no_rope_scaling_means_no_yarn():
+    """As in the official ModelArgs (original_seq_len=0) and transformers: without rope_scaling the
+    compressed layers rotate with the plain compress_rope_theta frequencies."""
+    import numpy as np
+
+    from v4jax.layers import rope_frequencies
+
+    raw = model_config_from_yaml("configs/tiny.yaml").to_release_dict()
+    del raw["rope_scaling"]
+    c = ModelConfig.from_dict(raw)
+    assert c.rope_scaling is None
+    layer = c.layer_types.index(CSA)
+    dim = c.qk_rope_head_dim
+    want = 1.0 / c.compress_rope_theta ** (np.arange(0, dim, 2) / dim)
+    np.testing.assert_allclose(rope_frequencies(c, layer), want, rtol=1e-6)
+    assert ModelConfig.from_dict(c.to_hf_dict()) == c
+
+
+@pytest.mark.parametrize("factor", [None, 1.2772, 2.0])
+def test_a_yarn_attention_factor_other_than_one_is_refused(factor):
+    """transformers scales cos/sin by attention_factor (0.1 ln(factor) + 1 when absent); the release
+    does not, so anything but 1.0 is refused with the field's name rather than silently dropped."""
+    raw = model_config_from_yaml("configs/tiny.yaml").to_hf_dict()
+    compress = raw["rope_parameters"]["compress"]
+    compress.pop("attention_factor")
+    if factor is not None:
+        compress["attention_factor"] = factor
+    with pytest.raises(ConfigError, match="attention_factor"):
+        ModelConfig.from_dict(raw)
+    compress["attention_factor"] = 1.0
+    assert ModelConfig.from_dict(raw).rope_scaling is not None

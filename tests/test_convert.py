@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 
 import v4jax
 from tests import hf_oracle
+from tests.helpers import rel
 from tests.test_convert_quant import E2M1_TABLE, E4M3_TABLE, ref_dequant_fp4, ref_dequant_fp8
 from v4jax.config import CSA, ModelConfig
 from v4jax.convert.__main__ import main as cli
@@ -201,10 +202,6 @@ def world(tmp_path_factory):
                 expected_deq=hf_oracle.reference_logits(deq_reference, tokens))
 
 
-def _rel_err(got, expected):
-    return float(np.abs(np.asarray(got) - expected).max() / np.abs(expected).max())
-
-
 def _flat(params):
     from v4jax.convert.names import tree_paths
 
@@ -253,7 +250,7 @@ def test_official_fp8_fp4_to_orbax_matches_transformers(world, orbax_official):
 
     model = v4jax.from_pretrained(orbax_official, dtype="float32")
     assert model.has_mtp and model.config == CONFIG
-    err = _rel_err(model.logits(world["tokens"]), world["expected_deq"])
+    err = rel(model.logits(world["tokens"]), world["expected_deq"])
     print(f"official FP8/FP4 -> Orbax: max relative logit error {err:.2e}")
     assert err <= TOLERANCE
 
@@ -291,7 +288,7 @@ def test_hf_layout_to_orbax_matches_transformers(world, orbax_hf):
     assert "layer_types" in json.loads((orbax_hf / "config.json").read_text())
     model = v4jax.from_pretrained(orbax_hf, dtype="float32")
     assert not model.has_mtp
-    err = _rel_err(model.logits(world["tokens"]), world["expected_hf"])
+    err = rel(model.logits(world["tokens"]), world["expected_hf"])
     print(f"transformers layout -> Orbax: max relative logit error {err:.2e}")
     assert err <= TOLERANCE
 
@@ -398,7 +395,7 @@ def test_orbax_to_hf_layout_loads_in_transformers(world, orbax_hf):
 
     model = DeepseekV4ForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     model.config._attn_implementation = "eager"
-    err = _rel_err(hf_oracle.reference_logits(model, world["tokens"]), world["expected_hf"])
+    err = rel(hf_oracle.reference_logits(model, world["tokens"]), world["expected_hf"])
     assert err <= 1e-6
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from tests.tiny_configs import CONFIGS
+from tests.helpers import CONFIGS
 from v4jax.convert import quant
 from v4jax.convert.__main__ import _parser
 from v4jax.convert.__main__ import main as cli

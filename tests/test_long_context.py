@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from tests import dense_reference
+from tests.helpers import rel, sharpened
 from v4jax.attention import Entries, attention, indexer_topk, sparse_attention
 from v4jax.config import ModelConfig
 from v4jax.losses import indexer_kl
@@ -35,16 +36,9 @@ SEQ = 8192
 DOCS = (3001, 129, 4000, 1062)  # packed; lengths cross windows and both block sizes
 
 
-def rel(got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return np.abs(got - want).max() / np.abs(want).max()
-
-
 @pytest.fixture(scope="module")
 def long_inputs():
-    params = init_params(LONG, seed=0)
-    # larger than the default init, so that softmaxes and indexer scores are far from uniform
-    params = jax.tree.map(lambda a: a * 8 if a.dtype == jnp.float32 and a.ndim >= 2 else a, params)
+    params = sharpened(init_params(LONG, seed=0))
     x = jnp.asarray(np.random.default_rng(0).normal(size=(1, SEQ, LONG.hidden_size)), jnp.float32)
     positions = np.concatenate([np.arange(n) for n in DOCS])[None].astype(np.int32)
     segments = np.concatenate([np.full(n, i + 1) for i, n in enumerate(DOCS)])[None].astype(np.int32)

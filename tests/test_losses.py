@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.tiny_configs import CONFIGS
+from tests.helpers import CONFIGS
 from v4jax.losses import balance_loss, expert_load, indexer_kl, masked_mean, token_nll, update_router_bias
 from v4jax.moe import route
 

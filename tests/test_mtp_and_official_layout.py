@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 import v4jax
 from tests import hf_oracle
-from tests.tiny_configs import CONFIGS
+from tests.helpers import CONFIGS
 from v4jax.convert.names import HF, to_official
 
 TOLERANCE = 1e-5

@@ -8,7 +8,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from tests.tiny_configs import CONFIGS
+from tests.helpers import CONFIGS
 from v4jax import optim
 from v4jax.model import init_params, param_specs
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.tiny_configs import CONFIGS
+from tests.helpers import CONFIGS, batch as make_batch, rel, sharpened, write_checkpoint
 from v4jax.checkpoint import Checkpointer, abstract
 from v4jax.model import forward, init_params
 from v4jax.moe import route, routed_experts, routed_experts_all_to_all, shared_expert
@@ -22,18 +22,8 @@ MESHES = {"8x1x1x1": (8, 1, 1, 1), "2x2x2x1": (2, 2, 2, 1), "1x1x8x1": (1, 1, 8,
 B, S = 8, 24
 
 
-def rel(a, b):
-    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
-
-
 def batch(config=CONFIG, b=B, s=S):
-    """A training batch of random tokens, one document per row."""
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, config.vocab_size, size=(b, s)).astype(np.int32)
-    pos = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))
-    return {"tokens": tokens, "positions": pos, "segment_ids": np.ones((b, s), np.int32),
-            "targets": np.roll(tokens, -1, 1), "loss_mask": np.ones((b, s), np.float32),
-            "mtp_targets": np.roll(tokens, -2, 1), "mtp_mask": np.ones((b, s), np.float32)}
+    return make_batch(config, b, s)
 
 
 def parallel_for(shape):
@@ -42,8 +32,7 @@ def parallel_for(shape):
 
 @pytest.fixture(scope="module")
 def params():
-    p = init_params(CONFIG, seed=0)
-    return jax.tree.map(lambda a: a * 8 if a.dtype == jnp.float32 and a.ndim >= 2 else a, p)
+    return sharpened(init_params(CONFIG, seed=0))
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +248,6 @@ def test_checkpoint_abstract_helper_keeps_shardings(params):
 
 def test_from_pretrained_shards_by_the_rules(tmp_path):
     import v4jax
-    from tests.test_bad_input import write_checkpoint
 
     config = CONFIGS["a"]
     directory = write_checkpoint(tmp_path / "ck", config)

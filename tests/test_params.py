@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.tiny_configs import CONFIGS
+from tests.helpers import CONFIGS, flat
 from v4jax import optim
 from v4jax.config import model_config_from_yaml
 from v4jax.convert.names import official_name
@@ -24,27 +24,23 @@ PRESETS = {name: model_config_from_yaml(f"configs/{name}.yaml") for name in ("ti
 ALL = {**PRESETS, **{f"test-{k}": v for k, v in CONFIGS.items()}}
 
 
-def _flat(tree):
-    return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 @pytest.mark.parametrize("scan", [False, True], ids=["layers", "stages"])
 @pytest.mark.parametrize("name", sorted(ALL))
 def test_derived_properties_follow_the_declaration(name, scan):
     config = ALL[name]
-    declared = _flat(infos(config, scan))
+    declared = flat(infos(config, scan))
     for dtype in (jnp.float32, jnp.bfloat16):
-        specs = _flat(param_specs(config, dtype, scan))
+        specs = flat(param_specs(config, dtype, scan))
         assert specs.keys() == declared.keys()
         for k, s in specs.items():
             assert s.shape == declared[k].shape and s.dtype == declared[k].dtype(dtype), k
     specs = param_specs(config, jnp.bfloat16, scan)
-    labels = _flat(optim.param_labels(specs, config))
+    labels = flat(optim.param_labels(specs, config))
     blocks = optim.muon_row_blocks(specs, config)
     for k, info in declared.items():
         assert labels[k] == info.optimizer, k
         assert blocks.get(k) == info.row_blocks, k
-    shardings = _flat(param_shardings(specs, make_mesh(ParallelConfig(1, 2, 2, 2)), config))
+    shardings = flat(param_shardings(specs, make_mesh(ParallelConfig(1, 2, 2, 2)), config))
     for k, info in declared.items():
         for dim, logical, axes in zip(info.shape, info.axes, tuple(shardings[k].spec) + (None,) * len(info.shape)):
             want = DEFAULT_RULES.get(logical, ()) if logical else ()
@@ -73,8 +69,8 @@ def test_export_format_follows_the_declaration(quantize):
 @pytest.mark.parametrize("name", ["a", "b"])
 def test_initial_values_follow_the_initialiser(name):
     config = CONFIGS[name]
-    params = _flat(init_params(config, seed=3))
-    for k, info in _flat(infos(config)).items():
+    params = flat(init_params(config, seed=3))
+    for k, info in flat(infos(config)).items():
         v = np.asarray(params[k], np.float64)
         if info.init == "ones":
             assert (v == 1).all(), k
@@ -93,7 +89,7 @@ def test_initial_values_follow_the_initialiser(name):
 def test_declarations_say_what_the_spec_says():
     """A few facts of the release (spec §3, §4) read off the declarations of V4-Flash."""
     config = PRESETS["v4-flash"]
-    d = _flat(infos(config))
+    d = flat(infos(config))
     lay = "['layers'][3]"  # an HCA layer (learned router)
     assert d[f"{lay}['ffn']['experts']['w1']"].export == "experts"  # FP4 in the release
     assert d[f"{lay}['attn']['wq_a']"].export == "fp8" and d[f"{lay}['attn']['compressor']['wkv']"].export == "plain"

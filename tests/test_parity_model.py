@@ -5,7 +5,7 @@ import pytest
 
 import v4jax
 from tests import hf_oracle
-from tests.tiny_configs import CONFIGS, SEQ
+from tests.helpers import CONFIGS, SEQ
 
 # Max |ours - reference| / max |reference| over all logits, fp32 on both sides.
 TOLERANCE = 1e-5

@@ -14,7 +14,7 @@ import torch
 
 import v4jax
 from tests import hf_oracle
-from tests.tiny_configs import CONFIGS, SEQ
+from tests.helpers import CONFIGS, SEQ, rel
 from v4jax.attention import attention
 from v4jax.config import SWA
 from v4jax.layers import rope_frequencies
@@ -22,11 +22,6 @@ from v4jax.mhc import hc_head, hc_post, hc_pre, sinkhorn
 from v4jax.moe import moe
 
 TOLERANCE = 1e-5
-
-
-def rel_err(got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -47,7 +42,7 @@ def test_rope_frequencies(case):
     for layer in range(config.num_hidden_layers):
         kind = "main" if config.layer_type(layer) == SWA else "compress"
         want = getattr(rotary, f"{kind}_inv_freq").numpy()
-        assert rel_err(rope_frequencies(config, layer), want) <= 1e-6, (layer, kind)
+        assert rel(rope_frequencies(config, layer), want) <= 1e-6, (layer, kind)
 
 
 def test_hyper_connection_pre(case):
@@ -59,7 +54,7 @@ def test_hyper_connection_pre(case):
         got = hc_pre(jnp.asarray(x.numpy()), model.params["layers"][i]["hc_attn"],
                      sinkhorn_iters=config.hc_sinkhorn_iters, hc_eps=config.hc_eps, norm_eps=config.rms_norm_eps)
         for g, w in zip(got, (collapsed, post, comb)):
-            assert rel_err(g, w.numpy()) <= TOLERANCE
+            assert rel(g, w.numpy()) <= TOLERANCE
 
 
 def test_hyper_head(case):
@@ -68,7 +63,7 @@ def test_hyper_head(case):
     with torch.no_grad():
         want = reference.model.hc_head(x).numpy()
     got = hc_head(jnp.asarray(x.numpy()), model.params["hc_head"], hc_eps=config.hc_eps, norm_eps=config.rms_norm_eps)
-    assert rel_err(got, want) <= TOLERANCE
+    assert rel(got, want) <= TOLERANCE
 
 
 def test_attention(case):
@@ -87,7 +82,7 @@ def test_attention(case):
             want = layer.self_attn(x, kw["position_embeddings"], kw["position_ids"], kw["attention_mask"])[0]
         run = jax.jit(attention, static_argnums=(2, 3))
         got, _ = run(jnp.asarray(x.numpy()), model.params["layers"][i]["attn"], config, i, positions, segments)
-        assert rel_err(got, want.numpy()) <= TOLERANCE, f"layer {i} ({config.layer_type(i)})"
+        assert rel(got, want.numpy()) <= TOLERANCE, f"layer {i} ({config.layer_type(i)})"
 
 
 def _indexer_scores(layer, x, kw):
@@ -110,7 +105,7 @@ def test_moe(case):
         with torch.no_grad():
             want = layer.mlp(x, input_ids=torch.as_tensor(ids)).numpy()
         got, _ = moe(jnp.asarray(x.numpy()), model.params["layers"][i]["ffn"], jnp.asarray(ids), config)
-        assert rel_err(got, want) <= TOLERANCE, f"layer {i}"
+        assert rel(got, want) <= TOLERANCE, f"layer {i}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,7 +126,7 @@ def _np_sinkhorn(logits, iters, eps):
 def test_sinkhorn_matches_spec_and_is_doubly_stochastic():
     logits = np.random.default_rng(0).normal(0, 1, size=(5, 4, 4))
     got = np.asarray(sinkhorn(jnp.asarray(logits, jnp.float32), 20, 1e-6))
-    assert rel_err(got, _np_sinkhorn(logits, 20, 1e-6)) <= 1e-5
+    assert rel(got, _np_sinkhorn(logits, 20, 1e-6)) <= 1e-5
     np.testing.assert_allclose(got.sum(-2), 1.0, atol=1e-5)  # the last pass normalises columns
     np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-3)  # rows converge for logits of unit scale
     assert (got > 0).all()
@@ -147,4 +142,4 @@ def test_residual_mix_is_transposed():
     for k in range(n):
         want[:, :, k] = post[:, :, k, None] * f + sum(comb[:, :, j, k, None] * x[:, :, j] for j in range(n))
     got = hc_post(*(jnp.asarray(a, jnp.float32) for a in (f, x, post, comb)))
-    assert rel_err(got, want) <= 1e-5
+    assert rel(got, want) <= 1e-5

@@ -5,17 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.tiny_configs import CONFIGS
+from tests.helpers import CONFIGS, rel, sharpened
 from v4jax.model import forward, init_params
 
 # Same-function comparisons in fp32: only summation order differs.
 TOLERANCE = 2e-5
-
-
-def _params(config):
-    # larger random weights than the default init so every path (indexer picks, clamps) is exercised
-    params = init_params(config, seed=0)
-    return jax.tree.map(lambda a: a * 8 if a.dtype == jnp.float32 and a.ndim >= 2 else a, params)
 
 
 @pytest.fixture(scope="module")
@@ -25,17 +19,13 @@ def run():
     def go(name, tokens, positions=None, segment_ids=None):
         config = CONFIGS[name]
         if name not in cache:
-            cache[name] = (_params(config), jax.jit(lambda p, t, pos, seg: forward(
+            cache[name] = (sharpened(init_params(config, seed=0)), jax.jit(lambda p, t, pos, seg: forward(
                 p, t, config, positions=pos, segment_ids=seg, mtp=True)))
         params, fn = cache[name]
         out = fn(params, jnp.asarray(tokens), positions, segment_ids)
         return np.asarray(out["logits"]), np.asarray(out["mtp_logits"])
 
     return go
-
-
-def _rel(a, b):
-    return np.abs(a - b).max() / np.abs(b).max()
 
 
 @pytest.mark.parametrize("name", ["a", "b"])
@@ -71,9 +61,9 @@ def test_packed_documents_equal_alone(run, name):
     start = 0
     for doc, n in zip(docs, lengths):
         alone, alone_mtp = run(name, doc[None])
-        assert _rel(packed[:, start : start + n], alone) <= TOLERANCE
+        assert rel(packed[:, start : start + n], alone) <= TOLERANCE
         # MTP position t reads token t+1, which at a document's last token belongs to the next one
-        assert _rel(packed_mtp[:, start : start + n - 1], alone_mtp[:, : n - 1]) <= TOLERANCE
+        assert rel(packed_mtp[:, start : start + n - 1], alone_mtp[:, : n - 1]) <= TOLERANCE
         start += n
 
 
@@ -84,4 +74,4 @@ def test_packed_rows_are_not_one_document(run):
     a, b = rng.integers(0, config.vocab_size, size=12), rng.integers(0, config.vocab_size, size=12)
     joined, _ = run("a", np.concatenate([a, b])[None])
     alone, _ = run("a", b[None])
-    assert _rel(joined[:, 12:], alone) > 1e-3
+    assert rel(joined[:, 12:], alone) > 1e-3

@@ -11,8 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.test_parallel import batch, rel
-from tests.tiny_configs import CONFIGS
+from tests.helpers import CONFIGS, batch, rel
 from v4jax.config import model_config_from_yaml
 from v4jax.model import forward, init_params, param_specs
 from v4jax.parallel import ParallelConfig, batch_sharding, make_mesh, param_shardings, shard_like_params

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from v4jax.config import ModelConfig
-from v4jax.model import forward, init_params
+from v4jax.model import forward, init_params, param_specs
+from v4jax.parallel import ParallelConfig, adopt_mesh, param_shardings
+from v4jax.scan import unstack_layers
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -27,70 +29,117 @@ def _dtype(dtype) -> jnp.dtype:
     return dt
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "mtp"))
-def _run(params, tokens, positions, segment_ids, *, config, dtype, mtp):
-    out = forward(params, tokens, config, positions=positions, segment_ids=segment_ids, dtype=dtype, mtp=mtp)
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "mtp", "parallel", "mesh"))
+def _run(params, tokens, positions, segment_ids, *, config, dtype, mtp, parallel, mesh):
+    out = forward(params, tokens, config, positions=positions, segment_ids=segment_ids, dtype=dtype, mtp=mtp,
+                  parallel=parallel, mesh=mesh)
     return out["mtp_logits"] if mtp else out["logits"]
+
+
+def _inference_parallel(mesh, parallel: ParallelConfig | None) -> ParallelConfig:
+    """The settings a model runs with: as given, or on a mesh with an expert axis the capacity
+    dispatch with room for every token (capacity factor = expert-axis size), so nothing drops."""
+    if parallel is not None:
+        return parallel
+    n_ep = mesh.shape["expert"] if mesh is not None else 1
+    return ParallelConfig(capacity_factor=float(max(2, n_ep)))
 
 
 @dataclasses.dataclass
 class Model:
-    """A DeepSeek-V4 model: its config, its parameter tree and the compute dtype.
+    """A DeepSeek-V4 model: its config, its parameter tree, the compute dtype, and where it runs.
 
     ``logits(tokens)`` maps int tokens [batch, seq] to float32 logits [batch, seq, vocab];
     ``mtp_logits(tokens)`` gives the MTP head's logits [batch, seq - 1, vocab], where entry t
-    predicts token t + 2.
+    predicts token t + 2. Both work on host or device arrays and inside ``jax.jit``. On a ``mesh``
+    the parameters are sharded by v4jax's rules and the MoE runs expert-parallel over the mesh's
+    ``expert`` axis; ``parallel`` (a ``v4jax.parallel.ParallelConfig``) picks the MoE dispatch,
+    the grouped-matmul backend and the chunk sizes.
     """
 
     config: ModelConfig
     params: dict
     dtype: jnp.dtype = jnp.dtype(jnp.float32)
+    mesh: jax.sharding.Mesh | None = None
+    parallel: ParallelConfig | None = None
+
+    def __post_init__(self):
+        if self.mesh is not None:
+            self.mesh = adopt_mesh(self.mesh)
+        self.parallel = _inference_parallel(self.mesh, self.parallel)
 
     @classmethod
-    def init(cls, config: ModelConfig, seed: int = 0, dtype="float32") -> Model:
-        """A randomly initialised model (see ``v4jax.model.init_params`` for the initialisation)."""
+    def init(cls, config: ModelConfig, seed: int = 0, dtype="float32", mesh=None, parallel=None) -> Model:
+        """A randomly initialised model (see ``v4jax.model.Transformer`` for the initialisation)."""
         dt = _dtype(dtype)
-        return cls(config, init_params(config, seed, dt), dt)
+        model = cls(config, init_params(config, seed, dt), dt, mesh, parallel)
+        if model.mesh is not None:
+            model.params = jax.device_put(model.params, param_shardings(model.params, model.mesh, config))
+        return model
 
     @property
     def has_mtp(self) -> bool:
         return "mtp" in self.params
 
     def _check(self, tokens, positions, segment_ids):
-        tokens = jnp.asarray(tokens)
+        if not isinstance(tokens, jax.Array):
+            tokens = jnp.asarray(tokens)
         if tokens.ndim != 2:
             raise ValueError(f"tokens must have shape [batch, seq], got shape {tuple(tokens.shape)}")
         if not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
         if tokens.shape[1] == 0:
             raise ValueError("tokens is empty: seq must be at least 1")
-        host = np.asarray(tokens)
-        bad = (host < 0) | (host >= self.config.vocab_size)
-        if bad.any():
-            i = tuple(int(v) for v in np.argwhere(bad)[0])
-            raise ValueError(f"token id {int(host[i])} at {i} is outside the vocabulary [0, {self.config.vocab_size})")
         for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
             if arr is not None and tuple(jnp.shape(arr)) != tuple(tokens.shape):
                 raise ValueError(f"{name} must have the tokens' shape {tuple(tokens.shape)}, got {tuple(jnp.shape(arr))}")
+        if not isinstance(tokens, jax.core.Tracer):  # under jit the values are not known: nothing to check
+            bad = (tokens < 0) | (tokens >= self.config.vocab_size)
+            if bool(jnp.any(bad)):  # one scalar to the host; the tokens stay where they are
+                i = tuple(int(v) for v in jnp.argwhere(bad, size=1)[0])
+                raise ValueError(f"token id {int(tokens[i])} at {i} is outside the vocabulary "
+                                 f"[0, {self.config.vocab_size})")
         return tokens.astype(jnp.int32)
+
+    def _logits(self, tokens, positions, segment_ids, mtp: bool):
+        tokens = self._check(tokens, positions, segment_ids)
+        return _run(self.params, tokens, positions, segment_ids, config=self.config, dtype=self.dtype, mtp=mtp,
+                    parallel=self.parallel, mesh=self.mesh)
 
     def logits(self, tokens, positions=None, segment_ids=None) -> jax.Array:
         """tokens [batch, seq] -> logits [batch, seq, vocab] (float32). Packed rows: pass the
         per-document ``positions`` and ``segment_ids`` (both [batch, seq])."""
-        tokens = self._check(tokens, positions, segment_ids)
-        return _run(self.params, tokens, positions, segment_ids, config=self.config, dtype=self.dtype, mtp=False)
+        return self._logits(tokens, positions, segment_ids, mtp=False)
 
     def mtp_logits(self, tokens, positions=None, segment_ids=None) -> jax.Array:
         """tokens [batch, seq] -> MTP logits [batch, seq - 1, vocab]: entry t predicts token t + 2."""
         if not self.has_mtp:
             raise ValueError("this model has no MTP block (num_nextn_predict_layers is 0, or the checkpoint "
                              "was saved without mtp.* tensors, as transformers does)")
-        tokens = self._check(tokens, positions, segment_ids)
-        out = _run(self.params, tokens, positions, segment_ids, config=self.config, dtype=self.dtype, mtp=True)
-        return out[:, :-1]
+        return self._logits(tokens, positions, segment_ids, mtp=True)[:, :-1]
+
+    def save(self, directory, overwrite: bool = False) -> Path:
+        """Write the model as a v4jax Orbax checkpoint directory (config.json, the parameters in the
+        release's names): what ``from_pretrained`` loads and ``python -m v4jax.convert
+        to-safetensors`` exports. The directory appears only when complete."""
+        import orbax.checkpoint as ocp  # noqa: PLC0415
+
+        from v4jax.convert.orbax_io import PARAMS, atomic_output_dir, write_marker  # noqa: PLC0415
+        from v4jax.convert.safetensors_to_orbax import RELEASE_STYLE, config_dict  # noqa: PLC0415
+
+        params = unstack_layers(self.params, self.config)  # the checkpoint layout is per layer
+        with atomic_output_dir(directory, overwrite) as tmp:
+            with ocp.StandardCheckpointer() as ckpt:
+                ckpt.save(tmp / PARAMS, params)
+                ckpt.wait_until_finished()
+            (tmp / "config.json").write_text(json.dumps(config_dict(self.config, RELEASE_STYLE), indent=2) + "\n")
+            write_marker(tmp, config_style=RELEASE_STYLE, source_layout="v4jax", dtype=jnp.dtype(self.dtype).name,
+                         has_mtp=self.has_mtp)
+        return Path(directory)
 
 
-def from_pretrained(path, dtype="bfloat16", mesh: jax.sharding.Mesh | None = None) -> Model:
+def from_pretrained(path, dtype="bfloat16", mesh: jax.sharding.Mesh | None = None,
+                    parallel: ParallelConfig | None = None) -> Model:
     """Load a model from a directory: a safetensors checkpoint or a v4jax Orbax checkpoint.
 
     * safetensors: ``config.json`` and ``*.safetensors`` (sharded through
@@ -98,15 +147,15 @@ def from_pretrained(path, dtype="bfloat16", mesh: jax.sharding.Mesh | None = Non
       ``transformers``' ``save_pretrained`` writes; F32/BF16 tensors, FP8 weights with 128×128 block
       scales and packed FP4 experts (E8M0 or F32 scales) are read, the quantised ones dequantised
       exactly.
-    * Orbax: a directory written by ``python -m v4jax.convert to-orbax`` (recognised by its
-      ``v4jax_checkpoint.json``), restored with Orbax straight onto the devices.
+    * Orbax: a directory written by ``python -m v4jax.convert to-orbax`` or ``Model.save``
+      (recognised by its ``v4jax_checkpoint.json``), restored with Orbax straight onto the devices.
 
     ``dtype`` is the compute dtype ("float32" for parity, "bfloat16" for speed); fp32-kept tensors
-    (mHC, sinks, position and router biases) stay fp32. With ``mesh`` the parameters are placed on
-    its devices: sharded by ``v4jax.parallel``'s logical-axis rules when the mesh has the axes
-    (data, fsdp, expert, tensor) (e.g. from ``v4jax.parallel.make_mesh``), replicated on any other
-    mesh. A checkpoint without ``mtp.*`` tensors loads without the MTP block,
-    with a warning (safetensors) or silently (Orbax, where the conversion warned).
+    (mHC, sinks, position and router biases) stay fp32. With ``mesh`` (any ``jax.sharding.Mesh``
+    whose axes are among data, fsdp, expert and tensor; the ones it does not name have size 1) the
+    parameters are sharded by ``v4jax.parallel``'s rules and the model runs on that mesh (see
+    ``Model``). A checkpoint without ``mtp.*`` tensors loads without the MTP block, with a warning
+    (safetensors) or silently (Orbax, where the conversion warned).
     """
     from v4jax.convert.load import load_checkpoint  # noqa: PLC0415
     from v4jax.convert.orbax_io import is_orbax_checkpoint, read_marker, restore_params  # noqa: PLC0415
@@ -117,23 +166,14 @@ def from_pretrained(path, dtype="bfloat16", mesh: jax.sharding.Mesh | None = Non
                                 "Orbax checkpoint")
     config = ModelConfig.from_json(path / "config.json")
     dt = _dtype(dtype)
+    mesh = None if mesh is None else adopt_mesh(mesh)
     if is_orbax_checkpoint(path):
-        from v4jax.model import param_specs  # noqa: PLC0415
-
         specs = param_specs(config, dt)
         if not read_marker(path).get("has_mtp", True):
             specs.pop("mtp", None)
-        return Model(config, restore_params(path, specs, None if mesh is None else _placement(specs, mesh, config)), dt)
+        placement = None if mesh is None else param_shardings(specs, mesh, config)
+        return Model(config, restore_params(path, specs, placement), dt, mesh, parallel)
     params, _ = load_checkpoint(path, config, dt)
     if mesh is None:
-        return Model(config, jax.tree.map(jnp.asarray, params), dt)
-    return Model(config, jax.device_put(params, _placement(params, mesh, config)), dt)
-
-
-def _placement(params, mesh: jax.sharding.Mesh, config):
-    """Rule-based shardings on a v4jax mesh; one replicated sharding on any other mesh."""
-    from v4jax.parallel import MESH_AXES, param_shardings  # noqa: PLC0415
-
-    if set(MESH_AXES) <= set(mesh.axis_names):
-        return param_shardings(params, mesh, config)
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        return Model(config, jax.tree.map(jnp.asarray, params), dt, None, parallel)
+    return Model(config, jax.device_put(params, param_shardings(params, mesh, config)), dt, mesh, parallel)

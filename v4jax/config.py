@@ -65,7 +65,7 @@ class ModelConfig:
     compress_rates: tuple[tuple[str, int], ...] = ((CSA, 4), (HCA, 128))
     rope_theta: float = 10000.0
     compress_rope_theta: float = 160000.0
-    rope_scaling: YarnScaling | None = YarnScaling()
+    rope_scaling: YarnScaling | None = None  # absent: no YaRN, as in the official ModelArgs and transformers
     max_position_embeddings: int = 1048576
     index_n_heads: int = 64
     index_head_dim: int = 128
@@ -274,7 +274,15 @@ def _normalise(raw: dict[str, Any]) -> dict[str, Any]:
             out["rope_theta"] = float(main["rope_theta"])
         if "rope_theta" in comp:
             out["compress_rope_theta"] = float(comp["rope_theta"])
-        out["rope_scaling"] = _yarn(comp) if comp.get("rope_type", comp.get("type")) == "yarn" else None
+        yarn = comp.get("rope_type", comp.get("type")) == "yarn"
+        if yarn and comp.get("attention_factor") != 1.0:
+            factor = comp.get("attention_factor")
+            raise ConfigError(
+                f"rope_parameters.compress.attention_factor is {factor!r}: transformers scales the compressed "
+                f"layers' cos/sin by it ({'when absent, by 0.1*ln(factor)+1' if factor is None else 'as given'}), "
+                "which DeepSeek-V4's own code does not do. v4jax follows the release (YaRN without an attention "
+                "temperature) and so takes only attention_factor: 1.0; set that to load the release's numbers")
+        out["rope_scaling"] = _yarn(comp) if yarn else None
     raw.pop("rope_parameters", None)
     if "rope_scaling" in raw:
         rs = raw.pop("rope_scaling")

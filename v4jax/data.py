@@ -88,7 +88,6 @@ import glob
 import hashlib
 import importlib.util
 import json
-import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any

@@ -116,6 +116,21 @@ def make_mesh(cfg: ParallelConfig | None = None, devices=None) -> jax.sharding.M
     return jax.sharding.Mesh(np.array(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
 
 
+def adopt_mesh(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
+    """Any ``jax.sharding.Mesh`` as a v4jax mesh: the same devices on the axes (data, fsdp, expert,
+    tensor), those the mesh does not name of size 1, all of axis type Auto (v4jax places arrays by
+    its rules; a mesh from ``jax.make_mesh`` has Explicit axes by default, under which jax wants a
+    sharding rule for every op). An axis of another name must have size 1."""
+    names = tuple(mesh.axis_names)
+    foreign = {a: mesh.shape[a] for a in names if a not in MESH_AXES and mesh.shape[a] > 1}
+    if foreign:
+        raise ShardingError(f"mesh axes {foreign} are not v4jax's: name the axes among {', '.join(MESH_AXES)} "
+                            "(e.g. jax.make_mesh((2, 4), ('data', 'expert'))) or use v4jax.parallel.make_mesh")
+    order = [names.index(a) for a in MESH_AXES if a in names] + [i for i, a in enumerate(names) if a not in MESH_AXES]
+    devices = np.asarray(mesh.devices).transpose(order).reshape([mesh.shape.get(a, 1) for a in MESH_AXES])
+    return jax.sharding.Mesh(devices, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
 # --------------------------------------------------------------------------------------------------
 # Rules
 
