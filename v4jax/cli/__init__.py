@@ -1,0 +1,1 @@
+"""Command lines: ``v4jax-train`` (``train.py``), ``v4jax-eval`` (``eval.py``), ``v4jax-convert``."""
