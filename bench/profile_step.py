@@ -73,8 +73,8 @@ def main():
     sys.path.insert(0, os.path.dirname(__file__))
     import jax
     import jax.numpy as jnp
-
     import long_context
+
     import v4jax.layers
     import v4jax.model
     import v4jax.scan

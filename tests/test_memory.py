@@ -1,6 +1,6 @@
 """Ahead-of-time memory planning: compiles on abstract shapes and reflects the sharding."""
 
-from tests.test_parallel import B, CONFIG, S, parallel_for
+from tests.test_parallel import CONFIG, B, S, parallel_for
 from v4jax.memory import training_memory
 from v4jax.parallel import make_mesh
 from v4jax.trainer import TrainConfig

@@ -9,12 +9,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.helpers import CONFIGS, batch as make_batch, rel, sharpened, write_checkpoint
+from tests.helpers import CONFIGS, rel, sharpened, write_checkpoint
+from tests.helpers import batch as make_batch
 from v4jax.checkpoint import Checkpointer, abstract
 from v4jax.model import forward, init_params
 from v4jax.moe import route, routed_experts, routed_experts_all_to_all, shared_expert
-from v4jax.parallel import (DEFAULT_RULES, ParallelConfig, ShardingError, batch_sharding, make_mesh,
-                            param_shardings, shard_like_params, spec_for, validate_rules)
+from v4jax.parallel import (
+    DEFAULT_RULES,
+    ParallelConfig,
+    ShardingError,
+    batch_sharding,
+    make_mesh,
+    param_shardings,
+    shard_like_params,
+    spec_for,
+    validate_rules,
+)
 from v4jax.trainer import TrainConfig, init_state, make_optimizer, make_train_step
 
 CONFIG = CONFIGS["a"].replace(n_routed_experts=8, num_hidden_layers=2, layer_types=("csa", "hca"), num_hash_layers=1)

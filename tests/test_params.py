@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.helpers import CONFIGS, flat
+from tests.helpers import CONFIGS, flat, rel
 from v4jax import optim
 from v4jax.config import model_config_from_yaml
 from v4jax.convert.names import official_name
@@ -101,3 +101,30 @@ def test_declarations_say_what_the_spec_says():
     assert d["['layers'][2]['attn']['compressor']['wkv']"].row_blocks == (config.head_dim,) * 2  # CSA
     n = config.hc_mult
     assert d[f"{lay}['hc_ffn']['fn']"].row_blocks == (n, n, n * n) and d["['hc_head']['fn']"].row_blocks is None
+
+
+def test_modules_run_functionally():
+    """NNX tree mode (the module through jax.jit as a pytree) and split/merge both give ``forward``
+    on the module's pure tree, whose names are the state's; a submodule's call is its pure function."""
+    from flax import nnx  # noqa: PLC0415
+
+    from v4jax.attention import attention  # noqa: PLC0415
+    from v4jax.model import Transformer, forward  # noqa: PLC0415
+    from v4jax.params import pure  # noqa: PLC0415
+
+    config = CONFIGS["a"]
+    model = Transformer(config, nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, size=(2, 16)))
+    want = forward(pure(model), tokens, config)["logits"]
+    tree_mode = jax.jit(lambda m, t: m(t)["logits"])(model, tokens)
+    graphdef, state = nnx.split(model)
+    merged = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)["logits"])(state, tokens)
+    assert rel(tree_mode, want) <= 1e-6 and rel(merged, want) <= 1e-6
+    names = jax.tree.structure(jax.tree.map(lambda _: 0, state.to_pure_dict()))
+    listed = jax.tree.structure(jax.tree.map(lambda _: 0, pure(model)))
+    assert names.num_leaves == listed.num_leaves
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, config.hidden_size))
+    pos, seg = jnp.broadcast_to(jnp.arange(16), (2, 16)), jnp.zeros((2, 16), jnp.int32)
+    got, _ = model.layers[1].attn(x, pos, seg)
+    ref, _ = attention(x, pure(model)["layers"][1]["attn"], config, 1, pos, seg)
+    np.testing.assert_array_equal(got, ref)

@@ -96,7 +96,7 @@ class HyperConnection(nnx.Module):
 
     def __init__(self, config, init: Init, head: bool = False):
         n, d = config.hc_mult, config.hidden_size
-        rows = n if head else (2 + n) * n
+        rows = n if head else config.hc_mix_dim
         self.head = head
         self.eps = (config.hc_eps, config.rms_norm_eps, config.hc_sinkhorn_iters)
         self.fn = declare(init, ParamInfo((rows, n * d), "normal", "f32", (None, "embed"), MUON,

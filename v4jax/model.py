@@ -1,8 +1,10 @@
-"""The DeepSeek-V4 model as pure functions over a parameter pytree (spec §2.1, §2.2, §2.8).
+"""The DeepSeek-V4 model: ``forward`` over a parameter pytree, and the modules that declare it
+(spec §2.1, §2.2, §2.8).
 
-Parameters are nested dicts of arrays. Matrices keep the checkpoint's [out, in] layout and the
-official names, so conversion is a rename. The tree (L main layers; ``mtp`` only when
-``num_nextn_predict_layers == 1``)::
+The parameters are declared by the NNX modules at the end of this file (and of mhc, attention and
+moe); ``forward`` and the rest take their pure tree (``v4jax.params.pure``): nested dicts of arrays.
+Matrices keep the checkpoint's [out, in] layout and the official names, so conversion is a rename.
+The tree (L main layers; ``mtp`` only when ``num_nextn_predict_layers == 1``)::
 
     embed [V, d], head [V, d], norm [d], hc_head {fn [n, n*d], base [n], scale [1]}
     layers[i]: attn_norm [d], ffn_norm [d], hc_attn/hc_ffn {fn [(2+n)n, n*d], base, scale [3]},
@@ -29,10 +31,9 @@ from v4jax.config import ModelConfig
 from v4jax.layers import linear, linear_f32, rms_norm
 from v4jax.mhc import HyperConnection, hc_head, hc_post, hc_pre
 from v4jax.moe import MoE, moe
+from v4jax.parallel import REMAT_POLICIES, constrain_batch
 from v4jax.params import ADAMW, Init, ParamInfo, declare, matrix, pure, vector
-from v4jax.parallel import constrain_batch
 from v4jax.scan import run_stages, stack_layers
-
 
 # --------------------------------------------------------------------------------------------------
 # Forward
@@ -62,8 +63,6 @@ def layer_fn(config: ModelConfig, layer: int, positions, segment_ids, token_ids,
     """``f(x, p) -> (x, info)``: ``block`` for one layer (info reduced by ``layer_stats(info, layer)``
     when given), wrapped in jax.checkpoint with the configured remat policy. Inside a scan, CSE
     prevention is left off (the loop already stops it)."""
-    from v4jax.parallel import REMAT_POLICIES  # noqa: PLC0415
-
     def fn(x, p):
         x = constrain_batch(x, mesh)
         x, info = block(x, p, config, layer, positions, segment_ids, token_ids, sparse, with_aux, parallel, mesh)

@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from v4jax.config import ModelConfig
 from v4jax.layers import F32, linear, linear_f32
+from v4jax.parallel import DEFAULT_RULES
 from v4jax.params import FROZEN, Init, ParamInfo, declare, matrix, pure
 
 
@@ -148,7 +149,6 @@ def routed_experts_all_to_all(x, idx, weights, p, limit, mesh, backend="ragged_d
     Returns (y [t, d] fp32, dropped: number of dropped (token, choice) pairs over all devices, at
     the dispatch or, with the ``padded`` backend, past an expert's capacity on the receiver).
     """
-    from v4jax.parallel import DEFAULT_RULES  # noqa: PLC0415
 
     n_ep = mesh.shape["expert"]
     batch_axes = tuple(a for a in DEFAULT_RULES["batch"] if mesh.shape[a] > 1)
@@ -200,7 +200,6 @@ def routed_experts_ragged(x, idx, weights, p, limit, mesh, backend="ragged_dot",
     drops nothing. Returns (y [t, d] fp32, dropped): dropped counts the (token, choice) pairs past an
     expert's capacity in the ``padded`` backend (0 with the others), over all devices.
     """
-    from v4jax.parallel import DEFAULT_RULES  # noqa: PLC0415
 
     n_ep = mesh.shape["expert"]
     batch_axes = tuple(a for a in DEFAULT_RULES["batch"] if mesh.shape[a] > 1)

@@ -32,7 +32,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 from v4jax.params import path_keys, tree_infos
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
-PARAM_AXES = ("vocab", "embed", "heads", "mlp", "experts")
 DEFAULT_RULES = {"batch": ("data", "fsdp", "expert"), "vocab": ("tensor",), "embed": ("fsdp",),
                  "heads": ("tensor",), "mlp": ("tensor",), "experts": ("expert",)}
 

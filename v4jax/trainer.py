@@ -14,7 +14,7 @@ biases stay as they were) and is reported with ``ok = False``; train.py stops af
 from __future__ import annotations
 
 import dataclasses
-import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import optax
 import yaml
 
 from v4jax.config import ConfigError, ModelConfig, load_yaml
+from v4jax.data import DataConfig
 from v4jax.losses import layer_routing_stats, masked_mean, routing_losses, token_nll, update_router_bias
 from v4jax.model import forward, param_count
 from v4jax.optim import v4_optimizer
@@ -90,7 +91,7 @@ class TrainConfig:
 class RunConfig:
     model: ModelConfig
     train: TrainConfig
-    data: DataConfig  # noqa: F821 (v4jax.data imports grain; loaded only where data is read)
+    data: DataConfig
     parallel: ParallelConfig = ParallelConfig()
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,8 +101,6 @@ class RunConfig:
 
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML config and apply ``section.key=value`` overrides (values parsed as YAML)."""
-    from v4jax.data import DataConfig  # noqa: PLC0415
-
     raw = load_yaml(path)
     for item in overrides:
         if "=" not in item:
@@ -300,8 +299,6 @@ def peak_flops(cfg: TrainConfig) -> float:
         return cfg.peak_flops * jax.device_count()
     dev = jax.devices()[0]
     if dev.platform == "cpu":
-        import os  # noqa: PLC0415
-
         return CPU_PEAK_FLOPS_PER_CORE * (os.cpu_count() or 1)
     for name, flops in _PEAK_FLOPS.items():
         if dev.device_kind.startswith(name):
@@ -325,6 +322,3 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     attention = sum(12 * config.num_attention_heads * config.head_dim * k for k in keys)
     return 6 * active + attention
 
-
-def dump_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2))

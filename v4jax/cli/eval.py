@@ -29,6 +29,7 @@ def main(argv=None) -> int:
 
     import jax
     import jax.numpy as jnp
+
     from v4jax.checkpoint import Checkpointer, model_config_from_meta, scan_layers_from_meta
     from v4jax.data import DataConfig, make_dataset
     from v4jax.model import param_specs

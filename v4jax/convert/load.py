@@ -17,21 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from v4jax.config import ModelConfig
-from v4jax.convert.names import is_routed_expert, official_name, tree_paths, unflatten
+from v4jax.convert.names import unflatten
 from v4jax.convert.safetensors_io import Checkpoint, CheckpointError  # noqa: F401 (re-exported)
 from v4jax.convert.source import blocks, plan_checkpoint, rows_per_block
-
-
-def expected_names(specs) -> dict[str, tuple[tuple, int | None]]:
-    """official name -> (tree path, expert index or None) for every tensor the config implies."""
-    out = {}
-    for path, spec in tree_paths(specs):
-        if is_routed_expert(path):
-            for e in range(spec.shape[0]):
-                out[official_name(path, e)] = (path, e)
-        else:
-            out[official_name(path)] = (path, None)
-    return out
 
 
 def load_checkpoint(directory: str | Path, config: ModelConfig, dtype=jnp.float32, progress: bool = False,

@@ -127,6 +127,3 @@ RELEASE_STYLE, HF_STYLE = "release", "hf"
 def config_style(raw: dict) -> str:
     return RELEASE_STYLE if "compress_ratios" in raw else HF_STYLE
 
-
-def layout_config_style(layout: str) -> str:
-    return RELEASE_STYLE if layout == OFFICIAL else HF_STYLE

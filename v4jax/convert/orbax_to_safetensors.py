@@ -40,10 +40,22 @@ import numpy as np
 from v4jax.config import ModelConfig
 from v4jax.convert import quant
 from v4jax.convert.names import (
-    HF, OFFICIAL, RELEASE_STYLE, from_official, is_routed_expert, official_name, scale_name, tree_paths,
+    HF,
+    OFFICIAL,
+    RELEASE_STYLE,
+    from_official,
+    is_routed_expert,
+    official_name,
+    scale_name,
+    tree_paths,
 )
 from v4jax.convert.orbax_io import (
-    PARAMS, OrbaxParams, atomic_output_dir, check_output_dir, is_orbax_checkpoint, read_marker,
+    PARAMS,
+    OrbaxParams,
+    atomic_output_dir,
+    check_output_dir,
+    is_orbax_checkpoint,
+    read_marker,
 )
 from v4jax.convert.safetensors_io import Checkpoint, CheckpointError, SafetensorsWriter
 from v4jax.convert.source import summarise

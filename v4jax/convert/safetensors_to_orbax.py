@@ -18,7 +18,12 @@ import numpy as np
 from v4jax.config import ConfigError, ModelConfig
 from v4jax.convert.names import HF_STYLE, RELEASE_STYLE, config_style
 from v4jax.convert.orbax_io import (
-    PARAMS, atomic_output_dir, check_output_dir, save_streaming, stream_leaves, write_marker,
+    PARAMS,
+    atomic_output_dir,
+    check_output_dir,
+    save_streaming,
+    stream_leaves,
+    write_marker,
 )
 from v4jax.convert.safetensors_io import Checkpoint
 from v4jax.convert.source import plan_checkpoint

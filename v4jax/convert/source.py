@@ -21,7 +21,14 @@ import numpy as np
 from v4jax.config import ModelConfig
 from v4jax.convert import quant
 from v4jax.convert.names import (
-    detect_layout, from_official, is_mtp_extra, is_routed_expert, official_name, scale_names, to_official, tree_paths,
+    detect_layout,
+    from_official,
+    is_mtp_extra,
+    is_routed_expert,
+    official_name,
+    scale_names,
+    to_official,
+    tree_paths,
 )
 from v4jax.convert.safetensors_io import Checkpoint, CheckpointError
 
@@ -128,12 +135,6 @@ class CheckpointPlan:
     @property
     def n_tensors(self) -> int:
         return sum(len(s.tensors) for s in self.sources)
-
-
-def _spec_at(tree, path):
-    for k in path:
-        tree = tree[k]
-    return tree
 
 
 def plan_checkpoint(ckpt: Checkpoint, config: ModelConfig, dtype, *, directory=None) -> CheckpointPlan:
