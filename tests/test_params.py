@@ -120,7 +120,7 @@ def test_modules_run_functionally():
     graphdef, state = nnx.split(model)
     merged = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)["logits"])(state, tokens)
     assert rel(tree_mode, want) <= 1e-6 and rel(merged, want) <= 1e-6
-    names = jax.tree.structure(jax.tree.map(lambda _: 0, state.to_pure_dict()))
+    names = jax.tree.structure(jax.tree.map(lambda _: 0, nnx.to_pure_dict(state)))
     listed = jax.tree.structure(jax.tree.map(lambda _: 0, pure(model)))
     assert names.num_leaves == listed.num_leaves
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, config.hidden_size))
