@@ -30,9 +30,9 @@ def _dtype(dtype) -> jnp.dtype:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "mtp", "parallel", "mesh"))
-def _run(params, tokens, positions, segment_ids, *, config, dtype, mtp, parallel, mesh):
+def _run(params, tokens, positions, segment_ids, engram_ids, *, config, dtype, mtp, parallel, mesh):
     out = forward(params, tokens, config, positions=positions, segment_ids=segment_ids, dtype=dtype, mtp=mtp,
-                  parallel=parallel, mesh=mesh)
+                  parallel=parallel, mesh=mesh, engram_ids=engram_ids)
     return out["mtp_logits"] if mtp else out["logits"]
 
 
@@ -92,7 +92,8 @@ class Model:
             raise ValueError("tokens is empty: seq must be at least 1")
         for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
             if arr is not None and tuple(jnp.shape(arr)) != tuple(tokens.shape):
-                raise ValueError(f"{name} must have the tokens' shape {tuple(tokens.shape)}, got {tuple(jnp.shape(arr))}")
+                raise ValueError(f"{name} must have the tokens' shape {tuple(tokens.shape)}, "
+                                 f"got {tuple(jnp.shape(arr))}")
         if not isinstance(tokens, jax.core.Tracer):  # under jit the values are not known: nothing to check
             bad = (tokens < 0) | (tokens >= self.config.vocab_size)
             if bool(jnp.any(bad)):  # one scalar to the host; the tokens stay where they are
@@ -101,22 +102,31 @@ class Model:
                                  f"[0, {self.config.vocab_size})")
         return tokens.astype(jnp.int32)
 
-    def _logits(self, tokens, positions, segment_ids, mtp: bool):
+    def _logits(self, tokens, positions, segment_ids, engram_ids, mtp: bool):
         tokens = self._check(tokens, positions, segment_ids)
-        return _run(self.params, tokens, positions, segment_ids, config=self.config, dtype=self.dtype, mtp=mtp,
-                    parallel=self.parallel, mesh=self.mesh)
+        if self.config.engram is not None and engram_ids is None:
+            if isinstance(tokens, jax.core.Tracer):
+                raise ValueError("a model with Engram needs engram_ids under jax.jit (its rows are hashed on "
+                                 "the host): pass v4jax.engram.Hasher(model.config)(tokens, segment_ids)")
+            from v4jax.engram import Hasher  # noqa: PLC0415
 
-    def logits(self, tokens, positions=None, segment_ids=None) -> jax.Array:
+            seg = jnp.zeros(tokens.shape, jnp.int32) if segment_ids is None else segment_ids
+            engram_ids = jnp.asarray(Hasher(self.config)(jax.device_get(tokens), jax.device_get(seg)))
+        return _run(self.params, tokens, positions, segment_ids, engram_ids, config=self.config, dtype=self.dtype,
+                    mtp=mtp, parallel=self.parallel, mesh=self.mesh)
+
+    def logits(self, tokens, positions=None, segment_ids=None, engram_ids=None) -> jax.Array:
         """tokens [batch, seq] -> logits [batch, seq, vocab] (float32). Packed rows: pass the
-        per-document ``positions`` and ``segment_ids`` (both [batch, seq])."""
-        return self._logits(tokens, positions, segment_ids, mtp=False)
+        per-document ``positions`` and ``segment_ids`` (both [batch, seq]). A model with Engram
+        hashes its rows on the host unless ``engram_ids`` are given (they must be, under jit)."""
+        return self._logits(tokens, positions, segment_ids, engram_ids, mtp=False)
 
-    def mtp_logits(self, tokens, positions=None, segment_ids=None) -> jax.Array:
+    def mtp_logits(self, tokens, positions=None, segment_ids=None, engram_ids=None) -> jax.Array:
         """tokens [batch, seq] -> MTP logits [batch, seq - 1, vocab]: entry t predicts token t + 2."""
         if not self.has_mtp:
             raise ValueError("this model has no MTP block (num_nextn_predict_layers is 0, or the checkpoint "
                              "was saved without mtp.* tensors, as transformers does)")
-        return self._logits(tokens, positions, segment_ids, mtp=True)[:, :-1]
+        return self._logits(tokens, positions, segment_ids, engram_ids, mtp=True)[:, :-1]
 
     def save(self, directory, overwrite: bool = False) -> Path:
         """Write the model as a v4jax Orbax checkpoint directory (config.json, the parameters in the

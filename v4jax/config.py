@@ -41,6 +41,64 @@ class YarnScaling:
     beta_slow: float = 1.0
 
 
+ENGRAM_FORMS = ("paper", "v4.1")
+ENGRAM_TOKENIZERS = ("deepseek", "bytes", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngramConfig:
+    """Engram conditional memory (``v4jax.engram``): the ``model.engram`` section of a YAML config,
+    ``engram_*`` keys in config.json. Absent (the default, and the V4 presets): no Engram."""
+
+    layers: tuple[int, ...] = (1,)  # layer ids; the memory is added to the streams before the block
+    max_ngram: int = 3  # n-gram orders 2..max_ngram
+    heads: int = 8  # hash heads per order, each with its own prime-sized table
+    head_dim: int = 64  # width of a table row
+    table_size: int = 646400  # rows per head: the smallest unused prime >= this
+    form: str = "paper"  # paper: per-stream keys and a short conv | v4.1: one wkv, no conv
+    conv_kernel: int = 4  # taps of the paper form's causal depthwise conv (dilation: max_ngram)
+    tokenizer: str = "deepseek"  # whose ids are compressed (deepseek | bytes | none: no compression)
+    seed: int = 0  # of the hash multipliers
+
+    def validate(self, num_hidden_layers: int) -> None:
+        def need(ok, field, allowed):
+            if not ok:
+                raise ConfigError(f"model.engram.{field}={getattr(self, field)!r} is not allowed: {allowed}")
+
+        need(isinstance(self.layers, tuple) and len(self.layers) > 0 and len(set(self.layers)) == len(self.layers)
+             and all(isinstance(i, int) and 0 <= i < num_hidden_layers for i in self.layers), "layers",
+             f"a list of distinct layer ids in [0, num_hidden_layers={num_hidden_layers})")
+        for f, low in (("max_ngram", 2), ("heads", 1), ("head_dim", 1), ("table_size", 2), ("conv_kernel", 1)):
+            v = getattr(self, f)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= low, f, f"an integer >= {low}")
+        need(self.table_size < 2**30, "table_size", "below 2**30 (rows are addressed with int32)")
+        need(self.form in ENGRAM_FORMS, "form", " or ".join(ENGRAM_FORMS))
+        need(self.tokenizer in ENGRAM_TOKENIZERS, "tokenizer", ", ".join(ENGRAM_TOKENIZERS))
+        need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0, "seed",
+             "an integer >= 0")
+
+
+# config.json keys of the Engram fields (V4.1's names where it has the field)
+_ENGRAM_KEYS = {"layers": "engram_layer_ids", "max_ngram": "engram_max_ngram_size", "heads": "engram_n_heads",
+                "head_dim": "engram_head_dim", "table_size": "engram_vocab_size", "form": "engram_form",
+                "conv_kernel": "engram_conv_kernel", "tokenizer": "engram_tokenizer", "seed": "engram_seed"}
+
+
+def _engram(raw) -> EngramConfig | None:
+    if raw is None or isinstance(raw, EngramConfig):
+        return raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"model.engram must be a mapping of Engram settings, got {raw!r}")
+    fields = {f.name for f in dataclasses.fields(EngramConfig)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise ConfigError(f"unknown model.engram field(s) {unknown}; known: {sorted(fields)}")
+    raw = dict(raw)
+    if isinstance(raw.get("layers"), (list, tuple)):
+        raw["layers"] = tuple(raw["layers"])
+    return EngramConfig(**raw)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Every field of the released config.json, under the release's names where it has one.
@@ -88,6 +146,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int = 0
     eos_token_id: int = 1
+    engram: EngramConfig | None = None
 
     def __post_init__(self):
         # Accept the friendly spellings in the constructor too (short kind names, a rates mapping,
@@ -100,6 +159,7 @@ class ModelConfig:
             set_("compress_rates", _normalise({"compress_rates": self.compress_rates})["compress_rates"])
         if isinstance(self.rope_scaling, dict):
             set_("rope_scaling", _yarn(self.rope_scaling))
+        set_("engram", _engram(self.engram))
         _validate(self)
 
     # ----- derived quantities -----
@@ -196,9 +256,12 @@ class ModelConfig:
 
     def _common_dict(self) -> dict[str, Any]:
         skip = {"layer_types", "mtp_layer_type", "compress_rates", "rope_scaling", "num_hash_layers",
-                "qk_rope_head_dim", "rope_theta", "compress_rope_theta"}
+                "qk_rope_head_dim", "rope_theta", "compress_rope_theta", "engram"}
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         out.update(architectures=["DeepseekV4ForCausalLM"], model_type="deepseek_v4")
+        if self.engram is not None:
+            out.update({key: (list(getattr(self.engram, f)) if f == "layers" else getattr(self.engram, f))
+                        for f, key in _ENGRAM_KEYS.items()})
         return out
 
 
@@ -287,6 +350,10 @@ def _normalise(raw: dict[str, Any]) -> dict[str, Any]:
     if "rope_scaling" in raw:
         rs = raw.pop("rope_scaling")
         out["rope_scaling"] = None if not rs else (rs if isinstance(rs, YarnScaling) else _yarn(rs))
+
+    engram = {f: raw.pop(key) for f, key in _ENGRAM_KEYS.items() if key in raw}
+    if "engram" in raw or engram:
+        out["engram"] = _engram({**(raw.pop("engram", None) or {}), **engram})
 
     for key, value in raw.items():
         if key in _IGNORED_KEYS:
@@ -388,6 +455,8 @@ def _validate(c: ModelConfig) -> None:
              "beta_fast > beta_slow > 0")
     if not math.isfinite(c.initializer_range) or c.initializer_range <= 0:
         need(False, "initializer_range", "a positive number")
+    if c.engram is not None:
+        c.engram.validate(c.num_hidden_layers)
 
 
 # --------------------------------------------------------------------------------------------------

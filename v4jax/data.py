@@ -23,6 +23,8 @@ field           dtype   meaning
 ``mtp_targets`` int32   ``tokens[t + 2]`` when it is in the same segment, else ``pad_id`` (the depth-1
                         MTP head at position t predicts token t + 2)
 ``mtp_mask``    float32 1.0 where ``mtp_targets`` is real, else 0.0
+``engram_ids``  int32   with an Engram ``hasher`` only: [rows, seq_len, Engram layers, slots], the table
+                        rows each token reads (``v4jax.engram.Hasher``; n-grams stay in their segment)
 =============== ======= ===============================================================================
 
 The masks are float so that a loss reads ``sum(ce * mask) / max(sum(mask), 1)``. ``positions`` and
@@ -405,7 +407,7 @@ def _shift(tokens, seg, k, pad_id):
     return target, mask
 
 
-def _finish(batch: dict[str, np.ndarray], *, rows: int, pad_id: int) -> dict[str, np.ndarray]:
+def _finish(batch: dict[str, np.ndarray], *, rows: int, pad_id: int, hasher=None) -> dict[str, np.ndarray]:
     tokens = batch["tokens"].astype(np.int32)
     seg = batch["tokens_segment_ids"].astype(np.int32)
     pos = batch["tokens_positions"].astype(np.int32)
@@ -415,8 +417,11 @@ def _finish(batch: dict[str, np.ndarray], *, rows: int, pad_id: int) -> dict[str
         seg, pos = np.pad(seg, extra), np.pad(pos, extra)
     targets, loss_mask = _shift(tokens, seg, 1, pad_id)
     mtp_targets, mtp_mask = _shift(tokens, seg, 2, pad_id)
-    return {"tokens": tokens, "positions": pos, "segment_ids": seg, "targets": targets, "loss_mask": loss_mask,
-            "mtp_targets": mtp_targets, "mtp_mask": mtp_mask}
+    out = {"tokens": tokens, "positions": pos, "segment_ids": seg, "targets": targets, "loss_mask": loss_mask,
+           "mtp_targets": mtp_targets, "mtp_mask": mtp_mask}
+    if hasher is not None:  # Engram's rows, computed here on the host, never on the device
+        out["engram_ids"] = hasher(tokens, seg)
+    return out
 
 
 def _host(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -437,8 +442,10 @@ def _local_rows(cfg: DataConfig, process_count: int) -> int:
     return cfg.batch_size // process_count
 
 
-def build_dataset(cfg: DataConfig, process_index: int | None = None, process_count: int | None = None):
-    """The grain ``IterDataset`` of this host's batches (see the module docstring)."""
+def build_dataset(cfg: DataConfig, process_index: int | None = None, process_count: int | None = None,
+                  hasher=None):
+    """The grain ``IterDataset`` of this host's batches (see the module docstring); ``hasher`` (a
+    ``v4jax.engram.Hasher``) adds ``engram_ids``."""
     import grain
 
     pi, pc = _host(process_index, process_count)
@@ -454,20 +461,22 @@ def build_dataset(cfg: DataConfig, process_index: int | None = None, process_cou
     packed = grain.experimental.FirstFitPackIterDataset(
         pieces, length_struct={"tokens": cfg.seq_len}, num_packing_bins=cfg.packing_bins, seed=cfg.seed,
         shuffle_bins=cfg.shuffle, padding_struct={"tokens": tok.pad_id})
-    return packed.batch(rows, drop_remainder=False).map(functools.partial(_finish, rows=rows, pad_id=tok.pad_id))
+    finish = functools.partial(_finish, rows=rows, pad_id=tok.pad_id, hasher=hasher)
+    return packed.batch(rows, drop_remainder=False).map(finish)
 
 
 class DataIterator(Iterator[dict[str, np.ndarray]]):
     """This host's batches, with ``get_state``/``set_state`` for checkpoints."""
 
-    def __init__(self, cfg: DataConfig, process_index: int | None = None, process_count: int | None = None):
+    def __init__(self, cfg: DataConfig, process_index: int | None = None, process_count: int | None = None,
+                 hasher=None):
         self.config = cfg
         self.process_index, self.process_count = _host(process_index, process_count)
         self.rows = _local_rows(cfg, self.process_count)
         self.tokenizer = load_tokenizer(cfg.tokenizer)
         ids, doc_starts = _cfg_encoded(cfg, self.process_index, self.process_count)
         self.num_documents, self.num_tokens = len(doc_starts) - 1, len(ids)
-        self._it = iter(build_dataset(cfg, self.process_index, self.process_count))
+        self._it = iter(build_dataset(cfg, self.process_index, self.process_count, hasher))
 
     def __next__(self) -> dict[str, np.ndarray]:
         return next(self._it)
@@ -492,12 +501,14 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
         self._it.set_state(state["grain"])
 
 
-def make_dataset(cfg: DataConfig, process_index: int | None = None, process_count: int | None = None) -> DataIterator:
+def make_dataset(cfg: DataConfig, process_index: int | None = None, process_count: int | None = None,
+                 hasher=None) -> DataIterator:
     """Iterator over this host's batches: dicts of [batch_size // process_count, seq_len] numpy arrays.
 
-    process_index/process_count default to ``jax.process_index()``/``jax.process_count()``.
+    process_index/process_count default to ``jax.process_index()``/``jax.process_count()``;
+    ``hasher`` (a ``v4jax.engram.Hasher``, for a model with Engram) adds ``engram_ids``.
     """
-    return DataIterator(cfg, process_index, process_count)
+    return DataIterator(cfg, process_index, process_count, hasher)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -37,6 +37,10 @@ def training_memory(config: ModelConfig, cfg: TrainConfig, parallel: ParallelCon
     state = abstract_state(config, cfg, mesh, parallel.scan_layers)
     sharding = batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), dt, sharding=sharding) for k, dt in BATCH_FIELDS.items()}
+    if config.engram is not None:
+        e = config.engram
+        batch["engram_ids"] = jax.ShapeDtypeStruct((batch_size, seq_len, len(e.layers), (e.max_ngram - 1) * e.heads),
+                                                   jnp.int32, sharding=sharding)
     step = make_train_step(config, cfg, make_optimizer(cfg, config), parallel, mesh)
     compiled = step.lower(state, batch).compile()
     m = compiled.memory_analysis()

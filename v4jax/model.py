@@ -28,6 +28,7 @@ from flax import nnx
 
 from v4jax.attention import Attention, attention
 from v4jax.config import ModelConfig
+from v4jax.engram import Engram, engram
 from v4jax.layers import linear, linear_f32, rms_norm
 from v4jax.mhc import HyperConnection, hc_head, hc_post, hc_pre
 from v4jax.moe import MoE, moe
@@ -40,12 +41,15 @@ from v4jax.scan import run_stages, stack_layers
 
 
 def block(x, p, config: ModelConfig, layer: int, positions, segment_ids, token_ids, sparse=True, with_aux=False,
-          parallel=None, mesh=None):
-    """One decoder block on the streams x [b, s, n, d]: mHC around attention, then around the MoE.
+          parallel=None, mesh=None, engram_ids=None):
+    """One decoder block on the streams x [b, s, n, d]: Engram (in its layers) adds to the streams,
+    then mHC around attention, then around the MoE. ``engram_ids`` [b, s, j]: this layer's rows.
 
     Returns (x, info): info holds the routing (``idx``, ``scores``) and, with ``with_aux``, the
     attention's aux dict under ``attn`` (see ``v4jax.attention.attention``).
     """
+    if "engram" in p:
+        x = x + engram(x, p["engram"], engram_ids, config.engram, config.rms_norm_eps)
     hc = dict(sinkhorn_iters=config.hc_sinkhorn_iters, hc_eps=config.hc_eps, norm_eps=config.rms_norm_eps)
     u, post, comb = hc_pre(x, p["hc_attn"], **hc)
     a, attn_aux = attention(rms_norm(u, p["attn_norm"], config.rms_norm_eps), p["attn"], config, layer, positions,
@@ -59,13 +63,19 @@ def block(x, p, config: ModelConfig, layer: int, positions, segment_ids, token_i
 
 
 def layer_fn(config: ModelConfig, layer: int, positions, segment_ids, token_ids, sparse, with_aux, parallel,
-             mesh, layer_stats=None, in_scan=False):
+             mesh, layer_stats=None, in_scan=False, engram_ids=None):
     """``f(x, p) -> (x, info)``: ``block`` for one layer (info reduced by ``layer_stats(info, layer)``
     when given), wrapped in jax.checkpoint with the configured remat policy. Inside a scan, CSE
-    prevention is left off (the loop already stops it)."""
+    prevention is left off (the loop already stops it). ``engram_ids`` [b, s, Engram layers, j]:
+    every Engram layer's rows (this layer takes its own)."""
+    ids = None
+    if config.engram is not None and layer in config.engram.layers:
+        ids = engram_ids[:, :, config.engram.layers.index(layer)]
+
     def fn(x, p):
         x = constrain_batch(x, mesh)
-        x, info = block(x, p, config, layer, positions, segment_ids, token_ids, sparse, with_aux, parallel, mesh)
+        x, info = block(x, p, config, layer, positions, segment_ids, token_ids, sparse, with_aux, parallel, mesh,
+                        ids)
         return x, (info if layer_stats is None else layer_stats(info, layer))
 
     if parallel is None or parallel.remat == "none":
@@ -85,7 +95,8 @@ def _final_hidden(x, p_hc, norm_w, config: ModelConfig):
 
 
 def forward(params, tokens, config: ModelConfig, *, positions=None, segment_ids=None, dtype=jnp.float32,
-            sparse=True, mtp=False, with_aux=False, parallel=None, mesh=None, layer_stats=None, logits=True):
+            sparse=True, mtp=False, with_aux=False, parallel=None, mesh=None, layer_stats=None, logits=True,
+            engram_ids=None):
     """Run the model. tokens [b, s] int -> dict with ``logits`` [b, s, V] fp32 and ``routing``.
 
     With ``logits=False`` the result has the head's input ``hidden`` [b, s, d] (and ``mtp_hidden``)
@@ -101,8 +112,14 @@ def forward(params, tokens, config: ModelConfig, *, positions=None, segment_ids=
     ``mesh`` turns on expert parallelism and batch sharding constraints at block boundaries.
     ``layer_stats(info, layer)``, when given, replaces each layer's info inside the layer (inside the
     scan), so only what it returns is kept (the trainer keeps loss terms and expert loads).
+    ``engram_ids`` [b, s, Engram layers, j] int32: the rows Engram reads, from
+    ``v4jax.engram.Hasher(config)(tokens, segment_ids)`` on the host (the input pipeline adds them
+    to each batch); required when the config has Engram.
     """
     chex.assert_rank(tokens, 2)
+    if config.engram is not None and engram_ids is None:
+        raise ValueError("this config has Engram: pass engram_ids = v4jax.engram.Hasher(config)(tokens, "
+                         "segment_ids), computed on the host (the input pipeline adds them to each batch)")
     if positions is None or segment_ids is None:
         default_pos, default_seg = _default_layout(tokens)
         positions = default_pos if positions is None else positions
@@ -114,7 +131,7 @@ def forward(params, tokens, config: ModelConfig, *, positions=None, segment_ids=
 
     def make(layer, in_scan=False):
         return layer_fn(config, layer, positions, segment_ids, tokens, sparse, with_aux, parallel, mesh, layer_stats,
-                        in_scan)
+                        in_scan, engram_ids)
 
     if "stages" in params:  # the scan layout (v4jax.scan)
         x, routing = run_stages(x, params["stages"], config, lambda layer: make(layer, in_scan=True))
@@ -169,6 +186,8 @@ class Block(nnx.Module):
         self.ffn_norm = declare(init, vector((d,), ("embed",)))
         self.attn = Attention(config, layer, init)
         self.ffn = MoE(config, layer, init)
+        if config.engram is not None and layer in config.engram.layers:
+            self.engram = Engram(config, init)
 
     def __call__(self, x, positions, segment_ids, token_ids, **kw):
         return block(x, pure(self), self.config, self.layer, positions, segment_ids, token_ids, **kw)
@@ -231,12 +250,17 @@ def param_specs(config: ModelConfig, dtype=jnp.float32, scan: bool = False) -> d
 
 
 def param_count(config: ModelConfig) -> dict[str, int]:
-    """Parameter counts: ``total`` (with MTP), ``mtp``, and ``active`` per token in the main model
-    (embedding row excluded as the release counts it: embed and head included, K of E experts)."""
+    """Parameter counts: ``total`` (with MTP), ``mtp``, ``engram_tables`` and ``active`` per token in
+    the main model (embedding row excluded as the release counts it: embed and head included, K of E
+    experts; of an Engram table, the rows a token reads)."""
     specs = param_specs(config)
     size = lambda tree: sum(int(np.prod(s.shape)) for s in jax.tree.leaves(tree))  # noqa: E731
     total = size(specs)
     mtp = size(specs.get("mtp", {}))
     experts = sum(size(layer["ffn"]["experts"]) for layer in specs["layers"])
-    active = total - mtp - experts + experts * config.num_experts_per_tok // config.n_routed_experts
-    return {"total": total, "mtp": mtp, "active": active}
+    tables = sum(size(layer["engram"]["table"]) for layer in specs["layers"] if "engram" in layer)
+    active = total - mtp - experts + experts * config.num_experts_per_tok // config.n_routed_experts - tables
+    if config.engram is not None:
+        e = config.engram
+        active += len(e.layers) * (e.max_ngram - 1) * e.heads * e.head_dim
+    return {"total": total, "mtp": mtp, "engram_tables": tables, "active": active}

@@ -36,7 +36,8 @@ Which matrices are orthogonalised (one NS per logically independent matrix)
   scan layout (``stages``, v4jax.scan) is one more batch axis, so both layouts get the same updates.
 * A leaf may further be split into *row blocks* (declared ``row_blocks``, gathered by
   ``muon_row_blocks``); each block is its own matrix (own Frobenius norm, own NS, own
-  sqrt(max(rows_block, m)) scale). Equal consecutive blocks are batched. Row blocks are used for fused tensors whose rows are separate linear maps:
+  sqrt(max(rows_block, m)) scale). Equal consecutive blocks are batched. Row blocks are used for
+  fused tensors whose rows are separate linear maps:
 
   - CSA compressor ``wkv``/``wgate`` [2c, d] (main and indexer compressors): rows [0:c] produce the
     previous-block series and rows [c:2c] the current-block series (spec §2.6.3). They are two
@@ -88,7 +89,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from v4jax.params import ADAMW, ADAMW_NO_DECAY, FROZEN, LABELS, MUON, path_keys, tree_infos
+from v4jax.params import ADAMW, ADAMW_NO_DECAY, FROZEN, LABELS, MUON, TABLE, path_keys, tree_infos
 
 F32 = jnp.float32
 
@@ -271,30 +272,39 @@ def v4_optimizer(learning_rate: optax.ScalarOrSchedule, config, *, muon_momentum
                  muon_weight_decay: float = 0.1, rms_scale: float = 0.18, adam_b1: float = 0.9,
                  adam_b2: float = 0.95, adam_eps: float = 1e-20, adam_weight_decay: float = 0.1,
                  adam_decay_all: bool = False, ns_dtype=F32, split_mhc_fn: bool = True,
-                 mu_dtype=None) -> optax.GradientTransformation:
+                 mu_dtype=None, table_lr_multiplier: float = 5.0) -> optax.GradientTransformation:
     """Muon + AdamW over a v4jax parameter tree of ``config`` (either layout), split by ``param_labels``.
 
     learning_rate: a scalar or an optax schedule, shared by both optimisers (spec §4).
     Muon: ``muon(learning_rate, muon_momentum, muon_weight_decay, rms_scale)`` with the row blocks of
     ``muon_row_blocks``. AdamW: ``optax.adamw(learning_rate, adam_b1, adam_b2, adam_eps,
     weight_decay=adam_weight_decay)`` for "adamw" leaves and the same with weight decay 0 for
-    "adamw_no_decay" leaves (unless ``adam_decay_all``). "frozen" leaves get zero updates.
+    "adamw_no_decay" leaves (unless ``adam_decay_all``). "frozen" leaves get zero updates. "table"
+    leaves (Engram's n-gram tables) get the same AdamW without weight decay at ``table_lr_multiplier``
+    times the learning rate (the Engram paper's 5x).
     ns_dtype: Newton-Schulz matmul operand dtype (fp32 default, bf16 optional). mu_dtype: dtype of
     the Muon momentum and Adam first moment (default: the parameter's; pass fp32 for bf16 params).
     Pass params to ``update`` (weight decay needs them). State: ``optax.PartitionState``.
     """
 
+    table_lr = ((lambda step: table_lr_multiplier * learning_rate(step)) if callable(learning_rate)
+                else table_lr_multiplier * learning_rate)
+
     def build(tree) -> optax.GradientTransformation:
         blocks = muon_row_blocks(tree, config, split_mhc_fn=split_mhc_fn)
-        adam = lambda wd: optax.adamw(learning_rate, b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=wd,
-                                      mu_dtype=mu_dtype)
-        return optax.partition(
-            {MUON: muon(learning_rate, muon_momentum, muon_weight_decay, rms_scale, ns_dtype=ns_dtype,
-                        row_blocks=blocks, mu_dtype=mu_dtype),
-             ADAMW: adam(adam_weight_decay),
-             ADAMW_NO_DECAY: adam(adam_weight_decay if adam_decay_all else 0.0),
-             FROZEN: freeze()},
-            param_labels(tree, config))
+        labels = param_labels(tree, config)
+
+        def adam(lr, wd):
+            return optax.adamw(lr, b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=wd, mu_dtype=mu_dtype)
+
+        groups = {MUON: muon(learning_rate, muon_momentum, muon_weight_decay, rms_scale, ns_dtype=ns_dtype,
+                             row_blocks=blocks, mu_dtype=mu_dtype),
+                  ADAMW: adam(learning_rate, adam_weight_decay),
+                  ADAMW_NO_DECAY: adam(learning_rate, adam_weight_decay if adam_decay_all else 0.0),
+                  FROZEN: freeze()}
+        if TABLE in jax.tree.leaves(labels):  # only with Engram, so other states keep their structure
+            groups[TABLE] = adam(table_lr, 0.0)
+        return optax.partition(groups, labels)
 
     # Labels and row blocks are looked up by path, at trace time, on the tree being updated
     # (updates have the params' structure and shapes).

@@ -13,6 +13,7 @@ Default table::
     heads   -> tensor                 attention heads (q, output groups, sinks, indexer heads)
     mlp     -> tensor                 expert and shared-expert hidden size
     experts -> expert                 routed experts
+    table_rows -> every axis          Engram's n-gram tables: rows split over all devices
 
 A dimension that the mesh axes do not divide is replicated instead. Several logical axes may share a
 mesh axis when no tensor has both (vocab, heads and mlp all use ``tensor``); a tensor whose logical
@@ -33,7 +34,8 @@ from v4jax.params import path_keys, tree_infos
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 DEFAULT_RULES = {"batch": ("data", "fsdp", "expert"), "vocab": ("tensor",), "embed": ("fsdp",),
-                 "heads": ("tensor",), "mlp": ("tensor",), "experts": ("expert",)}
+                 "heads": ("tensor",), "mlp": ("tensor",), "experts": ("expert",),
+                 "table_rows": ("data", "fsdp", "expert", "tensor")}
 
 
 class ShardingError(ValueError):

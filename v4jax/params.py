@@ -30,10 +30,11 @@ from flax import nnx
 
 # Optimizer groups (spec §4): Muon for matrices; AdamW for the embedding and head; AdamW without
 # weight decay for norms, biases, sinks, position biases and mHC base/scale; frozen: never updated
-# by the optimizer (the hash table, and the router bias, which follows its own rule).
-MUON, ADAMW, ADAMW_NO_DECAY, FROZEN = "muon", "adamw", "adamw_no_decay", "frozen"
-LABELS = (MUON, ADAMW, ADAMW_NO_DECAY, FROZEN)
-INITS = ("normal", "ones", "zeros", "hc_scale", "hash")
+# by the optimizer (the hash table, and the router bias, which follows its own rule); table: Engram's
+# n-gram tables (AdamW, no weight decay, the learning rate times ``train.engram_lr_multiplier``).
+MUON, ADAMW, ADAMW_NO_DECAY, FROZEN, TABLE = "muon", "adamw", "adamw_no_decay", "frozen", "table"
+LABELS = (MUON, ADAMW, ADAMW_NO_DECAY, FROZEN, TABLE)
+INITS = ("normal", "unit_normal", "normal_zero_last_block", "ones", "zeros", "hc_scale", "hash")
 KINDS = ("param", "f32", "int")
 EXPORTS = ("fp8", "experts", "plain", "f32", "int")
 
@@ -43,7 +44,8 @@ class ParamInfo:
     """Everything v4jax knows about one parameter, declared where its module creates it."""
 
     shape: tuple[int, ...]
-    init: str  # normal: N(0, initializer_range) | ones | zeros | hc_scale: 0.01 | hash: K distinct experts a row
+    init: str  # normal: N(0, initializer_range) | unit_normal: N(0, 1) | normal_zero_last_block: normal with
+    # the last row block zero | ones | zeros | hc_scale: 0.01 | hash: K distinct experts a row
     kind: str  # param: stored in the model dtype | f32: kept in fp32, as in the release | int
     axes: tuple  # a logical axis name (or None) per dimension; v4jax.parallel maps them to mesh axes
     optimizer: str  # one of LABELS
@@ -99,8 +101,12 @@ class Init:
         dt = info.dtype(self.dtype)
         if self.rngs is None:
             return jax.ShapeDtypeStruct(info.shape, dt)
-        if info.init == "normal":
-            return (jax.random.normal(self.rngs.params(), info.shape, jnp.float32) * self.std).astype(dt)
+        if info.init in ("normal", "unit_normal", "normal_zero_last_block"):
+            std = 1.0 if info.init == "unit_normal" else self.std
+            value = jax.random.normal(self.rngs.params(), info.shape, jnp.float32) * std
+            if info.init == "normal_zero_last_block":  # e.g. Engram v4.1's value rows: a no-op at first
+                value = value.at[..., info.shape[-2] - info.row_blocks[-1]:, :].set(0.0)
+            return value.astype(dt)
         if info.init == "hash":  # each token id gets K distinct experts
             u = jax.random.uniform(self.rngs.params(), (info.shape[0], self.n_experts))
             return jnp.argsort(u, axis=1)[:, : info.shape[1]].astype(dt)

@@ -4,7 +4,8 @@ XLA then compiles one loop body per kind of layer instead of one copy per layer,
 time of a deep model stops growing with its depth.
 
 Two layers can share a loop body when they have the same *signature*: the same attention kind (SWA,
-CSA or HCA) and the same router (hash-routed or learned). ``plan`` splits the L main layers into
+CSA or HCA) and the same router (hash-routed or learned), and neither has Engram (an Engram layer is
+a stage of its own). ``plan`` splits the L main layers into
 *stages*. A stage is ``repeats`` copies of a unit of ``period`` consecutive layers. V4-Flash gives
 three stages: the two hash-routed SWA layers, the hash-routed CSA layer 2, and (HCA, CSA) x 20 for
 layers 3..42. The MTP block is never scanned.
@@ -44,8 +45,11 @@ class Stage:
         return range(self.start + j, self.stop, self.period)
 
 
-def layer_signature(config: ModelConfig, layer: int) -> tuple[str, bool]:
-    return config.layer_type(layer), layer < config.num_hash_layers
+def layer_signature(config: ModelConfig, layer: int) -> tuple:
+    """Attention kind, hash routing, and for an Engram layer its own id (each is a stage of its own:
+    it reads its own slice of the batch's Engram rows)."""
+    engram = layer if config.engram is not None and layer in config.engram.layers else None
+    return config.layer_type(layer), layer < config.num_hash_layers, engram
 
 
 def plan(config: ModelConfig) -> tuple[Stage, ...]:

@@ -54,6 +54,7 @@ class TrainConfig:
     bias_update_speed: float = 1e-3
     indexer_loss_weight: float = 1.0
     muon_ns_dtype: str = "float32"  # Newton-Schulz matmul dtype: float32 | bfloat16
+    engram_lr_multiplier: float = 5.0  # Engram tables' learning rate over the rest's (the paper's 5x)
     seed: int = 0  # model initialisation
     log_every: int = 10
     checkpoint_every: int = 100
@@ -75,7 +76,7 @@ class TrainConfig:
             v = getattr(self, f)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f, "an integer >= 0")
         for f in ("lr", "lr_min", "clip_norm", "mtp_weight", "mtp_weight_after_decay", "balance_weight",
-                  "bias_update_speed", "indexer_loss_weight"):
+                  "bias_update_speed", "indexer_loss_weight", "engram_lr_multiplier"):
             v = getattr(self, f)
             need(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, f, "a number >= 0")
         need(self.lr > 0, "lr", "a number > 0")
@@ -142,7 +143,7 @@ def learning_rate(cfg: TrainConfig) -> optax.Schedule:
 
 def make_optimizer(cfg: TrainConfig, config: ModelConfig) -> optax.GradientTransformation:
     ns = jnp.bfloat16 if cfg.muon_ns_dtype == "bfloat16" else F32
-    opt = v4_optimizer(learning_rate(cfg), config, ns_dtype=ns)
+    opt = v4_optimizer(learning_rate(cfg), config, ns_dtype=ns, table_lr_multiplier=cfg.engram_lr_multiplier)
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt) if cfg.clip_norm > 0 else opt
 
 
@@ -178,7 +179,8 @@ def loss_fn(params, batch, config: ModelConfig, cfg: TrainConfig, step, parallel
     out = forward(params, batch["tokens"], config, positions=batch["positions"], segment_ids=batch["segment_ids"],
                   dtype=dtype, sparse=cfg.attention == "sparse", mtp=has_mtp,
                   with_aux=cfg.indexer_loss_weight > 0, parallel=parallel, mesh=mesh,
-                  layer_stats=lambda info, layer: layer_routing_stats(info, layer, config, mask), logits=False)
+                  layer_stats=lambda info, layer: layer_routing_stats(info, layer, config, mask), logits=False,
+                  engram_ids=batch.get("engram_ids"))
     stats = {str(i): s for i, s in enumerate(out["routing"])}
     if has_mtp:
         stats["mtp"] = out["mtp_routing"]
@@ -258,7 +260,7 @@ def make_eval_step(config: ModelConfig, dtype=F32, parallel=None, mesh=None):
         has_mtp = "mtp" in params
         out = forward(params, batch["tokens"], config, positions=batch["positions"],
                       segment_ids=batch["segment_ids"], dtype=dtype, mtp=has_mtp, parallel=parallel, mesh=mesh,
-                      logits=False)
+                      logits=False, engram_ids=batch.get("engram_ids"))
         res = {}
         for name, hidden, tgt, m in (("main", out["hidden"], batch["targets"], batch["loss_mask"]),
                                      ("mtp", out.get("mtp_hidden"), batch["mtp_targets"], batch["mtp_mask"])):

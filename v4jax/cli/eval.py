@@ -1,9 +1,14 @@
-"""Perplexity of a training checkpoint's main and MTP heads, as JSON (``python eval.py`` or ``v4jax-eval``).
+"""Evaluate a training checkpoint, as JSON (``python eval.py`` or ``v4jax-eval``).
 
     python eval.py --workdir runs/tiny [--step N] [--files PATH] [--batches N] [--out FILE]
+    python eval.py --workdir runs/tiny --task niah [--lengths 128,256,512] [--depths 0,0.5,1] [--png FILE]
 
-Reads the run's config from its checkpoint. By default it evaluates the held-out split of the run's
-corpus; ``--files`` (a .txt/.jsonl/.parquet file, directory or glob) evaluates other text instead.
+``--task ppl`` (the default): perplexity of the main and MTP heads on the held-out split of the
+run's corpus, or on ``--files`` (a .txt/.jsonl/.parquet file, directory or glob).
+``--task niah``: needle-in-a-haystack accuracy by context length and needle depth (``v4jax.niah``:
+a secret number placed in held-out text, asked at the end, answered by likelihood among
+``--candidates`` numbers), with a heat map (``--png``, default ``WORKDIR/niah.png``).
+Reads the run's config from its checkpoint.
 """
 
 from __future__ import annotations
@@ -17,23 +22,47 @@ import sys
 from pathlib import Path
 
 
-def main(argv=None) -> int:
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(","))
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(","))
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="v4jax-eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="a train.py workdir (with checkpoints/)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    p.add_argument("--files", default=None, help="evaluate these files instead of the held-out split")
-    p.add_argument("--batches", type=int, default=None, help="stop after this many batches (default: one pass)")
+    p.add_argument("--task", choices=("ppl", "niah"), default="ppl")
+    p.add_argument("--files", default=None, help="evaluate (ppl) or build haystacks from (niah) these files "
+                                                 "instead of the held-out split")
+    p.add_argument("--batches", type=int, default=None, help="ppl: stop after this many batches (default: one pass)")
+    p.add_argument("--lengths", type=_ints, default=(128, 256, 512), help="niah: context lengths in tokens")
+    p.add_argument("--depths", type=_floats, default=(0.0, 0.25, 0.5, 0.75, 1.0), help="niah: needle depths in [0, 1]")
+    p.add_argument("--samples", type=int, default=8, help="niah: examples per length and depth")
+    p.add_argument("--candidates", type=int, default=10, help="niah: answers scored per example")
+    p.add_argument("--seed", type=int, default=0, help="niah: examples' seed")
+    p.add_argument("--png", default=None, help="niah: heat map file (default: WORKDIR/niah.png)")
+    p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default=None, help="also write the JSON here")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.task == "niah" and (not all(0.0 <= d <= 1.0 for d in args.depths) or args.samples < 1
+                                or args.candidates < 2):
+        print("error: --depths must lie in [0, 1], --samples >= 1 and --candidates >= 2", file=sys.stderr)
+        return 2
     import jax
     import jax.numpy as jnp
 
     from v4jax.checkpoint import Checkpointer, model_config_from_meta, scan_layers_from_meta
-    from v4jax.data import DataConfig, make_dataset
+    from v4jax.data import DataConfig
     from v4jax.model import param_specs
-    from v4jax.trainer import TrainConfig, evaluate, init_state, make_eval_step, make_optimizer
+    from v4jax.trainer import TrainConfig, init_state, make_optimizer
 
     ckpt = Checkpointer(Path(args.workdir) / "checkpoints", async_save=False)
     meta = ckpt.read_meta(args.step)
@@ -48,24 +77,49 @@ def main(argv=None) -> int:
                                        heldout_fraction=0.0)
     else:
         data_cfg = data_cfg.for_eval()
-
     specs = param_specs(config, scan=scan_layers_from_meta(meta))  # in the run's parameter layout
     abstract_state = jax.eval_shape(lambda p: init_state(p, make_optimizer(train_cfg, config)), specs)
     state, _, _ = ckpt.restore(abstract_state, args.step)
-    step = int(state["step"])
     ckpt.close()
-
-    eval_fn = make_eval_step(config, jnp.bfloat16 if train_cfg.dtype == "bfloat16" else jnp.float32)
-    batches = itertools.islice(make_dataset(data_cfg), args.batches)  # None: one whole pass
-    heads = evaluate(eval_fn, state["params"], ({k: jnp.asarray(v) for k, v in b.items()} for b in batches))
-    result = {"workdir": str(args.workdir), "step": step, "data": args.files or "held-out split"}
-    for head, r in heads.items():
-        result[head] = {"loss": r["loss"], "perplexity": math.exp(r["loss"]), "tokens": int(r["tokens"])}
+    dtype = jnp.bfloat16 if train_cfg.dtype == "bfloat16" else jnp.float32
+    result = {"workdir": str(args.workdir), "step": int(state["step"]), "data": args.files or "held-out split"}
+    if args.task == "ppl":
+        result.update(perplexity(config, state["params"], data_cfg, dtype, args.batches))
+    else:
+        result.update(niah(config, state["params"], data_cfg, dtype, args))
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
     return 0
+
+
+def perplexity(config, params, data_cfg, dtype, batches) -> dict:
+    import jax.numpy as jnp
+
+    from v4jax.data import make_dataset
+    from v4jax.engram import hasher_for
+    from v4jax.trainer import evaluate, make_eval_step
+
+    eval_fn = make_eval_step(config, dtype)
+    it = itertools.islice(make_dataset(data_cfg, hasher=hasher_for(config)), batches)  # None: one whole pass
+    heads = evaluate(eval_fn, params, ({k: jnp.asarray(v) for k, v in b.items()} for b in it))
+    return {head: {"loss": r["loss"], "perplexity": math.exp(r["loss"]), "tokens": int(r["tokens"])}
+            for head, r in heads.items()}
+
+
+def niah(config, params, data_cfg, dtype, args) -> dict:
+    from v4jax.data import load_documents, load_tokenizer
+    from v4jax.niah import NiahConfig, evaluate_niah, make_score_fn, save_heatmap
+
+    cfg = NiahConfig(lengths=args.lengths, depths=args.depths, samples=args.samples, candidates=args.candidates,
+                     seed=args.seed)
+    tokenizer = load_tokenizer(data_cfg.tokenizer)
+    result = evaluate_niah(make_score_fn(params, config, dtype), tokenizer, load_documents(data_cfg), cfg,
+                           progress=not args.no_progress)
+    png = Path(args.png) if args.png else Path(args.workdir) / "niah.png"
+    result["heatmap"] = str(save_heatmap(result, png, title=f"{Path(args.workdir).name}: needle in a haystack"))
+    return result
 
 
 if __name__ == "__main__":

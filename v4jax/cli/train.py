@@ -56,8 +56,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from v4jax.data import make_dataset
+    from v4jax.engram import hasher_for
 
-    data = make_dataset(run.data)
+    data = make_dataset(run.data, hasher=hasher_for(run.model))
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(run.to_dict(), indent=2))
     state, checkpointer = initial_state(run, mesh, workdir / "checkpoints", data)
@@ -91,6 +92,10 @@ def check_run(run, workdir: Path) -> None:
                 problem = f"data.{key} differs: saved {saved['data'].get(key)!r}, now {getattr(run.data, key)!r}"
         if problem:
             raise ConfigError(f"{workdir} holds a checkpoint of another run ({problem}); use another --workdir")
+    engram = run.model.engram
+    if engram is not None and engram.tokenizer not in (run.data.tokenizer, "none"):
+        raise ConfigError(f"model.engram.tokenizer={engram.tokenizer!r} must be the data's tokenizer "
+                          f"({run.data.tokenizer!r}) or 'none': it compresses that tokenizer's ids")
     if run.data.seq_len < 2 or run.model.vocab_size < (259 if run.data.tokenizer == "bytes" else 129280):
         raise ConfigError(f"model.vocab_size={run.model.vocab_size} is smaller than the {run.data.tokenizer} "
                           "tokenizer's vocabulary")
@@ -217,9 +222,11 @@ class Trainer:
     def _evaluate(self, params) -> dict:
         """Held-out losses over a fixed number of batches (the same count on every host)."""
         from v4jax.data import make_dataset
+        from v4jax.engram import hasher_for
         from v4jax.trainer import evaluate
 
-        it = make_dataset(dataclasses.replace(self.run_cfg.data.for_eval(), num_epochs=None))
+        it = make_dataset(dataclasses.replace(self.run_cfg.data.for_eval(), num_epochs=None),
+                          hasher=hasher_for(self.run_cfg.model))
         batches = (self.to_global(b) for _, b in zip(range(self.cfg.eval_batches), it))
         return {f"eval_{head}_loss": r["loss"] for head, r in evaluate(self.eval_fn, params, batches).items()}
 

@@ -274,8 +274,9 @@ def stream_leaves(specs, sources: dict, block_bytes: int, mesh: dict[str, int] |
 
     Chunks are blocks of whole rows of about ``block_bytes``. With ``mesh`` (mesh axis -> size, e.g.
     {"fsdp": 4, "expert": 8}) and the ``config`` (whose declarations give the logical axes), chunks
-    are also aligned with each leaf's per-device shard under ``v4jax.parallel``'s default rules: every chunk lies inside one device's shard, and a shard is a
-    whole number of chunks, so restoring onto that mesh reads only each device's own chunks.
+    are also aligned with each leaf's per-device shard under ``v4jax.parallel``'s default rules:
+    every chunk lies inside one device's shard, and a shard is a whole number of chunks, so
+    restoring onto that mesh reads only each device's own chunks.
     """
     from v4jax.convert.names import tree_paths  # noqa: PLC0415
     from v4jax.params import info_at  # noqa: PLC0415
