@@ -13,7 +13,9 @@ each compiled program is printed too. A length that fails (out of memory) is rec
 next ones are skipped.
 
 ``--tree DIR`` imports v4jax from another checkout (the peer: an earlier commit, run on the same
-machine in the same call). Parameters are drawn on the device (``jax.random``), not on the host.
+machine in the same call). ``--run-after FILE`` compiles, then waits for FILE to exist before
+running, and ``--compiled FILE`` is written once compiled: two processes compile at the same time
+and then run one after the other (an autotuned compile of the 2K step takes four minutes). Parameters are drawn on the device (``jax.random``), not on the host.
 Prints one JSON line per run and a table; ``--json`` writes them all.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -105,6 +108,7 @@ def prefill(v4, params, config, seq, runs, parallel):
     t0 = time.perf_counter()
     compiled = fn.lower(params, tokens).compile()
     compile_s = time.perf_counter() - t0
+    before_timing()
     times = []
     while len(times) < runs and sum(times) < 30:  # a long run is not repeated past 30 s
         t0 = time.perf_counter()
@@ -129,6 +133,7 @@ def train(v4, state, config, batch, seq, steps, parallel):
     t0 = time.perf_counter()
     compiled = step.lower(state, data).compile()
     compile_s = time.perf_counter() - t0
+    before_timing()
     times, oks, losses = [], [], []
     for i in range(steps + 1):
         t0 = time.perf_counter()
@@ -144,6 +149,17 @@ def train(v4, state, config, batch, seq, steps, parallel):
             "mfu": v4.trainer.flops_per_token(config, seq) * tps / 989e12, "compile_s": compile_s,
             "first_loss": losses[0], "last_loss": losses[-1], "ok_steps": f"{sum(oks)}/{len(oks)}",
             "dropped": int(m["dropped_tokens"]), "xla_temp_gib": compiled.memory_analysis().temp_size_in_bytes / 2**30}
+
+
+SYNC = {"compiled": None, "run_after": None}  # the --compiled and --run-after files
+
+
+def before_timing():
+    """Signal that this process has compiled, then wait for the other one's signal (if any)."""
+    if SYNC["compiled"]:
+        open(SYNC["compiled"], "w").close()
+    while SYNC["run_after"] and not os.path.exists(SYNC["run_after"]):
+        time.sleep(0.5)
 
 
 def main():
@@ -162,8 +178,15 @@ def main():
     ap.add_argument("--deadline", type=float, default=None,
                     help="seconds: skip a length that would end after this (the last length's compile time plus "
                          "its run time scaled with the length to the power 1.5, as the H200 prefill scaled)")
+    ap.add_argument("--run-after", default=None, help="after compiling, wait for this file to exist")
+    ap.add_argument("--compiled", default=None, help="write this file once compiled")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    SYNC.update(compiled=args.compiled, run_after=args.run_after)
+    run(args)
+
+
+def run(args):
     started = time.perf_counter()
     if args.tree:
         sys.path.insert(0, args.tree)

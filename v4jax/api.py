@@ -134,6 +134,7 @@ class Model:
         to-safetensors`` exports. The directory appears only when complete."""
         import orbax.checkpoint as ocp  # noqa: PLC0415
 
+        from v4jax.convert.names import OFFICIAL  # noqa: PLC0415
         from v4jax.convert.orbax_io import PARAMS, atomic_output_dir, write_marker  # noqa: PLC0415
         from v4jax.convert.safetensors_to_orbax import RELEASE_STYLE, config_dict  # noqa: PLC0415
 
@@ -143,7 +144,7 @@ class Model:
                 ckpt.save(tmp / PARAMS, params)
                 ckpt.wait_until_finished()
             (tmp / "config.json").write_text(json.dumps(config_dict(self.config, RELEASE_STYLE), indent=2) + "\n")
-            write_marker(tmp, config_style=RELEASE_STYLE, source_layout="v4jax", dtype=jnp.dtype(self.dtype).name,
+            write_marker(tmp, config_style=RELEASE_STYLE, source_layout=OFFICIAL, dtype=jnp.dtype(self.dtype).name,
                          has_mtp=self.has_mtp)
         return Path(directory)
 

@@ -52,7 +52,7 @@ def dtype_name(dtype) -> str:
 
 class SafetensorsFile:
     """One .safetensors file: ``keys()``, ``shape(name)``, ``dtype_name(name)``, ``get(name)`` (a numpy
-    array of the whole tensor) and ``get_rows(name, r0, r1)`` (rows r0..r1 of its first axis)."""
+    array of the whole tensor) and ``get_rows(name, r0, r1, lead)`` (rows r0..r1 of the axis after the leading index ``lead``)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -138,18 +138,21 @@ class SafetensorsFile:
         buf = self._read(name, self._base + start, end - start)
         return np.frombuffer(buf, dtype=DTYPES[e["dtype"]]).reshape(e["shape"])
 
-    def get_rows(self, name: str, r0: int, r1: int) -> np.ndarray:
-        """Rows [r0, r1) of the tensor's first axis (the whole tensor for rank 0)."""
+    def get_rows(self, name: str, r0: int, r1: int, lead: tuple = ()) -> np.ndarray:
+        """Rows [r0, r1) of axis ``len(lead)`` at the leading index ``lead`` (the first axis for
+        ``lead=()``; the whole tensor for rank 0)."""
         e = self._entries[name]
         shape = e["shape"]
         if not shape:
             return self.get(name)
-        if not 0 <= r0 <= r1 <= shape[0]:
-            raise IndexError(f"rows [{r0}, {r1}) outside tensor {name!r} of shape {shape}")
-        row = int(np.prod(shape[1:], dtype=np.int64)) * DTYPES[e["dtype"]].itemsize
+        k = len(lead)
+        if k >= len(shape) or any(not 0 <= i < n for i, n in zip(lead, shape)) or not 0 <= r0 <= r1 <= shape[k]:
+            raise IndexError(f"rows [{r0}, {r1}) at {lead} outside tensor {name!r} of shape {shape}")
+        row = int(np.prod(shape[k + 1:], dtype=np.int64)) * DTYPES[e["dtype"]].itemsize
+        first = int(np.ravel_multi_index(lead, shape[:k])) * shape[k] if k else 0
         start = e["data_offsets"][0]
-        buf = self._read(name, self._base + start + r0 * row, (r1 - r0) * row)
-        return np.frombuffer(buf, dtype=DTYPES[e["dtype"]]).reshape([r1 - r0] + list(shape[1:]))
+        buf = self._read(name, self._base + start + (first + r0) * row, (r1 - r0) * row)
+        return np.frombuffer(buf, dtype=DTYPES[e["dtype"]]).reshape([r1 - r0] + list(shape[k + 1:]))
 
     def close(self):
         if self._fd >= 0:
@@ -225,8 +228,8 @@ class Checkpoint:
     def get(self, name: str) -> np.ndarray:
         return self.where[name].get(name)
 
-    def get_rows(self, name: str, r0: int, r1: int) -> np.ndarray:
-        return self.where[name].get_rows(name, r0, r1)
+    def get_rows(self, name: str, r0: int, r1: int, lead: tuple = ()) -> np.ndarray:
+        return self.where[name].get_rows(name, r0, r1, lead)
 
     def close(self):
         for f in self.files.values():

@@ -78,12 +78,15 @@ class LeafSource:
 
     @property
     def stacked(self) -> bool:
-        return len(self.shape) == 3
+        return len(self.shape) == 3 and len(self.tensors) > 1
 
     def read(self, lead: tuple, r0: int, r1: int) -> np.ndarray:
-        t = self.tensors[lead[0] if lead else 0]
+        whole = len(self.tensors) == 1  # one stored tensor, even of rank 3 (not one per expert)
+        t = self.tensors[0 if whole else lead[0]]
         try:
             if t.fmt == PLAIN:
+                if whole and lead:
+                    return self.ckpt.get_rows(t.key, r0, r1, lead).astype(self.dtype)
                 return self.ckpt.get_rows(t.key, r0, r1).astype(self.dtype)
             if t.fmt == INT:
                 v = self.ckpt.get_rows(t.key, r0, r1)
