@@ -156,12 +156,18 @@ def indexer_inputs(x, cq, p, positions, segment_ids, config: ModelConfig, freqs,
     compressor's entries). Its inputs x and cq are detached: the indexer's loss reaches only its
     parameters, and the selection carries no gradient into the model."""
     x, cq = jax.lax.stop_gradient(x), jax.lax.stop_gradient(cq)
+    keys = make_entries(x, p["compressor"], positions, segment_ids, m, True, freqs, config.rms_norm_eps)
+    return (*indexer_queries(x, cq, p, config, rope_angles(freqs, positions)), keys)
+
+
+def indexer_queries(x, cq, p, config: ModelConfig, angles):
+    """The indexer's queries [b, s, h, c] (RoPE'd with ``angles`` = (cos, sin) at the queries'
+    positions) and per-head weights [b, s, h] fp32 (with the 1/sqrt(c h) scale)."""
     b, s, _ = x.shape
     h, c = config.index_n_heads, config.index_head_dim
-    keys = make_entries(x, p["compressor"], positions, segment_ids, m, True, freqs, config.rms_norm_eps)
-    q = apply_rope(linear(cq, p["wq_b"]).reshape(b, s, h, c), *rope_angles(freqs, positions))
+    q = apply_rope(linear(cq, p["wq_b"]).reshape(b, s, h, c), *angles)
     w = linear_f32(x, p["weights_proj"]) * (c**-0.5 * h**-0.5)
-    return q, w, keys
+    return q, w
 
 
 def _pad_axis1(a: jax.Array, size: int, fill) -> jax.Array:
@@ -341,6 +347,44 @@ def indexer_scores_dense(q, w, keys: Entries, segment_ids, positions) -> jax.Arr
 # Core attention over each query's index list, with the sink
 
 
+def attend(q, keys, ok, sink, entry_keys=None, entry_idx=None, entry_ok=None, with_probs: bool = False):
+    """One softmax per query over window keys, compressed entries and the sink; value = key.
+
+    q [b, q, h, c]; keys [b, j, c] with ok [b, q, j] (which keys each query sees); sink [h] fp32.
+    Entries: ``entry_keys`` [b, e, c] with either ``entry_idx`` [b, q, k] (the listed ones, -1 =
+    empty) and ``entry_ok`` [b, q, k], or ``entry_idx=None`` and ``entry_ok`` [b, q, e] (every entry,
+    masked). Returns (out [b, q, h, c] in q's dtype, probs): with ``with_probs`` each entry slot's
+    probability summed over heads ([b, q, k] or [b, q, e]), else None.
+    """
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhc,bjc->bqhj", q, keys, preferred_element_type=F32) * scale
+    logits = jnp.where(ok[:, :, None, :], logits, NEG_INF)
+    mx = jnp.maximum(jnp.max(logits, axis=-1), sink)  # [b, q, h]
+    if entry_keys is not None:
+        if entry_idx is not None:
+            elog = listed_dot(q, entry_keys, entry_idx) * scale
+        else:
+            elog = jnp.einsum("bqhc,bkc->bqhk", q, entry_keys, preferred_element_type=F32) * scale
+        elog = jnp.where(entry_ok[:, :, None, :], elog, NEG_INF)
+        mx = jnp.maximum(mx, jnp.max(elog, axis=-1))
+    mx = jax.lax.stop_gradient(mx)
+    p_win = jnp.exp(logits - mx[..., None])
+    denom = jnp.sum(p_win, axis=-1) + jnp.exp(sink - mx)
+    if entry_keys is not None:
+        p_ent = jnp.exp(elog - mx[..., None])
+        denom = denom + jnp.sum(p_ent, axis=-1)
+    inv = (1.0 / denom)[..., None]
+    out = jnp.einsum("bqhj,bjc->bqhc", (p_win * inv).astype(q.dtype), keys, preferred_element_type=F32)
+    probs = None
+    if entry_keys is not None:
+        p_out = (p_ent * inv).astype(q.dtype)
+        out = out + (listed_combine(p_out, entry_keys, entry_idx) if entry_idx is not None else
+                     jnp.einsum("bqhk,bkc->bqhc", p_out, entry_keys, preferred_element_type=F32))
+        if with_probs:
+            probs = jnp.sum(p_ent * inv, axis=2)
+    return out.astype(q.dtype), probs
+
+
 def sparse_attention(q, kv, sink, segment_ids, positions, window: int, entries: Entries | None = None,
                      entry_idx=None, *, query_chunk: int = QUERY_CHUNK, with_probs: bool = False):
     """One softmax per query over its window slots, its compressed slots and the sink; value = key.
@@ -354,8 +398,7 @@ def sparse_attention(q, kv, sink, segment_ids, positions, window: int, entries: 
     each compressed slot summed over heads, [b, s, k] (or [b, s, e] for every visible entry);
     otherwise None. Runs over ``query_chunk`` queries at a time.
     """
-    b, s, h, c = q.shape
-    scale = c**-0.5
+    s = q.shape[1]
     blk = min(window, s)  # queries per block: a block's window slots lie in the 2*blk keys ending at it
     per_step = max(1, min(query_chunk // blk, -(-s // blk)))  # blocks per lax.map step
     n_blk = -(-s // (blk * per_step)) * per_step
@@ -377,36 +420,13 @@ def sparse_attention(q, kv, sink, segment_ids, positions, window: int, entries: 
     sink = sink.astype(F32)
 
     def block(xs):
-        qb = xs["q"]  # [b, q, h, c]
         ok = band & (xs["seg"][:, :, None] == xs["key_seg"][:, None, :])  # [b, q, j]
-        logits = jnp.einsum("bqhc,bjc->bqhj", qb, xs["keys"], preferred_element_type=F32) * scale
-        logits = jnp.where(ok[:, :, None, :], logits, NEG_INF)
-        mx = jnp.maximum(jnp.max(logits, axis=-1), sink)  # [b, q, h]
-        if has_entries:
-            if "idx" in xs:  # the listed entries
-                eok = xs["idx"] >= 0
-                elog = listed_dot(qb, entries.keys, xs["idx"]) * scale
-            else:  # every entry, masked to the visible ones
-                eok = entries.visible(xs["seg"], xs["pos"])
-                elog = jnp.einsum("bqhc,bkc->bqhk", qb, entries.keys, preferred_element_type=F32) * scale
-            elog = jnp.where(eok[:, :, None, :], elog, NEG_INF)
-            mx = jnp.maximum(mx, jnp.max(elog, axis=-1))
-        mx = jax.lax.stop_gradient(mx)
-        p_win = jnp.exp(logits - mx[..., None])
-        denom = jnp.sum(p_win, axis=-1) + jnp.exp(sink - mx)
-        if has_entries:
-            p_ent = jnp.exp(elog - mx[..., None])
-            denom = denom + jnp.sum(p_ent, axis=-1)
-        inv = (1.0 / denom)[..., None]
-        out = jnp.einsum("bqhj,bjc->bqhc", (p_win * inv).astype(q.dtype), xs["keys"], preferred_element_type=F32)
-        probs = None
-        if has_entries:
-            p_out = (p_ent * inv).astype(q.dtype)
-            out = out + (listed_combine(p_out, entries.keys, xs["idx"]) if "idx" in xs else
-                         jnp.einsum("bqhk,bkc->bqhc", p_out, entries.keys, preferred_element_type=F32))
-            if with_probs:
-                probs = jnp.sum(p_ent * inv, axis=2)
-        return out.astype(q.dtype), probs
+        if not has_entries:
+            return attend(xs["q"], xs["keys"], ok, sink)
+        if "idx" in xs:
+            return attend(xs["q"], xs["keys"], ok, sink, entries.keys, xs["idx"], xs["idx"] >= 0, with_probs)
+        return attend(xs["q"], xs["keys"], ok, sink, entries.keys, None, entries.visible(xs["seg"], xs["pos"]),
+                      with_probs)
 
     out, probs = jax.lax.map(jax.checkpoint(block, prevent_cse=False), xs, batch_size=per_step)
     return _unchunk(out, s), (None if probs is None else _unchunk(probs, s))
@@ -428,18 +448,13 @@ def attention(x: jax.Array, p: dict, config: ModelConfig, layer: int, positions:
     (which holds O(s * e) scores and is meant for short contexts). Otherwise aux is {}.
     ``parallel`` (a ``v4jax.parallel.ParallelConfig``) sets the chunk sizes.
     """
-    b, s, _ = x.shape
-    h, c, eps = config.num_attention_heads, config.head_dim, config.rms_norm_eps
+    eps = config.rms_norm_eps
     kind, m = config.layer_type(layer), config.layer_ratio(layer)
     q_chunk = parallel.attention_chunk if parallel else QUERY_CHUNK
     k_chunk = parallel.indexer_key_chunk if parallel else KEY_CHUNK
     freqs = rope_frequencies(config, layer)
     cos, sin = rope_angles(freqs, positions)
-
-    cq = rms_norm(linear(x, p["wq_a"]), p["q_norm"], eps)  # [b, s, q_lora_rank]
-    q = rms_norm(linear(cq, p["wq_b"]).reshape(b, s, h, c), None, eps)  # weight-free per-head norm
-    q = apply_rope(q, cos, sin)
-    kv = apply_rope(rms_norm(linear(x, p["wkv"]), p["kv_norm"], eps), cos, sin)  # [b, s, c], K = V
+    cq, q, kv = project(x, p, config, (cos, sin))
 
     entries = idx = None
     aux = {}
@@ -461,12 +476,29 @@ def attention(x: jax.Array, p: dict, config: ModelConfig, layer: int, positions:
                                 query_chunk=q_chunk, with_probs=bool(aux))
     if aux:
         aux["entry_probs"] = probs
-    o = apply_rope(o, cos, sin, inverse=True)  # de-rotate at the query position
+    return output_projection(o, p, config, (cos, sin)), aux
 
+
+def project(x, p, config: ModelConfig, angles):
+    """x [b, s, d] -> the low-rank query cq [b, s, r], the queries [b, s, h, c] and the one K=V head
+    [b, s, c], RoPE'd with ``angles`` = (cos, sin) at the tokens' positions."""
+    b, s, _ = x.shape
+    h, c, eps = config.num_attention_heads, config.head_dim, config.rms_norm_eps
+    cq = rms_norm(linear(x, p["wq_a"]), p["q_norm"], eps)
+    q = apply_rope(rms_norm(linear(cq, p["wq_b"]).reshape(b, s, h, c), None, eps), *angles)  # weight-free norm
+    kv = apply_rope(rms_norm(linear(x, p["wkv"]), p["kv_norm"], eps), *angles)
+    return cq, q, kv
+
+
+def output_projection(o, p, config: ModelConfig, angles):
+    """The attention output o [b, s, h, c], de-rotated at the query positions, through the g-group
+    low-rank projection: -> [b, s, d]."""
+    b, s = o.shape[:2]
+    o = apply_rope(o, *angles, inverse=True)
     g = config.o_groups
-    wa = p["wo_a"].reshape(g, config.o_lora_rank, -1).astype(x.dtype)  # [g, d_g, h*c/g]
+    wa = p["wo_a"].reshape(g, config.o_lora_rank, -1).astype(o.dtype)  # [g, d_g, h*c/g]
     z = jnp.einsum("bsgi,gri->bsgr", o.reshape(b, s, g, -1), wa)
-    return linear(z.reshape(b, s, -1), p["wo_b"]), aux
+    return linear(z.reshape(b, s, -1), p["wo_b"])
 
 
 # --------------------------------------------------------------------------------------------------

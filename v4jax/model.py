@@ -41,9 +41,10 @@ from v4jax.scan import run_stages, stack_layers
 
 
 def block(x, p, config: ModelConfig, layer: int, positions, segment_ids, token_ids, sparse=True, with_aux=False,
-          parallel=None, mesh=None, engram_ids=None):
+          parallel=None, mesh=None, engram_ids=None, attend=None):
     """One decoder block on the streams x [b, s, n, d]: Engram (in its layers) adds to the streams,
     then mHC around attention, then around the MoE. ``engram_ids`` [b, s, j]: this layer's rows.
+    ``attend(h, p_attn) -> (out, aux)`` replaces the attention (``v4jax.decode`` runs it on a cache).
 
     Returns (x, info): info holds the routing (``idx``, ``scores``) and, with ``with_aux``, the
     attention's aux dict under ``attn`` (see ``v4jax.attention.attention``).
@@ -52,8 +53,11 @@ def block(x, p, config: ModelConfig, layer: int, positions, segment_ids, token_i
         x = x + engram(x, p["engram"], engram_ids, config.engram, config.rms_norm_eps)
     hc = dict(sinkhorn_iters=config.hc_sinkhorn_iters, hc_eps=config.hc_eps, norm_eps=config.rms_norm_eps)
     u, post, comb = hc_pre(x, p["hc_attn"], **hc)
-    a, attn_aux = attention(rms_norm(u, p["attn_norm"], config.rms_norm_eps), p["attn"], config, layer, positions,
-                            segment_ids, sparse, with_aux, parallel)
+    h = rms_norm(u, p["attn_norm"], config.rms_norm_eps)
+    if attend is None:
+        a, attn_aux = attention(h, p["attn"], config, layer, positions, segment_ids, sparse, with_aux, parallel)
+    else:
+        a, attn_aux = attend(h, p["attn"])
     x = hc_post(a, x, post, comb)
     u, post, comb = hc_pre(x, p["hc_ffn"], **hc)
     f, info = moe(rms_norm(u, p["ffn_norm"], config.rms_norm_eps), p["ffn"], token_ids, config, parallel, mesh)

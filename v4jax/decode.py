@@ -1,0 +1,235 @@
+"""Inference: V4's decode state (the cache) and ``extend``, which is prefill, chunked prefill and
+decode in one function (spec §2.12; the official ``inference/model.py`` keeps the same state).
+
+Shape letters: b rows, t new tokens of a call, d model, n mHC streams, c head dim, c_I indexer head
+dim, W window, m a layer's compression ratio, N = max_len // m entry slots, V vocabulary.
+
+**The cache** is a pytree (``init_cache``)::
+
+    pos       int32 [b]           tokens each row holds (= the next token's position)
+    layers[i] window   [b, W, c]      K=V of the last W positions, position p in slot p % W
+              x        [b, 2m, d]     compressed layers: the attention input of the last 2m
+                                      positions, slot p % 2m (the compressors' input: the partial
+                                      block and, for CSA's overlap, the block before it)
+              entries  [b, N, c]      compressed layers: block i's entry in slot i
+              index    [b, N, c_I]    CSA layers: the indexer's entries
+
+Rows are independent: each has its own ``pos``, so rows of different lengths share a batch, and
+which window keys and entries a query sees follows from positions alone. The official code keeps
+the compressors' fp32 projections of the partial block instead of their input; keeping the input
+(2m rows of d) lets one buffer serve both of a CSA layer's compressors and reuses the training
+code's pooling exactly. Both are fixed-size: the cache grows only through ``entries``/``index``.
+
+**extend(params, cache, tokens [b, t], n_valid [b])** appends each row's first ``n_valid`` tokens
+at its position: queries attend to the window ring unrolled in position order followed by the
+chunk's own keys, and to the cached entries after the blocks that close inside the chunk have been
+pooled (from the x ring and the chunk) and written. Prefill is ``extend`` on an empty cache, decode
+is ``extend`` with t = 1, and a long prompt can go in several chunks: all give the numbers of
+``v4jax.model.forward`` on the whole sequence (tests/test_decode.py). Padding tokens (t >= n_valid)
+change nothing. The MoE runs the local dropless path (no mesh); Engram layers are not supported yet.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from v4jax.attention import (
+    QUERY_CHUNK,
+    Entries,
+    attend,
+    compress,
+    indexer_queries,
+    indexer_topk,
+    output_projection,
+    project,
+)
+from v4jax.config import CSA, SWA, ModelConfig
+from v4jax.layers import apply_rope, linear_f32, rope_angles, rope_frequencies
+from v4jax.model import _final_hidden, block
+from v4jax.scan import unstack_layers
+
+# --------------------------------------------------------------------------------------------------
+# The cache
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> dict:
+    """An empty cache for ``batch`` rows of up to ``max_len`` tokens (entries of the complete blocks
+    in max_len; positions past it are refused by ``extend``'s caller, ``v4jax.generate``)."""
+    if config.engram is not None:
+        raise NotImplementedError("generation with Engram (model.engram) is not supported yet: its short "
+                                  "convolution and n-gram ids need a decode state of their own")
+    b, d, c, w = batch, config.hidden_size, config.head_dim, config.sliding_window
+    layers = []
+    for i in range(config.num_hidden_layers):
+        kind, m = config.layer_type(i), config.layer_ratio(i)
+        lc = {"window": jnp.zeros((b, w, c), dtype)}
+        if kind != SWA:
+            lc["x"] = jnp.zeros((b, 2 * m, d), dtype)
+            lc["entries"] = jnp.zeros((b, max_len // m, c), dtype)
+        if kind == CSA:
+            lc["index"] = jnp.zeros((b, max_len // m, config.index_head_dim), dtype)
+        layers.append(lc)
+    return {"pos": jnp.zeros((b,), jnp.int32), "layers": layers}
+
+
+def cache_bytes(config: ModelConfig, tokens: int, batch: int = 1, dtype=jnp.bfloat16) -> dict[str, int]:
+    """Bytes of the cache for ``batch`` rows of ``tokens`` tokens, computed from its shapes (nothing is
+    allocated): ``total``, ``growing`` (the entries: what grows with the context) and ``fixed``."""
+    shapes = jax.eval_shape(lambda: init_cache(config, batch, tokens, dtype))
+    total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+    growing = sum(lc[k].size * lc[k].dtype.itemsize for lc in shapes["layers"] for k in ("entries", "index")
+                  if k in lc)
+    return {"total": total, "growing": growing, "fixed": total - growing}
+
+
+def _ring_update(ring: jax.Array, rows: jax.Array, pos: jax.Array, end: jax.Array) -> jax.Array:
+    """The ring [b, R, ...] (position p in slot p % R) after positions pos..end-1 (``rows`` [b, t, ...],
+    row j at position pos + j) were appended: slot j holds the latest position < end that is j mod R."""
+    r, t = ring.shape[1], rows.shape[1]
+    latest = end[:, None] - 1 - ((end[:, None] - 1 - jnp.arange(r)) % r)  # [b, R]
+    new = jnp.take_along_axis(rows, jnp.clip(latest - pos[:, None], 0, t - 1)[..., None], axis=1)
+    return jnp.where((latest >= pos[:, None])[..., None], new, ring)
+
+
+def _unroll(ring: jax.Array, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The ring's R slots in position order: positions pos-R..pos-1 -> (values [b, R, ...], positions [b, R])."""
+    r = ring.shape[1]
+    at = pos[:, None] - r + jnp.arange(r)
+    return jnp.take_along_axis(ring, (at % r)[..., None], axis=1), at
+
+
+# --------------------------------------------------------------------------------------------------
+# One layer's attention on a chunk
+
+
+def _new_entries(ext_x, ext_first, p, pos, end, m: int, overlap: bool, freqs, eps, cached):
+    """Pool the blocks that close in [pos, end) from ext_x [b, 2m + t, d] (row r at position
+    ext_first + r) and write them into ``cached`` [b, N, c] at their block index."""
+    t = ext_x.shape[1] - 2 * m
+    blk = pos[:, None] // m + jnp.arange(t // m + 1)  # [b, J] the blocks that can close in the chunk
+    closes = (blk + 1) * m <= end[:, None]
+    keys = compress(ext_x, p, blk * m - ext_first[:, None], blk == 0, m, overlap, eps)
+    keys = apply_rope(keys, *rope_angles(freqs, blk * m))  # RoPE at the block's first position
+    slot = jnp.where(closes, blk, cached.shape[1])  # past the end: dropped
+    return jax.vmap(lambda c, s, k: c.at[s].set(k.astype(c.dtype), mode="drop"))(cached, slot, keys)
+
+
+def _cached_entries(keys, m: int, pos, end) -> Entries:
+    """The cache's entries as ``Entries`` seen by the chunk's queries (one document, segment 1; row
+    index = position - pos)."""
+    b, n = keys.shape[:2]
+    last = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32) * m + (m - 1), (b, n))
+    return Entries(keys, jnp.ones((b, n), jnp.int32), last, last - pos[:, None], last < end[:, None])
+
+
+def _window_attention(q, keys, key_pos, key_ok, positions, sink, window: int, entries=None, idx=None,
+                      query_chunk: int = QUERY_CHUNK):
+    """``attend`` for chunk queries q [b, t, h, c] at ``positions`` [b, t] over keys [b, W + t, c]
+    (the unrolled ring, then the chunk; ``key_pos``, ``key_ok`` [b, W + t]) and the cached entries,
+    in blocks of ``query_chunk`` queries, each seeing its W + block keys."""
+    b, t = q.shape[:2]
+    qb = min(query_chunk, t)
+    n = -(-t // qb)
+    size, span = n * qb, window + qb
+
+    def pad(a, length, fill):
+        return jnp.pad(a, [(0, 0), (0, length - a.shape[1])] + [(0, 0)] * (a.ndim - 2), constant_values=fill)
+
+    q, positions = pad(q, size, 0), pad(positions, size, 0)
+    keys, key_pos, key_ok = pad(keys, window + size, 0), pad(key_pos, window + size, 0), pad(key_ok, window + size,
+                                                                                            False)
+    idx = None if idx is None else pad(idx, size, -1)
+
+    def one(u):
+        qs = jax.lax.dynamic_slice_in_dim(q, u * qb, qb, 1)
+        ps = jax.lax.dynamic_slice_in_dim(positions, u * qb, qb, 1)
+        ks, kp, ko = (jax.lax.dynamic_slice_in_dim(a, u * qb, span, 1) for a in (keys, key_pos, key_ok))
+        dist = ps[:, :, None] - kp[:, None, :]
+        ok = (dist >= 0) & (dist < window) & ko[:, None, :]
+        if entries is None:
+            return attend(qs, ks, ok, sink)[0]
+        if idx is None:
+            return attend(qs, ks, ok, sink, entries.keys, None, entries.visible(jnp.ones_like(ps), ps))[0]
+        ib = jax.lax.dynamic_slice_in_dim(idx, u * qb, qb, 1)
+        return attend(qs, ks, ok, sink, entries.keys, ib, ib >= 0)[0]
+
+    out = jax.lax.map(one, jnp.arange(n))  # [n, b, qb, h, c]
+    return jnp.moveaxis(out, 0, 1).reshape((b, size) + out.shape[3:])[:, :t]
+
+
+def attention_extend(x, p, lc: dict, config: ModelConfig, layer: int, pos, n_valid, query_chunk=QUERY_CHUNK):
+    """One layer's attention for the chunk x [b, t, d] (the attn_norm output) appended at ``pos`` [b]
+    (``n_valid`` [b] real tokens per row) -> (out [b, t, d], the layer's new cache)."""
+    b, t, _ = x.shape
+    eps, w = config.rms_norm_eps, config.sliding_window
+    kind, m = config.layer_type(layer), config.layer_ratio(layer)
+    positions = pos[:, None] + jnp.arange(t, dtype=jnp.int32)
+    end = pos + n_valid
+    freqs = rope_frequencies(config, layer)
+    angles = rope_angles(freqs, positions)
+    cq, q, kv = project(x, p, config, angles)
+
+    ring, ring_pos = _unroll(lc["window"], pos)
+    keys = jnp.concatenate([ring, kv.astype(ring.dtype)], axis=1)
+    key_pos = jnp.concatenate([ring_pos, positions], axis=1)
+    key_ok = jnp.concatenate([ring_pos >= 0, jnp.arange(t)[None, :] < n_valid[:, None]], axis=1)
+    new = {"window": _ring_update(lc["window"], kv.astype(ring.dtype), pos, end)}
+
+    entries = idx = None
+    if kind != SWA:
+        xs, x_pos = _unroll(lc["x"], pos)
+        ext_x = jnp.concatenate([xs, x.astype(xs.dtype)], axis=1)
+        first = x_pos[:, 0]
+        new["x"] = _ring_update(lc["x"], x.astype(xs.dtype), pos, end)
+        new["entries"] = _new_entries(ext_x, first, p["compressor"], pos, end, m, kind == CSA, freqs, eps,
+                                      lc["entries"])
+        entries = _cached_entries(new["entries"].astype(x.dtype), m, pos, end)
+        if kind == CSA:
+            ip = p["indexer"]
+            new["index"] = _new_entries(ext_x, first, ip["compressor"], pos, end, m, True, freqs, eps, lc["index"])
+            iq, iw = indexer_queries(x, cq, ip, config, angles)
+            idx = indexer_topk(iq, iw, _cached_entries(new["index"].astype(x.dtype), m, pos, end),
+                               jnp.ones((b, t), jnp.int32), positions, config.index_topk, query_chunk=query_chunk)
+
+    o = _window_attention(q, keys.astype(q.dtype), key_pos, key_ok, positions, p["attn_sink"].astype(jnp.float32),
+                          w, entries, idx, query_chunk)
+    return output_projection(o, p, config, angles), new
+
+
+# --------------------------------------------------------------------------------------------------
+# The model on a chunk
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "query_chunk"), donate_argnames=("cache",))
+def extend(params, cache: dict, tokens, n_valid, config: ModelConfig, dtype=jnp.bfloat16,
+           query_chunk: int = QUERY_CHUNK):
+    """Append tokens [b, t] (each row's first ``n_valid`` [b]) to the cache (donated).
+
+    Returns (logits [b, V] fp32 at each row's last new token (rows with n_valid 0: meaningless),
+    the new cache). ``params`` in either layout (the scan layout is unstacked here).
+    """
+    if "stages" in params:
+        params = unstack_layers(params, config)
+    pos = cache["pos"]
+    n_valid = jnp.asarray(n_valid, jnp.int32)
+    b, t = tokens.shape
+    positions = pos[:, None] + jnp.arange(t, dtype=jnp.int32)
+    segments = jnp.zeros((b, t), jnp.int32)
+    e = params["embed"][tokens].astype(dtype)
+    x = jnp.broadcast_to(e[:, :, None, :], e.shape[:2] + (config.hc_mult, e.shape[-1]))
+    layers = []
+    for i, p in enumerate(params["layers"]):
+        def attend_chunk(h, p_attn, i=i):
+            a, new = attention_extend(h, p_attn, cache["layers"][i], config, i, pos, n_valid, query_chunk)
+            return a, {"cache": new}
+
+        x, info = block(x, p, config, i, positions, segments, tokens, with_aux=True, attend=attend_chunk)
+        layers.append(info["attn"]["cache"])
+    last = jnp.clip(n_valid - 1, 0, t - 1)
+    x_last = jnp.take_along_axis(x, last[:, None, None, None], axis=1)  # [b, 1, n, d]
+    logits = linear_f32(_final_hidden(x_last, params["hc_head"], params["norm"], config), params["head"])[:, 0]
+    return logits, {"pos": pos + n_valid, "layers": layers}
+
