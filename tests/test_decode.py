@@ -1,0 +1,167 @@
+"""The decode cache and extend (v4jax.decode) and generation (v4jax.generate), on the CPU in fp32.
+
+Reference: ``v4jax.model.forward`` on the whole sequence (itself equal to transformers' DeepSeek-V4 to
+1e-5, tests/test_parity_model.py), and transformers run on the whole sequence at every step for
+greedy generation. Tolerance: max |got - want| / max |want| <= 1e-5.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import v4jax
+from tests import hf_oracle
+from tests.helpers import CONFIGS, rel, sharpened
+from v4jax.config import CSA, HCA
+from v4jax.decode import cache_bytes, extend, init_cache
+from v4jax.generate import decode_step, generate
+from v4jax.model import forward, init_params
+
+TOLERANCE = 1e-5
+F32 = jnp.float32
+
+
+def _setup(name, s, rows=1, seed=0):
+    config = CONFIGS[name]
+    params = sharpened(init_params(config, seed))
+    tokens = np.random.default_rng(seed + 1).integers(0, config.vocab_size, (rows, s)).astype(np.int32)
+    return config, params, tokens
+
+
+def _extend(params, cache, tokens, config):
+    n = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
+    return extend(params, cache, jnp.asarray(tokens), n, config, F32)
+
+
+def _boundaries(config):
+    """Split points around every block and window boundary of the config."""
+    m = sorted({config.ratio[k] for k in (CSA, HCA) if k in config.ratio})
+    w = config.sliding_window
+    return sorted({1, *(x for r in m for x in (r - 1, r, r + 1, 2 * r - 1, 2 * r)), w - 1, w, w + 1} - {0})
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_prefill_then_decode_equals_the_forward(name):
+    """prefill(tokens[:k]) then one token at a time gives forward's logits at every position: the
+    decode crosses every block, window and ring boundary; k covers the boundaries for the prefill."""
+    s = 3 * CONFIGS[name].sliding_window + 5
+    config, params, tokens = _setup(name, s, rows=2)
+    want = np.asarray(forward(params, jnp.asarray(tokens), config)["logits"])
+    for k in _boundaries(config):
+        got, cache = _extend(params, init_cache(config, 2, 128, F32), tokens[:, :k], config)
+        assert rel(got, want[:, k - 1]) <= TOLERANCE, f"prefill of {k} tokens"
+    got, cache = _extend(params, init_cache(config, 2, 128, F32), tokens[:, :1], config)
+    errs = []
+    for t in range(1, s):
+        got, cache = _extend(params, cache, tokens[:, t:t + 1], config)
+        errs.append(rel(got, want[:, t]))
+    assert max(errs) <= TOLERANCE, f"decode: worst {max(errs):.2e} at position {1 + int(np.argmax(errs))}"
+    assert np.all(np.asarray(cache["pos"]) == s)
+
+
+@pytest.mark.parametrize("name", ["a", "b"])
+def test_chunked_prefill_equals_one_prefill(name):
+    """prefill(a) + extend(b) + extend(c) equals prefill(a + b + c): the logits at each chunk's end and
+    the cache's live state (window ring, compressor-input ring, entries of the complete blocks)."""
+    config, params, tokens = _setup(name, 37)
+    want = np.asarray(forward(params, jnp.asarray(tokens), config)["logits"])
+    _, whole = _extend(params, init_cache(config, 1, 64, F32), tokens, config)
+    cache = init_cache(config, 1, 64, F32)
+    for a, b in ((0, 5), (5, 22), (22, 37)):  # chunks that straddle block and window boundaries
+        got, cache = _extend(params, cache, tokens[:, a:b], config)
+        assert rel(got, want[:, b - 1]) <= TOLERANCE
+    for i, (lc, lw) in enumerate(zip(cache["layers"], whole["layers"])):
+        m = config.layer_ratio(i)
+        for key in lc:
+            live = slice(None) if key in ("window", "x") else slice(0, 37 // m)
+            assert rel(lc[key][:, live], lw[key][:, live]) <= 1e-6, (i, key)
+
+
+def test_ragged_rows_equal_each_row_alone():
+    """Rows of different prompt lengths in one batch generate what each generates alone (greedy), and
+    a batch row's logits equal the forward of its own sequence."""
+    config, params, _ = _setup("a", 1)
+    m = config.ratio[CSA]
+    rng = np.random.default_rng(5)
+    prompts = [list(rng.integers(0, config.vocab_size, n)) for n in (1, 3, m, config.sliding_window + 5)]
+    kw = dict(temperature=0.0, stop_tokens=[], dtype=F32)
+    together = generate(params, config, prompts, 2 * config.sliding_window, **kw)
+    for p, got in zip(prompts, together):
+        assert got == generate(params, config, [p], 2 * config.sliding_window, **kw)[0]
+        seq = jnp.asarray([p + got])
+        greedy = np.argmax(np.asarray(forward(params, seq, config)["logits"])[0, len(p) - 1:-1], axis=-1)
+        assert list(greedy) == got  # full recompute on the whole sequence
+
+
+def test_greedy_generation_equals_full_recompute_of_the_reference(tmp_path):
+    """Greedy tokens from the cache equal transformers' greedy run on the whole sequence at every step
+    (no cache), for a model loaded from the reference's checkpoint; both ends have margins."""
+    config = CONFIGS["a"]
+    reference = hf_oracle.make_reference(config, seed=3, directory=tmp_path)
+    with pytest.warns(UserWarning, match="no mtp"):
+        model = v4jax.from_pretrained(tmp_path, dtype="float32")
+    prompt = list(np.random.default_rng(4).integers(0, config.vocab_size, 6))
+    n_new = 3 * config.sliding_window  # blocks close and the ring wraps during decode
+    got = generate(model.params, config, [prompt], n_new, temperature=0.0, stop_tokens=[], dtype=F32)[0]
+    seq = list(prompt)
+    for _ in range(n_new):
+        logits = hf_oracle.reference_logits(reference, np.asarray([seq]))[0, -1]
+        top2 = np.sort(logits)[-2:]
+        assert top2[1] - top2[0] > 1e-4 * np.abs(logits).max(), "a near tie: pick another seed"
+        seq.append(int(np.argmax(logits)))
+    assert got == seq[len(prompt):]
+
+
+def test_stop_tokens_end_rows_independently():
+    config, params, _ = _setup("b", 1)
+    prompts = [[5, 6, 7], [8]]
+    free = generate(params, config, prompts, 12, temperature=0.0, stop_tokens=[], dtype=F32)
+    stop = free[0][3]
+    got = generate(params, config, prompts, 12, temperature=0.0, stop_tokens=[stop], dtype=F32)
+    assert got[0] == free[0][:free[0].index(stop)]
+    assert got[1] == (free[1][:free[1].index(stop)] if stop in free[1] else free[1])
+
+
+def test_decode_step_compiles_once():
+    """One compiled decode step across steps, rows' states and sampling settings (a batch of 3 rows,
+    which no other test compiles)."""
+    config, params, _ = _setup("b", 1)
+    before = decode_step._cache_size()
+    generate(params, config, [[1, 2, 3], [4], [5, 6]], 9, temperature=[0.0, 0.8, 1.0], top_k=[0, 5, 2],
+             seed=[1, 2, 3], dtype=F32, stop_tokens=[])
+    assert decode_step._cache_size() - before == 1
+    generate(params, config, [[9, 8], [7, 6, 5, 4], [3]], 9, temperature=[1.3, 0.5, 0.0], top_p=[0.9, 0.5, 1.0],
+             dtype=F32, stop_tokens=[])
+    assert decode_step._cache_size() - before == 1
+
+
+def test_sampling_reproducible_by_seed():
+    config, params, _ = _setup("b", 1)
+    kw = dict(temperature=1.0, stop_tokens=[], dtype=F32)
+    a = generate(params, config, [[3, 4]], 16, seed=7, **kw)
+    assert a == generate(params, config, [[3, 4]], 16, seed=7, **kw)
+    assert a != generate(params, config, [[3, 4]], 16, seed=8, **kw)
+
+
+def test_bad_generation_input_is_refused():
+    config, params, _ = _setup("b", 1)
+    for prompts, match in (([], "non-empty list"), ([[]], r"prompts\[0\]"), ([[1, config.vocab_size]],
+                                                                               r"prompts\[0\]\[1\]")):
+        with pytest.raises(ValueError, match=match):
+            generate(params, config, prompts, 4)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(params, config, [[1]], 0)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(params, config, [[1]], 2, temperature=-1.0)
+
+
+def test_cache_bytes_from_the_shapes():
+    """cache_bytes counts what init_cache allocates, and its growing part is per CSA layer 2 x 1/m of a
+    head (entries and indexer keys) and per HCA layer 1/m of a head, per token."""
+    config = CONFIGS["c"]
+    got = cache_bytes(config, 1024, dtype=F32)
+    cache = init_cache(config, 1, 1024, F32)
+    assert got["total"] == sum(x.nbytes for x in jax.tree.leaves(cache))
+    want = 4 * 1024 * (config.head_dim // 4 + config.index_head_dim // 4 + config.head_dim // 16)
+    assert got["growing"] == want
