@@ -165,3 +165,33 @@ def test_cache_bytes_from_the_shapes():
     assert got["total"] == sum(x.nbytes for x in jax.tree.leaves(cache))
     want = 4 * 1024 * (config.head_dim // 4 + config.index_head_dim // 4 + config.head_dim // 16)
     assert got["growing"] == want
+
+
+def test_model_generate_chat_and_the_cli(tmp_path, capsys):
+    """The front door: Model.generate (token lists or strings), Model.chat (the V4 chat format with the
+    DeepSeek tokenizer) and v4jax-generate on a saved checkpoint all give the function's tokens."""
+    from v4jax.chat import encode_chat_tokens
+    from v4jax.cli.generate import main
+    from v4jax.data import load_tokenizer
+
+    config = CONFIGS["b"].replace(vocab_size=259)  # the byte tokenizer's ids
+    model = v4jax.Model(config, sharpened(init_params(config, 0)), jnp.dtype(F32))
+    tok = load_tokenizer("bytes")
+    want = generate(model.params, config, [tok.encode("Hello")], 6, temperature=0.0, dtype=F32)[0]
+    assert model.generate(["Hello"], 6, temperature=0.0, tokenizer="bytes")[0] == want
+    assert model.generate([tok.encode("Hello")], 6, temperature=0.0)[0] == want
+    with pytest.raises(ValueError, match="tokenizer"):
+        model.generate(["Hello"], 6)  # the DeepSeek tokenizer's ids do not fit this vocabulary
+
+    model.save(tmp_path / "ckpt")
+    assert main(["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "Hello", "--max-new-tokens", "6",
+                 "--temperature", "0", "--tokenizer", "bytes", "--dtype", "float32"]) == 0
+    assert capsys.readouterr().out == tok.decode(want) + "\n"
+
+    big = CONFIGS["b"].replace(vocab_size=129280)
+    chat_model = v4jax.Model.init(big, seed=0)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    reply = chat_model.chat(messages, mode="think", max_new_tokens=4, temperature=0.0)
+    prompt = encode_chat_tokens(messages, load_tokenizer("deepseek"), "think")
+    new = chat_model.generate([prompt], 4, temperature=0.0)[0]
+    assert reply["tokens"][:len(new)] == new and set(reply) >= {"content", "reasoning_content", "finished"}

@@ -128,23 +128,83 @@ class Model:
                              "was saved without mtp.* tensors, as transformers does)")
         return self._logits(tokens, positions, segment_ids, engram_ids, mtp=True)[:, :-1]
 
+    def generate(self, prompts, max_new_tokens: int, temperature=1.0, top_p=1.0, top_k=0, seed=0,
+                 stop_tokens=None, tokenizer=None, on_tokens=None) -> list[list[int]]:
+        """New tokens for each prompt: a list of token lists (``v4jax.generate.generate``).
+
+        ``prompts``: a list of token-id lists, or of strings (encoded with ``tokenizer``: a name,
+        "deepseek" or "bytes", or an object with ``encode``; default: the DeepSeek-V4 tokenizer for
+        a model with its vocabulary). ``temperature`` 0 is greedy; ``top_k`` 0 is off; each sampling
+        setting is one value or a list of one per prompt. ``stop_tokens`` default to EOS (1) and are
+        not included. ``on_tokens(tokens)`` streams each step's tokens (None for finished rows).
+        """
+        from v4jax.generate import generate  # noqa: PLC0415
+
+        if not isinstance(prompts, (list, tuple)):
+            raise ValueError("prompts must be a list of prompts (token-id lists or strings); for one prompt "
+                             "pass [prompt]")
+        if any(isinstance(p, str) for p in prompts):
+            tok = self.tokenizer(tokenizer)
+            prompts = [tok.encode(p) if isinstance(p, str) else p for p in prompts]
+        return generate(self._decode_params(), self.config, prompts, max_new_tokens, temperature=temperature,
+                        top_p=top_p, top_k=top_k, seed=seed, stop_tokens=stop_tokens, dtype=self.dtype,
+                        on_tokens=on_tokens)
+
+    def chat(self, messages, mode: str = "chat", max_new_tokens: int = 512, temperature=1.0, top_p=1.0, top_k=0,
+             seed=0, tokenizer=None) -> dict:
+        """One reply to a conversation in the V4 chat format (``v4jax.chat``): ``messages`` are dicts
+        with ``role`` (system, user, assistant) and ``content``; ``mode`` is "chat", "think" or
+        "think_max". Returns ``content``, ``reasoning_content`` (None in chat mode), ``finished``
+        (the reply ended with EOS rather than at ``max_new_tokens``) and the reply's ``tokens``."""
+        from v4jax.chat import EOS_ID, encode_chat_tokens, parse_completion_tokens  # noqa: PLC0415
+
+        tok = self.tokenizer(tokenizer if tokenizer is not None else "deepseek")
+        prompt = encode_chat_tokens(messages, tok, mode)
+        new = self.generate([prompt], max_new_tokens, temperature, top_p, top_k, seed)[0]
+        if len(new) < max_new_tokens:  # it stopped at EOS (which generate leaves out)
+            new = new + [EOS_ID]
+        return {**parse_completion_tokens(new, tok, mode), "tokens": new}
+
+    def tokenizer(self, tokenizer=None):
+        """A tokenizer object: ``tokenizer`` itself if it has ``encode``, else the named one ("deepseek"
+        or "bytes"); by default the DeepSeek-V4 tokenizer, for a model with its vocabulary."""
+        from v4jax.data import load_tokenizer  # noqa: PLC0415
+
+        tok = load_tokenizer(tokenizer or "deepseek") if tokenizer is None or isinstance(tokenizer, str) else tokenizer
+        if tok.vocab_size > self.config.vocab_size:
+            raise ValueError(f"the tokenizer has {tok.vocab_size} ids, more than the model's vocab_size "
+                             f"{self.config.vocab_size}: pass tokenizer= the model's own (e.g. 'bytes'), or "
+                             "prompts as token-id lists")
+        return tok
+
+    def _decode_params(self):
+        if self.mesh is not None:
+            raise NotImplementedError("generation on a mesh is not supported yet: load the model without mesh=")
+        return self.params
+
     def save(self, directory, overwrite: bool = False) -> Path:
-        """Write the model as a v4jax Orbax checkpoint directory (config.json, the parameters in the
-        release's names): what ``from_pretrained`` loads and ``python -m v4jax.convert
+        """Write the model as a v4jax Orbax checkpoint directory (config.json, in the release's style
+        where that can hold the config and else the HF style, and the parameters in the release's
+        names): what ``from_pretrained`` loads and ``python -m v4jax.convert
         to-safetensors`` exports. The directory appears only when complete."""
         import orbax.checkpoint as ocp  # noqa: PLC0415
 
         from v4jax.convert.names import OFFICIAL  # noqa: PLC0415
         from v4jax.convert.orbax_io import PARAMS, atomic_output_dir, write_marker  # noqa: PLC0415
-        from v4jax.convert.safetensors_to_orbax import RELEASE_STYLE, config_dict  # noqa: PLC0415
+        from v4jax.config import ConfigError  # noqa: PLC0415
+        from v4jax.convert.safetensors_to_orbax import HF_STYLE, RELEASE_STYLE, config_dict  # noqa: PLC0415
 
         params = unstack_layers(self.params, self.config)  # the checkpoint layout is per layer
+        try:
+            style, config_json = RELEASE_STYLE, config_dict(self.config, RELEASE_STYLE)
+        except ConfigError:  # ratios the release's style cannot say (it reads 4 as CSA): the HF style
+            style, config_json = HF_STYLE, config_dict(self.config, HF_STYLE)
         with atomic_output_dir(directory, overwrite) as tmp:
             with ocp.StandardCheckpointer() as ckpt:
                 ckpt.save(tmp / PARAMS, params)
                 ckpt.wait_until_finished()
-            (tmp / "config.json").write_text(json.dumps(config_dict(self.config, RELEASE_STYLE), indent=2) + "\n")
-            write_marker(tmp, config_style=RELEASE_STYLE, source_layout=OFFICIAL, dtype=jnp.dtype(self.dtype).name,
+            (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+            write_marker(tmp, config_style=style, source_layout=OFFICIAL, dtype=jnp.dtype(self.dtype).name,
                          has_mtp=self.has_mtp)
         return Path(directory)
 

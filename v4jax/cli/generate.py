@@ -1,0 +1,70 @@
+"""Generate text from a checkpoint, streaming it (``v4jax-generate``).
+
+    v4jax-generate --checkpoint DIR --prompt "Once upon a time" [--max-new-tokens 200]
+        [--temperature 0.7 --top-p 0.95 --top-k 0 --seed 0] [--chat chat|think|think_max]
+        [--tokenizer deepseek|bytes] [--dtype bfloat16]
+
+``--checkpoint``: what ``v4jax.from_pretrained`` loads (safetensors in the release's or the
+transformers layout, or a v4jax Orbax checkpoint). ``--chat MODE`` wraps the prompt as one user
+turn in the V4 chat format (``v4jax.chat``); without it the prompt is plain text. The reply is
+printed as it is generated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="v4jax-generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint directory")
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", choices=("chat", "think", "think_max"), default=None,
+                   help="wrap the prompt as a user turn in the V4 chat format with this reasoning mode")
+    p.add_argument("--tokenizer", choices=("deepseek", "bytes"), default="deepseek")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import v4jax  # noqa: PLC0415  (after argparse, so --help is fast)
+    from v4jax.chat import encode_chat_tokens  # noqa: PLC0415
+
+    try:
+        model = v4jax.from_pretrained(args.checkpoint, dtype=args.dtype)
+        tok = model.tokenizer(args.tokenizer)
+        prompt = (encode_chat_tokens([{"role": "user", "content": args.prompt}], tok, args.chat) if args.chat
+                  else tok.encode(args.prompt))
+        new: list[int] = []
+        shown = ""
+
+        def stream(tokens):
+            nonlocal shown
+            if tokens[0] is None:
+                return
+            new.append(tokens[0])
+            text = tok.decode(new)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                sys.stdout.write(text[len(shown):])
+                sys.stdout.flush()
+                shown = text
+
+        model.generate([prompt], args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed,
+                       on_tokens=stream)
+        sys.stdout.write(tok.decode(new)[len(shown):] + "\n")
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        print(f"v4jax-generate: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
