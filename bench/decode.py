@@ -1,7 +1,7 @@
 """Inference on one device: prefill and decode speed, and the cache's memory, against the context.
 
     python bench/decode.py --config configs/small.yaml --contexts 8192,131072 --batches 1,32 --steps 32
-    python bench/decode.py ... --peer-hf        # also transformers' generate, batch 1, same shapes
+    python bench/decode.py ... --peer-only      # transformers' generate, batch 1, same shapes (own process)
 
 For each context C: an empty cache for C + steps tokens (``v4jax.decode.init_cache``), the prompt of
 C random tokens prefilled through ``extend`` in chunks of ``--prefill-chunk`` (one compiled
@@ -11,7 +11,7 @@ by one token), each step synchronised as generation reads every token on the hos
 and cache, random weights drawn on the device. The cache's device memory is read from the
 allocator (bytes in use after allocating it, minus before) next to ``cache_bytes``.
 
-``--peer-hf``: ``transformers``' DeepSeek-V4 (PyTorch eager, bf16, its dynamic cache) on the same
+``--peer-hf`` / ``--peer-only``: ``transformers``' DeepSeek-V4 (PyTorch eager, bf16, its dynamic cache) on the same
 config, batch 1: prefill time (generate with one new token) and decode tokens/s ((generate with
 steps + 1 new tokens - prefill) / steps). transformers cannot batch rows of different lengths for
 this model (no left padding), so only batch 1, and only up to ``--peer-max-context``. Prints JSON lines and a table; ``--json`` writes them.
@@ -31,7 +31,8 @@ def hf_peer(config, context, steps):
     from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
     hf = DeepseekV4Config(**config.to_hf_dict())
-    model = DeepseekV4ForCausalLM(hf).to(torch.bfloat16).cuda().eval()
+    with torch.device("cuda"):  # initialise on the device: seconds, not a minute of CPU
+        model = DeepseekV4ForCausalLM(hf).to(torch.bfloat16).eval()
     ids = torch.as_tensor(np.random.default_rng(0).integers(3, config.vocab_size, (1, context)), device="cuda")
 
     def run(n):
@@ -58,6 +59,8 @@ def main():
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--prefill-chunk", type=int, default=8192)
     ap.add_argument("--peer-hf", action="store_true")
+    ap.add_argument("--peer-only", action="store_true",
+                    help="run only the peer (in its own process: JAX's preallocated pool leaves it no memory)")
     ap.add_argument("--peer-max-context", type=int, default=8192,
                     help="run the peer only up to this context (its attention is dense: O(context^2))")
     ap.add_argument("--json", default=None)
@@ -75,7 +78,7 @@ def main():
     config = model_config_from_yaml(args.config)
     dev = jax.devices()[0]
     dt = jnp.bfloat16
-    params = init_params(config, 0, dt)
+    params = None if args.peer_only else init_params(config, 0, dt)
     in_use = lambda: (dev.memory_stats() or {}).get("bytes_in_use", 0)  # noqa: E731
     rows = []
 
@@ -92,6 +95,8 @@ def main():
         max_len = context + args.steps + 128
         base = {"device": dev.device_kind, "jax": jax.__version__, "config": args.config, "context": context}
         try:
+            if args.peer_only:
+                raise StopIteration
             prompt = rng.integers(3, config.vocab_size, (1, context)).astype(np.int32)
             t0 = time.perf_counter()
             warm = init_cache(config, 1, max_len, dt)
@@ -135,9 +140,11 @@ def main():
                           peak_gib=(dev.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30))
                 del cb, lb
             del cache
+        except StopIteration:
+            pass
         except Exception as e:  # noqa: BLE001  (an out-of-memory run is a result)
             emit(dict(base, error=repr(e)[:400]))
-        if args.peer_hf and context <= args.peer_max_context:
+        if (args.peer_hf or args.peer_only) and context <= args.peer_max_context:
             try:
                 emit(dict(base, what="peer transformers", batch=1, **hf_peer(config, context, args.steps)))
             except Exception as e:  # noqa: BLE001

@@ -146,9 +146,9 @@ class Model:
         if any(isinstance(p, str) for p in prompts):
             tok = self.tokenizer(tokenizer)
             prompts = [tok.encode(p) if isinstance(p, str) else p for p in prompts]
-        return generate(self._decode_params(), self.config, prompts, max_new_tokens, temperature=temperature,
+        return generate(self.params, self.config, prompts, max_new_tokens, temperature=temperature,
                         top_p=top_p, top_k=top_k, seed=seed, stop_tokens=stop_tokens, dtype=self.dtype,
-                        on_tokens=on_tokens)
+                        on_tokens=on_tokens, mesh=self.mesh)
 
     def chat(self, messages, mode: str = "chat", max_new_tokens: int = 512, temperature=1.0, top_p=1.0, top_k=0,
              seed=0, tokenizer=None) -> dict:
@@ -177,11 +177,6 @@ class Model:
                              "prompts as token-id lists")
         return tok
 
-    def _decode_params(self):
-        if self.mesh is not None:
-            raise NotImplementedError("generation on a mesh is not supported yet: load the model without mesh=")
-        return self.params
-
     def save(self, directory, overwrite: bool = False) -> Path:
         """Write the model as a v4jax Orbax checkpoint directory (config.json, in the release's style
         where that can hold the config and else the HF style, and the parameters in the release's
@@ -207,6 +202,20 @@ class Model:
             write_marker(tmp, config_style=style, source_layout=OFFICIAL, dtype=jnp.dtype(self.dtype).name,
                          has_mtp=self.has_mtp)
         return Path(directory)
+
+
+def from_run(workdir, step: int | None = None, dtype="float32") -> Model:
+    """The model of a ``train.py`` run: its checkpoint (the latest, or ``step``) in ``workdir``."""
+    from v4jax.trainer import restore_run  # noqa: PLC0415
+
+    run = restore_run(workdir, step)
+    if run is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: pass a train.py --workdir")
+    dt = _dtype(dtype)
+    specs = param_specs(run["config"], dt)  # each leaf's dtype at this compute dtype (fp32-kept ones stay)
+    params = jax.tree.map(lambda a, s: a.astype(s.dtype), unstack_layers(run["state"]["params"], run["config"]),
+                          specs)
+    return Model(run["config"], params, dt)
 
 
 def from_pretrained(path, dtype="bfloat16", mesh: jax.sharding.Mesh | None = None,

@@ -49,8 +49,9 @@ How rows are made
    disjoint sets of documents whose union is the split. A host with no document is an error.
 3. *Tokens.* Each document becomes ``[bos] + encode(text) + [eos]`` (``add_bos``, on by default:
    the first word then has a target and every document starts from the same token, as DeepSeek's
-   own prompts do). Special-token strings inside the text are encoded as plain text, never as
-   control tokens. The host's documents are tokenized once, up front (the ``deepseek`` tokenizer
+   own prompts do). The special-flagged strings inside the text (BOS, EOS, pad) are encoded as
+   plain text, never as control tokens; the chat markers (``<｜User｜>``, ``<｜Assistant｜>``,
+   ``<think>``, ``</think>``), which the tokenizer does not flag special, become their ids. The host's documents are tokenized once, up front (the ``deepseek`` tokenizer
    runs in Rust over all cores); the token arrays are held in memory, so this pipeline is meant for
    corpora of up to a few GB of text per host.
 4. *Pieces.* Documents longer than ``seq_len`` are cut into pieces of ``seq_len`` tokens with a

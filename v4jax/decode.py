@@ -26,7 +26,9 @@ chunk's own keys, and to the cached entries after the blocks that close inside t
 pooled (from the x ring and the chunk) and written. Prefill is ``extend`` on an empty cache, decode
 is ``extend`` with t = 1, and a long prompt can go in several chunks: all give the numbers of
 ``v4jax.model.forward`` on the whole sequence (tests/test_decode.py). Padding tokens (t >= n_valid)
-change nothing. The MoE runs the local dropless path (no mesh); Engram layers are not supported yet.
+change nothing. The MoE runs the local dropless path (``jax.lax.ragged_dot``; on a mesh XLA
+partitions it); Engram layers are not supported yet. On a mesh the cache is split by rows
+(``cache_shardings``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from v4jax.attention import (
     QUERY_CHUNK,
@@ -49,6 +53,7 @@ from v4jax.attention import (
 from v4jax.config import CSA, SWA, ModelConfig
 from v4jax.layers import apply_rope, linear_f32, rope_angles, rope_frequencies
 from v4jax.model import _final_hidden, block
+from v4jax.parallel import DEFAULT_RULES, batch_sharding
 from v4jax.scan import unstack_layers
 
 # --------------------------------------------------------------------------------------------------
@@ -73,6 +78,18 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16
             lc["index"] = jnp.zeros((b, max_len // m, config.index_head_dim), dtype)
         layers.append(lc)
     return {"pos": jnp.zeros((b,), jnp.int32), "layers": layers}
+
+
+def cache_shardings(cache: dict, mesh: jax.sharding.Mesh) -> dict:
+    """Each cache leaf split over the mesh's batch axes on its row axis (replicated when the rows
+    do not divide): rows are independent, so decode needs no communication for the cache. The
+    single K=V head is not split over ``tensor`` (as MLA latent caches are not)."""
+    return jax.tree.map(lambda a: batch_sharding(mesh, ndim=a.ndim) if a.shape[0] % _batch_ways(mesh) == 0
+                        else NamedSharding(mesh, PartitionSpec()), cache)
+
+
+def _batch_ways(mesh) -> int:
+    return int(np.prod([mesh.shape[a] for a in DEFAULT_RULES["batch"] if a in mesh.shape]))
 
 
 def cache_bytes(config: ModelConfig, tokens: int, batch: int = 1, dtype=jnp.bfloat16) -> dict[str, int]:

@@ -324,3 +324,24 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     attention = sum(12 * config.num_attention_heads * config.head_dim * k for k in keys)
     return 6 * active + attention
 
+
+
+def restore_run(workdir, step: int | None = None) -> dict | None:
+    """A train.py run's checkpoint (the latest, or ``step``): {config, train, data, state}, the state
+    restored in the run's parameter layout; None if the workdir has no checkpoint."""
+    from v4jax.checkpoint import Checkpointer, model_config_from_meta, scan_layers_from_meta  # noqa: PLC0415
+    from v4jax.model import param_specs  # noqa: PLC0415
+
+    ckpt = Checkpointer(Path(workdir) / "checkpoints", async_save=False)
+    try:
+        meta = ckpt.read_meta(step)
+        if meta is None:
+            return None
+        config = model_config_from_meta(meta)
+        train_cfg = TrainConfig(**meta["train"])
+        specs = param_specs(config, scan=scan_layers_from_meta(meta))
+        abstract_state = jax.eval_shape(lambda p: init_state(p, make_optimizer(train_cfg, config)), specs)
+        state, _, _ = ckpt.restore(abstract_state, step)
+    finally:
+        ckpt.close()
+    return {"config": config, "train": train_cfg, "data": DataConfig(**meta["data"]), "state": state}

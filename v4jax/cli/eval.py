@@ -56,31 +56,20 @@ def main(argv=None) -> int:
                                 or args.candidates < 2):
         print("error: --depths must lie in [0, 1], --samples >= 1 and --candidates >= 2", file=sys.stderr)
         return 2
-    import jax
     import jax.numpy as jnp
 
-    from v4jax.checkpoint import Checkpointer, model_config_from_meta, scan_layers_from_meta
-    from v4jax.data import DataConfig
-    from v4jax.model import param_specs
-    from v4jax.trainer import TrainConfig, init_state, make_optimizer
+    from v4jax.trainer import restore_run
 
-    ckpt = Checkpointer(Path(args.workdir) / "checkpoints", async_save=False)
-    meta = ckpt.read_meta(args.step)
-    if meta is None:
+    run = restore_run(args.workdir, args.step)
+    if run is None:
         print(f"error: no checkpoint in {args.workdir}/checkpoints", file=sys.stderr)
         return 2
-    config = model_config_from_meta(meta)
-    train_cfg = TrainConfig(**meta["train"])
-    data_cfg = DataConfig(**meta["data"])
+    config, train_cfg, data_cfg, state = run["config"], run["train"], run["data"], run["state"]
     if args.files:
         data_cfg = dataclasses.replace(data_cfg, path=args.files, split="train", shuffle=False, num_epochs=1,
                                        heldout_fraction=0.0)
     else:
         data_cfg = data_cfg.for_eval()
-    specs = param_specs(config, scan=scan_layers_from_meta(meta))  # in the run's parameter layout
-    abstract_state = jax.eval_shape(lambda p: init_state(p, make_optimizer(train_cfg, config)), specs)
-    state, _, _ = ckpt.restore(abstract_state, args.step)
-    ckpt.close()
     dtype = jnp.bfloat16 if train_cfg.dtype == "bfloat16" else jnp.float32
     result = {"workdir": str(args.workdir), "step": int(state["step"]), "data": args.files or "held-out split"}
     if args.task == "ppl":
