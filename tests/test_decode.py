@@ -94,10 +94,11 @@ def test_ragged_rows_equal_each_row_alone():
         assert list(greedy) == got  # full recompute on the whole sequence
 
 
-def test_greedy_generation_equals_full_recompute_of_the_reference(tmp_path):
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_greedy_generation_equals_full_recompute_of_the_reference(name, tmp_path):
     """Greedy tokens from the cache equal transformers' greedy run on the whole sequence at every step
     (no cache), for a model loaded from the reference's checkpoint; both ends have margins."""
-    config = CONFIGS["a"]
+    config = CONFIGS[name]
     reference = hf_oracle.make_reference(config, seed=3, directory=tmp_path)
     with pytest.warns(UserWarning, match="no mtp"):
         model = v4jax.from_pretrained(tmp_path, dtype="float32")
