@@ -61,8 +61,9 @@ from v4jax.scan import unstack_layers
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> dict:
-    """An empty cache for ``batch`` rows of up to ``max_len`` tokens (entries of the complete blocks
-    in max_len; positions past it are refused by ``extend``'s caller, ``v4jax.generate``)."""
+    """An empty cache for ``batch`` rows of up to ``max_len`` tokens: room for the entries of the
+    blocks that complete within max_len (``extend`` drops any past it; ``v4jax.generate`` sizes the
+    cache for the prompt and the new tokens)."""
     if config.engram is not None:
         raise NotImplementedError("generation with Engram (model.engram) is not supported yet: its short "
                                   "convolution and n-gram ids need a decode state of their own")

@@ -1,7 +1,8 @@
 """Generation: prompts (token lists) -> new tokens, on the cache of ``v4jax.decode``.
 
-The prompts are prefilled in chunks of at most ``prefill_chunk`` tokens (each chunk padded to a
-power of two, so prompt lengths share few compiled programs; rows of different lengths go in one
+The cache holds the longest prompt plus ``max_new_tokens``, rounded up (``_capacity``) so that
+nearby lengths share compiled programs. The prompts are prefilled in chunks of at most
+``prefill_chunk`` tokens (each chunk padded to a power of two; rows of different lengths go in one
 batch, a row whose prompt has ended takes no tokens). Then each step samples one token per row
 (``v4jax.sampling``: per-row temperature, top-k, top-p and seeds, all data, so no setting
 recompiles) and appends it with ``extend``: one compiled decode step for the whole generation.
@@ -18,16 +19,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from v4jax.chat import EOS_ID  # the DeepSeek-V4 tokenizer's end of sentence: the default stop token
 from v4jax.config import ModelConfig
 from v4jax.decode import cache_shardings, extend, init_cache
 from v4jax.sampling import sample, sampling_params
-
-EOS_ID = 1  # the DeepSeek-V4 tokenizer's end of sentence: the default stop token
 
 
 def _bucket(n: int, smallest: int = 16) -> int:
     """The power of two >= n (and >= smallest)."""
     return max(smallest, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _capacity(n: int) -> int:
+    """Cache length for n tokens: a power of two up to 64K, then a multiple of 64K (a long context
+    does not pay up to 2x memory for rounding). Either way a multiple of every compression ratio."""
+    return _bucket(n, 128) if n <= 65536 else -(-n // 65536) * 65536
 
 
 def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
@@ -76,7 +82,7 @@ def generate(params, config: ModelConfig, prompts, max_new_tokens: int, *, tempe
     sp = sampling_params(b, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     lengths = np.array([len(p) for p in prompts])
     # +1: the last sampled token is appended too (it is never read)
-    cache = init_cache(config, b, _bucket(int(lengths.max()) + max_new_tokens + 1, 128), dtype)
+    cache = init_cache(config, b, _capacity(int(lengths.max()) + max_new_tokens + 1), dtype)
     if mesh is not None:
         cache = jax.device_put(cache, cache_shardings(cache, mesh))
 
