@@ -8,8 +8,5 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-# One cache directory per pytest-xdist worker: a worker once crashed (segfault) reading an entry of
-# a shared directory, presumably one the other worker was writing at the same time.
-_cache = os.environ.get("JAX_CACHE_DIR", os.path.expanduser("~/.cache/v4jax-jax"))
-jax.config.update("jax_compilation_cache_dir", os.path.join(_cache, os.environ.get("PYTEST_XDIST_WORKER", "main")))
+jax.config.update("jax_compilation_cache_dir", os.environ.get("JAX_CACHE_DIR", os.path.expanduser("~/.cache/v4jax-jax")))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
