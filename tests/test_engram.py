@@ -153,7 +153,17 @@ def test_scan_layout_equals_the_loop():
     assert rel(scanned, loop) <= 1e-6
 
 
-def test_sharded_equals_unsharded():
+@pytest.fixture
+def no_persistent_cache():
+    """Compile without the persistent cache: reading this test's sharded training step back from it
+    segfaulted jaxlib 0.10.2 (CPU) in two full runs on 2026-12-02 (the test passes alone; the cause is
+    not known), so the step is compiled afresh each time."""
+    jax.config.update("jax_enable_compilation_cache", False)
+    yield
+    jax.config.update("jax_enable_compilation_cache", True)
+
+
+def test_sharded_equals_unsharded(no_persistent_cache):
     """Tables row-sharded over every mesh axis (and the rest by the rules): the same logits, loss and
     gradient norm as one device (tolerances as in test_parallel: 2e-5 and 1e-4)."""
     params = init_params(CONFIG, seed=7)
