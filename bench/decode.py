@@ -11,7 +11,7 @@ by one token), each step synchronised as generation reads every token on the hos
 and cache, random weights drawn on the device. The cache's device memory is read from the
 allocator (bytes in use after allocating it, minus before) next to ``cache_bytes``.
 
-``--peer-hf`` / ``--peer-only``: ``transformers``' DeepSeek-V4 (PyTorch eager, bf16, its dynamic cache) on the same
+``--peer-only``: ``transformers``' DeepSeek-V4 (PyTorch eager, bf16, its dynamic cache) on the same
 config, batch 1: prefill time (generate with one new token) and decode tokens/s ((generate with
 steps + 1 new tokens - prefill) / steps). transformers cannot batch rows of different lengths for
 this model (no left padding), so only batch 1, and only up to ``--peer-max-context``. Prints JSON lines and a table; ``--json`` writes them.
@@ -58,7 +58,6 @@ def main():
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--prefill-chunk", type=int, default=8192)
-    ap.add_argument("--peer-hf", action="store_true")
     ap.add_argument("--peer-only", action="store_true",
                     help="run only the peer (in its own process: JAX's preallocated pool leaves it no memory)")
     ap.add_argument("--peer-max-context", type=int, default=8192,
@@ -144,7 +143,7 @@ def main():
             pass
         except Exception as e:  # noqa: BLE001  (an out-of-memory run is a result)
             emit(dict(base, error=repr(e)[:400]))
-        if (args.peer_hf or args.peer_only) and context <= args.peer_max_context:
+        if args.peer_only and context <= args.peer_max_context:
             try:
                 emit(dict(base, what="peer transformers", batch=1, **hf_peer(config, context, args.steps)))
             except Exception as e:  # noqa: BLE001

@@ -158,7 +158,7 @@ class Model:
         (the reply ended with EOS rather than at ``max_new_tokens``) and the reply's ``tokens``."""
         from v4jax.chat import EOS_ID, encode_chat_tokens, parse_completion_tokens  # noqa: PLC0415
 
-        tok = self.tokenizer(tokenizer if tokenizer is not None else "deepseek")
+        tok = self.tokenizer(tokenizer)
         prompt = encode_chat_tokens(messages, tok, mode)
         new = self.generate([prompt], max_new_tokens, temperature, top_p, top_k, seed)[0]
         if len(new) < max_new_tokens:  # it stopped at EOS (which generate leaves out)
@@ -166,8 +166,9 @@ class Model:
         return {**parse_completion_tokens(new, tok, mode), "tokens": new}
 
     def tokenizer(self, tokenizer=None):
-        """A tokenizer object: ``tokenizer`` itself if it has ``encode``, else the named one ("deepseek"
-        or "bytes"); by default the DeepSeek-V4 tokenizer, for a model with its vocabulary."""
+        """A tokenizer object: the named one ("deepseek" or "bytes"; by default the DeepSeek-V4
+        tokenizer), or ``tokenizer`` itself if it is an object (with ``encode``/``decode``). Refused
+        when its ids do not fit the model's vocabulary."""
         from v4jax.data import load_tokenizer  # noqa: PLC0415
 
         tok = load_tokenizer(tokenizer or "deepseek") if tokenizer is None or isinstance(tokenizer, str) else tokenizer

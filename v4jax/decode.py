@@ -43,6 +43,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from v4jax.attention import (
     QUERY_CHUNK,
     Entries,
+    _pad_axis1,
+    _unchunk,
     attend,
     compress,
     indexer_queries,
@@ -148,18 +150,14 @@ def _window_attention(q, keys, key_pos, key_ok, positions, sink, window: int, en
     """``attend`` for chunk queries q [b, t, h, c] at ``positions`` [b, t] over keys [b, W + t, c]
     (the unrolled ring, then the chunk; ``key_pos``, ``key_ok`` [b, W + t]) and the cached entries,
     in blocks of ``query_chunk`` queries, each seeing its W + block keys."""
-    b, t = q.shape[:2]
+    t = q.shape[1]
     qb = min(query_chunk, t)
     n = -(-t // qb)
     size, span = n * qb, window + qb
-
-    def pad(a, length, fill):
-        return jnp.pad(a, [(0, 0), (0, length - a.shape[1])] + [(0, 0)] * (a.ndim - 2), constant_values=fill)
-
-    q, positions = pad(q, size, 0), pad(positions, size, 0)
-    keys, key_pos, key_ok = pad(keys, window + size, 0), pad(key_pos, window + size, 0), pad(key_ok, window + size,
-                                                                                            False)
-    idx = None if idx is None else pad(idx, size, -1)
+    q, positions = _pad_axis1(q, size, 0), _pad_axis1(positions, size, 0)
+    keys, key_pos = _pad_axis1(keys, window + size, 0), _pad_axis1(key_pos, window + size, 0)
+    key_ok = _pad_axis1(key_ok, window + size, False)
+    idx = None if idx is None else _pad_axis1(idx, size, -1)
 
     def one(u):
         qs = jax.lax.dynamic_slice_in_dim(q, u * qb, qb, 1)
@@ -174,8 +172,7 @@ def _window_attention(q, keys, key_pos, key_ok, positions, sink, window: int, en
         ib = jax.lax.dynamic_slice_in_dim(idx, u * qb, qb, 1)
         return attend(qs, ks, ok, sink, entries.keys, ib, ib >= 0)[0]
 
-    out = jax.lax.map(one, jnp.arange(n))  # [n, b, qb, h, c]
-    return jnp.moveaxis(out, 0, 1).reshape((b, size) + out.shape[3:])[:, :t]
+    return _unchunk(jax.lax.map(one, jnp.arange(n)), t)  # [n, b, qb, h, c] -> [b, t, h, c]
 
 
 def attention_extend(x, p, lc: dict, config: ModelConfig, layer: int, pos, n_valid, query_chunk=QUERY_CHUNK):
