@@ -48,8 +48,11 @@ def test_prefill_then_decode_equals_the_forward(name):
     s = 3 * CONFIGS[name].sliding_window + 5
     config, params, tokens = _setup(name, s, rows=2)
     want = np.asarray(forward(params, jnp.asarray(tokens), config)["logits"])
+    width = max(_boundaries(config))  # one compiled prefill: each k is a padded chunk with n_valid = k
     for k in _boundaries(config):
-        got, cache = _extend(params, init_cache(config, 2, 128, F32), tokens[:, :k], config)
+        chunk = np.where(np.arange(width) < k, tokens[:, :width], 0)  # padding that differs from the tokens
+        n = jnp.full((2,), k, jnp.int32)
+        got, cache = extend(params, init_cache(config, 2, 128, F32), jnp.asarray(chunk), n, config, F32)
         assert rel(got, want[:, k - 1]) <= TOLERANCE, f"prefill of {k} tokens"
     got, cache = _extend(params, init_cache(config, 2, 128, F32), tokens[:, :1], config)
     errs = []
@@ -86,12 +89,17 @@ def test_ragged_rows_equal_each_row_alone():
     rng = np.random.default_rng(5)
     prompts = [list(rng.integers(0, config.vocab_size, n)) for n in (1, 3, m, config.sliding_window + 5)]
     kw = dict(temperature=0.0, stop_tokens=[], dtype=F32)
-    together = generate(params, config, prompts, 2 * config.sliding_window, **kw)
+    n_new = 2 * config.sliding_window
+    together = generate(params, config, prompts, n_new, **kw)
     for p, got in zip(prompts, together):
-        assert got == generate(params, config, [p], 2 * config.sliding_window, **kw)[0]
-        seq = jnp.asarray([p + got])
-        greedy = np.argmax(np.asarray(forward(params, seq, config)["logits"])[0, len(p) - 1:-1], axis=-1)
-        assert list(greedy) == got  # full recompute on the whole sequence
+        assert got == generate(params, config, [p], n_new, **kw)[0]
+    # full recompute on each whole sequence, all in one (causal) forward, the rows zero-padded at the end
+    seqs = np.zeros((len(prompts), max(map(len, prompts)) + n_new), np.int32)
+    for row, (p, got) in enumerate(zip(prompts, together)):
+        seqs[row, :len(p) + n_new] = p + got
+    logits = np.asarray(forward(params, jnp.asarray(seqs), config)["logits"])
+    for row, (p, got) in enumerate(zip(prompts, together)):
+        assert list(np.argmax(logits[row, len(p) - 1:len(p) - 1 + n_new], axis=-1)) == got
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

@@ -153,19 +153,7 @@ def test_scan_layout_equals_the_loop():
     assert rel(scanned, loop) <= 1e-6
 
 
-@pytest.fixture
-def no_persistent_cache():
-    """Keep this test's programs out of the persistent cache: writing its sharded training step to it
-    (and reading it back) segfaulted jaxlib 0.10.2 (CPU) in full runs on 2026-12-02; the test passes
-    alone and the cause is not known. Whether the cache is used is fixed at its first use, so the
-    writes are stopped through the minimum compile time instead."""
-    before = jax.config.jax_persistent_cache_min_compile_time_secs
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e9)
-    yield
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
-
-
-def test_sharded_equals_unsharded(no_persistent_cache):
+def test_sharded_equals_unsharded():
     """Tables row-sharded over every mesh axis (and the rest by the rules): the same logits, loss and
     gradient norm as one device (tolerances as in test_parallel: 2e-5 and 1e-4)."""
     params = init_params(CONFIG, seed=7)
