@@ -18,7 +18,7 @@ MAX_MAPPINGS = 20_000  # a third of Linux's default vm.max_map_count (65,530)
 
 
 def _mappings() -> int:
-    with open(f"/proc/{os.getpid()}/maps") as f:
+    with open("/proc/self/maps") as f:
         return sum(1 for _ in f)
 
 
@@ -29,10 +29,10 @@ def release_compiled_programs():
     Every XLA:CPU executable keeps memory mappings of its JIT code, and JAX's caches keep every
     executable. A pytest-xdist worker running a good part of the suite reached the kernel's limit
     (the core of a crashed worker had 65,351 mappings): the next compile could not map its code,
-    and the C++ exception carrying that error segfaulted in the unwinder. Clearing is cheap (the
-    programs come back from the persistent cache), so it only happens past the threshold.
+    and the C++ exception carrying that error segfaulted in the unwinder. Clearing costs
+    recompiles (the persistent cache serves some), so it only happens past the threshold.
     """
     yield
-    if os.path.exists("/proc") and _mappings() > MAX_MAPPINGS:
+    if os.path.exists("/proc/self/maps") and _mappings() > MAX_MAPPINGS:
         jax.clear_caches()
         gc.collect()

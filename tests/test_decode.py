@@ -29,8 +29,9 @@ def _setup(name, s, rows=1, seed=0):
     return config, params, tokens
 
 
-def _extend(params, cache, tokens, config):
-    n = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
+def _extend(params, cache, tokens, config, n_valid=None):
+    """extend() in fp32 of each row's first n_valid tokens (all of them by default)."""
+    n = jnp.full((tokens.shape[0],), tokens.shape[1] if n_valid is None else n_valid, jnp.int32)
     return extend(params, cache, jnp.asarray(tokens), n, config, F32)
 
 
@@ -51,8 +52,7 @@ def test_prefill_then_decode_equals_the_forward(name):
     width = max(_boundaries(config))  # one compiled prefill: each k is a padded chunk with n_valid = k
     for k in _boundaries(config):
         chunk = np.where(np.arange(width) < k, tokens[:, :width], 0)  # padding that differs from the tokens
-        n = jnp.full((2,), k, jnp.int32)
-        got, cache = extend(params, init_cache(config, 2, 128, F32), jnp.asarray(chunk), n, config, F32)
+        got, cache = _extend(params, init_cache(config, 2, 128, F32), chunk, config, n_valid=k)
         assert rel(got, want[:, k - 1]) <= TOLERANCE, f"prefill of {k} tokens"
     got, cache = _extend(params, init_cache(config, 2, 128, F32), tokens[:, :1], config)
     errs = []
