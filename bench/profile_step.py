@@ -2,8 +2,11 @@
 
     python bench/profile_step.py --config configs/small.yaml --batch 8 --seq 2048
 
-Compiles the full training step (as bench/long_context.py's ``train``), runs two steps, traces the
-third with ``jax.profiler`` and reads the trace back (``jax.profiler.ProfileData``). Every device op
+Compiles the full training step (as bench/long_context.py's ``train``), runs two steps, times
+``--steps`` more (median step, tokens/s, MFU by ``v4jax.trainer.flops_per_token`` over 989 TFLOP/s,
+peak memory), traces one with ``jax.profiler`` and reads the trace back (``jax.profiler.ProfileData``).
+XLA's command buffers are turned off (``--xla_gpu_enable_command_buffer=``) unless
+``--command-buffers``: a command buffer's kernels carry no op name, so they could not be charged. Every device op
 is charged to the first of the model's ``jax.named_scope``s in its op path (attention, indexer,
 compressor, mhc, moe, lm_head, optimizer; "other" when none), and the table lists the top ops by
 total time with their op path. ``--trace-dir`` keeps the trace for TensorBoard / XProf.
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
+import json
 import os
 import re
 import sys
@@ -62,7 +66,10 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--remat", default="none")
-    ap.add_argument("--backend", default="padded")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--command-buffers", action="store_true", help="keep XLA's command buffers on")
+    ap.add_argument("--json", default=None, help="write the figures and the tables here")
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--trace-dir", default=None)
@@ -70,10 +77,13 @@ def main():
     args = ap.parse_args()
     if args.tree:
         sys.path.insert(0, args.tree)
+    if not args.command_buffers:
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
     sys.path.insert(0, os.path.dirname(__file__))
     import jax
     import jax.numpy as jnp
     import long_context
+    import numpy as np
 
     import v4jax.layers
     import v4jax.model
@@ -93,10 +103,21 @@ def main():
     step = v4jax.trainer.make_train_step(config, cfg, opt, par)
     t0 = time.perf_counter()
     compiled = step.lower(state, data).compile()
-    print(f"compile {time.perf_counter() - t0:.1f} s", flush=True)
-    for _ in range(2):
+    compile_s = time.perf_counter() - t0
+    print(f"compile {compile_s:.1f} s", flush=True)
+    losses, oks, times = [], [], []
+    for i in range(2 + args.steps):
+        t0 = time.perf_counter()
         state, m = compiled(state, data)
-    jax.block_until_ready(m["loss"])
+        jax.block_until_ready(m["loss"])
+        times.append(time.perf_counter() - t0)
+        losses.append(float(m["loss"]))
+        oks.append(bool(m["ok"]))
+    step_s = float(np.median(times[2:]))
+    tps = args.batch * args.seq / step_s
+    mfu = v4jax.trainer.flops_per_token(config, args.seq) * tps / 989e12
+    print(f"step {step_s:.3f} s (spread {max(times[2:]) - min(times[2:]):.3f}), {tps:,.0f} tokens/s, MFU {mfu:.1%}; "
+          f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, {sum(oks)}/{len(oks)} steps applied", flush=True)
     trace_dir = args.trace_dir or tempfile.mkdtemp()
     t0 = time.perf_counter()
     with jax.profiler.trace(trace_dir):
@@ -114,13 +135,25 @@ def main():
         counts[name] += 1
         paths.setdefault(name, scope)
     total = sum(by_scope.values())
-    print(f"\nstep wall {wall:.3f} s (traced); device op time {total / 1e9:.3f} s; loss {float(m['loss']):.3f}")
+    peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
+    print(f"\nstep wall {wall:.3f} s (traced); device op time {total / 1e9:.3f} s; loss {float(m['loss']):.3f}; "
+          f"peak {peak:.1f} GiB; dropped {int(m['dropped_tokens'])}")
     print(f"\n{'part':<12} {'ms':>10} {'share':>7}")
     for s, ns in by_scope.most_common():
         print(f"{s:<12} {ns / 1e6:10.1f} {ns / max(total, 1):7.1%}")
     print(f"\n{'ms':>9} {'calls':>6}  op  (op path)")
     for name, ns in by_op.most_common(args.top):
         print(f"{ns / 1e6:9.2f} {counts[name]:6d}  {name[:60]}  ({paths[name][-110:]})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": args.config, "batch": args.batch, "seq": args.seq, "backend": args.backend,
+                       "tree": args.tree or ".", "jax": jax.__version__, "device": jax.devices()[0].device_kind,
+                       "compile_s": compile_s, "step_s": step_s, "step_times": times, "tokens_per_s": tps, "mfu": mfu,
+                       "peak_gib": peak, "dropped": int(m["dropped_tokens"]), "losses": losses, "ok": oks,
+                       "traced_wall_s": wall, "device_op_s": total / 1e9,
+                       "by_scope_ms": {k: v / 1e6 for k, v in by_scope.most_common()},
+                       "top_ops": [[name, ns / 1e6, counts[name], paths[name]] for name, ns in by_op.most_common(args.top)]},
+                      f, indent=1)
 
 
 if __name__ == "__main__":

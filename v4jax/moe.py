@@ -14,6 +14,11 @@ The routing weight multiplies the expert hidden state before w2, as the official
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib.util
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,24 +61,90 @@ def shared_expert(x: jax.Array, p: dict, limit: float) -> jax.Array:
     return linear(hidden.astype(x.dtype), p["w2"]).astype(F32)
 
 
+# The grouped matmul's three products as ragged dot dimension numbers (jax.lax.ragged_dot_general).
+FWD = jax.lax.RaggedDotDimensionNumbers((([1], [1]), ([], [])), [0], [0])  # x [m, k] . w [g, k, n] -> [m, n]
+DLHS = jax.lax.RaggedDotDimensionNumbers((([1], [2]), ([], [])), [0], [0])  # dy [m, n] . w [g, k, n] -> [m, k]
+DRHS = jax.lax.RaggedDotDimensionNumbers((([0], [0]), ([], [])), [0], [])  # x [m, k] . dy [m, n] -> [g, k, n]
+
+# tokamax's kernel per product on GPU (forward, input gradient, weight gradient). Mosaic for all
+# three: on the H200 it ran them at 120-240 TFLOP/s against XLA's 6-12 (bench/moe_kernels.py,
+# docs/benchmarks.md). tokamax's Triton kernels need jax-triton, which the GPU image lacks.
+TOKAMAX_KERNELS = ("mosaic", "mosaic", "mosaic")
+TUNING_DIR = Path(__file__).parent / "tuning"
+
+
+def resolve_backend(backend: str) -> str:
+    """``auto``: tokamax's kernels on a GPU/TPU where tokamax is installed, else jax.lax.ragged_dot."""
+    if backend != "auto":
+        return backend
+    if jax.default_backend() == "cpu" or importlib.util.find_spec("tokamax") is None:
+        return "ragged_dot"
+    return "tokamax"
+
+
+@functools.cache
+def tokamax_tuning(device_kind: str):
+    """The committed tokamax autotuning result for this device kind (``v4jax/tuning/tokamax-<kind>.json``,
+    written by bench/moe_kernels.py --autotune), or None: then tokamax uses its heuristics."""
+    import tokamax  # noqa: PLC0415
+
+    path = TUNING_DIR / f"tokamax-{device_kind.lower().replace(' ', '_')}.json"
+    return tokamax.AutotuningResult.loads(path.read_text()) if path.exists() else None
+
+
+def ragged_product(a: jax.Array, b: jax.Array, sizes: jax.Array, dims, kernel: str) -> jax.Array:
+    """One product of the grouped matmul (``dims``: FWD, DLHS or DRHS) with ``kernel``: "xla"
+    (jax.lax.ragged_dot_general) or a tokamax implementation ("mosaic", "triton"). Output in a's dtype."""
+    if kernel == "xla":
+        return jax.lax.ragged_dot_general(a, b, sizes, dims, preferred_element_type=F32).astype(a.dtype)
+    import tokamax  # noqa: PLC0415
+
+    tuning = tokamax_tuning(jax.devices()[0].device_kind)
+    with tuning if tuning is not None else contextlib.nullcontext():
+        return tokamax.ragged_dot_general(a, b, sizes, dims, preferred_element_type=a.dtype, implementation=kernel)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def kernel_grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, kernels: tuple[str, str, str]):
+    """x [m, k] (rows sorted by group) times w [g, k, n] -> [m, n], each product by its own kernel:
+    ``kernels`` = (forward, input gradient, weight gradient), see ``ragged_product``."""
+    return ragged_product(x, w, sizes, FWD, kernels[0])
+
+
+def _kernel_gmm_fwd(x, w, sizes, kernels):
+    return kernel_grouped_matmul(x, w, sizes, kernels), (x, w, sizes)
+
+
+def _kernel_gmm_bwd(kernels, res, dy):
+    x, w, sizes = res
+    dy = dy.astype(x.dtype)
+    dx = ragged_product(dy, w, sizes, DLHS, kernels[1])
+    dw = ragged_product(x, dy, sizes, DRHS, kernels[2]).astype(w.dtype)
+    return dx, dw, None
+
+
+kernel_grouped_matmul.defvjp(_kernel_gmm_fwd, _kernel_gmm_bwd)
+
+
 def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, backend: str = "ragged_dot",
                    capacity_factor: float = 2.0) -> jax.Array:
-    """Rows of x [m, k], sorted by group, times their group's matrix w [g, k, n] -> [m, n].
+    """Rows of x [m, k], sorted by group, times their group's matrix w [g, k, n] -> [m, n] in x's dtype.
 
     ``sizes`` [g] counts the rows of each group (rows past their sum give zeros). Backends:
-    ``ragged_dot`` (jax.lax.ragged_dot, the reference), ``padded`` (scatter into [g, cap, k] with
-    cap = ceil(capacity_factor * m / g), one batched matmul, gather back; rows past a group's
-    capacity give zeros) and ``tokamax`` (the tokamax package's grouped matmul, GPU/TPU).
+    ``ragged_dot`` (jax.lax.ragged_dot and its autodiff, the reference), ``tokamax`` (tokamax's
+    kernels, one per product: ``TOKAMAX_KERNELS``; GPU/TPU), ``auto`` (``resolve_backend``) and
+    ``padded`` (scatter into [g, cap, k] with cap = ceil(capacity_factor * m / g), one batched
+    matmul, gather back; rows past a group's capacity give zeros: it drops tokens).
     """
+    backend = resolve_backend(backend)
     if backend == "ragged_dot":
         return jax.lax.ragged_dot(x, w, sizes)
     if backend == "tokamax":
-        try:
-            import tokamax  # noqa: PLC0415
-        except ImportError:
+        if importlib.util.find_spec("tokamax") is None:
             raise ImportError("parallel.moe_backend='tokamax' needs the tokamax package (Python >= 3.12, "
-                              "GPU or TPU): pip install tokamax, or use ragged_dot / padded") from None
-        return zero_unvisited_rows(tokamax.ragged_dot, x, w, sizes)
+                              "GPU or TPU): pip install tokamax, or use auto / ragged_dot / padded")
+        gmm = functools.partial(kernel_grouped_matmul, kernels=TOKAMAX_KERNELS)
+        return zero_unvisited_rows(gmm, x, w, sizes)
     if backend != "padded":
         raise ValueError(f"unknown grouped-matmul backend {backend!r}")
     m, g = x.shape[0], w.shape[0]
@@ -108,19 +179,55 @@ def zero_unvisited_rows(matmul, x: jax.Array, w: jax.Array, sizes: jax.Array) ->
 def expert_ffn(xs: jax.Array, sizes: jax.Array, weights: jax.Array, p: dict, limit: float, backend: str,
                capacity_factor: float = 2.0) -> tuple[jax.Array, jax.Array]:
     """The routed SwiGLU on rows grouped by expert. xs [m, d] sorted by expert, sizes [e],
-    weights [m] routing weight per row (applied before w2). Returns (ys [m, d] fp32, dropped): the
-    rows that got no output, those past an expert's capacity in the ``padded`` backend (0 otherwise)."""
-    w1 = jnp.swapaxes(p["w1"], 1, 2).astype(xs.dtype)  # [e, d, f]
-    w3 = jnp.swapaxes(p["w3"], 1, 2).astype(xs.dtype)
+    weights [m] routing weight per row (applied before w2). Returns (ys [m, d] in xs's dtype,
+    dropped): the rows that got no output, those past an expert's capacity in the ``padded``
+    backend (0 otherwise).
+
+    w1 and w3 run as one grouped matmul on [e, d, 2f] (one pass over the rows instead of two); the
+    concatenation fuses with the cast of the fp32 weights to the compute dtype.
+    """
+    f = p["w1"].shape[1]
+    w13 = jnp.swapaxes(jnp.concatenate([p["w1"], p["w3"]], axis=1), 1, 2).astype(xs.dtype)  # [e, d, 2f]
     w2 = jnp.swapaxes(p["w2"], 1, 2).astype(xs.dtype)  # [e, f, d]
     mm = lambda a, w: grouped_matmul(a, w, sizes, backend, capacity_factor)  # noqa: E731
-    hidden = swiglu_hidden(mm(xs, w1), mm(xs, w3), limit)
+    gate_up = mm(xs, w13)
+    hidden = swiglu_hidden(gate_up[:, :f], gate_up[:, f:], limit)
     hidden = (hidden * weights[:, None]).astype(xs.dtype)
     dropped = jnp.zeros((), jnp.int32)
     if backend == "padded":
         cap = capacity(xs.shape[0], sizes.shape[0], capacity_factor)
         dropped = jnp.sum(jnp.maximum(sizes - cap, 0)).astype(jnp.int32)
-    return mm(hidden, w2).astype(F32), dropped
+    return mm(hidden, w2), dropped
+
+
+# Token copies to expert order and back. Both directions are gathers, forward and backward: a
+# permutation's transpose is its inverse, and the k copies of a token are summed as a reshape.
+# Autodiff of the gather x[order // k] would scatter-add rows with colliding indices instead.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def dispatch(x: jax.Array, order: jax.Array, inverse: jax.Array, k: int) -> jax.Array:
+    """x [t, d] -> the t*k token copies in expert order, xs [t*k, d]: xs[i] = x[order[i] // k].
+    ``order`` sorts the flattened (token, choice) pairs by expert; ``inverse`` is its inverse."""
+    return x[order // k]
+
+
+def combine(ys: jax.Array, order: jax.Array, inverse: jax.Array, k: int) -> jax.Array:
+    """The transpose of ``dispatch``: ys [t*k, d] in expert order -> per-token sums [t, d] in fp32."""
+    t = ys.shape[0] // k
+    return jnp.sum(ys[inverse].reshape(t, k, -1).astype(F32), axis=1)
+
+
+def _dispatch_fwd(x, order, inverse, k):
+    return dispatch(x, order, inverse, k), (order, inverse)
+
+
+def _dispatch_bwd(k, res, g):
+    order, inverse = res
+    return combine(g, order, inverse, k).astype(g.dtype), None, None
+
+
+dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
 
 
 def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, p: dict, limit: float,
@@ -130,13 +237,14 @@ def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, p: dict, li
     x [t, d]; idx, weights [t, k]; p {w1 [e, f, d], w3 [e, f, d], w2 [e, d, f]}. Returns (y [t, d]
     fp32, dropped (token, choice) pairs: the ``padded`` backend's overflow).
     """
-    t, k = idx.shape
+    k = idx.shape[1]
     flat = idx.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=jnp.int32))
     sizes = jnp.bincount(flat, length=p["w1"].shape[0]).astype(jnp.int32)
-    ys, dropped = expert_ffn(x[order // k], sizes, weights.reshape(-1)[order], p, limit, backend, capacity_factor)
-    out = jnp.zeros_like(ys).at[order].set(ys)  # back to (token, slot) order
-    return jnp.sum(out.reshape(t, k, -1), axis=1), dropped
+    ys, dropped = expert_ffn(dispatch(x, order, inverse, k), sizes, weights.reshape(-1)[order], p, limit, backend,
+                             capacity_factor)
+    return combine(ys, order, inverse, k), dropped
 
 
 def routed_experts_all_to_all(x, idx, weights, p, limit, mesh, backend="ragged_dot", capacity_factor=2.0):
@@ -184,7 +292,7 @@ def routed_experts_all_to_all(x, idx, weights, p, limit, mesh, backend="ragged_d
         back = a2a(ys)
         got = jnp.where(keep[:, None], back[jnp.minimum(slot, n_ep * cap - 1)], 0.0)
         dropped = jax.lax.psum(jnp.sum(~keep) + overflow, batch_axes)  # tokens are replicated over the rest
-        return jnp.sum(got.reshape(-1, k, d), axis=1), dropped
+        return jnp.sum(got.reshape(-1, k, d).astype(F32), axis=1), dropped
 
     fn = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, exp, exp, exp), out_specs=(tok, P()),
                        check_vma=False)
@@ -265,7 +373,7 @@ def moe(x: jax.Array, p: dict, token_ids: jax.Array, config: ModelConfig, parall
     b, s, d = x.shape
     flat = x.reshape(b * s, d)
     idx, w, scores = route(flat, p["gate"], token_ids.reshape(-1), config)
-    backend = parallel.moe_backend if parallel else "ragged_dot"
+    backend = parallel.moe_backend if parallel else "auto"
     cf = parallel.capacity_factor if parallel else 2.0
     if mesh is not None and mesh.shape.get("expert", 1) > 1:
         dispatch = routed_experts_ragged if parallel is not None and parallel.moe_dispatch == "ragged" \

@@ -49,12 +49,17 @@ class ParallelConfig:
     mesh: sizes of data/fsdp/expert/tensor (their product must be the device count; one entry may
     be -1 to take the rest). moe_dispatch: "capacity" (all_to_all with fixed per-device capacity;
     runs everywhere, drops tokens over capacity and counts them) or "ragged" (dropless
-    ragged_all_to_all; GPU/TPU only). moe_backend: grouped matmul "ragged_dot" (reference),
-    "padded" (sort-and-pad into a batched matmul with per-expert capacity capacity_factor x the mean
-    load; rows past it get no expert output and are counted in ``dropped_tokens``) or "tokamax".
+    ragged_all_to_all; GPU/TPU only). moe_backend: grouped matmul "auto" (the default: "tokamax" on
+    a GPU/TPU where tokamax is installed, else "ragged_dot"; dropless either way), "ragged_dot"
+    (jax.lax.ragged_dot, the reference), "tokamax" (tokamax's kernels, one per product of the
+    forward and backward pass), or "padded" (sort-and-pad into a batched matmul with per-expert
+    capacity capacity_factor x the mean load; rows past it get no expert output and are counted in
+    ``dropped_tokens``).
     attention_chunk, indexer_key_chunk, loss_chunk: how many queries the attention and the indexer
     take per step, entries per step of the indexer's running top-k, and tokens per step of the LM
     head's cross-entropy. They bound memory per step and never change a result.
+    attention_kernel: the index-list attention as "xla" (``v4jax.attention.sparse_attention``) or
+    "pallas" (``v4jax.attention_kernel``'s Triton kernels on GPU, interpreted on CPU; same result).
     """
 
     data: int = -1
@@ -62,13 +67,14 @@ class ParallelConfig:
     expert: int = 1
     tensor: int = 1
     moe_dispatch: str = "capacity"
-    moe_backend: str = "ragged_dot"
+    moe_backend: str = "auto"
     capacity_factor: float = 2.0
     remat: str = "none"  # none | full (recompute each block in the backward pass) | dots (keep matmul outputs)
     scan_layers: bool = True  # train on the scan layout (v4jax.scan): compile time independent of depth
     attention_chunk: int = 512
     indexer_key_chunk: int = 8192
     loss_chunk: int = 1024
+    attention_kernel: str = "xla"
 
     def __post_init__(self):
         sizes = [self.data, self.fsdp, self.expert, self.tensor]
@@ -77,8 +83,8 @@ class ParallelConfig:
                                 "at most one -1")
         if self.moe_dispatch not in ("capacity", "ragged"):
             raise ShardingError(f"parallel.moe_dispatch={self.moe_dispatch!r}: capacity or ragged")
-        if self.moe_backend not in ("ragged_dot", "padded", "tokamax"):
-            raise ShardingError(f"parallel.moe_backend={self.moe_backend!r}: ragged_dot, padded or tokamax")
+        if self.moe_backend not in ("auto", "ragged_dot", "padded", "tokamax"):
+            raise ShardingError(f"parallel.moe_backend={self.moe_backend!r}: auto, ragged_dot, padded or tokamax")
         if not self.capacity_factor > 0:
             raise ShardingError(f"parallel.capacity_factor={self.capacity_factor!r}: must be > 0")
         for name in ("attention_chunk", "indexer_key_chunk", "loss_chunk"):
@@ -87,6 +93,8 @@ class ParallelConfig:
                 raise ShardingError(f"parallel.{name}={v!r}: must be an integer >= 1")
         if self.remat not in REMAT_POLICIES:
             raise ShardingError(f"parallel.remat={self.remat!r}: one of {sorted(REMAT_POLICIES)}")
+        if self.attention_kernel not in ("xla", "pallas"):
+            raise ShardingError(f"parallel.attention_kernel={self.attention_kernel!r}: xla or pallas")
 
     def mesh_shape(self, n_devices: int) -> tuple[int, ...]:
         sizes = [self.data, self.fsdp, self.expert, self.tensor]

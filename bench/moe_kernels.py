@@ -1,0 +1,148 @@
+"""The three products of the MoE grouped matmul, per kernel, at the training shapes of a config.
+
+    python3 bench/moe_kernels.py --config configs/bench-flash-8l.yaml --tokens 16384 [--autotune OUT.json]
+
+Rows m = tokens x experts per token, sorted by expert with group sizes drawn as the router's would
+be at random (multinomial, uniform experts). For the up projection (x [m, d] times fused w1|w3
+[e, d, 2f]) and the down projection (h [m, f] times w2 [e, f, d]) it times the forward product
+(ragged rows), the input gradient (ragged rows, transposed weights) and the weight gradient
+(ragged contracting dimension -> [e, k, n]) with each kernel: ``xla`` (jax.lax.ragged_dot_general)
+and tokamax's ``mosaic`` and ``triton``. bf16 inputs, fp32 accumulation, bf16 output. Median of 10
+runs after 3, in TFLOP/s (2 m k n per product). ``--autotune`` runs tokamax's autotuner on the
+chosen kernel of each product and writes the result (``tokamax.AutotuningResult`` JSON), then
+times those products again under it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.lax import RaggedDotDimensionNumbers
+
+FWD = RaggedDotDimensionNumbers((([1], [1]), ([], [])), [0], [0])  # [m, k] x [g, k, n] -> [m, n]
+DLHS = RaggedDotDimensionNumbers((([1], [2]), ([], [])), [0], [0])  # [m, n] x [g, k, n] -> [m, k]
+DRHS = RaggedDotDimensionNumbers((([0], [0]), ([], [])), [0], [])  # [m, k] x [m, n] -> [g, k, n]
+
+
+def product(kind: str, impl: str):
+    dims = {"fwd": FWD, "dlhs": DLHS, "drhs": DRHS}[kind]
+    if impl == "xla":
+        return lambda a, b, sizes: jax.lax.ragged_dot_general(a, b, sizes, dims,
+                                                               preferred_element_type=jnp.float32).astype(a.dtype)
+    import tokamax
+
+    return lambda a, b, sizes: tokamax.ragged_dot_general(a, b, sizes, dims, preferred_element_type=jnp.float32,
+                                                          implementation=impl).astype(a.dtype)
+
+
+def operands(kind, m, k, n, g, sizes, key):
+    ka, kb = jax.random.split(key)
+    bf = jnp.bfloat16
+    if kind == "fwd":
+        return jax.random.normal(ka, (m, k), bf), jax.random.normal(kb, (g, k, n), bf) * 0.02
+    if kind == "dlhs":
+        return jax.random.normal(ka, (m, n), bf), jax.random.normal(kb, (g, k, n), bf) * 0.02
+    return jax.random.normal(ka, (m, k), bf), jax.random.normal(kb, (m, n), bf)
+
+
+def timed(fn, *args, reps=10):
+    for _ in range(3):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)), out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/bench-flash-8l.yaml")
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--impls", default="xla,mosaic,triton")
+    ap.add_argument("--autotune", default=None, help="write tokamax's autotuning result here")
+    ap.add_argument("--chosen", default="fwd=mosaic,dlhs=mosaic,drhs=triton", help="kernels to autotune")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    from v4jax.config import model_config_from_yaml
+
+    c = model_config_from_yaml(args.config)
+    g, d, f, k = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size, c.num_experts_per_tok
+    m = args.tokens * k
+    rng = np.random.default_rng(0)
+    sizes = jnp.asarray(np.bincount(rng.integers(0, g, m), minlength=g), jnp.int32)
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; m={m} d={d} f={f} e={g}; "
+          f"group sizes {int(sizes.min())}..{int(sizes.max())}", flush=True)
+    shapes = {"up": (d, 2 * f), "down": (f, d)}
+    rows, ref = [], {}
+    for name, (kk, n) in shapes.items():
+        for kind in ("fwd", "dlhs", "drhs"):
+            a, b = operands(kind, m, kk, n, g, sizes, jax.random.PRNGKey(len(rows)))
+            for impl in args.impls.split(","):
+                r = {"matrix": name, "product": kind, "impl": impl, "m": m, "k": kk, "n": n}
+                try:
+                    t0 = time.perf_counter()
+                    fn = jax.jit(product(kind, impl))
+                    s, out = timed(fn, a, b, sizes)
+                    r.update(ms=s * 1e3, tflops=2 * m * kk * n / s / 1e12, first_s=time.perf_counter() - t0 - 13 * s)
+                    out = np.asarray(out, np.float32)
+                    key = (name, kind)
+                    if key in ref:
+                        r["max_rel_err_vs_first"] = float(np.abs(out - ref[key]).max() / np.abs(ref[key]).max())
+                    else:
+                        ref[key] = out
+                except Exception as e:  # report and go on
+                    r["error"] = repr(e)[:300]
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+    result = {"rows": rows}
+    if args.autotune:
+        import tokamax
+
+        chosen = dict(kv.split("=") for kv in args.chosen.split(","))
+        t0 = time.perf_counter()
+
+        def all_products(*ops):
+            outs, i = [], 0
+            for name, (kk, n) in shapes.items():
+                for kind in ("fwd", "dlhs", "drhs"):
+                    outs.append(product(kind, chosen[kind])(ops[i], ops[i + 1], sizes))
+                    i += 2
+            return outs
+
+        ops = []
+        for name, (kk, n) in shapes.items():
+            for kind in ("fwd", "dlhs", "drhs"):
+                ops += operands(kind, m, kk, n, g, sizes, jax.random.PRNGKey(0))
+        res = tokamax.autotune(jax.jit(all_products), *ops)
+        with open(args.autotune, "w") as fh:
+            fh.write(res.dumps(prune_errors=True))
+        result["autotune_s"] = time.perf_counter() - t0
+        print(f"autotuned in {result['autotune_s']:.0f} s -> {args.autotune}", flush=True)
+        with res:
+            for name, (kk, n) in shapes.items():
+                for kind in ("fwd", "dlhs", "drhs"):
+                    a, b = operands(kind, m, kk, n, g, sizes, jax.random.PRNGKey(1))
+                    s, _ = timed(jax.jit(product(kind, chosen[kind])), a, b, sizes)
+                    r = {"matrix": name, "product": kind, "impl": chosen[kind] + " (autotuned)", "ms": s * 1e3,
+                         "tflops": 2 * m * kk * n / s / 1e12}
+                    rows.append(r)
+                    print(json.dumps(r), flush=True)
+    print(f"\n{'matrix':>6} {'product':>7} {'kernel':>20} {'ms':>8} {'TFLOP/s':>8}")
+    for r in rows:
+        tail = f"{r['ms']:8.2f} {r['tflops']:8.0f}" if "ms" in r else "error: " + r["error"][:70]
+        print(f"{r['matrix']:>6} {r['product']:>7} {r['impl']:>20} {tail}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
