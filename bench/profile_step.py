@@ -68,6 +68,7 @@ def main():
     ap.add_argument("--remat", default="none")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--attention", default="xla", help="parallel.attention_kernel: xla or pallas")
     ap.add_argument("--command-buffers", action="store_true", help="keep XLA's command buffers on")
     ap.add_argument("--json", default=None, help="write the figures and the tables here")
     ap.add_argument("--layers", type=int, default=None)
@@ -95,7 +96,8 @@ def main():
     config = model_config_from_yaml(args.config)
     if args.layers:
         config = config.replace(num_hidden_layers=args.layers, layer_types=config.layer_types[: args.layers])
-    par = ParallelConfig(moe_backend=args.backend, remat=args.remat)
+    par = ParallelConfig(moe_backend=args.backend, remat=args.remat,
+                         **({"attention_kernel": args.attention} if args.attention != "xla" else {}))
     cfg = v4jax.trainer.TrainConfig(steps=1000, dtype="bfloat16")
     opt = v4jax.trainer.make_optimizer(cfg, config)
     state = v4jax.trainer.init_state(long_context.device_params(v4jax, config, jnp.float32, True), opt)
@@ -147,12 +149,14 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": args.config, "batch": args.batch, "seq": args.seq, "backend": args.backend,
+                       "attention": args.attention,
                        "tree": args.tree or ".", "jax": jax.__version__, "device": jax.devices()[0].device_kind,
                        "compile_s": compile_s, "step_s": step_s, "step_times": times, "tokens_per_s": tps, "mfu": mfu,
                        "peak_gib": peak, "dropped": int(m["dropped_tokens"]), "losses": losses, "ok": oks,
                        "traced_wall_s": wall, "device_op_s": total / 1e9,
                        "by_scope_ms": {k: v / 1e6 for k, v in by_scope.most_common()},
-                       "top_ops": [[name, ns / 1e6, counts[name], paths[name]] for name, ns in by_op.most_common(args.top)]},
+                       "top_ops": [[name, ns / 1e6, counts[name], paths[name]]
+                                   for name, ns in by_op.most_common(args.top)]},
                       f, indent=1)
 
 

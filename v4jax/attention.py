@@ -446,7 +446,7 @@ def attention(x: jax.Array, p: dict, config: ModelConfig, layer: int, positions:
     ``entry_probs`` (main-attention probability summed over heads) and ``entry_mask`` (slot used),
     each [b, s, k] over the selected entries, or [b, s, e] over all entries in the dense stage
     (which holds O(s * e) scores and is meant for short contexts). Otherwise aux is {}.
-    ``parallel`` (a ``v4jax.parallel.ParallelConfig``) sets the chunk sizes.
+    ``parallel`` (a ``v4jax.parallel.ParallelConfig``) sets the chunk sizes and the attention kernel.
     """
     eps = config.rms_norm_eps
     kind, m = config.layer_type(layer), config.layer_ratio(layer)
@@ -472,8 +472,12 @@ def attention(x: jax.Array, p: dict, config: ModelConfig, layer: int, positions:
                 aux = {"index_scores": indexer_scores_dense(iq, iw, ikeys, segment_ids, positions),
                        "entry_mask": entries.visible(segment_ids, positions)}
 
-    o, probs = sparse_attention(q, kv, p["attn_sink"], segment_ids, positions, config.sliding_window, entries, idx,
-                                query_chunk=q_chunk, with_probs=bool(aux))
+    attend_list = sparse_attention
+    if parallel is not None and parallel.attention_kernel == "pallas":
+        from v4jax.attention_kernel import pallas_sparse_attention as attend_list  # imports this module
+
+    o, probs = attend_list(q, kv, p["attn_sink"], segment_ids, positions, config.sliding_window, entries, idx,
+                           query_chunk=q_chunk, with_probs=bool(aux))
     if aux:
         aux["entry_probs"] = probs
     return output_projection(o, p, config, (cos, sin)), aux
