@@ -24,7 +24,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from timing import timed
 
 from v4jax.attention import Entries, compressed_entries, sparse_attention
 from v4jax.attention_kernel import pallas_sparse_attention
@@ -72,21 +72,6 @@ def programs(impl, statics):
         return out, vjp(ct)
 
     return jax.jit(forward), jax.jit(grads)
-
-
-def timed(fn, args, reps):
-    t = time.perf_counter()
-    compiled = fn.lower(*args).compile()
-    compile_s = time.perf_counter() - t
-    for _ in range(2):
-        out = compiled(*args)
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t)
-    return out, float(np.median(times)) * 1e3, compile_s
 
 
 def rel(got, want) -> float:

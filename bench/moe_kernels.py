@@ -6,9 +6,10 @@ Rows m = tokens x experts per token, sorted by expert with group sizes drawn as 
 be at random (multinomial, uniform experts). For the up projection (x [m, d] times fused w1|w3
 [e, d, 2f]) and the down projection (h [m, f] times w2 [e, f, d]) it times the forward product
 (ragged rows), the input gradient (ragged rows, transposed weights) and the weight gradient
-(ragged contracting dimension -> [e, k, n]) with each kernel: ``xla`` (jax.lax.ragged_dot_general)
-and tokamax's ``mosaic`` and ``triton``. bf16 inputs, fp32 accumulation, bf16 output. Median of 10
-runs after 3, in TFLOP/s (2 m k n per product). ``--autotune`` runs tokamax's autotuner on the
+(ragged contracting dimension -> [e, k, n]) with each kernel, through the model's own
+``v4jax.moe.ragged_product``: ``xla`` (jax.lax.ragged_dot_general) and tokamax's ``mosaic`` and
+``triton``. bf16 inputs, fp32 accumulation, bf16 output. Median of 10 runs after 3, in TFLOP/s
+(2 m k n per product). ``--autotune`` runs tokamax's autotuner on the
 chosen kernel of each product and writes the result (``tokamax.AutotuningResult`` JSON), then
 times those products again under it.
 """
@@ -22,22 +23,16 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.lax import RaggedDotDimensionNumbers
+from timing import timed
 
-FWD = RaggedDotDimensionNumbers((([1], [1]), ([], [])), [0], [0])  # [m, k] x [g, k, n] -> [m, n]
-DLHS = RaggedDotDimensionNumbers((([1], [2]), ([], [])), [0], [0])  # [m, n] x [g, k, n] -> [m, k]
-DRHS = RaggedDotDimensionNumbers((([0], [0]), ([], [])), [0], [])  # [m, k] x [m, n] -> [g, k, n]
+from v4jax.moe import DLHS, DRHS, FWD, ragged_product
+
+DIMS = {"fwd": FWD, "dlhs": DLHS, "drhs": DRHS}
 
 
 def product(kind: str, impl: str):
-    dims = {"fwd": FWD, "dlhs": DLHS, "drhs": DRHS}[kind]
-    if impl == "xla":
-        return lambda a, b, sizes: jax.lax.ragged_dot_general(a, b, sizes, dims,
-                                                               preferred_element_type=jnp.float32).astype(a.dtype)
-    import tokamax
-
-    return lambda a, b, sizes: tokamax.ragged_dot_general(a, b, sizes, dims, preferred_element_type=jnp.float32,
-                                                          implementation=impl).astype(a.dtype)
+    """The model's product ``kind`` (fwd, dlhs, drhs) with kernel ``impl``, jitted."""
+    return jax.jit(lambda a, b, sizes: ragged_product(a, b, sizes, DIMS[kind], impl))
 
 
 def operands(kind, m, k, n, g, sizes, key):
@@ -50,25 +45,13 @@ def operands(kind, m, k, n, g, sizes, key):
     return jax.random.normal(ka, (m, k), bf), jax.random.normal(kb, (m, n), bf)
 
 
-def timed(fn, *args, reps=10):
-    for _ in range(3):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)), out
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/bench-flash-8l.yaml")
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--impls", default="xla,mosaic,triton")
     ap.add_argument("--autotune", default=None, help="write tokamax's autotuning result here")
-    ap.add_argument("--chosen", default="fwd=mosaic,dlhs=mosaic,drhs=triton", help="kernels to autotune")
+    ap.add_argument("--chosen", default="fwd=mosaic,dlhs=mosaic,drhs=mosaic", help="kernels to autotune")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from v4jax.config import model_config_from_yaml
@@ -88,10 +71,8 @@ def main():
             for impl in args.impls.split(","):
                 r = {"matrix": name, "product": kind, "impl": impl, "m": m, "k": kk, "n": n}
                 try:
-                    t0 = time.perf_counter()
-                    fn = jax.jit(product(kind, impl))
-                    s, out = timed(fn, a, b, sizes)
-                    r.update(ms=s * 1e3, tflops=2 * m * kk * n / s / 1e12, first_s=time.perf_counter() - t0 - 13 * s)
+                    out, ms, compile_s = timed(product(kind, impl), (a, b, sizes), reps=10, warmup=3)
+                    r.update(ms=ms, tflops=2 * m * kk * n / ms / 1e9, compile_s=compile_s)
                     out = np.asarray(out, np.float32)
                     key = (name, kind)
                     if key in ref:
@@ -113,7 +94,7 @@ def main():
             outs, i = [], 0
             for name, (kk, n) in shapes.items():
                 for kind in ("fwd", "dlhs", "drhs"):
-                    outs.append(product(kind, chosen[kind])(ops[i], ops[i + 1], sizes))
+                    outs.append(ragged_product(ops[i], ops[i + 1], sizes, DIMS[kind], chosen[kind]))
                     i += 2
             return outs
 
@@ -130,9 +111,9 @@ def main():
             for name, (kk, n) in shapes.items():
                 for kind in ("fwd", "dlhs", "drhs"):
                     a, b = operands(kind, m, kk, n, g, sizes, jax.random.PRNGKey(1))
-                    s, _ = timed(jax.jit(product(kind, chosen[kind])), a, b, sizes)
-                    r = {"matrix": name, "product": kind, "impl": chosen[kind] + " (autotuned)", "ms": s * 1e3,
-                         "tflops": 2 * m * kk * n / s / 1e12}
+                    _, ms, _ = timed(product(kind, chosen[kind]), (a, b, sizes), reps=10, warmup=3)
+                    r = {"matrix": name, "product": kind, "impl": chosen[kind] + " (autotuned)", "ms": ms,
+                         "tflops": 2 * m * kk * n / ms / 1e9}
                     rows.append(r)
                     print(json.dumps(r), flush=True)
     print(f"\n{'matrix':>6} {'product':>7} {'kernel':>20} {'ms':>8} {'TFLOP/s':>8}")
