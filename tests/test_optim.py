@@ -153,7 +153,7 @@ def test_newton_schulz_matmul_precision(ns_dtype):
     for eqn in dots:
         assert all(p == want for p in eqn.params["precision"])
         assert all(v.aval.dtype == jnp.dtype(ns_dtype) for v in eqn.invars)
-        assert eqn.params["preferred_element_type"] == jnp.float32
+        assert eqn.params["preferred_element_type"] == jnp.dtype(ns_dtype)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -44,7 +44,10 @@ def route(x: jax.Array, gate: dict, token_ids: jax.Array, config: ModelConfig):
         idx = gate["tid2eid"][token_ids].astype(jnp.int32)
     else:
         _, idx = jax.lax.top_k(scores + gate["bias"].astype(F32), config.num_experts_per_tok)
-    w = jnp.take_along_axis(scores, idx, axis=-1)
+    # scores[t, idx[t, j]] as a one-hot select-and-sum: its gradient is elementwise, where
+    # take_along_axis's is a scatter-add (9 ms a step on an H200 at 16K tokens).
+    picked = idx[..., None] == jnp.arange(scores.shape[-1], dtype=idx.dtype)
+    w = jnp.sum(jnp.where(picked, scores[..., None, :], 0.0), axis=-1)
     w = w / jnp.sum(w, axis=-1, keepdims=True) * config.routed_scaling_factor
     return idx, w, scores
 
@@ -205,6 +208,10 @@ def expert_ffn(xs: jax.Array, sizes: jax.Array, weights: jax.Array, p: dict, lim
 # Autodiff of the gather x[order // k] would scatter-add rows with colliding indices instead.
 
 
+# dispatch and combine are each other's transpose, and each is the other's gradient: both are
+# gathers by a permutation, where autodiff of a gather would give a scatter-add.
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def dispatch(x: jax.Array, order: jax.Array, inverse: jax.Array, k: int) -> jax.Array:
     """x [t, d] -> the t*k token copies in expert order, xs [t*k, d]: xs[i] = x[order[i] // k].
@@ -212,6 +219,7 @@ def dispatch(x: jax.Array, order: jax.Array, inverse: jax.Array, k: int) -> jax.
     return x[order // k]
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def combine(ys: jax.Array, order: jax.Array, inverse: jax.Array, k: int) -> jax.Array:
     """The transpose of ``dispatch``: ys [t*k, d] in expert order -> per-token sums [t, d] in fp32."""
     t = ys.shape[0] // k
@@ -227,7 +235,17 @@ def _dispatch_bwd(k, res, g):
     return combine(g, order, inverse, k).astype(g.dtype), None, None
 
 
+def _combine_fwd(ys, order, inverse, k):
+    return combine(ys, order, inverse, k), (order, inverse, jnp.zeros((0,), ys.dtype))
+
+
+def _combine_bwd(k, res, g):
+    order, inverse, like = res
+    return dispatch(g, order, inverse, k).astype(like.dtype), None, None
+
+
 dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
+combine.defvjp(_combine_fwd, _combine_bwd)
 
 
 def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, p: dict, limit: float,
@@ -242,7 +260,8 @@ def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, p: dict, li
     order = jnp.argsort(flat, stable=True).astype(jnp.int32)
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=jnp.int32))
     sizes = jnp.bincount(flat, length=p["w1"].shape[0]).astype(jnp.int32)
-    ys, dropped = expert_ffn(dispatch(x, order, inverse, k), sizes, weights.reshape(-1)[order], p, limit, backend,
+    expert_weights = dispatch(weights.reshape(-1, 1), order, inverse, 1)[:, 0]
+    ys, dropped = expert_ffn(dispatch(x, order, inverse, k), sizes, expert_weights, p, limit, backend,
                              capacity_factor)
     return combine(ys, order, inverse, k), dropped
 

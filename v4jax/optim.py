@@ -112,9 +112,9 @@ def hybrid_newton_schulz(x: jax.Array, *, ns_dtype=F32, eps: float = 1e-7,
     X <- X / (||X||_F + eps) per matrix, then for each (a, b, c) in ``coeffs``:
     A = X X^T; X <- a X + (b A + c A A) X. X is transposed first when n > m.
 
-    ns_dtype: dtype of the matmul operands and of the stored iterate X. fp32 runs at
-    Precision.HIGHEST; bf16 (or another dtype) runs at default precision. Accumulation and the
-    linear combinations are fp32 either way.
+    ns_dtype: dtype of the matmul operands, their products and the stored iterate X. fp32 runs at
+    Precision.HIGHEST; bf16 (or another dtype) runs at default precision. The GEMMs accumulate and
+    the linear combinations are computed in fp32 either way.
     """
     if x.ndim < 2:
         raise ValueError(f"Newton-Schulz needs a matrix, got shape {x.shape}")
@@ -128,17 +128,18 @@ def hybrid_newton_schulz(x: jax.Array, *, ns_dtype=F32, eps: float = 1e-7,
     precision = jax.lax.Precision.HIGHEST if ns_dtype == jnp.dtype(F32) else jax.lax.Precision.DEFAULT
 
     def mm(eq, a, b):
+        # The products are written in ns_dtype (the GEMM still accumulates in fp32): with bf16, the
+        # step's memory traffic, and the fp32 <-> bf16 conversion passes around each GEMM, were
+        # most of the optimizer's time on an H200.
         return jnp.einsum(eq, a.astype(ns_dtype), b.astype(ns_dtype), precision=precision,
-                          preferred_element_type=F32)
+                          preferred_element_type=ns_dtype)
 
     def step(x, abc):
-        # X is stored in ns_dtype between steps: with bf16, the [n, m] iterate is the step's memory
-        # traffic (its matmuls are a fraction of it), so a bf16 X halves it. The step's arithmetic
-        # stays fp32.
+        # X, A, A A and the polynomial are stored in ns_dtype; the linear combinations are fp32.
         a, b, c = abc[0], abc[1], abc[2]
         gram = mm("...ik,...jk->...ij", x, x)
-        poly = b * gram + c * mm("...ij,...jk->...ik", gram, gram)
-        return (a * x.astype(F32) + mm("...ij,...jk->...ik", poly, x)).astype(ns_dtype), None
+        poly = b * gram.astype(F32) + c * mm("...ij,...jk->...ik", gram, gram).astype(F32)
+        return (a * x.astype(F32) + mm("...ij,...jk->...ik", poly, x).astype(F32)).astype(ns_dtype), None
 
     x, _ = jax.lax.scan(step, x.astype(ns_dtype), jnp.asarray(coeffs, F32))
     if transposed:
