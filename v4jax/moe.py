@@ -205,11 +205,7 @@ def expert_ffn(xs: jax.Array, sizes: jax.Array, weights: jax.Array, p: dict, lim
 
 # Token copies to expert order and back. Both directions are gathers, forward and backward: a
 # permutation's transpose is its inverse, and the k copies of a token are summed as a reshape.
-# Autodiff of the gather x[order // k] would scatter-add rows with colliding indices instead.
-
-
-# dispatch and combine are each other's transpose, and each is the other's gradient: both are
-# gathers by a permutation, where autodiff of a gather would give a scatter-add.
+# Each is the other's gradient (custom VJPs); autodiff of either gather would scatter-add instead.
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
