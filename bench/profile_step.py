@@ -8,8 +8,10 @@ peak memory), traces one with ``jax.profiler`` and reads the trace back (``jax.p
 XLA's command buffers are turned off (``--xla_gpu_enable_command_buffer=``) unless
 ``--command-buffers``: a command buffer's kernels carry no op name, so they could not be charged. Every device op
 is charged to the first of the model's ``jax.named_scope``s in its op path (attention, indexer,
-compressor, mhc, moe, lm_head, optimizer; "other" when none), and the table lists the top ops by
-total time with their op path. ``--trace-dir`` keeps the trace for TensorBoard / XProf.
+compressor, mhc, moe, lm_head, optimizer; "other" when none), and the table lists the top (part, op)
+pairs by total time with the first op path seen, then the "other" time by HLO instruction (the copies and layout changes XLA
+adds have no op path; their computation and operands say where they come from). ``--trace-dir`` keeps the
+trace for TensorBoard / XProf; ``--hlo-out F.gz`` writes the compiled step's HLO text.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
+import gzip
 import json
 import os
 import re
@@ -53,6 +56,21 @@ def op_paths(hlo_text: str) -> dict[str, str]:
     return {m.group(1): m.group(2) for m in map(pat.match, hlo_text.splitlines()) if m}
 
 
+def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """HLO instruction name -> (the computation it is in, its text without metadata), so that ops
+    XLA added itself (copies, layout changes: no op path) can still be told apart."""
+    comp, out = "", {}
+    for line in hlo_text.splitlines():
+        if line and not line[0].isspace():
+            m = re.match(r"(?:ENTRY )?%?([\w.\-]+)", line)
+            comp = m.group(1) if m else comp
+            continue
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (.*)", line)
+        if m:
+            out[m.group(1)] = (comp, m.group(2).split(", metadata=")[0][:240])
+    return out
+
+
 def scope_of(path: str) -> str:
     for s in SCOPES:
         if s in path:
@@ -75,6 +93,7 @@ def main():
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--trace-dir", default=None)
     ap.add_argument("--tree", default=None, help="import v4jax from this checkout")
+    ap.add_argument("--hlo-out", default=None, help="write the compiled step's HLO text here (gzip)")
     args = ap.parse_args()
     if args.tree:
         sys.path.insert(0, args.tree)
@@ -129,13 +148,22 @@ def main():
     path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1]
     platform = jax.devices()[0].platform
     by_scope, by_op, paths, counts = (collections.Counter(), collections.Counter(), {}, collections.Counter())
-    hlo_paths = op_paths(compiled.as_text())
-    for name, ns, scope in device_events(path, platform):
-        scope = hlo_paths.get(scope, hlo_paths.get(name, scope))
-        by_scope[scope_of(scope)] += ns
-        by_op[name] += ns
-        counts[name] += 1
-        paths.setdefault(name, scope)
+    unscoped, unscoped_calls = collections.Counter(), collections.Counter()  # "other" by HLO instruction
+    hlo_text = compiled.as_text()
+    if args.hlo_out:
+        with gzip.open(args.hlo_out, "wt") as f:
+            f.write(hlo_text)
+    hlo_paths, instructions = op_paths(hlo_text), hlo_instructions(hlo_text)
+    for name, ns, hlo_op in device_events(path, platform):
+        scope = hlo_paths.get(hlo_op, hlo_paths.get(name, hlo_op))
+        part = scope_of(scope)
+        by_scope[part] += ns
+        by_op[part, name] += ns  # one kernel (a cuBLAS GEMM, a copy) serves many ops: split it by part
+        counts[part, name] += 1
+        paths.setdefault((part, name), scope)
+        if part == "other":
+            unscoped[hlo_op] += ns
+            unscoped_calls[hlo_op] += 1
     total = sum(by_scope.values())
     peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
     print(f"\nstep wall {wall:.3f} s (traced); device op time {total / 1e9:.3f} s; loss {float(m['loss']):.3f}; "
@@ -143,9 +171,13 @@ def main():
     print(f"\n{'part':<12} {'ms':>10} {'share':>7}")
     for s, ns in by_scope.most_common():
         print(f"{s:<12} {ns / 1e6:10.1f} {ns / max(total, 1):7.1%}")
-    print(f"\n{'ms':>9} {'calls':>6}  op  (op path)")
-    for name, ns in by_op.most_common(args.top):
-        print(f"{ns / 1e6:9.2f} {counts[name]:6d}  {name[:60]}  ({paths[name][-110:]})")
+    print(f"\n{'ms':>9} {'calls':>6}  part: op  (first op path)")
+    for key, ns in by_op.most_common(args.top):
+        print(f"{ns / 1e6:9.2f} {counts[key]:6d}  {key[0]}: {key[1][:60]}  ({paths[key][-110:]})")
+    print(f"\n{'ms':>9} {'calls':>6}  'other' by HLO instruction: computation, instruction")
+    for op, ns in unscoped.most_common(args.top):
+        comp, text = instructions.get(op, ("?", "?"))
+        print(f"{ns / 1e6:9.2f} {unscoped_calls[op]:6d}  {op} in {comp}: {text[:150]}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": args.config, "batch": args.batch, "seq": args.seq, "backend": args.backend,
@@ -155,8 +187,10 @@ def main():
                        "peak_gib": peak, "dropped": int(m["dropped_tokens"]), "losses": losses, "ok": oks,
                        "traced_wall_s": wall, "device_op_s": total / 1e9,
                        "by_scope_ms": {k: v / 1e6 for k, v in by_scope.most_common()},
-                       "top_ops": [[name, ns / 1e6, counts[name], paths[name]]
-                                   for name, ns in by_op.most_common(args.top)]},
+                       "top_ops": [[part, name, ns / 1e6, counts[part, name], paths[part, name]]
+                                   for (part, name), ns in by_op.most_common(args.top)],
+                       "other_by_instruction": [[op, ns / 1e6, unscoped_calls[op], *instructions.get(op, ("?", "?"))]
+                                                for op, ns in unscoped.most_common(args.top)]},
                       f, indent=1)
 
 

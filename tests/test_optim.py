@@ -148,7 +148,7 @@ def test_newton_schulz_matmul_precision(ns_dtype):
     'highest' on CPU, so check the requested precision in the program itself)."""
     jaxpr = jax.make_jaxpr(lambda x: optim.hybrid_newton_schulz(x, ns_dtype=ns_dtype))(jnp.ones((2, 3, 5)))
     dots = list(_dots(jaxpr.jaxpr))
-    assert len(dots) == 3  # one NS step in a scan: X X^T, A A, (bA + cAA) X
+    assert len(dots) == 3  # one NS step in a scan: X X^T, A A, (aI + bA + cAA) X
     want = jax.lax.Precision.HIGHEST if ns_dtype == jnp.float32 else jax.lax.Precision.DEFAULT
     for eqn in dots:
         assert all(p == want for p in eqn.params["precision"])

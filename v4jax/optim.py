@@ -110,11 +110,11 @@ def hybrid_newton_schulz(x: jax.Array, *, ns_dtype=F32, eps: float = 1e-7,
     """Approximate polar factor of each matrix x[..., n, m] (leading axes are a batch). Returns fp32.
 
     X <- X / (||X||_F + eps) per matrix, then for each (a, b, c) in ``coeffs``:
-    A = X X^T; X <- a X + (b A + c A A) X. X is transposed first when n > m.
+    A = X X^T; X <- (a I + b A + c A A) X. X is transposed first when n > m.
 
     ns_dtype: dtype of the matmul operands, their products and the stored iterate X. fp32 runs at
     Precision.HIGHEST; bf16 (or another dtype) runs at default precision. The GEMMs accumulate and
-    the linear combinations are computed in fp32 either way.
+    the polynomial's sum is computed in fp32 either way.
     """
     if x.ndim < 2:
         raise ValueError(f"Newton-Schulz needs a matrix, got shape {x.shape}")
@@ -134,12 +134,16 @@ def hybrid_newton_schulz(x: jax.Array, *, ns_dtype=F32, eps: float = 1e-7,
         return jnp.einsum(eq, a.astype(ns_dtype), b.astype(ns_dtype), precision=precision,
                           preferred_element_type=ns_dtype)
 
+    eye = jnp.eye(x.shape[-2], dtype=F32)
+
     def step(x, abc):
-        # X, A, A A and the polynomial are stored in ns_dtype; the linear combinations are fp32.
+        # a X + (b A + c A A) X is computed as (a I + b A + c A A) X: one GEMM writes the new X, with
+        # no elementwise pass over X (an n x n polynomial is cheap; X is n x m with m >= n). The
+        # polynomial is summed in fp32 and stored in ns_dtype, like every GEMM operand.
         a, b, c = abc[0], abc[1], abc[2]
         gram = mm("...ik,...jk->...ij", x, x)
-        poly = b * gram.astype(F32) + c * mm("...ij,...jk->...ik", gram, gram).astype(F32)
-        return (a * x.astype(F32) + mm("...ij,...jk->...ik", poly, x).astype(F32)).astype(ns_dtype), None
+        poly = a * eye + b * gram.astype(F32) + c * mm("...ij,...jk->...ik", gram, gram).astype(F32)
+        return mm("...ij,...jk->...ik", poly, x), None
 
     x, _ = jax.lax.scan(step, x.astype(ns_dtype), jnp.asarray(coeffs, F32))
     if transposed:
