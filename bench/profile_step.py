@@ -9,9 +9,10 @@ XLA's command buffers are turned off (``--xla_gpu_enable_command_buffer=``) unle
 ``--command-buffers``: a command buffer's kernels carry no op name, so they could not be charged. Every device op
 is charged to the first of the model's ``jax.named_scope``s in its op path (attention, indexer,
 compressor, mhc, moe, lm_head, optimizer; "other" when none), and the table lists the top (part, op)
-pairs by total time with the first op path seen, then the "other" time by HLO instruction (the copies and layout changes XLA
-adds have no op path; their computation and operands say where they come from). ``--trace-dir`` keeps the
-trace for TensorBoard / XProf; ``--hlo-out F.gz`` writes the compiled step's HLO text.
+pairs by total time with the first op path seen, then the "other" time by HLO instruction (the
+copies and layout changes XLA adds have no op path; their computation and operands say where they
+come from). ``--trace-dir`` keeps the trace for TensorBoard / XProf; ``--hlo-out F.gz`` writes the
+compiled step's HLO text.
 """
 
 from __future__ import annotations
