@@ -14,6 +14,8 @@ comb[j, k]. Getting it the other way round still looks doubly stochastic, so tes
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -22,7 +24,13 @@ from v4jax.params import MUON, Init, ParamInfo, declare, pure, vector
 
 F32 = jnp.float32
 
+# The stream mixes below are checkpointed: their backward keeps the inputs (bf16 streams, fp32
+# weights of a few numbers per token) and recomputes the fp32 casts inside its own fusions. Autodiff
+# of them kept every fp32 cast of the streams, [b, s, n, d] each, as a residual of the layer: twice
+# the bytes of the streams, written and read once more per site.
 
+
+@functools.partial(jax.checkpoint, static_argnums=(2,))
 def _mix_logits(x: jax.Array, fn: jax.Array, eps: float) -> jax.Array:
     """x [b, s, n, d] -> fn @ RMS-normalised flatten(x): [b, s, rows] in fp32 (no learned norm weight)."""
     flat = x.reshape(x.shape[:2] + (-1,)).astype(F32)
@@ -48,6 +56,7 @@ def sinkhorn(logits: jax.Array, iters: int, eps: float) -> jax.Array:
     return jax.lax.fori_loop(0, iters - 1, row_then_column, m)
 
 
+@jax.checkpoint
 def collapse(x: jax.Array, pre: jax.Array) -> jax.Array:
     """sum_n pre[n] * x[n]: x [b, s, n, d], pre [b, s, n] fp32 -> [b, s, d] in x's dtype.
 
@@ -76,6 +85,7 @@ def hc_pre(x: jax.Array, p: dict, *, sinkhorn_iters: int, hc_eps: float, norm_ep
 
 
 @jax.named_scope("mhc")
+@jax.checkpoint
 def hc_post(f: jax.Array, x: jax.Array, post: jax.Array, comb: jax.Array) -> jax.Array:
     """Expand a sublayer output f [b, s, d] back into the streams x [b, s, n, d].
 
