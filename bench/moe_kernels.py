@@ -9,15 +9,17 @@ be at random (multinomial, uniform experts). For the up projection (x [m, d] tim
 (ragged contracting dimension -> [e, k, n]) with each kernel, through the model's own
 ``v4jax.moe.ragged_product``: ``xla`` (jax.lax.ragged_dot_general) and tokamax's ``mosaic`` and
 ``triton``. bf16 inputs, fp32 accumulation, bf16 output. Median of 10 runs after 3, in TFLOP/s
-(2 m k n per product). ``--autotune`` runs tokamax's autotuner on the
-chosen kernel of each product and writes the result (``tokamax.AutotuningResult`` JSON), then
-times those products again under it.
+(2 m k n per product). ``--autotune F`` runs tokamax's autotuner on the
+chosen kernel of each product over ``--space`` and adds the result to F (``tokamax.AutotuningResult``
+JSON; ``v4jax/tuning/tokamax-<device kind>.json`` is the file the model loads), then times those
+products again under it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import jax
@@ -45,12 +47,42 @@ def operands(kind, m, k, n, g, sizes, key):
     return jax.random.normal(ka, (m, k), bf), jax.random.normal(kb, (m, n), bf)
 
 
+def in_space(config, space: str) -> bool:
+    """Whether a tokamax Mosaic ragged-dot config is searched: ``full`` is tokamax's whole sm90 space
+    (384 per product, more than a device call's budget at two configs' six products); ``small``
+    keeps its block_m 64 / 128, block_k 128 / 256, no grid tiling (32 per product)."""
+    return space == "full" or (config.block_m in (64, 128) and config.block_k in (128, 256)
+                               and config.grid_tile_width == 1)
+
+
+def autotune(tokamax, fn, ops, space: str, path: str):
+    """tokamax's autotuner over each tokamax op in ``fn(*ops)``, restricted to ``in_space``; the
+    result (``tokamax.AutotuningResult``, loaded by ``v4jax.moe.tokamax_tuning``) is merged into the
+    one already at ``path`` (other shapes' entries stay) and written there."""
+    data = []
+    for ba in tokamax.autotuning.get_bound_args(fn, *ops):
+        configs = {c for c in ba.autotuning_configs if in_space(c, space)}
+        t = time.perf_counter()
+        tuned = ba.autotune(configs, cache_results=False)
+        print(f"  {len(configs)} configs in {time.perf_counter() - t:.0f} s: {tuned.fastest_config}", flush=True)
+        data.append((ba, tuned))
+    old = ()
+    if os.path.exists(path):
+        with open(path) as fh:
+            old = tokamax.AutotuningResult.loads(fh.read()).data
+    res = tokamax.AutotuningResult(jax.devices()[0].device_kind, tuple(old) + tuple(data))
+    with open(path, "w") as fh:
+        fh.write(res.dumps(prune_errors=True))
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/bench-flash-8l.yaml")
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--impls", default="xla,mosaic,triton")
-    ap.add_argument("--autotune", default=None, help="write tokamax's autotuning result here")
+    ap.add_argument("--autotune", default=None, help="add tokamax's autotuning result to this file")
+    ap.add_argument("--space", default="small", choices=("small", "full"), help="the configs searched (in_space)")
     ap.add_argument("--chosen", default="fwd=mosaic,dlhs=mosaic,drhs=mosaic", help="kernels to autotune")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -102,9 +134,7 @@ def main():
         for name, (kk, n) in shapes.items():
             for kind in ("fwd", "dlhs", "drhs"):
                 ops += operands(kind, m, kk, n, g, sizes, jax.random.PRNGKey(0))
-        res = tokamax.autotune(jax.jit(all_products), *ops)
-        with open(args.autotune, "w") as fh:
-            fh.write(res.dumps(prune_errors=True))
+        res = autotune(tokamax, jax.jit(all_products), ops, args.space, args.autotune)
         result["autotune_s"] = time.perf_counter() - t0
         print(f"autotuned in {result['autotune_s']:.0f} s -> {args.autotune}", flush=True)
         with res:

@@ -92,6 +92,7 @@ def main():
     ap.add_argument("--json", default=None, help="write the figures and the tables here")
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--per-part", type=int, default=6, help="also list this many top ops of each part")
     ap.add_argument("--trace-dir", default=None)
     ap.add_argument("--tree", default=None, help="import v4jax from this checkout")
     ap.add_argument("--hlo-out", default=None, help="write the compiled step's HLO text here (gzip)")
@@ -150,6 +151,7 @@ def main():
     platform = jax.devices()[0].platform
     by_scope, by_op, paths, counts = (collections.Counter(), collections.Counter(), {}, collections.Counter())
     unscoped, unscoped_calls = collections.Counter(), collections.Counter()  # "other" by HLO instruction
+    other_by_comp = collections.Counter()  # "other" by the computation (loop body) its instruction is in
     hlo_text = compiled.as_text()
     if args.hlo_out:
         with gzip.open(args.hlo_out, "wt") as f:
@@ -165,6 +167,8 @@ def main():
         if part == "other":
             unscoped[hlo_op] += ns
             unscoped_calls[hlo_op] += 1
+            comp, text = instructions.get(hlo_op, ("?", ""))
+            other_by_comp[comp, name if name == "MemcpyD2D" else "kernels", text.split(" ")[0][:60]] += ns
     total = sum(by_scope.values())
     peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
     print(f"\nstep wall {wall:.3f} s (traced); device op time {total / 1e9:.3f} s; loss {float(m['loss']):.3f}; "
@@ -175,6 +179,12 @@ def main():
     print(f"\n{'ms':>9} {'calls':>6}  part: op  (first op path)")
     for key, ns in by_op.most_common(args.top):
         print(f"{ns / 1e6:9.2f} {counts[key]:6d}  {key[0]}: {key[1][:60]}  ({paths[key][-110:]})")
+    for part, _ in by_scope.most_common():
+        ops = [(key, ns) for key, ns in by_op.most_common() if key[0] == part][: args.per_part]
+        print(f"\n{part}: " + "; ".join(f"{key[1][:48]} {ns / 1e6:.2f} ms x{counts[key]}" for key, ns in ops))
+    print(f"\n{'ms':>9}  'other' by computation, copies or kernels, result shape")
+    for (comp, kind, shape), ns in other_by_comp.most_common(args.top):
+        print(f"{ns / 1e6:9.2f}  {comp[:60]}  {kind}  {shape}")
     print(f"\n{'ms':>9} {'calls':>6}  'other' by HLO instruction: computation, instruction")
     for op, ns in unscoped.most_common(args.top):
         comp, text = instructions.get(op, ("?", "?"))
@@ -191,7 +201,10 @@ def main():
                        "top_ops": [[part, name, ns / 1e6, counts[part, name], paths[part, name]]
                                    for (part, name), ns in by_op.most_common(args.top)],
                        "other_by_instruction": [[op, ns / 1e6, unscoped_calls[op], *instructions.get(op, ("?", "?"))]
-                                                for op, ns in unscoped.most_common(args.top)]},
+                                                for op, ns in unscoped.most_common(args.top)],
+                       "other_by_computation": [[*key, ns / 1e6] for key, ns in other_by_comp.most_common(args.top)],
+                       "part_ops": [[part, name, ns / 1e6, counts[part, name]]
+                                    for (part, name), ns in by_op.most_common() if ns > 2e5]},
                       f, indent=1)
 
 

@@ -9,6 +9,8 @@
   sequence (at most ~5x for 4x the tokens), where the dense stage's grows with its square.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,18 +57,18 @@ def test_attention_at_8k_tokens_equals_the_dense_reference(long_inputs, layer):
     p = params["layers"][layer]["attn"]
     run = jax.jit(lambda x, pos, seg: dense_reference.attention(x, p, LONG, layer, pos, seg, True, True))
     want, want_aux = run(x, positions, segments)
-    outs = {}
-    for chunks in ((512, 4096), (128, 256), (2048, 1 << 14)):
-        par = ParallelConfig(attention_chunk=chunks[0], indexer_key_chunk=chunks[1])
+    outs = {}  # (attention chunk, indexer key chunk, csa_mask_ratio): the last one takes CSA's mask path
+    for chunks in ((512, 4096, 4), (128, 256, 4), (2048, 1 << 14, 4), (512, 4096, 64)):
+        par = ParallelConfig(attention_chunk=chunks[0], indexer_key_chunk=chunks[1], csa_mask_ratio=chunks[2])
         run = jax.jit(lambda x, pos, seg, par=par: attention(x, p, LONG, layer, pos, seg, True, True, par))
         outs[chunks] = run(x, positions, segments)
-    got, aux = outs[(512, 4096)]
+    got, aux = outs[(512, 4096, 4)]
     assert rel(got, want) <= TOLERANCE
     if layer == 1:  # CSA: the indexer loss over the selected entries is the dense one
         assert rel(_kl(aux, segments), _kl(want_aux, segments)) <= TOLERANCE
         assert aux["entry_mask"].shape == (1, SEQ, LONG.index_topk)
         assert int(jnp.sum(aux["entry_mask"])) == int(jnp.sum(want_aux["entry_mask"]))  # same number of picks
-    for chunks, (o, a) in outs.items():  # chunk sizes change no result
+    for chunks, (o, a) in outs.items():  # chunk sizes and the mask path change no result
         assert rel(o, got) <= 1e-6, chunks
         for key in a:
             np.testing.assert_array_equal(np.isfinite(a[key]), np.isfinite(aux[key]))
@@ -75,10 +77,12 @@ def test_attention_at_8k_tokens_equals_the_dense_reference(long_inputs, layer):
                            ) <= 1e-6, (chunks, key)
 
 
-@pytest.mark.parametrize("layer", [0, 1, 2], ids=["swa", "csa", "hca"])
-def test_attention_gradient_equals_the_dense_reference(long_inputs, layer):
+@pytest.mark.parametrize("layer,mask_ratio", [(0, 4), (1, 4), (1, 16), (2, 4)],
+                         ids=["swa", "csa", "csa-as-mask", "hca"])
+def test_attention_gradient_equals_the_dense_reference(long_inputs, layer, mask_ratio):
     """Gradients of a projection of the output (plus the indexer loss on CSA) with respect to the
-    input and every parameter, through the hand-written backward passes of the listed entries."""
+    input and every parameter, through the hand-written backward passes of the listed entries
+    (at 2K tokens CSA has 16 x index_topk entries: mask_ratio 16 takes the mask path instead)."""
     params, x, positions, segments = long_inputs
     s = 2048
     x, positions, segments = x[:, :s], positions[:, :s], segments[:, :s]
@@ -89,8 +93,9 @@ def test_attention_gradient_equals_the_dense_reference(long_inputs, layer):
         return jnp.sum(out * proj) + (_kl(aux, segments) if aux else 0.0)
 
     p = params["layers"][layer]["attn"]
+    par = ParallelConfig(csa_mask_ratio=mask_ratio)
     want = jax.jit(jax.grad(lambda x, p: loss(dense_reference.attention, x, p), argnums=(0, 1)))(x, p)
-    got = jax.jit(jax.grad(lambda x, p: loss(attention, x, p), argnums=(0, 1)))(x, p)
+    got = jax.jit(jax.grad(lambda x, p: loss(functools.partial(attention, parallel=par), x, p), argnums=(0, 1)))(x, p)
     for (path, g), r in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
         if np.abs(np.asarray(r)).max() == 0:
             assert np.abs(np.asarray(g)).max() == 0, path
@@ -176,8 +181,9 @@ def _np_index_list_attention(q, kv, sink, seg, pos, window, entries, idx):
     return out, np.stack(probs)
 
 
-@pytest.mark.parametrize("explicit", [True, False], ids=["listed entries (CSA)", "every visible entry (HCA)"])
-def test_index_list_attention_matches_the_formula(explicit):
+@pytest.mark.parametrize("explicit,mask_ratio", [(True, 0), (True, 8), (False, 0)],
+                         ids=["listed entries (CSA)", "listed entries as a mask (CSA)", "every visible entry (HCA)"])
+def test_index_list_attention_matches_the_formula(explicit, mask_ratio):
     rng = np.random.default_rng(2)
     pos, seg = _random_layout(rng, [29, 2, 40])
     s, h, c, window, m = len(pos), 3, 8, 8, 4
@@ -195,7 +201,8 @@ def test_index_list_attention_matches_the_formula(explicit):
         got, got_p = sparse_attention(
             jnp.asarray(q[None], jnp.float32), jnp.asarray(kv[None], jnp.float32), jnp.asarray(sink, jnp.float32),
             jnp.asarray(seg[None]), jnp.asarray(pos[None]), window, _as_entries(entries),
-            None if idx is None else jnp.asarray(idx[None], jnp.int32), query_chunk=chunk, with_probs=True)
+            None if idx is None else jnp.asarray(idx[None], jnp.int32), query_chunk=chunk, with_probs=True,
+            mask_ratio=mask_ratio)
         assert rel(got[0], want) <= TOLERANCE
         assert rel(got_p[0], want_p) <= TOLERANCE
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from tests.helpers import CONFIGS
-from v4jax.losses import balance_loss, expert_load, indexer_kl, masked_mean, token_nll, update_router_bias
+from v4jax.losses import (balance_loss, expert_load, indexer_kl, masked_mean, token_nll, update_router_bias,
+                          weighted_nll)
 from v4jax.moe import route
 
 rng = np.random.default_rng(0)
@@ -22,32 +23,37 @@ def _np_nll(x, w, targets):
 @pytest.mark.parametrize("chunk", [1, 4, 7, 1024])
 def test_token_nll_matches_the_formula(chunk):
     """Chunked head + logsumexp = -log softmax(x W^T)[target], in numpy float64, for chunks that do
-    and do not divide the 2 x 9 tokens; the masked mean is the loss."""
+    and do not divide the 2 x 9 tokens; the masked mean is the loss, and weighted_nll with weights
+    mask / count gives it too."""
     x, w = rng.normal(size=(2, 9, 6)), rng.normal(size=(13, 6))
     targets = rng.integers(0, 13, size=(2, 9))
     mask = rng.random((2, 9)) > 0.3
-    got = token_nll(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), jnp.asarray(targets), chunk)
+    args = jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), jnp.asarray(targets)
+    got = token_nll(*args, chunk)
     want = _np_nll(x, w, targets)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     np.testing.assert_allclose(masked_mean(got, jnp.asarray(mask)), (want * mask).sum() / mask.sum(), rtol=1e-5)
+    weighted = weighted_nll(*args, jnp.asarray(mask / mask.sum(), jnp.float32), chunk)
+    np.testing.assert_allclose(weighted, (want * mask).sum() / mask.sum(), rtol=1e-5)
 
 
-def test_token_nll_gradient_matches_the_dense_form():
-    """Its custom backward pass (chunked, fp32 head gradient) equals autodiff of the unchunked
-    log-softmax, for the hidden states and the head, with a mask weighting the tokens."""
+@pytest.mark.parametrize("chunk", [4, 1024])
+def test_weighted_nll_gradient_matches_the_dense_form(chunk):
+    """Its gradients, computed in the forward pass and scaled by the cotangent (here 2.5), equal
+    autodiff of the unchunked log-softmax, for the hidden states, the head and the weights."""
     x = jnp.asarray(rng.normal(size=(3, 5, 8)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(11, 8)), jnp.float32)
     targets = jnp.asarray(rng.integers(0, 11, size=(3, 5)))
-    mask = jnp.asarray(rng.random((3, 5)) > 0.3)
+    weights = jnp.asarray(rng.random((3, 5)) * (rng.random((3, 5)) > 0.3), jnp.float32)
 
-    def dense(x, w):
+    def dense(x, w, weights):
         logp = jax.nn.log_softmax(jnp.einsum("bsd,vd->bsv", x, w), axis=-1)
-        return masked_mean(-jnp.take_along_axis(logp, targets[..., None], -1)[..., 0], mask)
+        return 2.5 * jnp.sum(-jnp.take_along_axis(logp, targets[..., None], -1)[..., 0] * weights)
 
-    want = jax.grad(dense, argnums=(0, 1))(x, w)
-    got = jax.grad(lambda x, w: masked_mean(token_nll(x, w, targets, 4), mask), argnums=(0, 1))(x, w)
+    want = jax.grad(dense, argnums=(0, 1, 2))(x, w, weights)
+    got = jax.grad(lambda *a: 2.5 * weighted_nll(a[0], a[1], targets, a[2], chunk), argnums=(0, 1, 2))(x, w, weights)
     for g, r in zip(got, want):
-        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
 
 
 def test_token_nll_bf16_inputs_accumulate_in_fp32():
@@ -61,7 +67,8 @@ def test_token_nll_bf16_inputs_accumulate_in_fp32():
                    np.asarray(targets))
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(got, want, rtol=1e-5)
-    gx, gw = jax.grad(lambda x, w: jnp.sum(token_nll(x, w, targets, 5)), argnums=(0, 1))(x, w)
+    ones = jnp.ones(targets.shape, jnp.float32)
+    gx, gw = jax.grad(lambda x, w: weighted_nll(x, w, targets, ones, 5), argnums=(0, 1))(x, w)
     assert gx.dtype == jnp.bfloat16 and gw.dtype == jnp.float32
 
 

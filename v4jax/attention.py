@@ -33,6 +33,7 @@ another document.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -49,6 +50,7 @@ NEG_INF = -jnp.inf
 # loop steps and never change a result.
 QUERY_CHUNK = 512  # queries per step of the attention and of the indexer
 KEY_CHUNK = 8192  # entries per step of the indexer's running top-k
+MASK_RATIO = 4  # CSA's listed entries as a mask over all entries while e <= MASK_RATIO * k (see sparse_attention)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -386,13 +388,19 @@ def attend(q, keys, ok, sink, entry_keys=None, entry_idx=None, entry_ok=None, wi
 
 
 def sparse_attention(q, kv, sink, segment_ids, positions, window: int, entries: Entries | None = None,
-                     entry_idx=None, *, query_chunk: int = QUERY_CHUNK, with_probs: bool = False):
+                     entry_idx=None, *, query_chunk: int = QUERY_CHUNK, with_probs: bool = False,
+                     mask_ratio: int = MASK_RATIO):
     """One softmax per query over its window slots, its compressed slots and the sink; value = key.
 
     q [b, s, h, c]; kv [b, s, c] (the window keys); sink [h] (an fp32 logit, not scaled);
     segment_ids, positions [b, s]. ``entries`` (None for SWA) with ``entry_idx`` [b, s, k] int32
     (CSA: the top-k, -1 = empty slot) or ``entry_idx=None`` (every visible entry: HCA, and CSA in
     the dense stage). Window: query t sees row u iff 0 <= t - u < window, in t's document.
+
+    Listed entries are gathered, unless a row has at most ``mask_ratio`` x k entries: then they are
+    a mask over all the entries and the products are dense matmuls (at most ``mask_ratio`` times
+    the arithmetic, without the gathers of k key rows per query; fewer bytes per query than the
+    gathered rows while mask_ratio * h * 4 <= c * 2). 0 always gathers. Either gives the same softmax.
 
     Returns (out [b, s, h, c] in q's dtype, probs): with ``with_probs`` the attention probability of
     each compressed slot summed over heads, [b, s, k] (or [b, s, e] for every visible entry);
@@ -419,10 +427,19 @@ def sparse_attention(q, kv, sink, segment_ids, positions, window: int, entries: 
     band = (dist >= 0) & (dist < window)
     sink = sink.astype(F32)
 
+    as_mask = "idx" in xs and entries.keys.shape[1] <= mask_ratio * entry_idx.shape[2]
+
     def block(xs):
         ok = band & (xs["seg"][:, :, None] == xs["key_seg"][:, None, :])  # [b, q, j]
         if not has_entries:
             return attend(xs["q"], xs["keys"], ok, sink)
+        if as_mask:
+            idx = xs["idx"]
+            out, probs = attend(xs["q"], xs["keys"], ok, sink, entries.keys, None,
+                                _listed_mask(idx, entries.keys.shape[1]), with_probs)
+            if probs is not None:  # each slot's entry; listed entries are visible, so empty slots get 0
+                probs = jnp.where(idx >= 0, jnp.take_along_axis(probs, jnp.maximum(idx, 0), axis=-1), 0.0)
+            return out, probs
         if "idx" in xs:
             return attend(xs["q"], xs["keys"], ok, sink, entries.keys, xs["idx"], xs["idx"] >= 0, with_probs)
         return attend(xs["q"], xs["keys"], ok, sink, entries.keys, None, entries.visible(xs["seg"], xs["pos"]),
@@ -430,6 +447,12 @@ def sparse_attention(q, kv, sink, segment_ids, positions, window: int, entries: 
 
     out, probs = jax.lax.map(jax.checkpoint(block, prevent_cse=False), xs, batch_size=per_step)
     return _unchunk(out, s), (None if probs is None else _unchunk(probs, s))
+
+
+def _listed_mask(idx: jax.Array, e: int) -> jax.Array:
+    """idx [b, q, k] (-1 = empty) -> [b, q, e] bool: which entries the query lists."""
+    put = jax.vmap(jax.vmap(lambda i: jnp.zeros((e,), bool).at[i].set(True, mode="drop")))
+    return put(jnp.where(idx >= 0, idx, e))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -472,10 +495,10 @@ def attention(x: jax.Array, p: dict, config: ModelConfig, layer: int, positions:
                 aux = {"index_scores": indexer_scores_dense(iq, iw, ikeys, segment_ids, positions),
                        "entry_mask": entries.visible(segment_ids, positions)}
 
-    attend_list = sparse_attention
     if parallel is not None and parallel.attention_kernel == "pallas":
         from v4jax.attention_kernel import pallas_sparse_attention as attend_list  # imports this module
-
+    else:
+        attend_list = functools.partial(sparse_attention, mask_ratio=parallel.csa_mask_ratio if parallel else MASK_RATIO)
     o, probs = attend_list(q, kv, p["attn_sink"], segment_ids, positions, config.sliding_window, entries, idx,
                            query_chunk=q_chunk, with_probs=bool(aux))
     if aux:

@@ -1,8 +1,8 @@
 """DeepSeek-V4 training losses and the aux-loss-free router bias update (spec §4).
 
 * next-token cross-entropy, and the MTP cross-entropy (token t+2) with its weight λ, both through
-  ``token_nll``: the head and its logsumexp run over chunks of tokens, so the [tokens, vocab]
-  logits never exist at once;
+  ``weighted_nll``: the head and its logsumexp run over chunks of tokens, so the [tokens, vocab]
+  logits never exist at once, and each chunk's gradients are computed with its loss;
 * the sequence-wise balance loss (V3 form, weight 1e-4);
 * the lightning-indexer KL loss (V3.2's DSA form adapted to compressed entries);
 * the router bias update b ← b + u·sign(mean load − load), u = 0.001, outside the optimiser.
@@ -33,59 +33,83 @@ F32 = jnp.float32
 
 
 def _nll_chunk(x, w, targets):
-    """x [t, d], w [V, d] (both in the matmul dtype), targets [t] -> (nll [t], logz [t]) in fp32."""
+    """x [t, d], w [V, d] (both in the matmul dtype), targets [t] -> (logits [t, V], nll [t], logz [t]) in fp32."""
     logits = jnp.einsum("td,vd->tv", x, w, preferred_element_type=F32)
     logz = jax.nn.logsumexp(logits, axis=-1)
-    return logz - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0], logz
+    return logits, logz - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0], logz
 
 
-@jax.custom_vjp
-def _token_nll(x, w, targets):  # x [n, t, d], targets [n, t]: n chunks of t tokens
-    return _token_nll_fwd(x, w, targets)[0]
-
-
-def _token_nll_fwd(x, w, targets):
-    wc = w.astype(x.dtype)
-    nll, logz = jax.lax.map(lambda a: _nll_chunk(a[0], wc, a[1]), (x, targets))
-    return nll, (x, w, targets, logz)
-
-
-def _token_nll_bwd(res, g):
-    x, w, targets, logz = res
-    wc = w.astype(x.dtype)
-
-    def step(dw, a):
-        xc, tc, zc, gc = a
-        logits = jnp.einsum("td,vd->tv", xc, wc, preferred_element_type=F32)
-        dlogits = (jnp.exp(logits - zc[:, None]) - jax.nn.one_hot(tc, w.shape[0], dtype=F32)) * gc[:, None]
-        dlogits = dlogits.astype(x.dtype)
-        dx = jnp.einsum("tv,vd->td", dlogits, wc, preferred_element_type=F32).astype(x.dtype)
-        return dw + jnp.einsum("tv,td->vd", dlogits, xc, preferred_element_type=F32), dx
-
-    dw, dx = jax.lax.scan(step, jnp.zeros(w.shape, F32), (x, targets, logz, g))
-    return dx, dw.astype(w.dtype), None
-
-
-_token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
+def _in_chunks(chunk: int, x: jax.Array, *per_token: jax.Array):
+    """x [b, s, d] and arrays [b, s] -> n chunks of c tokens: [n, c, d] and [n, c] (zero padded)."""
+    b, s, d = x.shape
+    t = b * s
+    c = min(chunk, t)
+    n = -(-t // c)
+    pad = n * c - t
+    return (jnp.pad(x.reshape(t, d), ((0, pad), (0, 0))).reshape(n, c, d),
+            *(jnp.pad(a.reshape(t), (0, pad)).reshape(n, c) for a in per_token))
 
 
 @jax.named_scope("lm_head")
-def token_nll(x: jax.Array, w: jax.Array, targets: jax.Array, chunk: int = 1024) -> jax.Array:
-    """-log softmax(x @ w^T)[target] of every token, without the [tokens, V] logits.
+def token_nll(x: jax.Array, w: jax.Array, targets: jax.Array, chunk: int = 4096) -> jax.Array:
+    """-log softmax(x @ w^T)[target] of every token, without the [tokens, V] logits: for evaluation.
 
     x [b, s, d] (the final normed hidden state; the matmuls run in its dtype with fp32 accumulation,
     so fp32 x is the exact fp32 path), w [V, d] (the head), targets [b, s] -> nll [b, s] fp32.
-    Tokens go ``chunk`` at a time through the head and an fp32 logsumexp; the backward pass
-    recomputes each chunk's logits and accumulates the head's gradient in fp32.
+    Tokens go ``chunk`` at a time through the head and an fp32 logsumexp. Training differentiates
+    ``weighted_nll`` instead, which computes its gradients during the forward pass.
     """
-    b, s, d = x.shape
-    t = b * s
-    chunk = min(chunk, t)
-    n = -(-t // chunk)
-    pad = n * chunk - t
-    xs = jnp.pad(x.reshape(t, d), ((0, pad), (0, 0))).reshape(n, chunk, d)
-    ts = jnp.pad(targets.reshape(t), (0, pad)).reshape(n, chunk)
-    return _token_nll(xs, w, ts).reshape(-1)[:t].reshape(b, s)
+    b, s, _ = x.shape
+    xs, ts = _in_chunks(chunk, x, targets)
+    wc = w.astype(x.dtype)
+    nll = jax.lax.map(lambda a: _nll_chunk(a[0], wc, a[1])[1], (xs, ts))
+    return nll.reshape(-1)[: b * s].reshape(b, s)
+
+
+@jax.named_scope("lm_head")
+def weighted_nll(x: jax.Array, w: jax.Array, targets: jax.Array, weights: jax.Array, chunk: int = 4096) -> jax.Array:
+    """sum_t weights[t] * nll[t] (a scalar, fp32) with ``token_nll``'s nll; the training loss.
+
+    x [b, s, d], w [V, d], targets, weights [b, s] (e.g. mask / number of tokens: a masked mean).
+    Under differentiation each chunk's gradients are computed as soon as its logits are: the
+    softmax gradient (p - onehot(target)) * weight, in x's dtype, times the head gives the hidden
+    states' gradient, and times the chunk's hidden states adds to the head's (fp32). The backward
+    pass only scales them by the loss's cotangent, so the head's [tokens, V] product runs three
+    times per step instead of four (no recomputed logits) and nothing of size [tokens, V] is kept.
+    """
+    b, s, _ = x.shape
+    xs, ts, ws = _in_chunks(chunk, x, targets, weights.astype(F32))
+    return _weighted_nll(xs, w, ts, ws)
+
+
+@jax.custom_vjp
+def _weighted_nll(x, w, targets, weights):  # x [n, c, d]; targets, weights [n, c]
+    wc = w.astype(x.dtype)
+    nll = jax.lax.map(lambda a: _nll_chunk(a[0], wc, a[1])[1], (x, targets))
+    return jnp.sum(nll * weights)
+
+
+def _weighted_nll_fwd(x, w, targets, weights):
+    wc = w.astype(x.dtype)
+
+    def step(dw, a):
+        xc, tc, sc = a
+        logits, nll, logz = _nll_chunk(xc, wc, tc)
+        dlogits = (jnp.exp(logits - logz[:, None]) - jax.nn.one_hot(tc, w.shape[0], dtype=F32)) * sc[:, None]
+        dlogits = dlogits.astype(x.dtype)
+        dx = jnp.einsum("tv,vd->td", dlogits, wc, preferred_element_type=F32).astype(x.dtype)
+        return dw + jnp.einsum("tv,td->vd", dlogits, xc, preferred_element_type=F32), (nll, dx)
+
+    dw, (nll, dx) = jax.lax.scan(step, jnp.zeros(w.shape, F32), (x, targets, weights))
+    return jnp.sum(nll * weights), (dx, dw.astype(w.dtype), nll)
+
+
+def _weighted_nll_bwd(res, g):
+    dx, dw, nll = res
+    return (g * dx).astype(dx.dtype), (g * dw).astype(dw.dtype), None, g * nll
+
+
+_weighted_nll.defvjp(_weighted_nll_fwd, _weighted_nll_bwd)
 
 
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:

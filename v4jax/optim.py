@@ -110,7 +110,9 @@ def hybrid_newton_schulz(x: jax.Array, *, ns_dtype=F32, eps: float = 1e-7,
     """Approximate polar factor of each matrix x[..., n, m] (leading axes are a batch). Returns fp32.
 
     X <- X / (||X||_F + eps) per matrix, then for each (a, b, c) in ``coeffs``:
-    A = X X^T; X <- (a I + b A + c A A) X. X is transposed first when n > m.
+    A = X X^T; X <- (a I + b A + c A A) X. When n > m this is computed on the smaller Gram matrix
+    A = X^T X as X <- X (a I + b A + c A A), the same map (X (X^T X)^k = (X X^T)^k X), so X is never
+    transposed (a transpose is a pass over X in memory each way).
 
     ns_dtype: dtype of the matmul operands, their products and the stored iterate X. fp32 runs at
     Precision.HIGHEST; bf16 (or another dtype) runs at default precision. The GEMMs accumulate and
@@ -121,9 +123,10 @@ def hybrid_newton_schulz(x: jax.Array, *, ns_dtype=F32, eps: float = 1e-7,
     x = x.astype(F32)
     norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True))
     x = x / (norm + eps)
-    transposed = x.shape[-2] > x.shape[-1]
-    if transposed:
-        x = jnp.swapaxes(x, -1, -2)
+    tall = x.shape[-2] > x.shape[-1]
+    # (Gram matrix, polynomial applied to X) as einsums over X [..., n, m] and P [..., r, r]
+    gram_eq, apply_eq = (("...ki,...kj->...ij", "...kj,...ji->...ki") if tall else
+                         ("...ik,...jk->...ij", "...ij,...jk->...ik"))
     ns_dtype = jnp.dtype(ns_dtype)
     precision = jax.lax.Precision.HIGHEST if ns_dtype == jnp.dtype(F32) else jax.lax.Precision.DEFAULT
 
@@ -134,23 +137,21 @@ def hybrid_newton_schulz(x: jax.Array, *, ns_dtype=F32, eps: float = 1e-7,
         return jnp.einsum(eq, a.astype(ns_dtype), b.astype(ns_dtype), precision=precision,
                           preferred_element_type=ns_dtype)
 
-    eye = jnp.eye(x.shape[-2], dtype=F32)
+    eye = jnp.eye(min(x.shape[-2:]), dtype=F32)
 
     def step(x, abc):
         # a X + (b A + c A A) X is computed as (a I + b A + c A A) X: one GEMM writes the new X, with
-        # no elementwise pass over X (an n x n polynomial is cheap; X is n x m with m >= n). The
+        # no elementwise pass over X (an r x r polynomial is cheap; X is r x m with m >= r). The
         # polynomial is summed in fp32 and stored in ns_dtype, like every GEMM operand.
         a, b, c = abc[0], abc[1], abc[2]
-        gram = mm("...ik,...jk->...ij", x, x)
+        gram = mm(gram_eq, x, x)
         poly = a * eye + b * gram.astype(F32) + c * mm("...ij,...jk->...ik", gram, gram).astype(F32)
-        return mm("...ij,...jk->...ik", poly, x), None
+        return mm(apply_eq, poly, x) if not tall else mm(apply_eq, x, poly), None
 
     # Two steps per loop iteration: with one, the new X (a GEMM's output) cannot be written over the
     # carried X that the same GEMM reads, so XLA copied X back into the carry every step (on an H200
     # 15 ms a step for V4-Flash-8l's experts). With two, the second step writes over the first's input.
     x, _ = jax.lax.scan(step, x.astype(ns_dtype), jnp.asarray(coeffs, F32), unroll=2)
-    if transposed:
-        x = jnp.swapaxes(x, -1, -2)
     return x.astype(F32)
 
 

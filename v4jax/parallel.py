@@ -60,6 +60,9 @@ class ParallelConfig:
     head's cross-entropy. They bound memory per step and never change a result.
     attention_kernel: the index-list attention as "xla" (``v4jax.attention.sparse_attention``) or
     "pallas" (``v4jax.attention_kernel``'s Triton kernels on GPU, interpreted on CPU; same result).
+    csa_mask_ratio: in the xla attention, CSA's top-k entries are a mask over all of a row's entries
+    (dense matmuls, no gathers) while the row has at most csa_mask_ratio x index_topk entries (at
+    4: sequences up to 16 x index_topk tokens); 0: always gathered. Never changes a result.
     """
 
     data: int = -1
@@ -73,8 +76,9 @@ class ParallelConfig:
     scan_layers: bool = True  # train on the scan layout (v4jax.scan): compile time independent of depth
     attention_chunk: int = 512
     indexer_key_chunk: int = 8192
-    loss_chunk: int = 1024
+    loss_chunk: int = 4096
     attention_kernel: str = "xla"
+    csa_mask_ratio: int = 4
 
     def __post_init__(self):
         sizes = [self.data, self.fsdp, self.expert, self.tensor]
@@ -87,6 +91,9 @@ class ParallelConfig:
             raise ShardingError(f"parallel.moe_backend={self.moe_backend!r}: auto, ragged_dot, padded or tokamax")
         if not self.capacity_factor > 0:
             raise ShardingError(f"parallel.capacity_factor={self.capacity_factor!r}: must be > 0")
+        if not (isinstance(self.csa_mask_ratio, int) and not isinstance(self.csa_mask_ratio, bool)
+                and self.csa_mask_ratio >= 0):
+            raise ShardingError(f"parallel.csa_mask_ratio={self.csa_mask_ratio!r}: must be an integer >= 0")
         for name in ("attention_chunk", "indexer_key_chunk", "loss_chunk"):
             v = getattr(self, name)
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):

@@ -25,7 +25,7 @@ import yaml
 
 from v4jax.config import ConfigError, ModelConfig, load_yaml
 from v4jax.data import DataConfig
-from v4jax.losses import layer_routing_stats, masked_mean, routing_losses, token_nll, update_router_bias
+from v4jax.losses import layer_routing_stats, routing_losses, update_router_bias, weighted_nll
 from v4jax.model import forward, param_count
 from v4jax.optim import v4_optimizer
 from v4jax.parallel import ParallelConfig, ShardingError, param_shardings, shard_like_params
@@ -188,8 +188,9 @@ def loss_fn(params, batch, config: ModelConfig, cfg: TrainConfig, step, parallel
         stats["mtp"] = out["mtp_routing"]
     chunk = (parallel or ParallelConfig()).loss_chunk
 
-    def ce(hidden, targets, loss_mask):
-        return masked_mean(token_nll(hidden, params["head"], targets, chunk), loss_mask)
+    def ce(hidden, targets, loss_mask):  # the mean over the masked tokens
+        weights = loss_mask.astype(F32)
+        return weighted_nll(hidden, params["head"], targets, weights / jnp.maximum(jnp.sum(weights), 1.0), chunk)
 
     lm = ce(out["hidden"], batch["targets"], batch["loss_mask"])
     balance, indexer = routing_losses(list(stats.values()))
@@ -268,8 +269,8 @@ def make_eval_step(config: ModelConfig, dtype=F32, parallel=None, mesh=None):
                                      ("mtp", out.get("mtp_hidden"), batch["mtp_targets"], batch["mtp_mask"])):
             if hidden is None:
                 continue
-            nll = token_nll(hidden.astype(F32), params["head"], tgt, chunk)  # the fp32 head, as in logits
-            res[f"{name}_nll"] = jnp.sum(nll * m)
+            # the fp32 head, as in logits
+            res[f"{name}_nll"] = weighted_nll(hidden.astype(F32), params["head"], tgt, m.astype(F32), chunk)
             res[f"{name}_tokens"] = jnp.sum(m)
         return res
 
