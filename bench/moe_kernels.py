@@ -4,9 +4,9 @@
 
 Rows m = tokens x experts per token, sorted by expert with group sizes drawn as the router's would
 be at random (multinomial, uniform experts). For the up projection (x [m, d] times fused w1|w3
-[e, d, 2f]) and the down projection (h [m, f] times w2 [e, f, d]) it times the forward product
-(ragged rows), the input gradient (ragged rows, transposed weights) and the weight gradient
-(ragged contracting dimension -> [e, k, n]) with each kernel, through the model's own
+[e, 2f, d], transposed) and the down projection (h [m, f] times w2 [e, d, f], transposed) it times
+the forward product (ragged rows), the input gradient (ragged rows) and the weight gradient (ragged
+contracting dimension -> [e, n, k]) with each kernel, through the model's own
 ``v4jax.moe.ragged_product``: ``xla`` (jax.lax.ragged_dot_general) and tokamax's ``mosaic`` and
 ``triton``. bf16 inputs, fp32 accumulation, bf16 output. Median of 10 runs after 3, in TFLOP/s
 (2 m k n per product). ``--autotune F`` runs tokamax's autotuner on the
@@ -38,13 +38,14 @@ def product(kind: str, impl: str):
 
 
 def operands(kind, m, k, n, g, sizes, key):
+    """The two operands of product ``kind`` with weights [g, n, k] (the model's [out, in] layout)."""
     ka, kb = jax.random.split(key)
     bf = jnp.bfloat16
     if kind == "fwd":
-        return jax.random.normal(ka, (m, k), bf), jax.random.normal(kb, (g, k, n), bf) * 0.02
+        return jax.random.normal(ka, (m, k), bf), jax.random.normal(kb, (g, n, k), bf) * 0.02
     if kind == "dlhs":
-        return jax.random.normal(ka, (m, n), bf), jax.random.normal(kb, (g, k, n), bf) * 0.02
-    return jax.random.normal(ka, (m, k), bf), jax.random.normal(kb, (m, n), bf)
+        return jax.random.normal(ka, (m, n), bf), jax.random.normal(kb, (g, n, k), bf) * 0.02
+    return jax.random.normal(ka, (m, n), bf), jax.random.normal(kb, (m, k), bf)
 
 
 def in_space(config, space: str) -> bool:

@@ -152,6 +152,7 @@ def main():
     by_scope, by_op, paths, counts = (collections.Counter(), collections.Counter(), {}, collections.Counter())
     unscoped, unscoped_calls = collections.Counter(), collections.Counter()  # "other" by HLO instruction
     other_by_comp = collections.Counter()  # "other" by the computation (loop body) its instruction is in
+    copies = collections.Counter()  # device-to-device copies by HLO op name
     hlo_text = compiled.as_text()
     if args.hlo_out:
         with gzip.open(args.hlo_out, "wt") as f:
@@ -168,6 +169,8 @@ def main():
             unscoped[hlo_op] += ns
             unscoped_calls[hlo_op] += 1
             comp, text = instructions.get(hlo_op, ("?", ""))
+            if name == "MemcpyD2D":
+                copies[hlo_op] += ns
             other_by_comp[comp, name if name == "MemcpyD2D" else "kernels", text.split(" ")[0][:60]] += ns
     total = sum(by_scope.values())
     peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
@@ -185,6 +188,10 @@ def main():
     print(f"\n{'ms':>9}  'other' by computation, copies or kernels, result shape")
     for (comp, kind, shape), ns in other_by_comp.most_common(args.top):
         print(f"{ns / 1e6:9.2f}  {comp[:60]}  {kind}  {shape}")
+    print(f"\ndevice-to-device copies: {len(copies)} ops, {sum(copies.values()) / 1e6:.1f} ms; the costliest:")
+    for op, ns in copies.most_common(12):
+        comp, text = instructions.get(op, ("?", "(not in the compiled HLO text)"))
+        print(f"{ns / 1e6:9.2f}  {op} in {comp}: {text[:160]}")
     print(f"\n{'ms':>9} {'calls':>6}  'other' by HLO instruction: computation, instruction")
     for op, ns in unscoped.most_common(args.top):
         comp, text = instructions.get(op, ("?", "?"))

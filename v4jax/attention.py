@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from v4jax.config import CSA, SWA, ModelConfig
-from v4jax.layers import F32, apply_rope, linear, linear_f32, rms_norm, rope_angles, rope_frequencies
+from v4jax.layers import F32, apply_rope, einsum_f32, linear, linear_f32, rms_norm, rope_angles, rope_frequencies
 from v4jax.params import Init, declare, matrix, pure, vector
 
 NEG_INF = -jnp.inf
@@ -359,14 +359,14 @@ def attend(q, keys, ok, sink, entry_keys=None, entry_idx=None, entry_ok=None, wi
     probability summed over heads ([b, q, k] or [b, q, e]), else None.
     """
     scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bqhc,bjc->bqhj", q, keys, preferred_element_type=F32) * scale
+    logits = einsum_f32("bqhc,bjc->bqhj", q, keys) * scale
     logits = jnp.where(ok[:, :, None, :], logits, NEG_INF)
     mx = jnp.maximum(jnp.max(logits, axis=-1), sink)  # [b, q, h]
     if entry_keys is not None:
         if entry_idx is not None:
             elog = listed_dot(q, entry_keys, entry_idx) * scale
         else:
-            elog = jnp.einsum("bqhc,bkc->bqhk", q, entry_keys, preferred_element_type=F32) * scale
+            elog = einsum_f32("bqhc,bkc->bqhk", q, entry_keys) * scale
         elog = jnp.where(entry_ok[:, :, None, :], elog, NEG_INF)
         mx = jnp.maximum(mx, jnp.max(elog, axis=-1))
     mx = jax.lax.stop_gradient(mx)
@@ -376,12 +376,12 @@ def attend(q, keys, ok, sink, entry_keys=None, entry_idx=None, entry_ok=None, wi
         p_ent = jnp.exp(elog - mx[..., None])
         denom = denom + jnp.sum(p_ent, axis=-1)
     inv = (1.0 / denom)[..., None]
-    out = jnp.einsum("bqhj,bjc->bqhc", (p_win * inv).astype(q.dtype), keys, preferred_element_type=F32)
+    out = einsum_f32("bqhj,bjc->bqhc", (p_win * inv).astype(q.dtype), keys)
     probs = None
     if entry_keys is not None:
         p_out = (p_ent * inv).astype(q.dtype)
         out = out + (listed_combine(p_out, entry_keys, entry_idx) if entry_idx is not None else
-                     jnp.einsum("bqhk,bkc->bqhc", p_out, entry_keys, preferred_element_type=F32))
+                     einsum_f32("bqhk,bkc->bqhc", p_out, entry_keys))
         if with_probs:
             probs = jnp.sum(p_ent * inv, axis=2)
     return out.astype(q.dtype), probs

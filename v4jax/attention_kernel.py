@@ -53,7 +53,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from v4jax.attention import QUERY_CHUNK, Entries, _chunks, _pad_axis1, _unchunk, listed_dot
-from v4jax.layers import F32
+from v4jax.layers import F32, einsum_f32
 
 MIN_HEADS = 16  # Triton's smallest dot operand side: the heads are padded up to it
 
@@ -170,7 +170,7 @@ def _entry_probs(q, lse, entries: Entries, entry_idx, seg, pos, query_chunk: int
             logits, ok = listed_dot(qb, entries.keys, ib) * scale, ib >= 0
         else:
             qb, lb, sb, pb = xs
-            logits = jnp.einsum("bqhc,bkc->bqhk", qb, entries.keys, preferred_element_type=F32) * scale
+            logits = einsum_f32("bqhc,bkc->bqhk", qb, entries.keys) * scale
             ok = entries.visible(sb, pb)
         # masked logits are finite (a listed -1 reads entry 0), so where() passes no NaN gradient
         return jnp.sum(jnp.where(ok[:, :, None, :], jnp.exp(logits - lb[..., None]), 0.0), axis=2)

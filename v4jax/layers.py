@@ -8,6 +8,7 @@ unscaled. There is no YaRN attention temperature.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -35,6 +36,29 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
 def linear_f32(x: jax.Array, w: jax.Array) -> jax.Array:
     """The same with both sides upcast to fp32 (router, compressor, mHC and the head run in fp32)."""
     return jnp.einsum("...i,oi->...o", x.astype(F32), w.astype(F32))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def einsum_f32(eq: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``jnp.einsum(eq, a, b)`` accumulated and returned in fp32, whose backward pass rounds the
+    cotangent to the operands' dtype first (as flash attention keeps its softmax gradient in bf16).
+    With bf16 operands the gradient products are then bf16 GEMMs; autodiff would feed them the fp32
+    cotangent and run them in fp32 (TF32 on a GPU): half the rate, twice the bytes. With fp32
+    operands this is the plain fp32 einsum."""
+    return jnp.einsum(eq, a, b, preferred_element_type=F32)
+
+
+def _einsum_f32_fwd(eq, a, b):
+    return einsum_f32(eq, a, b), (a, b)
+
+
+def _einsum_f32_bwd(eq, res, g):
+    a, b = res
+    _, vjp = jax.vjp(lambda a, b: jnp.einsum(eq, a, b), a, b)
+    return vjp(g.astype(jnp.result_type(a, b)))
+
+
+einsum_f32.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
 
 
 # --------------------------------------------------------------------------------------------------

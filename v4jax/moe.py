@@ -73,9 +73,11 @@ def shared_expert(x: jax.Array, p: dict, limit: float) -> jax.Array:
 
 
 # The grouped matmul's three products as ragged dot dimension numbers (jax.lax.ragged_dot_general).
-FWD = jax.lax.RaggedDotDimensionNumbers((([1], [1]), ([], [])), [0], [0])  # x [m, k] . w [g, k, n] -> [m, n]
-DLHS = jax.lax.RaggedDotDimensionNumbers((([1], [2]), ([], [])), [0], [0])  # dy [m, n] . w [g, k, n] -> [m, k]
-DRHS = jax.lax.RaggedDotDimensionNumbers((([0], [0]), ([], [])), [0], [])  # x [m, k] . dy [m, n] -> [g, k, n]
+# The weights keep the checkpoint's [out, in] layout, w [g, n, k], so no product transposes them
+# or their gradient in memory, and the gradient comes out in the parameter's layout.
+FWD = jax.lax.RaggedDotDimensionNumbers((([1], [2]), ([], [])), [0], [0])  # x [m, k] . w [g, n, k] -> [m, n]
+DLHS = jax.lax.RaggedDotDimensionNumbers((([1], [1]), ([], [])), [0], [0])  # dy [m, n] . w [g, n, k] -> [m, k]
+DRHS = jax.lax.RaggedDotDimensionNumbers((([0], [0]), ([], [])), [0], [])  # dy [m, n] . x [m, k] -> [g, n, k]
 
 # tokamax's kernel per product on GPU (forward, input gradient, weight gradient). Mosaic for all
 # three: on the H200 it ran them at 120-240 TFLOP/s against XLA's 6-12 (bench/moe_kernels.py,
@@ -117,8 +119,8 @@ def ragged_product(a: jax.Array, b: jax.Array, sizes: jax.Array, dims, kernel: s
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def kernel_grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, kernels: tuple[str, str, str]):
-    """x [m, k] (rows sorted by group) times w [g, k, n] -> [m, n], each product by its own kernel:
-    ``kernels`` = (forward, input gradient, weight gradient), see ``ragged_product``."""
+    """x [m, k] (rows sorted by group) times w [g, n, k] (transposed) -> [m, n], each product by its
+    own kernel: ``kernels`` = (forward, input gradient, weight gradient), see ``ragged_product``."""
     return ragged_product(x, w, sizes, FWD, kernels[0])
 
 
@@ -130,7 +132,7 @@ def _kernel_gmm_bwd(kernels, res, dy):
     x, w, sizes = res
     dy = dy.astype(x.dtype)
     dx = ragged_product(dy, w, sizes, DLHS, kernels[1])
-    dw = ragged_product(x, dy, sizes, DRHS, kernels[2]).astype(w.dtype)
+    dw = ragged_product(dy, x, sizes, DRHS, kernels[2]).astype(w.dtype)
     return dx, dw, None
 
 
@@ -138,10 +140,12 @@ kernel_grouped_matmul.defvjp(_kernel_gmm_fwd, _kernel_gmm_bwd)
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, backend: str = "ragged_dot",
-                   capacity_factor: float = 2.0) -> jax.Array:
-    """Rows of x [m, k], sorted by group, times their group's matrix w [g, k, n] -> [m, n] in x's dtype.
+                   capacity_factor: float = 2.0, every_row_grouped: bool = False) -> jax.Array:
+    """Rows of x [m, k], sorted by group, times their group's matrix w [g, n, k] (stored [out, in],
+    as the checkpoint has it), transposed -> [m, n] in x's dtype.
 
-    ``sizes`` [g] counts the rows of each group (rows past their sum give zeros). Backends:
+    ``sizes`` [g] counts the rows of each group (rows past their sum give zeros;
+    ``every_row_grouped``: the caller guarantees sum(sizes) = m, so there are none). Backends:
     ``ragged_dot`` (jax.lax.ragged_dot and its autodiff, the reference), ``tokamax`` (tokamax's
     kernels, one per product: ``TOKAMAX_KERNELS``; GPU/TPU), ``auto`` (``resolve_backend``) and
     ``padded`` (scatter into [g, cap, k] with cap = ceil(capacity_factor * m / g), one batched
@@ -149,13 +153,13 @@ def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, backend: str = 
     """
     backend = resolve_backend(backend)
     if backend == "ragged_dot":
-        return jax.lax.ragged_dot(x, w, sizes)
+        return jax.lax.ragged_dot_general(x, w, sizes, FWD)
     if backend == "tokamax":
         if importlib.util.find_spec("tokamax") is None:
             raise ImportError("parallel.moe_backend='tokamax' needs the tokamax package (Python >= 3.12, "
                               "GPU or TPU): pip install tokamax, or use auto / ragged_dot / padded")
         gmm = functools.partial(kernel_grouped_matmul, kernels=TOKAMAX_KERNELS)
-        return zero_unvisited_rows(gmm, x, w, sizes)
+        return gmm(x, w, sizes) if every_row_grouped else zero_unvisited_rows(gmm, x, w, sizes)
     if backend != "padded":
         raise ValueError(f"unknown grouped-matmul backend {backend!r}")
     m, g = x.shape[0], w.shape[0]
@@ -166,7 +170,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, backend: str = 
     ok = (group < g) & (offset < cap)
     slot = jnp.where(ok, group * cap + offset, g * cap)  # g * cap: dropped
     padded = jnp.zeros((g * cap + 1, x.shape[1]), x.dtype).at[slot].set(x)[:-1].reshape(g, cap, -1)
-    out = jnp.einsum("gck,gkn->gcn", padded, w.astype(x.dtype)).reshape(g * cap, -1)
+    out = jnp.einsum("gck,gnk->gcn", padded, w.astype(x.dtype)).reshape(g * cap, -1)
     return jnp.where(ok[:, None], out[jnp.minimum(slot, g * cap - 1)], 0).astype(out.dtype)
 
 
@@ -190,19 +194,19 @@ def zero_unvisited_rows(matmul, x: jax.Array, w: jax.Array, sizes: jax.Array) ->
 
 
 def expert_ffn(xs: jax.Array, sizes: jax.Array, weights: jax.Array, p: dict, limit: float, backend: str,
-               capacity_factor: float = 2.0) -> tuple[jax.Array, jax.Array]:
+               capacity_factor: float = 2.0, every_row_grouped: bool = False) -> tuple[jax.Array, jax.Array]:
     """The routed SwiGLU on rows grouped by expert. xs [m, d] sorted by expert, sizes [e],
-    weights [m] routing weight per row (applied before w2). Returns (ys [m, d] in xs's dtype,
-    dropped): the rows that got no output, those past an expert's capacity in the ``padded``
-    backend (0 otherwise).
+    weights [m] routing weight per row (applied before w2); ``every_row_grouped`` as in
+    ``grouped_matmul``. Returns (ys [m, d] in xs's dtype, dropped): the rows that got no output,
+    those past an expert's capacity in the ``padded`` backend (0 otherwise).
 
-    w1 and w3 run as one grouped matmul on [e, d, 2f] (one pass over the rows instead of two); the
+    w1 and w3 run as one grouped matmul on [e, 2f, d] (one pass over the rows instead of two); the
     concatenation fuses with the cast of the fp32 weights to the compute dtype.
     """
     f = p["w1"].shape[1]
-    w13 = jnp.swapaxes(jnp.concatenate([p["w1"], p["w3"]], axis=1), 1, 2).astype(xs.dtype)  # [e, d, 2f]
-    w2 = jnp.swapaxes(p["w2"], 1, 2).astype(xs.dtype)  # [e, f, d]
-    mm = lambda a, w: grouped_matmul(a, w, sizes, backend, capacity_factor)  # noqa: E731
+    w13 = jnp.concatenate([p["w1"], p["w3"]], axis=1).astype(xs.dtype)  # [e, 2f, d]
+    w2 = p["w2"].astype(xs.dtype)  # [e, d, f]
+    mm = lambda a, w: grouped_matmul(a, w, sizes, backend, capacity_factor, every_row_grouped)  # noqa: E731
     gate_up = mm(xs, w13)
     hidden = swiglu(gate_up[:, :f], gate_up[:, f:], weights, limit)
     dropped = jnp.zeros((), jnp.int32)
@@ -266,8 +270,9 @@ def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, p: dict, li
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=jnp.int32))
     sizes = jnp.bincount(flat, length=p["w1"].shape[0]).astype(jnp.int32)
     expert_weights = dispatch(weights.reshape(-1, 1), order, inverse, 1)[:, 0]
+    # every (token, choice) pair is a row of its expert: no rows past the groups' total
     ys, dropped = expert_ffn(dispatch(x, order, inverse, k), sizes, expert_weights, p, limit, backend,
-                             capacity_factor)
+                             capacity_factor, every_row_grouped=True)
     return combine(ys, order, inverse, k), dropped
 
 
