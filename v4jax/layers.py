@@ -19,8 +19,13 @@ from v4jax.config import SWA, ModelConfig
 F32 = jnp.float32
 
 
+@functools.partial(jax.checkpoint, static_argnums=(2,))
 def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
-    """RMSNorm over the last axis, computed in fp32 and cast back to x's dtype."""
+    """RMSNorm over the last axis, computed in fp32 and cast back to x's dtype.
+
+    Checkpointed: the backward pass recomputes the fp32 normalised values from x instead of keeping
+    them (in a scanned bf16 training step they were fp32 residuals of the queries' and the
+    hidden state's shape, copied into and out of the scan's stacks)."""
     xf = x.astype(F32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     if weight is not None:
