@@ -4,9 +4,9 @@
 
 Rows m = tokens x experts per token, sorted by expert with group sizes drawn as the router's would
 be at random (multinomial, uniform experts). For the up projection (x [m, d] times fused w1|w3
-[e, 2f, d], transposed) and the down projection (h [m, f] times w2 [e, d, f], transposed) it times
-the forward product (ragged rows), the input gradient (ragged rows) and the weight gradient (ragged
-contracting dimension -> [e, n, k]) with each kernel, through the model's own
+[e, d, 2f]) and the down projection (h [m, f] times w2 [e, f, d]) it times the forward product
+(ragged rows), the input gradient (ragged rows, transposed weights) and the weight gradient
+(ragged contracting dimension -> [e, k, n]) with each kernel, through the model's own
 ``v4jax.moe.ragged_product``: ``xla`` (jax.lax.ragged_dot_general) and tokamax's ``mosaic`` and
 ``triton``. bf16 inputs, fp32 accumulation, bf16 output. Median of 10 runs after 3, in TFLOP/s
 (2 m k n per product). ``--autotune F`` runs tokamax's autotuner on the
@@ -38,14 +38,42 @@ def product(kind: str, impl: str):
 
 
 def operands(kind, m, k, n, g, sizes, key):
-    """The two operands of product ``kind`` with weights [g, n, k] (the model's [out, in] layout)."""
     ka, kb = jax.random.split(key)
     bf = jnp.bfloat16
     if kind == "fwd":
-        return jax.random.normal(ka, (m, k), bf), jax.random.normal(kb, (g, n, k), bf) * 0.02
+        return jax.random.normal(ka, (m, k), bf), jax.random.normal(kb, (g, k, n), bf) * 0.02
     if kind == "dlhs":
-        return jax.random.normal(ka, (m, n), bf), jax.random.normal(kb, (g, n, k), bf) * 0.02
-    return jax.random.normal(ka, (m, n), bf), jax.random.normal(kb, (m, k), bf)
+        return jax.random.normal(ka, (m, n), bf), jax.random.normal(kb, (g, k, n), bf) * 0.02
+    return jax.random.normal(ka, (m, k), bf), jax.random.normal(kb, (m, n), bf)
+
+
+def in_space(config, space: str) -> bool:
+    """Whether a tokamax Mosaic ragged-dot config is searched: ``full`` is tokamax's whole sm90 space
+    (384 per product, more than a device call's budget at two configs' six products); ``small``
+    keeps its block_m 64 / 128, block_k 128 / 256, no grid tiling (32 per product)."""
+    return space == "full" or (config.block_m in (64, 128) and config.block_k in (128, 256)
+                               and config.grid_tile_width == 1)
+
+
+def autotune(tokamax, fn, ops, space: str, path: str):
+    """tokamax's autotuner over each tokamax op in ``fn(*ops)``, restricted to ``in_space``; the
+    result (``tokamax.AutotuningResult``, loaded by ``v4jax.moe.tokamax_tuning``) is merged into the
+    one already at ``path`` (other shapes' entries stay) and written there."""
+    data = []
+    for ba in tokamax.autotuning.get_bound_args(fn, *ops):
+        configs = {c for c in ba.autotuning_configs if in_space(c, space)}
+        t = time.perf_counter()
+        tuned = ba.autotune(configs, cache_results=False)
+        print(f"  {len(configs)} configs in {time.perf_counter() - t:.0f} s: {tuned.fastest_config}", flush=True)
+        data.append((ba, tuned))
+    old = ()
+    if os.path.exists(path):
+        with open(path) as fh:
+            old = tokamax.AutotuningResult.loads(fh.read()).data
+    res = tokamax.AutotuningResult(jax.devices()[0].device_kind, tuple(old) + tuple(data))
+    with open(path, "w") as fh:
+        fh.write(res.dumps(prune_errors=True))
+    return res
 
 
 def in_space(config, space: str) -> bool:

@@ -179,11 +179,6 @@ def test_grouped_matmul_backends(backend):
     assert rel(got, ref) <= 1e-5
 
 
-def _ragged_dot_out_in(x, w, sizes):
-    """jax.lax.ragged_dot with weights stored [g, out, in] (the reference, autodiff for gradients)."""
-    return jax.lax.ragged_dot(x, jnp.swapaxes(w, 1, 2), sizes)
-
-
 def _kernel_leaving_unvisited_rows_nan():
     """A grouped matmul that behaves like a tiled GPU kernel: output rows past sum(sizes) are never
     written (NaN here), and the weight gradient masks rows by multiplying with a 0/1 group mask,
@@ -193,8 +188,8 @@ def _kernel_leaving_unvisited_rows_nan():
         return jnp.where((jnp.arange(m) < jnp.sum(sizes))[:, None], 0.0, jnp.nan) * jnp.ones((m, n))
 
     @jax.custom_vjp
-    def mm(x, w, sizes):  # w [g, n, k], as v4jax.moe.grouped_matmul takes it
-        return _ragged_dot_out_in(x, w, sizes) + unwritten(x.shape[0], w.shape[1], sizes)
+    def mm(x, w, sizes):
+        return jax.lax.ragged_dot(x, w, sizes) + unwritten(x.shape[0], w.shape[2], sizes)
 
     def fwd(x, w, sizes):
         return mm(x, w, sizes), (x, w, sizes)
@@ -203,8 +198,8 @@ def _kernel_leaving_unvisited_rows_nan():
         x, w, sizes = res
         group = jnp.searchsorted(jnp.cumsum(sizes), jnp.arange(x.shape[0]), side="right")
         member = jax.nn.one_hot(group, w.shape[0], dtype=x.dtype)  # [m, g]; rows past the end: all 0
-        dw = jnp.einsum("mg,mk,mn->gnk", member, x, dy)
-        dx = jnp.einsum("mg,mn,gnk->mk", member, dy, w) + unwritten(x.shape[0], x.shape[1], sizes)
+        dw = jnp.einsum("mg,mk,mn->gkn", member, x, dy)
+        dx = jnp.einsum("mg,mn,gkn->mk", member, dy, w) + unwritten(x.shape[0], x.shape[1], sizes)
         return dx, dw, None
 
     mm.defvjp(fwd, bwd)
@@ -216,8 +211,8 @@ def test_unvisited_rows_cannot_poison_gradients():
 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(12, 8)), jnp.float32)
-    w1 = jnp.asarray(rng.normal(size=(3, 5, 8)), jnp.float32)  # [g, out, in]
-    w2 = jnp.asarray(rng.normal(size=(3, 8, 5)), jnp.float32)
+    w1 = jnp.asarray(rng.normal(size=(3, 8, 5)), jnp.float32)
+    w2 = jnp.asarray(rng.normal(size=(3, 5, 8)), jnp.float32)
     sizes = jnp.array([3, 0, 4], jnp.int32)  # rows 7.. are empty slots, as in the capacity dispatch
     valid = (jnp.arange(12) < 7)[:, None]
     kernel = _kernel_leaving_unvisited_rows_nan()
@@ -228,7 +223,7 @@ def test_unvisited_rows_cannot_poison_gradients():
 
     grad = jax.grad(loss, argnums=(1, 2))
     assert not np.isfinite(grad(kernel, w1, w2)[1]).all()  # the hazard is real without the mask
-    reference = grad(_ragged_dot_out_in, w1, w2)
+    reference = grad(jax.lax.ragged_dot, w1, w2)
     got = grad(lambda a, w, s: zero_unvisited_rows(kernel, a, w, s), w1, w2)
     for g, r in zip(got, reference):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
@@ -242,10 +237,10 @@ def test_kernel_grouped_matmul_vjp_matches_autodiff():
 
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(13, 6)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(4, 5, 6)), jnp.float32)  # [g, out, in]
+    w = jnp.asarray(rng.normal(size=(4, 6, 5)), jnp.float32)
     sizes = jnp.array([4, 0, 5, 2], jnp.int32)  # 11 of 13 rows
     dy = jnp.asarray(rng.normal(size=(13, 5)), jnp.float32) * (jnp.arange(13) < 11)[:, None]
-    ref, ref_vjp = jax.vjp(lambda a, b: _ragged_dot_out_in(a, b, sizes), x, w)
+    ref, ref_vjp = jax.vjp(lambda a, b: jax.lax.ragged_dot(a, b, sizes), x, w)
     got, got_vjp = jax.vjp(lambda a, b: kernel_grouped_matmul(a, b, sizes, ("xla", "xla", "xla")), x, w)
     assert rel(got, ref) <= 1e-5
     for g, r in zip(got_vjp(dy), ref_vjp(dy)):

@@ -73,11 +73,9 @@ def shared_expert(x: jax.Array, p: dict, limit: float) -> jax.Array:
 
 
 # The grouped matmul's three products as ragged dot dimension numbers (jax.lax.ragged_dot_general).
-# The weights keep the checkpoint's [out, in] layout, w [g, n, k], so no product transposes them
-# or their gradient in memory, and the gradient comes out in the parameter's layout.
-FWD = jax.lax.RaggedDotDimensionNumbers((([1], [2]), ([], [])), [0], [0])  # x [m, k] . w [g, n, k] -> [m, n]
-DLHS = jax.lax.RaggedDotDimensionNumbers((([1], [1]), ([], [])), [0], [0])  # dy [m, n] . w [g, n, k] -> [m, k]
-DRHS = jax.lax.RaggedDotDimensionNumbers((([0], [0]), ([], [])), [0], [])  # dy [m, n] . x [m, k] -> [g, n, k]
+FWD = jax.lax.RaggedDotDimensionNumbers((([1], [1]), ([], [])), [0], [0])  # x [m, k] . w [g, k, n] -> [m, n]
+DLHS = jax.lax.RaggedDotDimensionNumbers((([1], [2]), ([], [])), [0], [0])  # dy [m, n] . w [g, k, n] -> [m, k]
+DRHS = jax.lax.RaggedDotDimensionNumbers((([0], [0]), ([], [])), [0], [])  # x [m, k] . dy [m, n] -> [g, k, n]
 
 # tokamax's kernel per product on GPU (forward, input gradient, weight gradient). Mosaic for all
 # three: on the H200 it ran them at 120-240 TFLOP/s against XLA's 6-12 (bench/moe_kernels.py,
@@ -119,8 +117,8 @@ def ragged_product(a: jax.Array, b: jax.Array, sizes: jax.Array, dims, kernel: s
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def kernel_grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, kernels: tuple[str, str, str]):
-    """x [m, k] (rows sorted by group) times w [g, n, k] (transposed) -> [m, n], each product by its
-    own kernel: ``kernels`` = (forward, input gradient, weight gradient), see ``ragged_product``."""
+    """x [m, k] (rows sorted by group) times w [g, k, n] -> [m, n], each product by its own kernel:
+    ``kernels`` = (forward, input gradient, weight gradient), see ``ragged_product``."""
     return ragged_product(x, w, sizes, FWD, kernels[0])
 
 
@@ -132,7 +130,7 @@ def _kernel_gmm_bwd(kernels, res, dy):
     x, w, sizes = res
     dy = dy.astype(x.dtype)
     dx = ragged_product(dy, w, sizes, DLHS, kernels[1])
-    dw = ragged_product(dy, x, sizes, DRHS, kernels[2]).astype(w.dtype)
+    dw = ragged_product(x, dy, sizes, DRHS, kernels[2]).astype(w.dtype)
     return dx, dw, None
 
 
@@ -141,8 +139,7 @@ kernel_grouped_matmul.defvjp(_kernel_gmm_fwd, _kernel_gmm_bwd)
 
 def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, backend: str = "ragged_dot",
                    capacity_factor: float = 2.0, every_row_grouped: bool = False) -> jax.Array:
-    """Rows of x [m, k], sorted by group, times their group's matrix w [g, n, k] (stored [out, in],
-    as the checkpoint has it), transposed -> [m, n] in x's dtype.
+    """Rows of x [m, k], sorted by group, times their group's matrix w [g, k, n] -> [m, n] in x's dtype.
 
     ``sizes`` [g] counts the rows of each group (rows past their sum give zeros;
     ``every_row_grouped``: the caller guarantees sum(sizes) = m, so there are none). Backends:
@@ -153,7 +150,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, backend: str = 
     """
     backend = resolve_backend(backend)
     if backend == "ragged_dot":
-        return jax.lax.ragged_dot_general(x, w, sizes, FWD)
+        return jax.lax.ragged_dot(x, w, sizes)
     if backend == "tokamax":
         if importlib.util.find_spec("tokamax") is None:
             raise ImportError("parallel.moe_backend='tokamax' needs the tokamax package (Python >= 3.12, "
@@ -170,7 +167,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, backend: str = 
     ok = (group < g) & (offset < cap)
     slot = jnp.where(ok, group * cap + offset, g * cap)  # g * cap: dropped
     padded = jnp.zeros((g * cap + 1, x.shape[1]), x.dtype).at[slot].set(x)[:-1].reshape(g, cap, -1)
-    out = jnp.einsum("gck,gnk->gcn", padded, w.astype(x.dtype)).reshape(g * cap, -1)
+    out = jnp.einsum("gck,gkn->gcn", padded, w.astype(x.dtype)).reshape(g * cap, -1)
     return jnp.where(ok[:, None], out[jnp.minimum(slot, g * cap - 1)], 0).astype(out.dtype)
 
 
@@ -200,12 +197,12 @@ def expert_ffn(xs: jax.Array, sizes: jax.Array, weights: jax.Array, p: dict, lim
     ``grouped_matmul``. Returns (ys [m, d] in xs's dtype, dropped): the rows that got no output,
     those past an expert's capacity in the ``padded`` backend (0 otherwise).
 
-    w1 and w3 run as one grouped matmul on [e, 2f, d] (one pass over the rows instead of two); the
+    w1 and w3 run as one grouped matmul on [e, d, 2f] (one pass over the rows instead of two); the
     concatenation fuses with the cast of the fp32 weights to the compute dtype.
     """
     f = p["w1"].shape[1]
-    w13 = jnp.concatenate([p["w1"], p["w3"]], axis=1).astype(xs.dtype)  # [e, 2f, d]
-    w2 = p["w2"].astype(xs.dtype)  # [e, d, f]
+    w13 = jnp.swapaxes(jnp.concatenate([p["w1"], p["w3"]], axis=1), 1, 2).astype(xs.dtype)  # [e, d, 2f]
+    w2 = jnp.swapaxes(p["w2"], 1, 2).astype(xs.dtype)  # [e, f, d]
     mm = lambda a, w: grouped_matmul(a, w, sizes, backend, capacity_factor, every_row_grouped)  # noqa: E731
     gate_up = mm(xs, w13)
     hidden = swiglu(gate_up[:, :f], gate_up[:, f:], weights, limit)
