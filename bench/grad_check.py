@@ -28,8 +28,8 @@ import long_context
 
 import v4jax
 from v4jax.config import model_config_from_yaml
-from v4jax.params import path_keys
 from v4jax.parallel import ParallelConfig
+from v4jax.params import path_keys
 from v4jax.trainer import TrainConfig, loss_fn
 
 VARIANTS = {"default": ("bfloat16", {}), "xla-moe": ("bfloat16", {"moe_backend": "ragged_dot"}),

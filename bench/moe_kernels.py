@@ -76,35 +76,6 @@ def autotune(tokamax, fn, ops, space: str, path: str):
     return res
 
 
-def in_space(config, space: str) -> bool:
-    """Whether a tokamax Mosaic ragged-dot config is searched: ``full`` is tokamax's whole sm90 space
-    (384 per product, more than a device call's budget at two configs' six products); ``small``
-    keeps its block_m 64 / 128, block_k 128 / 256, no grid tiling (32 per product)."""
-    return space == "full" or (config.block_m in (64, 128) and config.block_k in (128, 256)
-                               and config.grid_tile_width == 1)
-
-
-def autotune(tokamax, fn, ops, space: str, path: str):
-    """tokamax's autotuner over each tokamax op in ``fn(*ops)``, restricted to ``in_space``; the
-    result (``tokamax.AutotuningResult``, loaded by ``v4jax.moe.tokamax_tuning``) is merged into the
-    one already at ``path`` (other shapes' entries stay) and written there."""
-    data = []
-    for ba in tokamax.autotuning.get_bound_args(fn, *ops):
-        configs = {c for c in ba.autotuning_configs if in_space(c, space)}
-        t = time.perf_counter()
-        tuned = ba.autotune(configs, cache_results=False)
-        print(f"  {len(configs)} configs in {time.perf_counter() - t:.0f} s: {tuned.fastest_config}", flush=True)
-        data.append((ba, tuned))
-    old = ()
-    if os.path.exists(path):
-        with open(path) as fh:
-            old = tokamax.AutotuningResult.loads(fh.read()).data
-    res = tokamax.AutotuningResult(jax.devices()[0].device_kind, tuple(old) + tuple(data))
-    with open(path, "w") as fh:
-        fh.write(res.dumps(prune_errors=True))
-    return res
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/bench-flash-8l.yaml")
@@ -151,15 +122,17 @@ def main():
         chosen = dict(kv.split("=") for kv in args.chosen.split(","))
         t0 = time.perf_counter()
 
-        def all_products(*ops):
+        def all_products(group_sizes, *ops):
+            # group sizes as an argument, as the model passes them: a closed-over constant gave
+            # autotuning keys (a count and a total) that the model's calls (an array) never match
             outs, i = [], 0
             for name, (kk, n) in shapes.items():
                 for kind in ("fwd", "dlhs", "drhs"):
-                    outs.append(ragged_product(ops[i], ops[i + 1], sizes, DIMS[kind], chosen[kind]))
+                    outs.append(ragged_product(ops[i], ops[i + 1], group_sizes, DIMS[kind], chosen[kind]))
                     i += 2
             return outs
 
-        ops = []
+        ops = [sizes]
         for name, (kk, n) in shapes.items():
             for kind in ("fwd", "dlhs", "drhs"):
                 ops += operands(kind, m, kk, n, g, sizes, jax.random.PRNGKey(0))

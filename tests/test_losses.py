@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import CONFIGS
-from v4jax.losses import (balance_loss, expert_load, indexer_kl, masked_mean, token_nll, update_router_bias,
-                          weighted_nll)
+from v4jax.losses import balance_loss, expert_load, indexer_kl, masked_mean, token_nll, update_router_bias, weighted_nll
 from v4jax.moe import route
 
 rng = np.random.default_rng(0)

@@ -77,7 +77,6 @@ def weighted_nll(x: jax.Array, w: jax.Array, targets: jax.Array, weights: jax.Ar
     pass only scales them by the loss's cotangent, so the head's [tokens, V] product runs three
     times per step instead of four (no recomputed logits) and nothing of size [tokens, V] is kept.
     """
-    b, s, _ = x.shape
     xs, ts, ws = _in_chunks(chunk, x, targets, weights.astype(F32))
     return _weighted_nll(xs, w, ts, ws)
 
