@@ -60,10 +60,13 @@ def token_nll(x: jax.Array, w: jax.Array, targets: jax.Array, chunk: int = 4096)
     ``weighted_nll`` instead, which computes its gradients during the forward pass.
     """
     b, s, _ = x.shape
-    xs, ts = _in_chunks(chunk, x, targets)
+    return _chunked_nll(*_in_chunks(chunk, x, targets), w).reshape(-1)[: b * s].reshape(b, s)
+
+
+def _chunked_nll(x, targets, w):
+    """x [n, c, d], targets [n, c] -> nll [n, c], one chunk at a time."""
     wc = w.astype(x.dtype)
-    nll = jax.lax.map(lambda a: _nll_chunk(a[0], wc, a[1])[1], (xs, ts))
-    return nll.reshape(-1)[: b * s].reshape(b, s)
+    return jax.lax.map(lambda a: _nll_chunk(a[0], wc, a[1])[1], (x, targets))
 
 
 @jax.named_scope("lm_head")
@@ -83,9 +86,7 @@ def weighted_nll(x: jax.Array, w: jax.Array, targets: jax.Array, weights: jax.Ar
 
 @jax.custom_vjp
 def _weighted_nll(x, w, targets, weights):  # x [n, c, d]; targets, weights [n, c]
-    wc = w.astype(x.dtype)
-    nll = jax.lax.map(lambda a: _nll_chunk(a[0], wc, a[1])[1], (x, targets))
-    return jnp.sum(nll * weights)
+    return jnp.sum(_chunked_nll(x, targets, w) * weights)
 
 
 def _weighted_nll_fwd(x, w, targets, weights):

@@ -124,8 +124,8 @@ def hybrid_newton_schulz(x: jax.Array, *, ns_dtype=F32, eps: float = 1e-7,
     norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True))
     x = x / (norm + eps)
     tall = x.shape[-2] > x.shape[-1]
-    # (Gram matrix, polynomial applied to X) as einsums over X [..., n, m] and P [..., r, r]
-    gram_eq, apply_eq = (("...ki,...kj->...ij", "...kj,...ji->...ki") if tall else
+    # (Gram matrix of X, P applied to X) as einsums over (X [..., n, m], X) and (P [..., r, r], X)
+    gram_eq, apply_eq = (("...ki,...kj->...ij", "...ji,...kj->...ki") if tall else
                          ("...ik,...jk->...ij", "...ij,...jk->...ik"))
     ns_dtype = jnp.dtype(ns_dtype)
     precision = jax.lax.Precision.HIGHEST if ns_dtype == jnp.dtype(F32) else jax.lax.Precision.DEFAULT
@@ -146,7 +146,7 @@ def hybrid_newton_schulz(x: jax.Array, *, ns_dtype=F32, eps: float = 1e-7,
         a, b, c = abc[0], abc[1], abc[2]
         gram = mm(gram_eq, x, x)
         poly = a * eye + b * gram.astype(F32) + c * mm("...ij,...jk->...ik", gram, gram).astype(F32)
-        return mm(apply_eq, poly, x) if not tall else mm(apply_eq, x, poly), None
+        return mm(apply_eq, poly, x), None
 
     # Two steps per loop iteration: with one, the new X (a GEMM's output) cannot be written over the
     # carried X that the same GEMM reads, so XLA copied X back into the carry every step (on an H200

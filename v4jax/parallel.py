@@ -91,13 +91,10 @@ class ParallelConfig:
             raise ShardingError(f"parallel.moe_backend={self.moe_backend!r}: auto, ragged_dot, padded or tokamax")
         if not self.capacity_factor > 0:
             raise ShardingError(f"parallel.capacity_factor={self.capacity_factor!r}: must be > 0")
-        if not (isinstance(self.csa_mask_ratio, int) and not isinstance(self.csa_mask_ratio, bool)
-                and self.csa_mask_ratio >= 0):
-            raise ShardingError(f"parallel.csa_mask_ratio={self.csa_mask_ratio!r}: must be an integer >= 0")
-        for name in ("attention_chunk", "indexer_key_chunk", "loss_chunk"):
+        for name, low in (("attention_chunk", 1), ("indexer_key_chunk", 1), ("loss_chunk", 1), ("csa_mask_ratio", 0)):
             v = getattr(self, name)
-            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-                raise ShardingError(f"parallel.{name}={v!r}: must be an integer >= 1")
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
+                raise ShardingError(f"parallel.{name}={v!r}: must be an integer >= {low}")
         if self.remat not in REMAT_POLICIES:
             raise ShardingError(f"parallel.remat={self.remat!r}: one of {sorted(REMAT_POLICIES)}")
         if self.attention_kernel not in ("xla", "pallas"):
