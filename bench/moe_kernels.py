@@ -3,13 +3,14 @@
     python3 bench/moe_kernels.py --config configs/bench-flash-8l.yaml --tokens 16384 [--autotune OUT.json]
 
 Rows m = tokens x experts per token, sorted by expert with group sizes drawn as the router's would
-be at random (multinomial, uniform experts). For the up projection (x [m, d] times fused w1|w3
-[e, d, 2f]) and the down projection (h [m, f] times w2 [e, f, d]) it times the forward product
-(ragged rows), the input gradient (ragged rows, transposed weights) and the weight gradient
-(ragged contracting dimension -> [e, k, n]) with each kernel, through the model's own
-``v4jax.moe.ragged_product``: ``xla`` (jax.lax.ragged_dot_general) and tokamax's ``mosaic`` and
-``triton``. bf16 inputs, fp32 accumulation, bf16 output. Median of 10 runs after 3, in TFLOP/s
-(2 m k n per product). ``--autotune F`` runs tokamax's autotuner on the
+be at random (multinomial, uniform experts). For the up projection (x [m, d] times fused w1|w3,
+stored [e, 2f, d]) and the down projection (h [m, f] times w2, stored [e, d, f]) it times the
+forward product (ragged rows), the input gradient (ragged rows) and the weight gradient (ragged
+contracting dimension, (dy, x) -> [e, n, k]) with each kernel, through the model's own
+``v4jax.moe.ragged_product``: ``xla`` (jax.lax.ragged_dot_general), tokamax's ``mosaic`` and
+``triton``, and ``pallas`` (``v4jax.grouped_matmul_kernel``, the weight gradient only;
+``pallas:BMxBPxBQxWARPSxSTAGES`` picks its blocks). bf16 inputs, fp32 accumulation, bf16 output.
+Median of 10 runs after 3, in TFLOP/s (2 m k n per product). ``--autotune F`` runs tokamax's autotuner on the
 chosen kernel of each product over ``--space`` and adds the result to F (``tokamax.AutotuningResult``
 JSON; ``v4jax/tuning/tokamax-<device kind>.json`` is the file the model loads), then times those
 products again under it.
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from timing import timed
 
+from v4jax.grouped_matmul_kernel import Blocks, group_outer
 from v4jax.moe import DLHS, DRHS, FWD, ragged_product
 
 DIMS = {"fwd": FWD, "dlhs": DLHS, "drhs": DRHS}
@@ -34,6 +36,9 @@ DIMS = {"fwd": FWD, "dlhs": DLHS, "drhs": DRHS}
 
 def product(kind: str, impl: str):
     """The model's product ``kind`` (fwd, dlhs, drhs) with kernel ``impl``, jitted."""
+    if impl.startswith("pallas:"):
+        blocks = Blocks(*map(int, impl.split(":")[1].split("x")))
+        return jax.jit(lambda a, b, sizes: group_outer(a, b, sizes, a.dtype, blocks))
     return jax.jit(lambda a, b, sizes: ragged_product(a, b, sizes, DIMS[kind], impl))
 
 
@@ -41,10 +46,10 @@ def operands(kind, m, k, n, g, sizes, key):
     ka, kb = jax.random.split(key)
     bf = jnp.bfloat16
     if kind == "fwd":
-        return jax.random.normal(ka, (m, k), bf), jax.random.normal(kb, (g, k, n), bf) * 0.02
+        return jax.random.normal(ka, (m, k), bf), jax.random.normal(kb, (g, n, k), bf) * 0.02
     if kind == "dlhs":
-        return jax.random.normal(ka, (m, n), bf), jax.random.normal(kb, (g, k, n), bf) * 0.02
-    return jax.random.normal(ka, (m, k), bf), jax.random.normal(kb, (m, n), bf)
+        return jax.random.normal(ka, (m, n), bf), jax.random.normal(kb, (g, n, k), bf) * 0.02
+    return jax.random.normal(ka, (m, n), bf), jax.random.normal(kb, (m, k), bf)
 
 
 def in_space(config, space: str) -> bool:
@@ -101,6 +106,8 @@ def main():
         for kind in ("fwd", "dlhs", "drhs"):
             a, b = operands(kind, m, kk, n, g, sizes, jax.random.PRNGKey(len(rows)))
             for impl in args.impls.split(","):
+                if impl.startswith("pallas") and kind != "drhs":
+                    continue
                 r = {"matrix": name, "product": kind, "impl": impl, "m": m, "k": kk, "n": n}
                 try:
                     out, ms, compile_s = timed(product(kind, impl), (a, b, sizes), reps=10, warmup=3)

@@ -91,6 +91,7 @@ def main():
     ap.add_argument("--command-buffers", action="store_true", help="keep XLA's command buffers on")
     ap.add_argument("--json", default=None, help="write the figures and the tables here")
     ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--no-scan", action="store_true", help="unrolled layers (parallel.scan_layers=false)")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--per-part", type=int, default=6, help="also list this many top ops of each part")
     ap.add_argument("--trace-dir", default=None)
@@ -117,11 +118,11 @@ def main():
     config = model_config_from_yaml(args.config)
     if args.layers:
         config = config.replace(num_hidden_layers=args.layers, layer_types=config.layer_types[: args.layers])
-    par = ParallelConfig(moe_backend=args.backend, remat=args.remat,
+    par = ParallelConfig(moe_backend=args.backend, remat=args.remat, scan_layers=not args.no_scan,
                          **({"attention_kernel": args.attention} if args.attention != "xla" else {}))
     cfg = v4jax.trainer.TrainConfig(steps=1000, dtype="bfloat16")
     opt = v4jax.trainer.make_optimizer(cfg, config)
-    state = v4jax.trainer.init_state(long_context.device_params(v4jax, config, jnp.float32, True), opt)
+    state = v4jax.trainer.init_state(long_context.device_params(v4jax, config, jnp.float32, par.scan_layers), opt)
     data = jax.device_put(long_context.synthetic_batch(config, args.batch, args.seq))
     step = v4jax.trainer.make_train_step(config, cfg, opt, par)
     t0 = time.perf_counter()
@@ -199,7 +200,8 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": args.config, "batch": args.batch, "seq": args.seq, "backend": args.backend,
-                       "attention": args.attention,
+                       "attention": args.attention, "scan": not args.no_scan,
+                       "xla_flags": os.environ.get("XLA_FLAGS", ""),
                        "tree": args.tree or ".", "jax": jax.__version__, "device": jax.devices()[0].device_kind,
                        "compile_s": compile_s, "step_s": step_s, "step_times": times, "tokens_per_s": tps, "mfu": mfu,
                        "peak_gib": peak, "dropped": int(m["dropped_tokens"]), "losses": losses, "ok": oks,

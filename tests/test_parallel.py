@@ -229,19 +229,22 @@ def test_unvisited_rows_cannot_poison_gradients():
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
 
 
-def test_kernel_grouped_matmul_vjp_matches_autodiff():
-    """The per-product custom VJP (here with XLA's ragged dot for all three products, as tokamax's
-    kernels stand in on GPU) against autodiff of jax.lax.ragged_dot: values and both gradients,
-    with an empty group and rows past the groups' total. fp32, relative 1e-5."""
+@pytest.mark.parametrize("weight_gradient", ["xla", "pallas"])
+def test_kernel_grouped_matmul_vjp_matches_autodiff(weight_gradient):
+    """The per-product custom VJP (XLA's ragged dot standing in for tokamax's kernels, the weight
+    gradient by XLA or by our Pallas kernel in interpret mode) against autodiff of
+    jax.lax.ragged_dot on the transposed weights: values and both gradients, with an empty group and
+    rows past the groups' total. fp32, relative 1e-5."""
     from v4jax.moe import kernel_grouped_matmul
 
     rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.normal(size=(13, 6)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(4, 6, 5)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(13, 16)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(4, 32, 16)), jnp.float32)  # [g, n, k]: stored [out, in]
     sizes = jnp.array([4, 0, 5, 2], jnp.int32)  # 11 of 13 rows
-    dy = jnp.asarray(rng.normal(size=(13, 5)), jnp.float32) * (jnp.arange(13) < 11)[:, None]
-    ref, ref_vjp = jax.vjp(lambda a, b: jax.lax.ragged_dot(a, b, sizes), x, w)
-    got, got_vjp = jax.vjp(lambda a, b: kernel_grouped_matmul(a, b, sizes, ("xla", "xla", "xla")), x, w)
+    dy = jnp.asarray(rng.normal(size=(13, 32)), jnp.float32) * (jnp.arange(13) < 11)[:, None]
+    ref, ref_vjp = jax.vjp(lambda a, b: jax.lax.ragged_dot(a, jnp.swapaxes(b, 1, 2), sizes), x, w)
+    kernels = ("xla", "xla", weight_gradient)
+    got, got_vjp = jax.vjp(lambda a, b: kernel_grouped_matmul(a, b, sizes, kernels), x, w)
     assert rel(got, ref) <= 1e-5
     for g, r in zip(got_vjp(dy), ref_vjp(dy)):
         assert rel(g, r) <= 1e-5

@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from v4jax.config import ModelConfig
+from v4jax.grouped_matmul_kernel import group_outer
 from v4jax.layers import F32, linear, linear_f32
 from v4jax.parallel import DEFAULT_RULES
 from v4jax.params import FROZEN, Init, ParamInfo, declare, matrix, pure
@@ -73,14 +74,17 @@ def shared_expert(x: jax.Array, p: dict, limit: float) -> jax.Array:
 
 
 # The grouped matmul's three products as ragged dot dimension numbers (jax.lax.ragged_dot_general).
-FWD = jax.lax.RaggedDotDimensionNumbers((([1], [1]), ([], [])), [0], [0])  # x [m, k] . w [g, k, n] -> [m, n]
-DLHS = jax.lax.RaggedDotDimensionNumbers((([1], [2]), ([], [])), [0], [0])  # dy [m, n] . w [g, k, n] -> [m, k]
-DRHS = jax.lax.RaggedDotDimensionNumbers((([0], [0]), ([], [])), [0], [])  # x [m, k] . dy [m, n] -> [g, k, n]
+# The weights keep the checkpoint's [out, in] layout, w [g, n, k], so neither they nor their fp32
+# gradients are transposed in memory, and the weight gradient comes out in the parameter's layout.
+FWD = jax.lax.RaggedDotDimensionNumbers((([1], [2]), ([], [])), [0], [0])  # x [m, k] . w [g, n, k] -> [m, n]
+DLHS = jax.lax.RaggedDotDimensionNumbers((([1], [1]), ([], [])), [0], [0])  # dy [m, n] . w [g, n, k] -> [m, k]
+DRHS = jax.lax.RaggedDotDimensionNumbers((([0], [0]), ([], [])), [0], [])  # dy [m, n] . x [m, k] -> [g, n, k]
 
-# tokamax's kernel per product on GPU (forward, input gradient, weight gradient). Mosaic for all
-# three: on the H200 it ran them at 120-240 TFLOP/s against XLA's 6-12 (bench/moe_kernels.py,
-# docs/benchmarks.md). tokamax's Triton kernels need jax-triton, which the GPU image lacks.
-TOKAMAX_KERNELS = ("mosaic", "mosaic", "mosaic")
+# The kernel per product on GPU (forward, input gradient, weight gradient): tokamax's Mosaic kernels
+# for the two products with ragged rows, our Pallas kernel (v4jax.grouped_matmul_kernel) for the
+# weight gradient (docs/benchmarks.md, bench/moe_kernels.py). tokamax's Triton kernels need
+# jax-triton, which the GPU image lacks.
+TOKAMAX_KERNELS = ("mosaic", "mosaic", "pallas")
 TUNING_DIR = Path(__file__).parent / "tuning"
 
 
@@ -105,9 +109,14 @@ def tokamax_tuning(device_kind: str):
 
 def ragged_product(a: jax.Array, b: jax.Array, sizes: jax.Array, dims, kernel: str) -> jax.Array:
     """One product of the grouped matmul (``dims``: FWD, DLHS or DRHS) with ``kernel``: "xla"
-    (jax.lax.ragged_dot_general) or a tokamax implementation ("mosaic", "triton"). Output in a's dtype."""
+    (jax.lax.ragged_dot_general), "pallas" (``group_outer``; DRHS only) or a tokamax implementation
+    ("mosaic", "triton"). Output in a's dtype."""
     if kernel == "xla":
         return jax.lax.ragged_dot_general(a, b, sizes, dims, preferred_element_type=F32).astype(a.dtype)
+    if kernel == "pallas":
+        if dims != DRHS:
+            raise ValueError("the pallas grouped-matmul kernel computes the weight gradient (DRHS) only")
+        return group_outer(a, b, sizes, out_dtype=a.dtype)
     import tokamax  # noqa: PLC0415
 
     tuning = tokamax_tuning(jax.devices()[0].device_kind)
@@ -117,8 +126,9 @@ def ragged_product(a: jax.Array, b: jax.Array, sizes: jax.Array, dims, kernel: s
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def kernel_grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, kernels: tuple[str, str, str]):
-    """x [m, k] (rows sorted by group) times w [g, k, n] -> [m, n], each product by its own kernel:
-    ``kernels`` = (forward, input gradient, weight gradient), see ``ragged_product``."""
+    """x [m, k] (rows sorted by group) times w [g, n, k] (stored [out, in]), transposed -> [m, n],
+    each product by its own kernel: ``kernels`` = (forward, input gradient, weight gradient), see
+    ``ragged_product``."""
     return ragged_product(x, w, sizes, FWD, kernels[0])
 
 
@@ -130,7 +140,7 @@ def _kernel_gmm_bwd(kernels, res, dy):
     x, w, sizes = res
     dy = dy.astype(x.dtype)
     dx = ragged_product(dy, w, sizes, DLHS, kernels[1])
-    dw = ragged_product(x, dy, sizes, DRHS, kernels[2]).astype(w.dtype)
+    dw = ragged_product(dy, x, sizes, DRHS, kernels[2]).astype(w.dtype)
     return dx, dw, None
 
 
@@ -139,7 +149,8 @@ kernel_grouped_matmul.defvjp(_kernel_gmm_fwd, _kernel_gmm_bwd)
 
 def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, backend: str = "ragged_dot",
                    capacity_factor: float = 2.0, every_row_grouped: bool = False) -> jax.Array:
-    """Rows of x [m, k], sorted by group, times their group's matrix w [g, k, n] -> [m, n] in x's dtype.
+    """Rows of x [m, k], sorted by group, times their group's matrix w [g, n, k] (stored [out, in], as
+    the checkpoint has it), transposed -> [m, n] in x's dtype.
 
     ``sizes`` [g] counts the rows of each group (rows past their sum give zeros;
     ``every_row_grouped``: the caller guarantees sum(sizes) = m, so there are none). Backends:
@@ -150,7 +161,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, backend: str = 
     """
     backend = resolve_backend(backend)
     if backend == "ragged_dot":
-        return jax.lax.ragged_dot(x, w, sizes)
+        return jax.lax.ragged_dot_general(x, w, sizes, FWD)
     if backend == "tokamax":
         if importlib.util.find_spec("tokamax") is None:
             raise ImportError("parallel.moe_backend='tokamax' needs the tokamax package (Python >= 3.12, "
@@ -167,7 +178,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, backend: str = 
     ok = (group < g) & (offset < cap)
     slot = jnp.where(ok, group * cap + offset, g * cap)  # g * cap: dropped
     padded = jnp.zeros((g * cap + 1, x.shape[1]), x.dtype).at[slot].set(x)[:-1].reshape(g, cap, -1)
-    out = jnp.einsum("gck,gkn->gcn", padded, w.astype(x.dtype)).reshape(g * cap, -1)
+    out = jnp.einsum("gck,gnk->gcn", padded, w.astype(x.dtype)).reshape(g * cap, -1)
     return jnp.where(ok[:, None], out[jnp.minimum(slot, g * cap - 1)], 0).astype(out.dtype)
 
 
@@ -197,12 +208,12 @@ def expert_ffn(xs: jax.Array, sizes: jax.Array, weights: jax.Array, p: dict, lim
     ``grouped_matmul``. Returns (ys [m, d] in xs's dtype, dropped): the rows that got no output,
     those past an expert's capacity in the ``padded`` backend (0 otherwise).
 
-    w1 and w3 run as one grouped matmul on [e, d, 2f] (one pass over the rows instead of two); the
+    w1 and w3 run as one grouped matmul on [e, 2f, d] (one pass over the rows instead of two); the
     concatenation fuses with the cast of the fp32 weights to the compute dtype.
     """
     f = p["w1"].shape[1]
-    w13 = jnp.swapaxes(jnp.concatenate([p["w1"], p["w3"]], axis=1), 1, 2).astype(xs.dtype)  # [e, d, 2f]
-    w2 = jnp.swapaxes(p["w2"], 1, 2).astype(xs.dtype)  # [e, f, d]
+    w13 = jnp.concatenate([p["w1"], p["w3"]], axis=1).astype(xs.dtype)  # [e, 2f, d]
+    w2 = p["w2"].astype(xs.dtype)  # [e, d, f]
     mm = lambda a, w: grouped_matmul(a, w, sizes, backend, capacity_factor, every_row_grouped)  # noqa: E731
     gate_up = mm(xs, w13)
     hidden = swiglu(gate_up[:, :f], gate_up[:, f:], weights, limit)
