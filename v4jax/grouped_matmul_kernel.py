@@ -31,10 +31,12 @@ F32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
+    # The defaults were the fastest of bench/moe_kernels.py's sweep on an H200 for both of
+    # V4-Flash-8l's weight gradients (docs/benchmarks.md, Part 5).
     rows: int = 64  # bm: rows per step of a group's walk
     p: int = 128  # bp: output tile rows
-    q: int = 128  # bq: output tile columns
-    num_warps: int = 4
+    q: int = 256  # bq: output tile columns
+    num_warps: int = 8
     num_stages: int = 3
 
 

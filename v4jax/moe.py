@@ -80,11 +80,20 @@ FWD = jax.lax.RaggedDotDimensionNumbers((([1], [2]), ([], [])), [0], [0])  # x [
 DLHS = jax.lax.RaggedDotDimensionNumbers((([1], [1]), ([], [])), [0], [0])  # dy [m, n] . w [g, n, k] -> [m, k]
 DRHS = jax.lax.RaggedDotDimensionNumbers((([0], [0]), ([], [])), [0], [])  # dy [m, n] . x [m, k] -> [g, n, k]
 
-# The kernel per product on GPU (forward, input gradient, weight gradient): tokamax's Mosaic kernels
-# for the two products with ragged rows, our Pallas kernel (v4jax.grouped_matmul_kernel) for the
-# weight gradient (docs/benchmarks.md, bench/moe_kernels.py). tokamax's Triton kernels need
-# jax-triton, which the GPU image lacks.
-TOKAMAX_KERNELS = ("mosaic", "mosaic", "pallas")
+
+def tokamax_kernels() -> tuple[str, str, str]:
+    """The kernel of each product (forward, input gradient, weight gradient) of the ``tokamax`` backend.
+
+    tokamax's Mosaic kernels take the two products with ragged rows. The weight gradient is our
+    Pallas Triton kernel on GPU (v4jax.grouped_matmul_kernel; faster than tokamax's there,
+    docs/benchmarks.md), and XLA's ragged product elsewhere: with these dimension numbers (DRHS)
+    tokamax 0.0.17's Mosaic kernel gave a wrong weight gradient on an H200 (docs/benchmarks.md,
+    Parts 4 and 5: the same tree with only that product swapped checks out), and a TPU cannot be
+    checked here. tokamax's Triton kernels need jax-triton, which the GPU image lacks.
+    """
+    return "mosaic", "mosaic", "pallas" if jax.default_backend() == "gpu" else "xla"
+
+
 TUNING_DIR = Path(__file__).parent / "tuning"
 
 
@@ -155,7 +164,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, backend: str = 
     ``sizes`` [g] counts the rows of each group (rows past their sum give zeros;
     ``every_row_grouped``: the caller guarantees sum(sizes) = m, so there are none). Backends:
     ``ragged_dot`` (jax.lax.ragged_dot and its autodiff, the reference), ``tokamax`` (tokamax's
-    kernels, one per product: ``TOKAMAX_KERNELS``; GPU/TPU), ``auto`` (``resolve_backend``) and
+    kernels, one per product: ``tokamax_kernels``; GPU/TPU), ``auto`` (``resolve_backend``) and
     ``padded`` (scatter into [g, cap, k] with cap = ceil(capacity_factor * m / g), one batched
     matmul, gather back; rows past a group's capacity give zeros: it drops tokens).
     """
@@ -166,7 +175,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, backend: str = 
         if importlib.util.find_spec("tokamax") is None:
             raise ImportError("parallel.moe_backend='tokamax' needs the tokamax package (Python >= 3.12, "
                               "GPU or TPU): pip install tokamax, or use auto / ragged_dot / padded")
-        gmm = functools.partial(kernel_grouped_matmul, kernels=TOKAMAX_KERNELS)
+        gmm = functools.partial(kernel_grouped_matmul, kernels=tokamax_kernels())
         return gmm(x, w, sizes) if every_row_grouped else zero_unvisited_rows(gmm, x, w, sizes)
     if backend != "padded":
         raise ValueError(f"unknown grouped-matmul backend {backend!r}")
