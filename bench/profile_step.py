@@ -92,6 +92,7 @@ def main():
     ap.add_argument("--json", default=None, help="write the figures and the tables here")
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--no-scan", action="store_true", help="unrolled layers (parallel.scan_layers=false)")
+    ap.add_argument("--unroll-stages", type=int, default=0, help="parallel.unroll_stages")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--per-part", type=int, default=6, help="also list this many top ops of each part")
     ap.add_argument("--trace-dir", default=None)
@@ -119,6 +120,7 @@ def main():
     if args.layers:
         config = config.replace(num_hidden_layers=args.layers, layer_types=config.layer_types[: args.layers])
     par = ParallelConfig(moe_backend=args.backend, remat=args.remat, scan_layers=not args.no_scan,
+                         unroll_stages=args.unroll_stages,
                          **({"attention_kernel": args.attention} if args.attention != "xla" else {}))
     cfg = v4jax.trainer.TrainConfig(steps=1000, dtype="bfloat16")
     opt = v4jax.trainer.make_optimizer(cfg, config)
@@ -200,7 +202,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": args.config, "batch": args.batch, "seq": args.seq, "backend": args.backend,
-                       "attention": args.attention, "scan": not args.no_scan,
+                       "attention": args.attention, "scan": not args.no_scan, "unroll_stages": args.unroll_stages,
                        "xla_flags": os.environ.get("XLA_FLAGS", ""),
                        "tree": args.tree or ".", "jax": jax.__version__, "device": jax.devices()[0].device_kind,
                        "compile_s": compile_s, "step_s": step_s, "step_times": times, "tokens_per_s": tps, "mfu": mfu,

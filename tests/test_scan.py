@@ -105,6 +105,27 @@ def test_scan_train_step_matches_the_loop(scan_step):
     assert all(np.abs(np.asarray(b)).max() > 0 for b in bias)
 
 
+def test_unrolled_stages_match_the_loop(scan_step):
+    """parallel.unroll_stages: both stages (2 repeats each) run unrolled on the scan layout; the same
+    step as the scanned one, and the program has two loops fewer."""
+    config = STEP_CONFIG
+    params = init_params(config, 0, scan=True)
+    par = ParallelConfig(unroll_stages=2)
+    _, unrolled = _step(params, config, par)
+    for k in ("loss", "grad_norm", "balance_loss", "indexer_loss"):
+        assert abs(float(unrolled[k]) - float(scan_step[1][k])) <= 1e-5 * abs(float(scan_step[1][k])), k
+    tokens = batch(config, B, S)["tokens"]
+
+    def loops(par):
+        text = jax.jit(lambda p: forward(p, tokens, config, parallel=par)["logits"]).lower(params).as_text()
+        return text.count("stablehlo.while")
+
+    assert loops(ParallelConfig(unroll_stages=1)) == loops(ParallelConfig())
+    assert loops(par) == loops(ParallelConfig()) - 2
+    with pytest.raises(ValueError, match="unroll_stages"):
+        ParallelConfig(unroll_stages=-1)
+
+
 def test_scan_train_step_on_a_mesh_matches_one_device(scan_step):
     config = STEP_CONFIG
     params = init_params(config, 0, scan=True)

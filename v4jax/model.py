@@ -138,7 +138,8 @@ def forward(params, tokens, config: ModelConfig, *, positions=None, segment_ids=
                         in_scan, engram_ids)
 
     if "stages" in params:  # the scan layout (v4jax.scan)
-        x, routing = run_stages(x, params["stages"], config, lambda layer: make(layer, in_scan=True))
+        x, routing = run_stages(x, params["stages"], config, make,
+                                parallel.unroll_stages if parallel is not None else 0)
     else:
         routing = []
         for i, p in enumerate(params["layers"]):

@@ -63,6 +63,9 @@ class ParallelConfig:
     csa_mask_ratio: in the xla attention, CSA's top-k entries are a mask over all of a row's entries
     (dense matmuls, no gathers) while the row has at most csa_mask_ratio x index_topk entries (at
     4: sequences up to 16 x index_topk tokens); 0: always gathered. Never changes a result.
+    unroll_stages: with scan_layers, the stages (``v4jax.scan.plan``) of at most this many repeats
+    run unrolled. Their parameters keep the scan layout (checkpoints do not change); the loop's
+    per-stage residual stacks go, and each of their layers is compiled. Never changes a result.
     """
 
     data: int = -1
@@ -74,6 +77,7 @@ class ParallelConfig:
     capacity_factor: float = 2.0
     remat: str = "none"  # none | full (recompute each block in the backward pass) | dots (keep matmul outputs)
     scan_layers: bool = True  # train on the scan layout (v4jax.scan): compile time independent of depth
+    unroll_stages: int = 0  # with scan_layers: stages of at most this many repeats run unrolled
     attention_chunk: int = 512
     indexer_key_chunk: int = 8192
     loss_chunk: int = 4096
@@ -91,7 +95,8 @@ class ParallelConfig:
             raise ShardingError(f"parallel.moe_backend={self.moe_backend!r}: auto, ragged_dot, padded or tokamax")
         if not self.capacity_factor > 0:
             raise ShardingError(f"parallel.capacity_factor={self.capacity_factor!r}: must be > 0")
-        for name, low in (("attention_chunk", 1), ("indexer_key_chunk", 1), ("loss_chunk", 1), ("csa_mask_ratio", 0)):
+        for name, low in (("attention_chunk", 1), ("indexer_key_chunk", 1), ("loss_chunk", 1), ("csa_mask_ratio", 0),
+                          ("unroll_stages", 0)):
             v = getattr(self, name)
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
                 raise ShardingError(f"parallel.{name}={v!r}: must be an integer >= {low}")

@@ -116,13 +116,18 @@ def unstack_layers(params: dict, config: ModelConfig) -> dict:
     return out
 
 
-def run_stages(x, stages, config: ModelConfig, layer_fn):
-    """Run every stage with ``lax.scan``. ``layer_fn(layer)`` gives ``f(x, p) -> (x, info)`` for that
-    layer (only its signature may matter: one function serves all repeats). Returns x and the list of
-    the L layers' infos, unstacked."""
+def run_stages(x, stages, config: ModelConfig, layer_fn, unroll_up_to: int = 0):
+    """Run every stage with ``lax.scan``. ``layer_fn(layer, looped)`` gives ``f(x, p) -> (x, info)``
+    for that layer (only its signature may matter: one function serves all repeats); ``looped``
+    says whether it runs inside a loop. A stage of at most ``unroll_up_to`` repeats is unrolled
+    (``unroll=True``: straight-line code, no loop): its parameters keep the stacked layout, but the
+    residuals of its layers are no longer written into per-stage stacks and sliced back out in the
+    backward pass, and each of its layers is compiled. Returns x and the list of the L layers'
+    infos, unstacked."""
     stacked_infos = []
     for st, slots in zip(plan(config), stages, strict=True):
-        fns = [layer_fn(st.start + j) for j in range(st.period)]
+        unrolled = st.repeats <= unroll_up_to
+        fns = [layer_fn(st.start + j, not unrolled) for j in range(st.period)]
 
         def unit(x, ps, fns=fns):
             outs = []
@@ -131,6 +136,6 @@ def run_stages(x, stages, config: ModelConfig, layer_fn):
                 outs.append(info)
             return x, outs
 
-        x, outs = jax.lax.scan(unit, x, slots)
+        x, outs = jax.lax.scan(unit, x, slots, unroll=True if unrolled else 1)
         stacked_infos.append(outs)
     return x, _per_layer(stacked_infos, config)
