@@ -92,7 +92,7 @@ def main():
     ap.add_argument("--json", default=None, help="write the figures and the tables here")
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--no-scan", action="store_true", help="unrolled layers (parallel.scan_layers=false)")
-    ap.add_argument("--unroll-stages", type=int, default=0, help="parallel.unroll_stages")
+    ap.add_argument("--unroll-stages", type=int, default=None, help="parallel.unroll_stages (default: its default)")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--per-part", type=int, default=6, help="also list this many top ops of each part")
     ap.add_argument("--trace-dir", default=None)
@@ -120,8 +120,8 @@ def main():
     if args.layers:
         config = config.replace(num_hidden_layers=args.layers, layer_types=config.layer_types[: args.layers])
     par = ParallelConfig(moe_backend=args.backend, remat=args.remat, scan_layers=not args.no_scan,
-                         unroll_stages=args.unroll_stages,
-                         **({"attention_kernel": args.attention} if args.attention != "xla" else {}))
+                         **({"attention_kernel": args.attention} if args.attention != "xla" else {}),
+                         **({"unroll_stages": args.unroll_stages} if args.unroll_stages is not None else {}))
     cfg = v4jax.trainer.TrainConfig(steps=1000, dtype="bfloat16")
     opt = v4jax.trainer.make_optimizer(cfg, config)
     state = v4jax.trainer.init_state(long_context.device_params(v4jax, config, jnp.float32, par.scan_layers), opt)
@@ -202,7 +202,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": args.config, "batch": args.batch, "seq": args.seq, "backend": args.backend,
-                       "attention": args.attention, "scan": not args.no_scan, "unroll_stages": args.unroll_stages,
+                       "attention": args.attention, "scan": not args.no_scan, "unroll_stages": par.unroll_stages,
                        "xla_flags": os.environ.get("XLA_FLAGS", ""),
                        "tree": args.tree or ".", "jax": jax.__version__, "device": jax.devices()[0].device_kind,
                        "compile_s": compile_s, "step_s": step_s, "step_times": times, "tokens_per_s": tps, "mfu": mfu,
