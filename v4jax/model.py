@@ -69,8 +69,8 @@ def block(x, p, config: ModelConfig, layer: int, positions, segment_ids, token_i
 def layer_fn(config: ModelConfig, layer: int, positions, segment_ids, token_ids, sparse, with_aux, parallel,
              mesh, layer_stats=None, in_scan=False, engram_ids=None):
     """``f(x, p) -> (x, info)``: ``block`` for one layer (info reduced by ``layer_stats(info, layer)``
-    when given), wrapped in jax.checkpoint with the configured remat policy. Inside a scan, CSE
-    prevention is left off (the loop already stops it). ``engram_ids`` [b, s, Engram layers, j]:
+    when given), wrapped in jax.checkpoint with the configured remat policy. Inside a loop (a scanned
+    stage), CSE prevention is left off (the loop already stops it). ``engram_ids`` [b, s, Engram layers, j]:
     every Engram layer's rows (this layer takes its own)."""
     ids = None
     if config.engram is not None and layer in config.engram.layers:

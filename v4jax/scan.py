@@ -8,7 +8,9 @@ CSA or HCA) and the same router (hash-routed or learned), and neither has Engram
 a stage of its own). ``plan`` splits the L main layers into
 *stages*. A stage is ``repeats`` copies of a unit of ``period`` consecutive layers. V4-Flash gives
 three stages: the two hash-routed SWA layers, the hash-routed CSA layer 2, and (HCA, CSA) x 20 for
-layers 3..42. The MTP block is never scanned.
+layers 3..42. The MTP block is never scanned. ``run_stages`` may unroll the short stages
+(``parallel.unroll_stages``) on the same layout: a loop's per-stage residual stacks cost more than
+compiling a few more layers.
 
 Scan layout of the parameter tree: ``params["layers"]`` (a list of L layer trees) becomes
 ``params["stages"]``. That is one entry per stage, each a list of ``period`` layer trees whose
