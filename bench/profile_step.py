@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import glob
 import gzip
 import json
@@ -27,6 +28,8 @@ import re
 import sys
 import tempfile
 import time
+
+import yaml
 
 SCOPES = ("indexer", "compressor", "attention", "mhc", "moe", "lm_head", "optimizer")
 SKIP_LINES = ("XLA Modules", "Steps", "XLA TraceMe", "Framework Name Scope", "Framework Ops", "Source code")
@@ -93,6 +96,8 @@ def main():
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--no-scan", action="store_true", help="unrolled layers (parallel.scan_layers=false)")
     ap.add_argument("--unroll-stages", type=int, default=None, help="parallel.unroll_stages (default: its default)")
+    ap.add_argument("--parallel", action="append", default=[], metavar="FIELD=VALUE",
+                    help="set a ParallelConfig field (value parsed as YAML), e.g. attention_chunk=2048; repeatable")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--per-part", type=int, default=6, help="also list this many top ops of each part")
     ap.add_argument("--trace-dir", default=None)
@@ -119,9 +124,15 @@ def main():
     config = model_config_from_yaml(args.config)
     if args.layers:
         config = config.replace(num_hidden_layers=args.layers, layer_types=config.layer_types[: args.layers])
-    par = ParallelConfig(moe_backend=args.backend, remat=args.remat, scan_layers=not args.no_scan,
-                         **({"attention_kernel": args.attention} if args.attention != "xla" else {}),
-                         **({"unroll_stages": args.unroll_stages} if args.unroll_stages is not None else {}))
+    fields = {"moe_backend": args.backend, "remat": args.remat, "scan_layers": not args.no_scan,
+              **({"attention_kernel": args.attention} if args.attention != "xla" else {}),
+              **({"unroll_stages": args.unroll_stages} if args.unroll_stages is not None else {})}
+    for item in args.parallel:
+        name, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--parallel {item!r}: use FIELD=VALUE, e.g. attention_chunk=2048")
+        fields[name] = yaml.safe_load(value)
+    par = ParallelConfig(**fields)
     cfg = v4jax.trainer.TrainConfig(steps=1000, dtype="bfloat16")
     opt = v4jax.trainer.make_optimizer(cfg, config)
     state = v4jax.trainer.init_state(long_context.device_params(v4jax, config, jnp.float32, par.scan_layers), opt)
@@ -203,7 +214,7 @@ def main():
         with open(args.json, "w") as f:
             json.dump({"config": args.config, "batch": args.batch, "seq": args.seq, "backend": args.backend,
                        "attention": args.attention, "scan": not args.no_scan, "unroll_stages": par.unroll_stages,
-                       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                       "xla_flags": os.environ.get("XLA_FLAGS", ""), "parallel": dataclasses.asdict(par),
                        "tree": args.tree or ".", "jax": jax.__version__, "device": jax.devices()[0].device_kind,
                        "compile_s": compile_s, "step_s": step_s, "step_times": times, "tokens_per_s": tps, "mfu": mfu,
                        "peak_gib": peak, "dropped": int(m["dropped_tokens"]), "losses": losses, "ok": oks,
