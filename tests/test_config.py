@@ -149,3 +149,21 @@ def test_a_yarn_attention_factor_other_than_one_is_refused(factor):
         ModelConfig.from_dict(raw)
     compress["attention_factor"] = 1.0
     assert ModelConfig.from_dict(raw).rope_scaling is not None
+
+
+@pytest.mark.parametrize("text, value", [("1e-4", 1e-4), ("-2E3", -2000.0), ("+1e5", 1e5), ("1.0e-4", 1e-4),
+                                         ("3", 3), ("1_000", 1000), (".inf", float("inf")), ("1e", "1e")])
+def test_yaml_reads_exponent_floats_as_numbers(text, value):
+    """PyYAML (YAML 1.1) reads 1e-4 as a string; configs and overrides read it as the number."""
+    from v4jax.config import parse_yaml
+
+    assert parse_yaml(text) == value and type(parse_yaml(text)) is type(value)
+
+
+def test_train_override_with_exponent_is_accepted(tmp_path):
+    from v4jax.trainer import load_run_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {num_hidden_layers: 2, num_hash_layers: 0, layer_types: [swa, swa]}\ntrain: {lr_min: 1e-5}\n")
+    run = load_run_config(path, ["train.lr=1e-4"])
+    assert run.train.lr == 1e-4 and run.train.lr_min == 1e-5

@@ -21,9 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-import yaml
-
-from v4jax.config import ConfigError, ModelConfig, load_yaml
+from v4jax.config import ConfigError, ModelConfig, load_yaml, parse_yaml
 from v4jax.data import DataConfig
 from v4jax.losses import layer_routing_stats, routing_losses, update_router_bias, weighted_nll
 from v4jax.model import forward, param_count
@@ -112,7 +110,7 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         parts = key.split(".")
         if len(parts) != 2 or parts[0] not in SECTIONS:
             raise ConfigError(f"override key {key!r} must be <section>.<field> with a section from {SECTIONS}")
-        raw.setdefault(parts[0], {})[parts[1]] = yaml.safe_load(value)
+        raw.setdefault(parts[0], {})[parts[1]] = parse_yaml(value)
     unknown = set(raw) - set(SECTIONS)
     if unknown:
         raise ConfigError(f"{path}: unknown sections {sorted(unknown)} (allowed: {', '.join(SECTIONS)})")
