@@ -2,6 +2,7 @@
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -26,6 +27,7 @@ def model(tmp_path_factory):
     (np.zeros((1, 2, 3), int), r"shape \[batch, seq\]"),
     (np.array([[1.0, 2.0]]), "integer"),
     (np.zeros((1, 0), int), "empty"),
+    (np.zeros((0, 5), int), "empty"),
 ])
 def test_bad_tokens(model, tokens, message):
     with pytest.raises(ValueError, match=message):
@@ -88,3 +90,52 @@ def test_model_without_mtp_says_so(tmp_path):
     m = v4jax.from_pretrained(write_checkpoint(tmp_path / "n", config), dtype="float32")
     with pytest.raises(ValueError, match="no MTP block"):
         m.mtp_logits(np.zeros((1, 4), int))
+
+
+@pytest.fixture(scope="module")
+def wide():
+    """A model whose vocabulary (40000) no int8, uint8 or int16 can state, and 64 positions."""
+    return v4jax.Model.init(CONFIG.replace(vocab_size=40000, max_position_embeddings=64), seed=0)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int16, np.uint16, np.int64])
+def test_narrow_and_wide_token_dtypes_are_checked_at_their_width(wide, dtype):
+    """Valid ids in any integer dtype give the int32 logits (a vocabulary check in the tokens' own
+    dtype wrapped 40000 around and refused them), on the host and on the device."""
+    tokens = np.array([[5, 100, 3, 120]])
+    want = np.asarray(wide.logits(tokens.astype(np.int32)))
+    np.testing.assert_array_equal(np.asarray(wide.logits(tokens.astype(dtype))), want)
+    np.testing.assert_array_equal(np.asarray(wide.logits(jnp.asarray(tokens.astype(dtype)))), want)
+
+
+def test_ids_past_int32_are_refused_not_wrapped(wide):
+    """2**32 + 1 would become token 1 in an int32 cast."""
+    with pytest.raises(ValueError, match=f"token id {2**32 + 1} at \\(0, 2\\) is outside the vocabulary"):
+        wide.logits(np.array([[5, 6, 2**32 + 1]], np.int64))
+
+
+@pytest.mark.parametrize("positions, message", [
+    (np.array([[0, 1, -1, 3]]), "position -1 at \\(0, 2\\) is outside max_position_embeddings"),
+    (np.array([[0, 1, 64, 3]]), "position 64 at \\(0, 2\\) is outside max_position_embeddings"),
+    (np.array([[0.0, 1, 2, 3]]), "positions must be integers"),
+])
+def test_positions_outside_max_position_embeddings(wide, positions, message):
+    with pytest.raises(ValueError, match=message):
+        wide.logits(np.ones((1, 4), int), positions=positions)
+
+
+def test_rows_longer_than_max_position_embeddings(wide):
+    with pytest.raises(ValueError, match="65 positions per row, more than the model's max_position_embeddings=64"):
+        wide.logits(np.ones((1, 65), int))
+    with pytest.raises(ValueError, match="max_position_embeddings=64"):
+        wide.generate([[5] * 60], max_new_tokens=5)
+
+
+def test_a_train_run_directory_points_to_from_run(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "300").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"train.py run.*v4jax.from_run\('.*run'\)"):
+        v4jax.from_pretrained(run)
+    with pytest.raises(FileNotFoundError, match=r"v4jax.from_run\('.*run', step=300\)"):
+        v4jax.from_pretrained(run / "checkpoints" / "300")

@@ -167,3 +167,32 @@ def test_train_override_with_exponent_is_accepted(tmp_path):
     path.write_text("model: {num_hidden_layers: 2, num_hash_layers: 0, layer_types: [swa, swa]}\ntrain: {lr_min: 1e-5}\n")
     run = load_run_config(path, ["train.lr=1e-4"])
     assert run.train.lr == 1e-4 and run.train.lr_min == 1e-5
+
+
+@pytest.mark.parametrize("style, change, message", [
+    ("release", {"rope_scaling": "yarn"}, "rope_scaling='yarn' is not allowed: a mapping"),
+    ("release", {"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling type 'linear'"),
+    ("release", {"rope_scaling": {"factor": "16", "original_max_position_embeddings": 8}}, "rope_scaling.factor="),
+    ("release", {"hidden_size": "32"}, "hidden_size='32' is not allowed: an integer"),
+    ("release", {"num_hidden_layers": "4"}, "num_hidden_layers='4' is not allowed: an integer"),
+    ("release", {"rope_theta": "1e4"}, "rope_theta='1e4' is not allowed: a finite number"),
+    ("release", {"swiglu_limit": None}, "swiglu_limit=None is not allowed: a finite number"),
+    ("release", {"hc_eps": float("nan")}, "hc_eps=nan"),
+    ("release", {"norm_topk_prob": 1}, "norm_topk_prob=1 is not allowed: true or false"),
+    ("release", {"max_position_embeddings": 0}, "max_position_embeddings=0 is not allowed"),
+    ("release", {"eos_token_id": []}, "eos_token_id"),
+    ("hf", {"rope_parameters": "yarn"}, "rope_parameters must be a mapping"),
+    ("hf", {"mlp_layer_types": 3}, "mlp_layer_types must be a list"),
+    ("hf", {"partial_rotary_factor": "0.5", "qk_rope_head_dim": None}, "partial_rotary_factor='0.5'"),
+])
+def test_wrong_types_in_config_json_are_refused_by_name(tmp_path, style, change, message):
+    """config.json values of the wrong type: one ConfigError naming the file and the field, never a
+    raw TypeError from deep inside (or, worse, a string silently used as a number)."""
+    config = model_config_from_yaml("configs/tiny.yaml")
+    raw = config.to_release_dict() if style == "release" else config.to_hf_dict()
+    raw.update(change)
+    raw = {k: v for k, v in raw.items() if v is not None or k == "swiglu_limit"}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=f"{path}: .*" + message.replace("(", r"\(").replace("[", r"\[")):
+        ModelConfig.from_json(path)

@@ -321,3 +321,38 @@ def test_from_pretrained_shards_by_the_rules(tmp_path):
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, size=(2, 16))
     alone = v4jax.from_pretrained(directory, dtype="float32")
     assert rel(model.logits(tokens), alone.logits(tokens)) <= 2e-5
+
+
+def test_any_batch_and_any_expert_count_on_a_mesh(params):
+    """A batch x seq that the devices do not divide (1 x 37 on fsdp 2 x expert 2) and an expert count
+    that the expert axis does not divide (8 on 3) run, and give the single-device logits: the MoE
+    pads token rows and experts inside, and cuts the padding off again."""
+    import v4jax
+
+    tokens = np.random.default_rng(1).integers(0, CONFIG.vocab_size, (1, 37))
+    model = v4jax.Model(CONFIG, params)
+    want, want_mtp = np.asarray(model.logits(tokens)), np.asarray(model.mtp_logits(tokens))
+    for shape, names in (((2, 2), ("fsdp", "expert")), ((3,), ("expert",))):
+        mesh = jax.make_mesh(shape, names, devices=jax.devices()[:int(np.prod(shape))])
+        sharded = v4jax.Model(CONFIG, params, mesh=mesh)
+        assert rel(sharded.logits(tokens), want) <= 2e-5, names
+        assert rel(jax.jit(sharded.logits)(tokens), want) <= 2e-5, names
+        assert rel(sharded.mtp_logits(tokens), want_mtp) <= 2e-5, names
+
+
+def test_training_step_with_experts_the_expert_axis_does_not_divide(params):
+    """8 experts on an expert axis of 3 (fsdp 2 x expert 3, 6 devices): the loss and gradient norm of
+    the single-device step, and no token dropped."""
+    b = batch(b=6)
+    cfg = TrainConfig(steps=10)
+    opt = make_optimizer(cfg, CONFIG)
+    _, want = make_train_step(CONFIG, cfg, opt)(init_state(jax.tree.map(jnp.copy, params), opt), b)
+    par = ParallelConfig(data=1, fsdp=2, expert=3, capacity_factor=3.0)
+    mesh = make_mesh(par, devices=jax.devices()[:6])
+    state = init_state(jax.device_put(jax.tree.map(jnp.copy, params), param_shardings(params, mesh, CONFIG)), opt)
+    state = jax.device_put(state, shard_like_params(state, params, mesh, CONFIG))
+    _, got = make_train_step(CONFIG, cfg, opt, par, mesh)(state, {k: jax.device_put(v, batch_sharding(mesh))
+                                                                    for k, v in b.items()})
+    assert int(got["dropped_tokens"]) == 0
+    for k in ("loss", "grad_norm"):
+        assert abs(float(got[k]) - float(want[k])) / abs(float(want[k])) <= 1e-4, k

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from v4jax.config import ModelConfig
 from v4jax.model import forward, init_params, param_specs
@@ -43,6 +44,22 @@ def _inference_parallel(mesh, parallel: ParallelConfig | None) -> ParallelConfig
         return parallel
     n_ep = mesh.shape["expert"] if mesh is not None else 1
     return ParallelConfig(capacity_factor=float(max(2, n_ep)))
+
+
+def _check_range(values, what: str, low: int, high: int, name: str) -> None:
+    """Refuse a value of ``values`` outside [low, high), naming it and its index. The minimum and
+    maximum are taken in the values' own dtype (exact for any integer width) and compared as Python
+    ints; under jit the values are not known and nothing is checked."""
+    if isinstance(values, jax.core.Tracer):
+        return
+    values = values if isinstance(values, jax.Array) else np.asarray(values)
+    if not jnp.issubdtype(values.dtype, jnp.integer):
+        raise ValueError(f"{what}s must be integers, got dtype {values.dtype}")
+    if values.size == 0 or (low <= int(values.min()) and int(values.max()) < high):
+        return
+    host = np.asarray(values)
+    i = tuple(int(v) for v in np.argwhere((host < low) | (host >= high))[0])
+    raise ValueError(f"{what} {int(host[i])} at {i} is outside {name} [{low}, {high})")
 
 
 @dataclasses.dataclass
@@ -82,25 +99,30 @@ class Model:
         return "mtp" in self.params
 
     def _check(self, tokens, positions, segment_ids):
+        """Shapes, dtypes and (outside jit) values of the inputs -> tokens as int32.
+
+        Values are checked at the inputs' own width before the cast: ``jnp.asarray`` would wrap an
+        int64 id of 2**32 + 1 to 1, and a comparison in int8 cannot even state the vocabulary size."""
         if not isinstance(tokens, jax.Array):
-            tokens = jnp.asarray(tokens)
+            tokens = np.asarray(tokens)
         if tokens.ndim != 2:
             raise ValueError(f"tokens must have shape [batch, seq], got shape {tuple(tokens.shape)}")
         if not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
-        if tokens.shape[1] == 0:
-            raise ValueError("tokens is empty: seq must be at least 1")
+        if tokens.size == 0:
+            raise ValueError(f"tokens is empty (shape {tuple(tokens.shape)}): batch and seq must be at least 1")
         for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
             if arr is not None and tuple(jnp.shape(arr)) != tuple(tokens.shape):
                 raise ValueError(f"{name} must have the tokens' shape {tuple(tokens.shape)}, "
                                  f"got {tuple(jnp.shape(arr))}")
-        if not isinstance(tokens, jax.core.Tracer):  # under jit the values are not known: nothing to check
-            bad = (tokens < 0) | (tokens >= self.config.vocab_size)
-            if bool(jnp.any(bad)):  # one scalar to the host; the tokens stay where they are
-                i = tuple(int(v) for v in jnp.argwhere(bad, size=1)[0])
-                raise ValueError(f"token id {int(tokens[i])} at {i} is outside the vocabulary "
-                                 f"[0, {self.config.vocab_size})")
-        return tokens.astype(jnp.int32)
+        limit = self.config.max_position_embeddings
+        if positions is None and tokens.shape[1] > limit:
+            raise ValueError(f"tokens has {tokens.shape[1]} positions per row, more than the model's "
+                             f"max_position_embeddings={limit}")
+        _check_range(tokens, "token id", 0, self.config.vocab_size, "the vocabulary")
+        if positions is not None:
+            _check_range(positions, "position", 0, limit, "max_position_embeddings")
+        return jnp.asarray(tokens).astype(jnp.int32)
 
     def _logits(self, tokens, positions, segment_ids, engram_ids, mtp: bool):
         tokens = self._check(tokens, positions, segment_ids)
@@ -245,6 +267,13 @@ def from_pretrained(path, dtype="bfloat16", mesh: jax.sharding.Mesh | None = Non
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory with config.json and *.safetensors, nor a v4jax "
                                 "Orbax checkpoint")
+    is_step = path.parent.name == "checkpoints" and path.name.isdigit()
+    if is_step or ((path / "checkpoints").is_dir() and not is_orbax_checkpoint(path)
+                   and not any(path.glob("*.safetensors"))):
+        call = f"v4jax.from_run({str(path.parent.parent)!r}, step={int(path.name)})" if is_step \
+            else f"v4jax.from_run({str(path)!r})"
+        raise FileNotFoundError(f"{path} is a train.py run, not a model checkpoint: load it with {call} "
+                                "(and .save(DIR) makes a checkpoint of it)")
     config = ModelConfig.from_json(path / "config.json")
     dt = _dtype(dtype)
     mesh = None if mesh is None else adopt_mesh(mesh)

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import json
 import math
+import numbers
 import re
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,27 @@ _SHORT_TYPES = {"swa": SWA, "csa": CSA, "hca": HCA}
 
 class ConfigError(ValueError):
     """A configuration value is missing, malformed or out of range. The message names the field."""
+
+
+_KINDS = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string"}
+
+
+def _is(kind: str, value) -> bool:
+    """Whether ``value`` is of the scalar ``kind`` (a key of _KINDS). bool is not an int here, a
+    string never a number: config.json and YAML say "1" or 1 for a reason."""
+    if kind == "int":
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, bool if kind == "bool" else str)
+
+
+def _check_types(values: dict[str, Any], kinds: dict[str, str], prefix: str = "") -> None:
+    """Refuse the first value whose field has a scalar kind it does not have, by name."""
+    for name, value in values.items():
+        kind = kinds.get(name)
+        if kind in _KINDS and not _is(kind, value):
+            raise ConfigError(f"{prefix}{name}={value!r} is not allowed: {_KINDS[kind]}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +174,7 @@ class ModelConfig:
     def __post_init__(self):
         # Accept the friendly spellings in the constructor too (short kind names, a rates mapping,
         # a rope_scaling mapping), then validate.
+        _check_types({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, _FIELD_KINDS)
         set_ = functools.partial(object.__setattr__, self)
         if isinstance(self.layer_types, (list, tuple)):
             set_("layer_types", tuple(_SHORT_TYPES.get(str(t).lower(), t) for t in self.layer_types))
@@ -199,9 +222,14 @@ class ModelConfig:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"no config.json at {path}") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_dict(raw)
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+        try:
+            return cls.from_dict(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     def to_release_dict(self) -> dict[str, Any]:
         """The release's config.json style (``compress_ratios`` with the MTP entry last).
@@ -266,6 +294,9 @@ class ModelConfig:
         return out
 
 
+_FIELD_KINDS = {f.name: f.type for f in dataclasses.fields(ModelConfig)}  # "int", "float", ... (string annotations)
+
+
 # --------------------------------------------------------------------------------------------------
 # Reading the two styles
 
@@ -281,6 +312,7 @@ _IGNORED_KEYS = {
 
 def _normalise(raw: dict[str, Any]) -> dict[str, Any]:
     """Map any accepted style onto ModelConfig's fields; unknown keys are an error."""
+    _check_types(raw, _FIELD_KINDS)  # before the arithmetic below uses num_hidden_layers or head_dim
     out: dict[str, Any] = {}
     n_layers = raw.get("num_hidden_layers", ModelConfig.num_hidden_layers)
     mtp = raw.get("num_nextn_predict_layers", ModelConfig.num_nextn_predict_layers)
@@ -316,7 +348,10 @@ def _normalise(raw: dict[str, Any]) -> dict[str, Any]:
 
     # Hash-routed layers.
     if "mlp_layer_types" in raw:
-        kinds = list(raw.pop("mlp_layer_types"))
+        kinds = raw.pop("mlp_layer_types")
+        if not isinstance(kinds, (list, tuple)):
+            raise ConfigError(f"mlp_layer_types must be a list of 'hash_moe' and 'moe' entries, got {kinds!r}")
+        kinds = list(kinds)
         n_hash = sum(k == "hash_moe" for k in kinds)
         if kinds != ["hash_moe"] * n_hash + ["moe"] * (len(kinds) - n_hash):
             raise ConfigError(
@@ -325,19 +360,24 @@ def _normalise(raw: dict[str, Any]) -> dict[str, Any]:
         out["num_hash_layers"] = n_hash
     rotary = raw.pop("partial_rotary_factor", None)
     if rotary is not None and "qk_rope_head_dim" not in raw:  # HF style; the release's key wins
+        if not _is("float", rotary) or not 0 < rotary <= 1:
+            raise ConfigError(f"partial_rotary_factor={rotary!r} is not allowed: a number in (0, 1]")
         head_dim = raw.get("head_dim", ModelConfig.head_dim)
         out["qk_rope_head_dim"] = int(round(head_dim * rotary))
 
     # RoPE: the release's flat keys, or HF's rope_parameters {main, compress}.
     if "rope_parameters" in raw and raw["rope_parameters"]:
         rp = raw.pop("rope_parameters")
+        if not isinstance(rp, dict) or not all(isinstance(rp.get(k, {}), dict) for k in ("main", "compress")):
+            raise ConfigError(f"rope_parameters must be a mapping with 'main' and 'compress' mappings, got {rp!r}")
         raw.pop("rope_theta", None)  # transformers also writes stale top-level copies; it reads these
         raw.pop("compress_rope_theta", None)
         main, comp = rp.get("main", {}), rp.get("compress", {})
-        if "rope_theta" in main:
-            out["rope_theta"] = float(main["rope_theta"])
-        if "rope_theta" in comp:
-            out["compress_rope_theta"] = float(comp["rope_theta"])
+        for part, key, name in ((main, "main", "rope_theta"), (comp, "compress", "compress_rope_theta")):
+            if "rope_theta" in part:
+                _check_types({f"rope_parameters.{key}.rope_theta": part["rope_theta"]},
+                             {f"rope_parameters.{key}.rope_theta": "float"})
+                out[name] = float(part["rope_theta"])
         yarn = comp.get("rope_type", comp.get("type")) == "yarn"
         if yarn and comp.get("attention_factor") != 1.0:
             factor = comp.get("attention_factor")
@@ -364,7 +404,7 @@ def _normalise(raw: dict[str, Any]) -> dict[str, Any]:
         out[key] = value
     if "layer_types" in out:
         out["layer_types"] = tuple(out["layer_types"])
-    if isinstance(out.get("eos_token_id"), list):
+    if isinstance(out.get("eos_token_id"), list) and out["eos_token_id"]:  # transformers may list several
         out["eos_token_id"] = out["eos_token_id"][0]
     return out
 
@@ -391,16 +431,22 @@ def _from_compress_ratios(ratios, n_layers: int, mtp: int) -> dict[str, Any]:
     return out
 
 
+_YARN_KINDS = {f.name: f.type for f in dataclasses.fields(YarnScaling)}
+
+
 def _yarn(d: dict[str, Any]) -> YarnScaling:
-    try:
-        return YarnScaling(
-            factor=float(d["factor"]),
-            original_max_position_embeddings=int(d["original_max_position_embeddings"]),
-            beta_fast=float(d.get("beta_fast", 32.0)),
-            beta_slow=float(d.get("beta_slow", 1.0)),
-        )
-    except KeyError as e:
-        raise ConfigError(f"rope_scaling (yarn) needs the field {e.args[0]!r}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"rope_scaling={d!r} is not allowed: a mapping like {{type: yarn, factor: 16, "
+                          "original_max_position_embeddings: 65536}, or null for no YaRN")
+    kind = d.get("type", d.get("rope_type", "yarn"))
+    if kind != "yarn":
+        raise ConfigError(f"rope_scaling type {kind!r} is not supported: DeepSeek-V4 uses yarn (or null for none)")
+    for key in ("factor", "original_max_position_embeddings"):
+        if key not in d:
+            raise ConfigError(f"rope_scaling (yarn) needs the field {key!r}")
+    values = {k: d[k] for k in _YARN_KINDS if k in d}
+    _check_types(values, _YARN_KINDS, "rope_scaling.")
+    return YarnScaling(**{k: (float(v) if _YARN_KINDS[k] == "float" else v) for k, v in values.items()})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -415,7 +461,7 @@ def _validate(c: ModelConfig) -> None:
     for f in ("vocab_size", "hidden_size", "num_attention_heads", "head_dim", "q_lora_rank",
               "o_groups", "o_lora_rank", "sliding_window", "index_n_heads", "index_head_dim",
               "index_topk", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
-              "hc_mult", "hc_sinkhorn_iters"):
+              "hc_mult", "hc_sinkhorn_iters", "max_position_embeddings"):
         v = getattr(c, f)
         need(isinstance(v, int) and not isinstance(v, bool) and v > 0, f, "a positive integer")
     need(isinstance(c.num_hidden_layers, int) and c.num_hidden_layers >= 0, "num_hidden_layers",

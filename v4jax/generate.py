@@ -77,6 +77,10 @@ def generate(params, config: ModelConfig, prompts, max_new_tokens: int, *, tempe
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
         raise ValueError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > config.max_position_embeddings:
+        raise ValueError(f"the longest prompt ({longest} tokens) plus max_new_tokens={max_new_tokens} passes the "
+                         f"model's max_position_embeddings={config.max_position_embeddings}: shorten one of them")
     stops = np.asarray([EOS_ID] if stop_tokens is None else list(stop_tokens), np.int64)
     b = len(prompts)
     sp = sampling_params(b, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)

@@ -293,13 +293,15 @@ def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, p: dict, li
     return combine(ys, order, inverse, k), dropped
 
 
-def routed_experts_all_to_all(x, idx, weights, p, limit, mesh, backend="ragged_dot", capacity_factor=2.0):
+def routed_experts_all_to_all(x, idx, weights, p, limit, mesh, backend="ragged_dot", capacity_factor=2.0,
+                              valid=None):
     """Expert parallelism over the mesh's ``expert`` axis with a fixed-capacity all_to_all.
 
     Tokens are split over the batch axes (data, fsdp, expert); experts over ``expert``. Each device
     sends every (token, choice) to the device holding its expert, at most C = ceil(capacity_factor *
     t_local * k / n_ep) rows per destination (the rest are dropped and counted); the receiver runs
-    its experts and sends the results back, where they are summed per token.
+    its experts and sends the results back, where they are summed per token. ``valid`` [t] bool
+    (default: all) marks padding rows (False), which send nothing and get zeros.
     Returns (y [t, d] fp32, dropped: number of dropped (token, choice) pairs over all devices, at
     the dispatch or, with the ``padded`` backend, past an expert's capacity on the receiver).
     """
@@ -314,13 +316,14 @@ def routed_experts_all_to_all(x, idx, weights, p, limit, mesh, backend="ragged_d
     tok = P(batch_axes or None, None)
     exp = P("expert", None, None)
 
-    def local(x, idx, weights, w1, w3, w2):
+    def local(x, idx, weights, valid, w1, w3, w2):
         d = x.shape[1]
         flat_e, flat_w = idx.reshape(-1), weights.reshape(-1)
+        real = jnp.repeat(valid, k)  # [t*k]: the pair belongs to a real token
         dest, local_e = flat_e // e_local, flat_e % e_local
-        onehot = jax.nn.one_hot(dest, n_ep, dtype=jnp.int32)
+        onehot = jax.nn.one_hot(dest, n_ep, dtype=jnp.int32) * real[:, None]
         pos = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=1)  # rank within its destination
-        keep = pos < cap
+        keep = (pos < cap) & real
         slot = jnp.where(keep, dest * cap + pos, n_ep * cap)
         rows = jnp.arange(flat_e.shape[0]) // k
         send_x = jnp.zeros((n_ep * cap + 1, d), x.dtype).at[slot].set(x[rows])[:-1]
@@ -337,21 +340,24 @@ def routed_experts_all_to_all(x, idx, weights, p, limit, mesh, backend="ragged_d
         ys = jnp.where((recv_e < e_local)[:, None], ys, 0.0)
         back = a2a(ys)
         got = jnp.where(keep[:, None], back[jnp.minimum(slot, n_ep * cap - 1)], 0.0)
-        dropped = jax.lax.psum(jnp.sum(~keep) + overflow, batch_axes)  # tokens are replicated over the rest
+        dropped = jax.lax.psum(jnp.sum(real & ~keep) + overflow, batch_axes)  # tokens are replicated over the rest
         return jnp.sum(got.reshape(-1, k, d).astype(F32), axis=1), dropped
 
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, exp, exp, exp), out_specs=(tok, P()),
-                       check_vma=False)
-    return fn(x, idx, weights, p["w1"], p["w3"], p["w2"])
+    valid = jnp.ones(x.shape[:1], bool) if valid is None else valid
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, P(batch_axes or None), exp, exp, exp),
+                       out_specs=(tok, P()), check_vma=False)
+    return fn(x, idx, weights, valid, p["w1"], p["w3"], p["w2"])
 
 
-def routed_experts_ragged(x, idx, weights, p, limit, mesh, backend="ragged_dot", capacity_factor=2.0):
+def routed_experts_ragged(x, idx, weights, p, limit, mesh, backend="ragged_dot", capacity_factor=2.0,
+                          valid=None):
     """Dropless expert parallelism with jax.lax.ragged_all_to_all (GPU/TPU; XLA:CPU lacks it).
 
     Each device sorts its (token, choice) pairs by expert, sends each destination exactly its rows,
     the receiver groups what it got by local expert, runs them, and the results travel back the same
     way. The receive buffer is sized for the worst case (every pair of every peer), so the dispatch
-    drops nothing. Returns (y [t, d] fp32, dropped): dropped counts the (token, choice) pairs past an
+    drops nothing. Padding rows (``valid`` False) travel like the others; their routing weight is
+    zero, so they add nothing. Returns (y [t, d] fp32, dropped): dropped counts the (token, choice) pairs past an
     expert's capacity in the ``padded`` backend (0 with the others), over all devices.
     """
 
@@ -406,6 +412,28 @@ def routed_experts_ragged(x, idx, weights, p, limit, mesh, backend="ragged_dot",
     return fn(x, idx, weights, p["w1"], p["w3"], p["w2"])
 
 
+def expert_parallel(dispatch, x, idx, weights, p, limit, mesh, backend, capacity_factor):
+    """Run an expert-parallel ``dispatch`` for any token count and any expert count.
+
+    shard_map splits the t tokens over the batch axes and the e experts over ``expert``, so both
+    must divide. Token rows are padded to a multiple of the batch devices (the padding rows have
+    routing weight 0, are marked invalid and are cut from the result); experts are padded with
+    zero-weight experts to a multiple of the expert axis (no token picks them: the router only
+    chooses among the e real ones). Nothing is padded when the sizes already divide.
+    """
+    batch_ways = int(np.prod([mesh.shape[a] for a in DEFAULT_RULES["batch"]]))
+    t, e, n_ep = x.shape[0], p["w1"].shape[0], mesh.shape["expert"]
+    pad_t, pad_e = -t % batch_ways, -e % n_ep
+    valid = None
+    if pad_t:
+        x, idx, weights = (jnp.pad(a, ((0, pad_t), (0, 0))) for a in (x, idx, weights))
+        valid = jnp.arange(t + pad_t) < t
+    if pad_e:
+        p = {k: jnp.pad(v, ((0, pad_e),) + ((0, 0),) * (v.ndim - 1)) for k, v in p.items()}
+    y, dropped = dispatch(x, idx, weights, p, limit, mesh, backend, capacity_factor, valid)
+    return y[:t], dropped
+
+
 @jax.named_scope("moe")
 def moe(x: jax.Array, p: dict, token_ids: jax.Array, config: ModelConfig, parallel=None, mesh=None):
     """x [b, s, d] (the ffn_norm output), token_ids [b, s] -> (y [b, s, d] in x.dtype, routing info).
@@ -424,7 +452,7 @@ def moe(x: jax.Array, p: dict, token_ids: jax.Array, config: ModelConfig, parall
     if mesh is not None and mesh.shape.get("expert", 1) > 1:
         dispatch = routed_experts_ragged if parallel is not None and parallel.moe_dispatch == "ragged" \
             else routed_experts_all_to_all
-        y, dropped = dispatch(flat, idx, w, p["experts"], config.swiglu_limit, mesh, backend, cf)
+        y, dropped = expert_parallel(dispatch, flat, idx, w, p["experts"], config.swiglu_limit, mesh, backend, cf)
     else:
         y, dropped = routed_experts(flat, idx, w, p["experts"], config.swiglu_limit, backend, cf)
     y = y + shared_expert(flat, p["shared_experts"], config.swiglu_limit)
