@@ -255,6 +255,8 @@ def test_parse_completion_tokens_detects_eos(tok):
     ([user("q"), assistant("a", "x</think>y"), user("q")], {},
      r"messages\[1\]\['reasoning_content'\] contains the marker '</think>'"),
     ([user(EOS)], {}, r"contains the marker '<｜end▁of▁sentence｜>', which would become a control token"),
+    ([user("half an emoji: \ud83d!")], {}, r"messages\[0\]\['content'\] is not valid Unicode text: '\\ud83d' at "
+                                          r"character 15 is a lone surrogate"),
 ])
 def test_bad_input_is_refused(messages, kwargs, message):
     with pytest.raises(ValueError, match=message):

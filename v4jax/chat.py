@@ -125,6 +125,11 @@ def _check_mode(mode: Any) -> None:
 def _check_text(value: Any, where: str) -> None:
     if not isinstance(value, str):
         raise ValueError(f"{where} is {type(value).__name__}, not str; pass the text as a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate (e.g. half of a badly split emoji): no token can hold it
+        raise ValueError(f"{where} is not valid Unicode text: {e.object[e.start:e.end]!r} at character {e.start} "
+                         "is a lone surrogate; decode the text with errors='replace' or remove it") from None
     # A marker inside a text would become a control token (the tokenizer matches the role and think
     # markers anywhere) and would make the prompt ambiguous to parse; the release asserts the same
     # of parsed completions.

@@ -46,6 +46,9 @@ def build_examples(cfg: NiahConfig, tokenizer, haystack_texts) -> list[dict]:
     answers' tokens, the index of the true one, and its cell (length, depth)."""
     rng = np.random.default_rng(cfg.seed)
     hay = _text_tokens(tokenizer, haystack_texts)
+    if max(cfg.lengths) >= len(hay):  # checked before any example is built
+        raise ValueError(f"niah length {max(cfg.lengths)} needs more haystack than the text holds ({len(hay)} "
+                         "tokens): use shorter --lengths or more text (--files)")
     out = []
     for length in cfg.lengths:
         for depth in cfg.depths:

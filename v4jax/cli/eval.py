@@ -23,11 +23,30 @@ from pathlib import Path
 
 
 def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(","))
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: numbers separated by commas, e.g. 0,0.5,1") from None
 
 
 def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(","))
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: positive integers separated by commas, e.g. 128,256")
+    return values
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: an integer >= 1")
+    return value
 
 
 def parse_args(argv=None):
@@ -38,10 +57,10 @@ def parse_args(argv=None):
     p.add_argument("--task", choices=("ppl", "niah"), default="ppl")
     p.add_argument("--files", default=None, help="evaluate (ppl) or build haystacks from (niah) these files "
                                                  "instead of the held-out split")
-    p.add_argument("--batches", type=int, default=None, help="ppl: stop after this many batches (default: one pass)")
+    p.add_argument("--batches", type=_positive, default=None, help="ppl: stop after this many batches (default: one pass)")
     p.add_argument("--lengths", type=_ints, default=(128, 256, 512), help="niah: context lengths in tokens")
     p.add_argument("--depths", type=_floats, default=(0.0, 0.25, 0.5, 0.75, 1.0), help="niah: needle depths in [0, 1]")
-    p.add_argument("--samples", type=int, default=8, help="niah: examples per length and depth")
+    p.add_argument("--samples", type=_positive, default=8, help="niah: examples per length and depth")
     p.add_argument("--candidates", type=int, default=10, help="niah: answers scored per example")
     p.add_argument("--seed", type=int, default=0, help="niah: examples' seed")
     p.add_argument("--png", default=None, help="niah: heat map file (default: WORKDIR/niah.png)")
@@ -52,19 +71,33 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.task == "niah" and (not all(0.0 <= d <= 1.0 for d in args.depths) or args.samples < 1
-                                or args.candidates < 2):
-        print("error: --depths must lie in [0, 1], --samples >= 1 and --candidates >= 2", file=sys.stderr)
-        return 2
+    if args.task == "niah" and not all(0.0 <= d <= 1.0 for d in args.depths):
+        return _error(f"--depths {','.join(map(str, args.depths))}: each must lie in [0, 1]")
+    if args.task == "niah" and args.candidates < 2:
+        return _error(f"--candidates {args.candidates}: at least 2 (the true answer and another)")
+    try:
+        return _evaluate(args)
+    except (ValueError, OSError) as e:  # ConfigError, DataError and checkpoint errors are ValueErrors
+        return _error(str(e))
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _evaluate(args) -> int:
     import jax.numpy as jnp
 
     from v4jax.trainer import restore_run
 
     run = restore_run(args.workdir, args.step)
     if run is None:
-        print(f"error: no checkpoint in {args.workdir}/checkpoints", file=sys.stderr)
-        return 2
+        return _error(f"no checkpoint in {args.workdir}/checkpoints: pass a train.py --workdir")
     config, train_cfg, data_cfg, state = run["config"], run["train"], run["data"], run["state"]
+    if args.task == "niah" and max(args.lengths) > config.max_position_embeddings:
+        return _error(f"--lengths {max(args.lengths)} is longer than the model's max_position_embeddings="
+                      f"{config.max_position_embeddings}")
     if args.files:
         data_cfg = dataclasses.replace(data_cfg, path=args.files, split="train", shuffle=False, num_epochs=1,
                                        heldout_fraction=0.0)

@@ -60,8 +60,8 @@ def main(argv=None) -> int:
         model.generate([prompt], args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed,
                        on_tokens=stream)
         sys.stdout.write(tok.decode(new)[len(shown):] + "\n")
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
-        print(f"v4jax-generate: {e}", file=sys.stderr)
+    except (ValueError, OSError, NotImplementedError) as e:  # bad input, unreadable checkpoint: one line
+        print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
