@@ -8,6 +8,20 @@ from it (same model and data settings required). Writes ``WORKDIR/metrics.jsonl`
 per logged step), TensorBoard events under ``WORKDIR/tb``, checkpoints under
 ``WORKDIR/checkpoints`` and the resolved config in ``WORKDIR/config.json``. SIGINT/SIGTERM save a
 checkpoint before exiting.
+
+One run at a time uses a workdir: ``WORKDIR/train.lock`` names the run holding it (host, pid, start
+time) and a second run is refused. A lock left by a run that died on this host is taken over with a
+warning; one from another host cannot be checked from here, so the error says how to remove it.
+
+On resume, training starts from the newest checkpoint that restores: a broken newer step (files
+missing or garbled, values not finite) is named in a warning and renamed ``STEP.broken``, so that
+its step can be saved again. ``metrics.jsonl`` keeps its lines up to the restored step: lines of
+later steps (a killed run logs past its last checkpoint) are dropped, as the resumed run logs those
+steps again. A run with no checkpoint starts the log afresh, for the same reason.
+
+Exit status: 0 when done or stopped by ``--stop-after-step``; 1 after ``train.max_bad_steps``
+non-finite steps in a row; 2 with one ``error:`` line for a bad config, data or checkpoint, a
+workdir in use, or an OS error (read-only workdir, full disk); 128 + N after signal N.
 """
 
 from __future__ import annotations
@@ -15,15 +29,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import fcntl
 import json
 import math
+import os
 import signal
+import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import jax
 import numpy as np
+
+LOCK = "train.lock"
 
 
 def parse_args(argv=None):
@@ -40,58 +60,66 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from v4jax.checkpoint import CheckpointError
     from v4jax.config import ConfigError
+    from v4jax.data import DataError
     from v4jax.parallel import ShardingError, initialize_distributed, make_mesh
     from v4jax.trainer import load_run_config
 
     initialize_distributed()  # multi-host jobs: from the environment (see README); a no-op otherwise
-    workdir = None
-    try:  # everything is validated before the workdir is touched
+    try:  # the config is checked before the workdir is touched
         run = load_run_config(args.config, args.overrides)
         workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
-        check_run(run, workdir)
+        check_config(run)
         mesh = make_mesh(run.parallel)
         check_batch_split(run, mesh)
     except (ConfigError, ShardingError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _print_warning
+        try:
+            with workdir_lock(workdir):
+                return train(run, mesh, workdir, args)
+        except (LockError, ConfigError, ShardingError, DataError, CheckpointError, ImportError) as e:
+            print(f"error: {e}", file=sys.stderr)
+        except OSError as e:  # read-only workdir, full disk, missing data file: no traceback for these
+            where = f" (workdir {workdir})" if e.errno is not None and e.filename is None else ""
+            print(f"error: {e}{where}", file=sys.stderr)
+    return 2
+
+
+def train(run, mesh, workdir: Path, args) -> int:
+    """Everything after the lock: data, state (fresh or restored), logs, the loop. Whatever fails
+    on the user's input (data files, another run's or only broken checkpoints) fails before the
+    first write into the workdir."""
     from v4jax.data import make_dataset
     from v4jax.engram import hasher_for
 
     data = make_dataset(run.data, hasher=hasher_for(run.model))
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(run.to_dict(), indent=2))
-    state, checkpointer = initial_state(run, mesh, workdir / "checkpoints", data)
+    state, checkpointer = initial_state(run, mesh, workdir, data)
     try:
+        if jax.process_index() == 0:  # the processes of a multi-host run share the workdir
+            trim_metrics(workdir / "metrics.jsonl", int(state["step"]))
+            write_atomically(workdir / "config.json", json.dumps(run.to_dict(), indent=2))
         return Trainer(run, mesh, data, checkpointer, workdir, args).run(state)
     finally:
         checkpointer.wait()
         checkpointer.close()
 
 
+def _print_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
 # --------------------------------------------------------------------------------------------------
 # Checks (before anything is written)
 
 
-def check_run(run, workdir: Path) -> None:
-    """A checkpoint in the workdir must be of this run; the vocabulary must hold the tokenizer's."""
-    from v4jax.checkpoint import Checkpointer, model_config_from_meta, scan_layers_from_meta
+def check_config(run) -> None:
+    """The config is self-consistent: Engram's tokenizer is the data's; the vocabulary holds the tokenizer's."""
     from v4jax.config import ConfigError
 
-    ckpt_dir = workdir / "checkpoints"
-    saved = Checkpointer(ckpt_dir, run.train.keep_checkpoints).read_meta() if ckpt_dir.exists() else None
-    if saved is not None:
-        problem = None
-        if model_config_from_meta(saved) != run.model:
-            problem = "its model config differs"
-        elif scan_layers_from_meta(saved) != run.parallel.scan_layers:
-            problem = (f"parallel.scan_layers differs: saved {scan_layers_from_meta(saved)}, now "
-                       f"{run.parallel.scan_layers}; the parameter layouts differ, so set it as saved")
-        for key in ("tokenizer", "seq_len", "batch_size", "path", "seed"):
-            if problem is None and saved["data"].get(key) != getattr(run.data, key):
-                problem = f"data.{key} differs: saved {saved['data'].get(key)!r}, now {getattr(run.data, key)!r}"
-        if problem:
-            raise ConfigError(f"{workdir} holds a checkpoint of another run ({problem}); use another --workdir")
     engram = run.model.engram
     if engram is not None and engram.tokenizer not in (run.data.tokenizer, "none"):
         raise ConfigError(f"model.engram.tokenizer={engram.tokenizer!r} must be the data's tokenizer "
@@ -99,6 +127,23 @@ def check_run(run, workdir: Path) -> None:
     if run.data.seq_len < 2 or run.model.vocab_size < (259 if run.data.tokenizer == "bytes" else 129280):
         raise ConfigError(f"model.vocab_size={run.model.vocab_size} is smaller than the {run.data.tokenizer} "
                           "tokenizer's vocabulary")
+
+
+def check_saved(run, meta: dict, workdir: Path) -> None:
+    """A checkpoint in the workdir must be of this run: same model, parameter layout and data."""
+    from v4jax.checkpoint import model_config_from_meta, scan_layers_from_meta
+    from v4jax.config import ConfigError
+
+    saved = model_config_from_meta(meta)
+    differ = [(f"model.{f.name}", getattr(saved, f.name), getattr(run.model, f.name))
+              for f in dataclasses.fields(saved) if getattr(saved, f.name) != getattr(run.model, f.name)]
+    differ.append(("parallel.scan_layers", scan_layers_from_meta(meta), run.parallel.scan_layers))
+    differ += [(f"data.{key}", meta["data"].get(key), getattr(run.data, key))
+               for key in ("tokenizer", "seq_len", "batch_size", "path", "seed")]
+    differ = [f"{name}: saved {a!r}, now {b!r}" for name, a, b in differ if a != b]
+    if differ:
+        raise ConfigError(f"{workdir} holds a checkpoint of another run ({'; '.join(differ)}): set these as "
+                          "saved (parallel.scan_layers changes the parameter layout) or use another --workdir")
 
 
 def check_batch_split(run, mesh) -> None:
@@ -112,12 +157,145 @@ def check_batch_split(run, mesh) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# State
+# The workdir's lock
 
 
-def initial_state(run, mesh, ckpt_dir: Path, data):
-    """A fresh sharded train state, or the latest checkpoint's (the data iterator resumes with it)."""
+class LockError(Exception):
+    """The workdir cannot be locked: another run holds it, its lock cannot be checked, or it cannot be written."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path):
+    """Hold ``WORKDIR/train.lock`` for the block, or raise LockError naming the owner.
+
+    The lock belongs to the run, not to a process: in a multi-host run process 0 takes it and every
+    process gets its outcome, so all of a refused run's processes stop with the same message. The
+    lock is a ``flock`` on the file, which the kernel drops when its process dies, so a killed run
+    cannot hold a workdir forever; the file's JSON (host, pid, start time) names the owner. A lock
+    file left on this host without its ``flock`` is stale and taken over with a warning (on a
+    filesystem without ``flock``, only if its pid is gone); one from another host is refused, as
+    this host cannot see whether that run still holds it. Released (the file removed, and a workdir
+    this lock created removed again if still empty) when the block ends, however it ends.
+    """
+    fd, problem, created = None, "", False
+    if jax.process_index() == 0:
+        try:
+            created = not workdir.exists()
+            workdir.mkdir(parents=True, exist_ok=True)
+            fd = _take_lock(workdir)
+        except (LockError, OSError) as e:
+            problem = str(e)
+    if jax.process_count() > 1:
+        problem = _from_process_0(problem)
+    if problem:
+        raise LockError(problem)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            _release_lock(workdir, fd, created)
+
+
+def _take_lock(workdir: Path) -> int:
+    """The lock file's descriptor, holding its flock, with this process named in it."""
+    path = workdir / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            flocked = True
+        except BlockingIOError:
+            owner = _read_owner(fd)
+            os.close(fd)
+            raise LockError(f"workdir {workdir} is in use by another train.py run ({_describe(owner)}): "
+                            "wait for it to end or use another --workdir") from None
+        except OSError:
+            flocked = False  # a filesystem without flock: the owner's pid is all there is to check
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        os.close(fd)  # the owner removed the file between our open and flock: open the new one
+    owner = _read_owner(fd)
+    problem = None
+    if owner is None:
+        problem = "locked by a lock file that does not parse"
+    elif owner and owner["host"] != socket.gethostname():
+        problem = f"locked by {_describe(owner)}, which host {socket.gethostname()} cannot check"
+    elif owner and not flocked and owner["pid"] != os.getpid() and _alive(owner["pid"]):
+        problem = f"in use by another train.py run ({_describe(owner)})"
+    if problem:
+        os.close(fd)
+        raise LockError(f"workdir {workdir} is {problem}: if no run uses it, delete {path}; "
+                        "else wait for that run to end or use another --workdir")
+    if owner:
+        warnings.warn(f"workdir {workdir}: taking over the stale lock of {_describe(owner)}, a run that ended "
+                      "without releasing it", stacklevel=2)
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(me).encode(), 0)
+    os.fsync(fd)
+    return fd
+
+
+def _read_owner(fd: int) -> dict | None:
+    """The lock file's owner: {} if the file is empty (new), None if it does not parse."""
+    text = os.pread(fd, 4096, 0).decode(errors="replace")
+    if not text:
+        return {}
+    try:
+        owner = json.loads(text)
+        return owner if isinstance(owner.get("pid"), int) and isinstance(owner.get("host"), str) else None
+    except (ValueError, AttributeError):
+        return None
+
+
+def _describe(owner: dict | None) -> str:
+    if not owner:
+        return "its owner is not written yet"
+    return f"pid {owner['pid']} on host {owner['host']}, started {owner.get('started', '?')}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _release_lock(workdir: Path, fd: int, created: bool) -> None:
+    path = workdir / LOCK
+    with contextlib.suppress(FileNotFoundError):
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:  # never remove a file someone else created since
+            os.unlink(path)
+    os.close(fd)  # after the unlink: a run waiting on this file finds it gone and opens a new one
+    if created:
+        with contextlib.suppress(OSError):
+            workdir.rmdir()  # only if empty: a run that stopped before writing leaves no trace
+
+
+def _from_process_0(message: str) -> str:
+    """Process 0's message on every process (the lock's outcome; '' when it is held)."""
+    from jax.experimental import multihost_utils
+
+    buf = np.zeros(4096, np.uint8)
+    raw = message.encode()[:4096]
+    buf[:len(raw)] = np.frombuffer(raw, np.uint8)
+    buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+    return bytes(buf).rstrip(b"\0").decode(errors="replace")
+
+
+# --------------------------------------------------------------------------------------------------
+# State and the metrics log
+
+
+def initial_state(run, mesh, workdir: Path, data):
+    """A fresh sharded train state, or the newest checkpoint's that restores (the data iterator
+    resumes with it); broken newer steps are renamed out of the way. Returns (state, checkpointer)."""
     from v4jax.checkpoint import Checkpointer, abstract
+    from v4jax.config import ConfigError
     from v4jax.model import init_params
     from v4jax.parallel import param_shardings, shard_like_params
     from v4jax.trainer import init_state, make_optimizer
@@ -127,12 +305,60 @@ def initial_state(run, mesh, ckpt_dir: Path, data):
     params = jax.device_put(params, param_shardings(params, mesh, config))
     state = init_state(params, make_optimizer(cfg, config))
     state = jax.device_put(state, shard_like_params(state, params, mesh, config))
-    checkpointer = Checkpointer(ckpt_dir, cfg.keep_checkpoints, cfg.checkpoint_every)
-    if checkpointer.latest_step() is not None:
-        state, data_state, _ = checkpointer.restore(abstract(state))
-        data.set_state(data_state)
-        print(f"resumed from step {int(state['step'])} in {ckpt_dir}", file=sys.stderr)
+    checkpointer = Checkpointer(workdir / "checkpoints", cfg.keep_checkpoints, cfg.checkpoint_every)
+    if checkpointer.latest_step() is None:
+        return state, checkpointer
+
+    def target(meta):
+        check_saved(run, meta, workdir)
+        return abstract(state)
+
+    try:
+        state, data_state, _ = checkpointer.restore(target)
+        try:
+            data.set_state(data_state)
+        except ValueError as e:
+            raise ConfigError(f"{workdir}: {e}") from None
+        checkpointer.set_aside_skipped()
+    except BaseException:
+        checkpointer.close()
+        raise
+    print(f"resumed from step {int(state['step'])} in {checkpointer.directory}", file=sys.stderr)
     return state, checkpointer
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep the lines of ``metrics.jsonl`` up to ``step`` (the state the run goes on from), in order;
+    later or torn lines are dropped. The file is replaced atomically, so a kill leaves the old or
+    the new log, never a mix."""
+    if not path.exists():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            keep = json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False  # a torn line from a killed write
+        kept += [line] if keep else []
+        dropped += not keep
+    if dropped:
+        write_atomically(path, "".join(line + "\n" for line in kept))
+        print(f"{path}: dropped {dropped} line(s) of steps after step {step}, the state this run goes on from",
+              file=sys.stderr)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write a temporary file beside ``path`` and rename it onto ``path``: all of it or nothing."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -142,7 +368,8 @@ def initial_state(run, mesh, ckpt_dir: Path, data):
 class Trainer:
     """Runs the steps from the state's step to ``train.steps``: logging, held-out evaluation,
     checkpoints, and a save on SIGINT/SIGTERM or ``--stop-after-step``. ``run`` returns the exit
-    status: 0, 1 after ``train.max_bad_steps`` non-finite steps in a row, 128 + signal."""
+    status: 0, 1 after ``train.max_bad_steps`` non-finite steps in a row, 128 + signal. Only process 0
+    writes the logs."""
 
     def __init__(self, run, mesh, data, checkpointer, workdir: Path, args):
         from v4jax.parallel import batch_sharding
@@ -158,18 +385,18 @@ class Trainer:
         self.flops_per_token = flops_per_token(run.model, run.data.seq_len)
         self.peak = peak_flops(self.cfg)
         self.meta = run.to_dict()
+        self.writes = jax.process_index() == 0
         self.signal = None
         self.saved = None  # the step last saved
 
     def run(self, state) -> int:
-        from tensorboardX import SummaryWriter
         from tqdm import tqdm
 
         start, status, bad = int(state["step"]), 0, 0
-        bar = tqdm(total=self.cfg.steps, initial=start, disable=self.args.no_progress, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=self.cfg.steps, initial=start, disable=self.args.no_progress or not self.writes,
+                   unit="step", dynamic_ncols=True)
         window = {"t0": time.perf_counter(), "tokens": 0}
-        with self._signals(), SummaryWriter(str(self.workdir / "tb")) as writer, \
-                (self.workdir / "metrics.jsonl").open("a") as log:
+        with self._signals(), self._logs(start) as (log, writer):
             try:
                 for step in range(start, self.cfg.steps):
                     state, metrics = self.step_fn(state, self.to_global(next(self.data)))
@@ -177,11 +404,13 @@ class Trainer:
                     done = step + 1
                     bad = 0 if bool(metrics["ok"]) else bad + 1
                     if bad:
-                        print(f"step {done}: loss or gradient not finite; step skipped ({bad} in a row)",
+                        print(f"step {done}: loss, gradient or new state not finite; step skipped ({bad} in a row)",
                               file=sys.stderr)
                         if bad >= self.cfg.max_bad_steps:
-                            print(f"stopping after {bad} bad steps in a row; the last good checkpoint is kept",
-                                  file=sys.stderr)
+                            newest = self.checkpointer.latest_step()
+                            kept = (f"the newest checkpoint, step {newest}, is kept" if newest is not None
+                                    else "there is no checkpoint yet")
+                            print(f"stopping after {bad} bad steps in a row; {kept}", file=sys.stderr)
                             return 1
                     if done % self.cfg.log_every == 0 or done == self.cfg.steps:
                         self._log(done, metrics, state, window, log, writer, bar)
@@ -200,6 +429,19 @@ class Trainer:
                 bar.close()
         return status
 
+    @contextlib.contextmanager
+    def _logs(self, start: int):
+        """(metrics.jsonl, TensorBoard writer) on process 0, (None, None) elsewhere. TensorBoard hides
+        its events after ``start`` from an earlier attempt (``purge_step``), as metrics.jsonl drops them."""
+        if not self.writes:
+            yield None, None
+            return
+        from tensorboardX import SummaryWriter
+
+        with SummaryWriter(str(self.workdir / "tb"), purge_step=start + 1) as writer, \
+                (self.workdir / "metrics.jsonl").open("a") as log:
+            yield log, writer
+
     def _save(self, step: int, state, force: bool = False) -> None:
         if self.saved != step:
             self.checkpointer.save(step, state, self.data.get_state(), self.meta, force=force)
@@ -211,13 +453,15 @@ class Trainer:
         m.update(step=done, tokens_per_s=tps, mfu=self.flops_per_token * tps / self.peak, time=time.time())
         if self.eval_fn is not None and done % self.cfg.eval_every == 0:
             m.update(self._evaluate(state["params"]))
+        window.update(t0=time.perf_counter(), tokens=0)
+        if not self.writes:
+            return
         log.write(json.dumps(m) + "\n")
         log.flush()
         for k, v in m.items():
             if isinstance(v, float) and math.isfinite(v) and k not in ("step", "time"):
                 writer.add_scalar(k, v, done)
         bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{m['mfu']:.1%}")
-        window.update(t0=time.perf_counter(), tokens=0)
 
     def _evaluate(self, params) -> dict:
         """Held-out losses over a fixed number of batches (the same count on every host)."""
