@@ -1,0 +1,73 @@
+"""eval.py and v4jax-generate on bad arguments: one `error:` line naming the argument, exit 2,
+before any work. The run checkpoint is saved directly (an initialised state, no training)."""
+
+import errno
+
+import pytest
+
+import eval as eval_script
+from v4jax.checkpoint import Checkpointer
+from v4jax.cli import generate as generate_cli
+from v4jax.model import init_params
+from v4jax.trainer import init_state, load_run_config, make_optimizer
+
+SMALL = ["model.num_hidden_layers=2", "model.layer_types=[csa, hca]", "model.hidden_size=32",
+         "model.n_routed_experts=4", "data.seq_len=48", "data.batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    run = load_run_config("configs/tiny.yaml", SMALL)
+    state = init_state(init_params(run.model, 0, scan=run.parallel.scan_layers), make_optimizer(run.train, run.model))
+    workdir = tmp_path_factory.mktemp("run")
+    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+    ckpt.save(1, state, {}, run.to_dict(), force=True)
+    ckpt.close()
+    return workdir
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batches", "-1"], "error: argument --batches: '-1': an integer >= 1"),
+    (["--task", "niah", "--samples", "0"], "error: argument --samples: '0': an integer >= 1"),
+    (["--task", "niah", "--lengths", "128,-5"], "error: argument --lengths: '128,-5': positive integers"),
+    (["--task", "niah", "--depths", "0,2"], "error: --depths 0.0,2.0: each must lie in [0, 1]"),
+])
+def test_eval_refuses_bad_arguments_before_any_work(capsys, args, message):
+    try:
+        rc = eval_script.main(["--workdir", "nowhere", *args])
+    except SystemExit as e:  # argparse's own error line
+        rc = e.code
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eval_niah_length_past_the_model_is_refused(workdir, capsys):
+    assert eval_script.main(["--workdir", str(workdir), "--task", "niah", "--lengths", "100000000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --lengths 100000000 is longer than the model's max_position_embeddings"), err
+    assert not (workdir / "niah.png").exists()
+
+
+def test_eval_niah_length_past_the_haystack_is_refused(workdir, tmp_path, capsys):
+    (tmp_path / "short.txt").write_text("Only a few words of haystack here.")
+    assert eval_script.main(["--workdir", str(workdir), "--task", "niah", "--lengths", "256",
+                             "--files", str(tmp_path / "short.txt"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: niah length 256 needs more haystack than the text holds"), err
+
+
+def test_eval_unreadable_output_is_one_line(workdir, tmp_path, capsys):
+    out = tmp_path / "missing-dir" / "eval.json"  # its directory does not exist: OSError on writing
+    assert eval_script.main(["--workdir", str(workdir), "--batches", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "missing-dir" in err and "Traceback" not in err, err
+
+
+def test_generate_prints_os_errors_as_one_line(monkeypatch, capsys):
+    def unreadable(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error", "ckpt/model-00001-of-00002.safetensors")
+
+    monkeypatch.setattr("v4jax.from_pretrained", unreadable)
+    assert generate_cli.main(["--checkpoint", "ckpt", "--prompt", "hi"]) == 2
+    assert capsys.readouterr().err == ("error: [Errno 5] Input/output error: "
+                                       "'ckpt/model-00001-of-00002.safetensors'\n")
