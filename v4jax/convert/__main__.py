@@ -111,10 +111,21 @@ def _mesh(text: str | None) -> dict[str, int] | None:
     out = {}
     for part in text.split(","):
         axis, _, size = part.partition("=")
+        axis = axis.strip()
         if not size.strip().isdigit() or int(size) < 1:
             raise ValueError(f"--mesh {text!r}: use AXIS=SIZE pairs separated by commas, e.g. fsdp=4,expert=8")
-        out[axis.strip()] = int(size)
+        if axis in out:
+            raise ValueError(f"--mesh {text!r}: axis {axis} is given twice; give each axis once, e.g. fsdp=4,expert=8")
+        out[axis] = int(size)
     return out
+
+
+def _describe(e: OSError) -> str:
+    """An OSError on one line: ours as written, the system's as "what: where; nothing was written"."""
+    if e.strerror is None:
+        return str(e)
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    return f"{e.strerror}{f': {where}' if where else ''}; nothing was written"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,8 +159,11 @@ def main(argv: list[str] | None = None) -> int:
                                config_path=args.config, workers=args.workers, window=args.window)
             print(f"wrote {args.dst}: {s['tensors']} tensors in {s['shards']} shards, {s['bytes'] / 1e9:.3f} GB, "
                   f"{s['layout']} layout, quantize {s['quantize']}, other weights {s['dtype']}")
-    except (CheckpointError, ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an existing --dst, a read-only or full disk, ...: any partial output is removed
+        print(f"error: {_describe(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)

@@ -28,16 +28,22 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
 import dataclasses
+import errno
+import functools
 import json
 import os
+import re
 import shutil
+import sys
 import threading
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from v4jax.convert.checks import check_values, int_range
 from v4jax.convert.names import unflatten
 from v4jax.convert.safetensors_io import CheckpointError
 from v4jax.convert.source import blocks, rows_per_block
@@ -56,7 +62,9 @@ FORMAT_VERSION = 1
 def atomic_output_dir(dst: str | Path, overwrite: bool = False):
     """Yield a fresh temporary directory next to ``dst``; rename it to ``dst`` if the block succeeds,
     delete it if the block raises (or is interrupted). An existing ``dst`` is an error unless
-    ``overwrite``, in which case it is replaced only once the new directory is complete."""
+    ``overwrite``, in which case it is replaced only once the new directory is complete. Without
+    ``overwrite`` the rename itself refuses a ``dst`` that appeared meanwhile (another run writing
+    the same output): FileExistsError, the other output kept and ours deleted."""
     dst = Path(dst).absolute()
     check_output_dir(dst, overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -66,16 +74,66 @@ def atomic_output_dir(dst: str | Path, overwrite: bool = False):
     tmp.mkdir()
     try:
         yield tmp
+        if overwrite and os.path.lexists(dst):
+            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+            os.rename(dst, old)
+            os.rename(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            rename_no_replace(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-        os.rename(dst, old)
-        os.rename(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, dst)
+
+
+def rename_no_replace(src: Path, dst: Path) -> None:
+    """Rename the directory ``src`` to ``dst`` atomically, or raise FileExistsError if ``dst`` exists.
+
+    ``os.rename`` would replace an empty directory ``dst`` without a word (and checking first leaves
+    a gap another process can use). Linux's renameat2(RENAME_NOREPLACE) checks and renames in one
+    step. Where it is missing (other systems, filesystems without the flag), ``dst`` is claimed
+    with ``mkdir`` (which fails if it exists, atomically) and the complete directory renamed onto
+    that empty claim: the same guarantee, with an empty ``dst`` visible for a moment.
+    """
+    taken = FileExistsError(f"{dst} appeared while the output was being written (another run writing the same "
+                            "output?): it was left as it is and nothing was written; choose another destination, "
+                            "or pass --overwrite to replace it")
+    renameat2 = _renameat2()
+    if renameat2 is not None:
+        if renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise taken
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # those mean: no such flag here
+            raise OSError(err, os.strerror(err), str(src), None, str(dst))
+    try:
+        os.mkdir(dst)
+    except FileExistsError:
+        raise taken from None
+    try:
+        os.rename(src, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.rmdir(dst)
+        raise
+
+
+_AT_FDCWD, _RENAME_NOREPLACE = -100, 1  # from Linux's <fcntl.h> and <linux/fs.h>
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2():
+    """glibc's renameat2 (2.28+), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
 
 
 def _remove_stale(dst: Path) -> None:
@@ -335,9 +393,12 @@ def read_marker(directory: str | Path) -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"{directory} is not a v4jax Orbax checkpoint (no {MARKER}); "
                               "convert one with `python -m v4jax.convert to-orbax`") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is corrupt: {e}") from None
-    if data.get("format") != FORMAT or data.get("format_version", 0) > FORMAT_VERSION:
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+        raise CheckpointError(f"{path} is corrupt ({e}): {REDO}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is corrupt (not a JSON object): {REDO}")
+    if data.get("format") != FORMAT or not isinstance(data.get("format_version"), int) \
+            or data["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"{path}: unknown format {data.get('format')!r} version {data.get('format_version')!r}")
     return data
 
@@ -349,32 +410,74 @@ def is_orbax_checkpoint(directory: str | Path) -> bool:
 # --------------------------------------------------------------------------------------------------
 # Reading
 
+REDO = ("the checkpoint is incomplete or corrupt: convert it again (python -m v4jax.convert to-orbax) or save it "
+        "again (Model.save)")
+
+
+@contextlib.contextmanager
+def quiet_orbax_logs():
+    """Silence Orbax's logging while we read: a failed restore logs, through asyncio, one traceback
+    per array still in flight (tens of thousands of lines for a large model), and absl warnings
+    for a corrupt _METADATA, before the exception we turn into one CheckpointError."""
+    import logging  # noqa: PLC0415
+
+    import absl.logging  # noqa: PLC0415
+
+    verbosity, asyncio_log = absl.logging.get_verbosity(), logging.getLogger("asyncio")
+    level = asyncio_log.level
+    absl.logging.set_verbosity(absl.logging.ERROR)
+    asyncio_log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        asyncio_log.setLevel(level)
+        absl.logging.set_verbosity(verbosity)
+
+
+def _first_cause(e: BaseException) -> tuple[str, str | None]:
+    """(the innermost cause of an Orbax/TensorStore error on one line, the leaf it names or None).
+    The outer exceptions repeat a TensorStore spec of dozens of lines; the innermost one says what
+    went wrong ('Error reading "layers.3.attn.wq_b/0.0" ...: Not enough data')."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    leaf = re.search(r'reading "([^"/]+)/', lines[0])
+    return lines[0][:400], leaf and leaf.group(1)
+
 
 class OrbaxParams:
     """The params of an Orbax checkpoint, leaf by leaf and block by block (TensorStore reads).
 
-    ``leaves``: {tree path: (shape, dtype)}; ``read(path, lead, r0, r1)`` as StreamLeaf.read.
+    ``leaves``: {tree path: (shape, dtype)}; ``read(path, lead, r0, r1)`` as StreamLeaf.read. Every
+    block read is checked: NaN or inf in a float leaf, or (given the ``config``) a ``tid2eid``
+    entry that names no expert, is a CheckpointError naming the leaf (``checks.check_values``).
     """
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, config=None):
         import orbax.checkpoint as ocp  # noqa: PLC0415
 
         self.directory = Path(directory).absolute()
-        if not (self.directory / "_METADATA").exists() and not (self.directory / "_CHECKPOINT_METADATA").exists():
-            raise CheckpointError(f"{self.directory} is not an Orbax checkpoint (no _METADATA)")
+        self.config = config
+        if not (self.directory / "_METADATA").is_file():
+            raise CheckpointError(f"{self.directory} is not a complete Orbax checkpoint (no _METADATA): {REDO}")
         try:
-            meta = ocp.StandardCheckpointer().metadata(self.directory).item_metadata
+            with quiet_orbax_logs():
+                meta = ocp.StandardCheckpointer().metadata(self.directory).item_metadata
         except Exception as e:  # noqa: BLE001 (Orbax raises many kinds)
-            raise CheckpointError(f"cannot read the Orbax metadata of {self.directory}: {e}") from None
+            raise CheckpointError(f"cannot read the Orbax metadata of {self.directory}: {_first_cause(e)[0]}; "
+                                  f"{REDO}") from None
         tree = meta.tree if hasattr(meta, "tree") else meta
         self.use_zarr3 = bool(getattr(meta, "use_zarr3", False))
         from v4jax.convert.names import tree_paths  # noqa: PLC0415
 
         self.leaves, self._names = {}, {}
-        for path, m in tree_paths(tree):
+        for path, m in tree_paths(tree or {}):
             path = tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in path)
             self.leaves[path] = (tuple(m.shape), np.dtype(m.dtype))
             self._names[path] = m.name
+        if not self.leaves:  # Orbax logs a warning and returns nothing when it cannot read the metadata
+            raise CheckpointError(f"{self.directory}: no arrays found (_METADATA or the OCDBT index under d/ is "
+                                  f"corrupt): {REDO}")
         self._open: dict[tuple, object] = {}  # a few open leaves (blocks are read roughly in order)
         self._lock = threading.Lock()
         self._ctx = ocp.type_handlers.get_ts_context(use_ocdbt=True)
@@ -394,7 +497,8 @@ class OrbaxParams:
             try:
                 t = ts.open(ts.Spec(spec), open=True, context=self._ctx).result()
             except Exception as e:  # noqa: BLE001
-                raise CheckpointError(f"{self.directory}: cannot open leaf {self._names[path]}: {e}") from None
+                raise CheckpointError(f"{self.directory}: cannot open leaf {self._names[path]}: {_first_cause(e)[0]}; "
+                                      f"{REDO}") from None
             with self._lock:
                 if len(self._open) >= 8:
                     self._open.pop(next(iter(self._open)))
@@ -405,9 +509,13 @@ class OrbaxParams:
         t = self._store(path)
         index = lead + (slice(r0, r1),) if len(self.leaves[path][0]) >= 2 else ()
         try:
-            return np.asarray(t[index].read().result())
+            values = np.asarray(t[index].read().result())
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{self.directory}: reading leaf {self._names[path]} failed: {e}") from None
+            raise CheckpointError(f"{self.directory}: reading leaf {self._names[path]} failed: {_first_cause(e)[0]}; "
+                                  f"{REDO}") from None
+        bounds = None if self.config is None else int_range(self.config, path)
+        check_values(values, f"{self.directory}: leaf {self._names[path]}", REDO, bounds, lead, r0)
+        return values
 
 
 def restore_params(directory: str | Path, specs, sharding=None):
@@ -415,10 +523,13 @@ def restore_params(directory: str | Path, specs, sharding=None):
     and typed like ``specs`` (a param_specs tree; stored dtypes are cast), placed with ``sharding``:
     one Sharding for every leaf, or a tree of them like ``specs`` (e.g. ``v4jax.parallel.
     param_shardings``); default: the first device. Shapes are checked first; all mismatches are
-    reported together."""
+    reported together. A missing, truncated or corrupt file is one CheckpointError naming the leaf
+    where Orbax says it; after restoring, every float leaf is checked for NaN and inf and ``tid2eid``
+    for expert ids outside the config's, on the devices (one flag per leaf, fetched together)."""
     import jax  # noqa: PLC0415
     import orbax.checkpoint as ocp  # noqa: PLC0415
 
+    from v4jax.config import ModelConfig  # noqa: PLC0415
     from v4jax.convert.names import tree_paths  # noqa: PLC0415
     from v4jax.convert.source import summarise  # noqa: PLC0415
 
@@ -436,4 +547,42 @@ def restore_params(directory: str | Path, specs, sharding=None):
         target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), specs)
     else:
         target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), specs, sharding)
-    return ocp.StandardCheckpointer().restore(params_dir, target)
+    failure = None
+    with quiet_orbax_logs():
+        try:
+            params = ocp.StandardCheckpointer().restore(params_dir, target)
+        except Exception as e:  # noqa: BLE001 (Orbax and TensorStore raise many kinds)
+            failure = _first_cause(e)
+    if failure is not None:  # raised here, outside the handler, so nothing keeps Orbax's tasks alive
+        cause, leaf = failure
+        raise CheckpointError(f"{params_dir}: cannot restore {f'leaf {leaf}' if leaf else 'the params'}: {cause}; "
+                              f"{REDO}")
+    config = ModelConfig.from_json(Path(directory) / "config.json")
+    flat = list(tree_paths(params))
+    bounds = tuple(int_range(config, p) if np.issubdtype(np.dtype(x.dtype), np.integer) else None for p, x in flat)
+    flags = jax.device_get(_bad_leaves()([x for _, x in flat], bounds))
+    bad = [f"{'.'.join(map(str, p))} ({'NaN or inf' if b is None else f'expert ids outside [{b[0]}, {b[1]})'})"
+           for (p, _), b, flag in zip(flat, bounds, flags) if flag]
+    if bad:
+        raise CheckpointError(f"{params_dir}: bad values in {len(bad)} leaves: {', '.join(bad[:20])}"
+                              f"{' ...' if len(bad) > 20 else ''}; {REDO}")
+    return params
+
+
+@functools.lru_cache(maxsize=1)
+def _bad_leaves():
+    """A jitted function: leaves, bounds -> one bool per leaf, True where a float leaf holds NaN or
+    inf or an integer leaf a value outside its ``bounds`` [lo, hi) (None: unchecked)."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    def bad(leaves: list, bounds: tuple) -> list:
+        out = []
+        for x, b in zip(leaves, bounds):
+            if jnp.issubdtype(x.dtype, jnp.integer):
+                out.append(jnp.zeros((), bool) if b is None else jnp.any((x < b[0]) | (x >= b[1])))
+            else:
+                out.append(jnp.logical_not(jnp.all(jnp.isfinite(x))))
+        return out
+
+    return jax.jit(bad, static_argnums=1)

@@ -39,6 +39,7 @@ import numpy as np
 
 from v4jax.config import ModelConfig
 from v4jax.convert import quant
+from v4jax.convert.checks import check_separate, positive_int, positive_mb
 from v4jax.convert.names import (
     HF,
     OFFICIAL,
@@ -68,16 +69,17 @@ INDEX = Checkpoint.INDEX
 
 
 def parse_size(text: str | int) -> int:
-    """'5GB', '500MB', '2GiB', '1000000' -> bytes."""
-    if isinstance(text, int):
-        return text
+    """'5GB', '500MB', '2GiB', '1000000' -> bytes (at least 1)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"cannot read the size {text!r}: use e.g. 5GB, 500MB or a number of bytes")
-    unit = (m.group(2) or "").upper().rstrip("B")
-    base = 1024 if unit.endswith("I") else 1000
-    power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I")]
-    return int(float(m.group(1)) * base**power)
+    n = 0
+    if m and not isinstance(text, bool):
+        unit = (m.group(2) or "").upper().rstrip("B")
+        base = 1024 if unit.endswith("I") else 1000
+        n = int(float(m.group(1)) * base**{"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I")])
+    if n < 1:
+        raise ValueError(f"--max-shard-size {text!r}: use a size of at least 1 byte, e.g. 5GB, 500MB or a number of "
+                         "bytes")
+    return n
 
 
 @dataclasses.dataclass
@@ -256,7 +258,8 @@ def to_safetensors(src: str | Path, dst: str | Path, *, layout: str | None = Non
     """Write the Orbax checkpoint ``src`` (made by ``to_orbax``) as a safetensors checkpoint at ``dst``.
 
     ``layout``: "official" or "hf" (default: the layout ``src`` was converted from). Returns a summary.
-    Everything is checked before anything is written; ``dst`` appears only when complete.
+    Everything is checked before anything is written (``dst`` may not be, contain or lie inside
+    ``src``); ``dst`` appears only when complete.
     """
     from v4jax.model import param_specs  # noqa: PLC0415
 
@@ -265,6 +268,11 @@ def to_safetensors(src: str | Path, dst: str | Path, *, layout: str | None = Non
         raise ValueError(f"--quantize {quantize!r}: use one of {', '.join(QUANTIZE)}")
     if dtype not in ("auto", *PLAIN_DTYPES):
         raise ValueError(f"--dtype {dtype!r}: use auto, bfloat16 or float32")
+    block_mb = positive_mb(block_mb)
+    workers = positive_int(workers, "--workers", "threads reading and quantising blocks")
+    window = positive_int(window, "--window", "blocks in flight at once")
+    max_shard_bytes = parse_size(max_shard_bytes)
+    check_separate(src, dst)
     src = Path(src)
     if is_orbax_checkpoint(src):
         marker = read_marker(src)
@@ -280,10 +288,9 @@ def to_safetensors(src: str | Path, dst: str | Path, *, layout: str | None = Non
     layout = layout or marker.get("source_layout", OFFICIAL)
     if layout not in (OFFICIAL, HF):
         raise ValueError(f"--layout {layout!r}: use official or hf")
-    max_shard_bytes = parse_size(max_shard_bytes)
     check_output_dir(dst, overwrite)
 
-    params = OrbaxParams(params_dir)
+    params = OrbaxParams(params_dir, config)
     specs = param_specs(config, BF16)
     if "mtp" in specs and not any(p[0] == "mtp" for p in params.leaves):
         specs.pop("mtp")  # converted from a checkpoint without MTP: the stored tree has none

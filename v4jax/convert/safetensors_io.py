@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import ml_dtypes
 import numpy as np
@@ -160,6 +160,23 @@ class SafetensorsFile:
             self._fd = -1
 
 
+def _shard_names(index: Path, weight_map: dict) -> list[str]:
+    """The file names of an index's weight_map, each checked: a string naming a file inside the
+    checkpoint directory. A name like ``../../etc/passwd`` or ``/etc/passwd`` is refused here,
+    before any file is opened."""
+    names = []
+    for key, name in weight_map.items():
+        if not isinstance(key, str) or not isinstance(name, str):
+            raise CheckpointError(f"{index}: weight_map entry {key!r}: {name!r} must map a tensor name to a file "
+                                  "name (two strings)")
+        path = PurePosixPath(name)
+        if not name or path.is_absolute() or ".." in path.parts or "\\" in name or "\0" in name:
+            raise CheckpointError(f"{index}: weight_map entry {key!r} names the file {name!r}, which is not inside "
+                                  f"{index.parent}; shard files must be named relative to the checkpoint directory")
+        names.append(name)
+    return names
+
+
 class Checkpoint:
     """All the .safetensors files of a directory (through model.safetensors.index.json when present)."""
 
@@ -178,7 +195,7 @@ class Checkpoint:
                     raise KeyError("weight_map")
             except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
                 raise CheckpointError(f"{index} is not a valid safetensors index: {e!r}") from None
-            names = sorted(set(weight_map.values()))
+            names = sorted(set(_shard_names(index, weight_map)))
             absent = [n for n in names if not (self.directory / n).is_file()]
             if absent:
                 raise CheckpointError(f"{index} lists shard files that do not exist: {', '.join(absent)}")
@@ -204,7 +221,7 @@ class Checkpoint:
             self.close()
             raise CheckpointError(f"{self.directory}: tensors stored twice: {', '.join(duplicates[:20])}")
         if weight_map is not None:
-            wrong = sorted(k for k, fn in weight_map.items() if k not in self.where or self.where[k].path.name != fn)
+            wrong = sorted(k for k, fn in weight_map.items() if self.where.get(k) is not self.files[fn])
             if wrong:
                 self.close()
                 raise CheckpointError(f"{index} lists tensors not found in the file it names: "

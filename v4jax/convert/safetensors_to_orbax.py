@@ -16,6 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from v4jax.config import ConfigError, ModelConfig
+from v4jax.convert.checks import check_mesh, check_separate, positive_int, positive_mb
 from v4jax.convert.names import HF_STYLE, RELEASE_STYLE, config_style
 from v4jax.convert.orbax_io import (
     PARAMS,
@@ -88,10 +89,16 @@ def to_orbax(src: str | Path, dst: str | Path, *, dtype: str = "bfloat16", overw
     int32). Host memory: about ``window`` blocks of ``block_mb`` MiB (plus the decoder's fp32
     temporaries for them) and a fixed margin, independent of the checkpoint's size. ``mesh``
     (mesh axis -> size) aligns the Orbax chunks with that mesh's per-device shards (see
-    ``orbax_io.stream_leaves``). Returns a summary.
+    ``orbax_io.stream_leaves``). Returns a summary. Every argument is checked before anything is
+    read; ``dst`` may not be, contain or lie inside ``src``.
     """
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: use bfloat16 or float32")
+    block_mb = positive_mb(block_mb)
+    workers = positive_int(workers, "--workers", "threads reading and dequantising blocks")
+    window = positive_int(window, "--window", "blocks in flight at once")
+    check_mesh(mesh)
+    check_separate(src, dst)
     src = Path(src)
     config, style = read_config(src)
     check_output_dir(dst, overwrite)

@@ -20,6 +20,7 @@ import numpy as np
 
 from v4jax.config import ModelConfig
 from v4jax.convert import quant
+from v4jax.convert.checks import check_values, int_range
 from v4jax.convert.names import (
     detect_layout,
     from_official,
@@ -35,6 +36,7 @@ from v4jax.convert.safetensors_io import Checkpoint, CheckpointError
 FLOAT_KINDS = ("F32", "BF16", "F16", "F64")
 INT_KINDS = ("I64", "I32")
 PLAIN, FP8, FP4, INT = "plain", "fp8", "fp4", "int"
+FIX = "the checkpoint is corrupt or does not belong to this config.json: download or write it again"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +59,15 @@ class LeafSource:
     ``shape``/``dtype``: the leaf's. For rank >= 2 a block is ``read(lead, r0, r1)``: rows r0..r1 of
     axis -2 at the leading index ``lead`` (``()`` for a matrix, ``(e,)`` for expert e of a stacked
     expert tensor), shape [r1 - r0, shape[-1]]. For rank 1, ``read((), 0, n)`` gives the vector.
+    Every block is checked as it is read (``checks.check_values``): NaN or inf in a float weight or
+    its scale, or an out-of-range integer, is a CheckpointError naming the tensor and its file.
     """
 
-    def __init__(self, ckpt: Checkpoint, path: tuple, shape, dtype, tensors: list[SourceTensor]):
+    def __init__(self, ckpt: Checkpoint, path: tuple, shape, dtype, tensors: list[SourceTensor],
+                 bounds: tuple[int, int] | None = None):
         self.ckpt, self.path, self.shape, self.dtype = ckpt, path, tuple(shape), np.dtype(dtype)
         self.tensors = tensors  # one per expert for a stacked leaf, else one
+        self.bounds = bounds  # [lo, hi) of an integer leaf's values (checks.int_range)
         self._scales: dict[str, np.ndarray] = {}
 
     @property
@@ -83,28 +89,39 @@ class LeafSource:
     def read(self, lead: tuple, r0: int, r1: int) -> np.ndarray:
         whole = len(self.tensors) == 1  # one stored tensor, even of rank 3 (not one per expert)
         t = self.tensors[0 if whole else lead[0]]
+        at = lead if whole else ()  # the block's leading index in the stored tensor
         try:
-            if t.fmt == PLAIN:
-                if whole and lead:
-                    return self.ckpt.get_rows(t.key, r0, r1, lead).astype(self.dtype)
-                return self.ckpt.get_rows(t.key, r0, r1).astype(self.dtype)
-            if t.fmt == INT:
-                v = self.ckpt.get_rows(t.key, r0, r1)
-                if v.size and (v.min() < np.iinfo(self.dtype).min or v.max() > np.iinfo(self.dtype).max):
-                    raise CheckpointError(f"{self._where(t.key)}: values do not fit {self.dtype}")
-                return v.astype(self.dtype)
-            if t.fmt == FP8:
-                scale = self._scales.get(t.scale_key)
-                if scale is None:  # the whole block scale is small ([out/128, in/128]); keep it for the leaf
-                    scale = self._scales[t.scale_key] = self.ckpt.get(t.scale_key)
-                return quant.dequant_fp8(self.ckpt.get_rows(t.key, r0, r1), scale, row0=r0, dtype=self.dtype)
-            if t.fmt == FP4:
-                return quant.dequant_fp4(self.ckpt.get_rows(t.key, r0, r1), self.ckpt.get_rows(t.scale_key, r0, r1),
-                                         dtype=self.dtype)
+            values, scale = self._decode(t, at, r0, r1)
         except CheckpointError:
             raise
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{self._where(t.key)}: cannot decode: {e}") from None
+        try:
+            check_values(values, self._where(t.key), FIX, self.bounds, at, r0)
+        except CheckpointError:
+            if scale is not None:  # name the scale when it is the culprit (E8M0 byte 0xff, a NaN F32 scale)
+                check_values(quant.scale_values(scale), self._where(t.scale_key), FIX,
+                             row0=r0 if t.fmt == FP4 else 0)
+            raise
+        return values
+
+    def _decode(self, t: SourceTensor, at: tuple, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """-> (rows r0..r1 at ``at`` decoded into the leaf's dtype, the scale they used or None)."""
+        if t.fmt == PLAIN:
+            return self.ckpt.get_rows(t.key, r0, r1, at).astype(self.dtype), None
+        if t.fmt == INT:
+            v = self.ckpt.get_rows(t.key, r0, r1)
+            if v.size and (v.min() < np.iinfo(self.dtype).min or v.max() > np.iinfo(self.dtype).max):
+                raise CheckpointError(f"{self._where(t.key)}: values do not fit {self.dtype}")
+            return v.astype(self.dtype), None
+        if t.fmt == FP8:
+            scale = self._scales.get(t.scale_key)
+            if scale is None:  # the whole block scale is small ([out/128, in/128]); keep it for the leaf
+                scale = self._scales[t.scale_key] = self.ckpt.get(t.scale_key)
+            return quant.dequant_fp8(self.ckpt.get_rows(t.key, r0, r1), scale, row0=r0, dtype=self.dtype), scale
+        if t.fmt == FP4:
+            scale = self.ckpt.get_rows(t.scale_key, r0, r1)
+            return quant.dequant_fp4(self.ckpt.get_rows(t.key, r0, r1), scale, dtype=self.dtype), scale
         raise AssertionError(t.fmt)
 
     def release(self, lead: tuple = ()) -> None:
@@ -180,7 +197,7 @@ def plan_checkpoint(ckpt: Checkpoint, config: ModelConfig, dtype, *, directory=N
                 tensors.append(t)
                 formats[t.fmt] += 1
         if len(tensors) == len(names):
-            sources.append(LeafSource(ckpt, path, spec.shape, spec.dtype, tensors))
+            sources.append(LeafSource(ckpt, path, spec.shape, spec.dtype, tensors, int_range(config, path)))
 
     ignored = sorted(k for k in keys if k not in used and is_mtp_extra(to_official(k, layout)))
     if ignored:
