@@ -368,16 +368,28 @@ def test_index_entry_that_is_not_a_file_name(value, clean, tmp_path):
         v4jax.from_pretrained(directory)
 
 
-def _enospc(*a, **k):
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/the/disk")
+def test_disk_full_during_to_orbax_is_one_error_line(clean, tmp_path, monkeypatch, capsys, caplog):
+    """TensorStore reports a full disk as a ValueError carrying the OS error code and its spec (a few
+    thousand characters of JSON); raised here from the 20th block, as it is from a chunk's write."""
+    from v4jax.convert import source
 
+    real, calls = source.LeafSource.read, []
 
-def test_disk_full_during_to_orbax_is_one_error_line(clean, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(safetensors_to_orbax, "write_marker", _enospc)
+    def fills_up(self, *a):
+        calls.append(a)
+        if len(calls) == 20:
+            raise ValueError('RESOURCE_EXHAUSTED: Error writing "embed/0.0" in OCDBT database at local file '
+                             '"/x/": Failed to write 5468 bytes to file 16: No space left on device '
+                             "[os_error_code='28'] [tensorstore_spec='{\"driver\":\"zarr\"}']")
+        return real(self, *a)
+
+    monkeypatch.setattr(source.LeafSource, "read", fills_up)
+    caplog.set_level(logging.WARNING)
     dst = tmp_path / "out"
     rc, err = _run(capsys, "to-orbax", "--src", clean, "--dst", dst)
-    assert rc == 2
-    _one_error_line(err, "No space left on device: /the/disk", "nothing was written")
+    assert rc == 2 and len(calls) >= 20
+    _one_error_line(err, "No space left on device: ", "nothing was written")
+    assert "tensorstore_spec" not in err and not caplog.records, (err, caplog.records[:2])
     _nothing_left(dst)
 
 
@@ -387,14 +399,14 @@ def test_disk_full_during_to_safetensors_is_one_error_line(orbax, tmp_path, monk
     def fills_up(self, name, data):
         calls.append(name)
         if len(calls) == 30:
-            _enospc()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a full disk fails file.write
         real(self, name, data)
 
     monkeypatch.setattr(safetensors_io.SafetensorsWriter, "write", fills_up)
     dst = tmp_path / "st"
     rc, err = _run(capsys, "to-safetensors", "--src", orbax, "--dst", dst, "--max-shard-size", "50KB")
     assert rc == 2 and len(calls) == 30
-    _one_error_line(err, "No space left on device", "nothing was written")
+    _one_error_line(err, f"No space left on device: writing {dst}; nothing was written")
     _nothing_left(dst)
 
 

@@ -120,12 +120,12 @@ def _mesh(text: str | None) -> dict[str, int] | None:
     return out
 
 
-def _describe(e: OSError) -> str:
+def _describe(e: OSError, dst: str) -> str:
     """An OSError on one line: ours as written, the system's as "what: where; nothing was written"."""
     if e.strerror is None:
         return str(e)
-    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
-    return f"{e.strerror}{f': {where}' if where else ''}; nothing was written"
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None) or f"writing {dst}"
+    return f"{e.strerror}: {where}; nothing was written"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # an existing --dst, a read-only or full disk, ...: any partial output is removed
-        print(f"error: {_describe(e)}", file=sys.stderr)
+        print(f"error: {_describe(e, args.dst)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)

@@ -283,14 +283,13 @@ def save_streaming(directory: str | Path, tree, *, compression: bool = False, wo
     """Save ``tree`` (nested dicts/lists of StreamLeaf) as an Orbax PyTree checkpoint at ``directory``
     (which must not exist), streaming every leaf. ``compression``: zstd chunks (Orbax's default).
     ``on_block(leaf, lead, nbytes)`` is called after each block is written."""
-    import absl.logging  # noqa: PLC0415
     import orbax.checkpoint as ocp  # noqa: PLC0415
 
     handler = _streaming_handler_class()(workers, window, on_block)
     registry = ocp.type_handlers.create_type_handler_registry((StreamLeaf, handler))
-    verbosity = absl.logging.get_verbosity()
-    absl.logging.set_verbosity(absl.logging.ERROR)  # Orbax warns that no jax.Array handler is registered
-    try:
+    # Orbax warns that no jax.Array handler is registered, and logs a failed write's traceback from
+    # each of its threads before the error reaches us
+    with quiet_orbax_logs():
         ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry,
                                                              use_compression=compression))
         # Orbax blocks in waits that a signal does not interrupt, so save from a worker thread and wait
@@ -311,7 +310,7 @@ def save_streaming(directory: str | Path, tree, *, compression: bool = False, wo
             while worker.is_alive():
                 worker.join(0.2)
             if errors:
-                raise errors[0]
+                raise _plain_error(errors[0], directory)
         except BaseException:
             handler.cancelled.set()
             worker.join(600)
@@ -323,8 +322,18 @@ def save_streaming(directory: str | Path, tree, *, compression: bool = False, wo
             raise
         finally:
             ckptr.close()
-    finally:
-        absl.logging.set_verbosity(verbosity)
+
+
+def _plain_error(e: BaseException, directory) -> BaseException:
+    """A TensorStore error without its spec (a few thousand characters of JSON at the end), and one
+    from the operating system (disk full, no permission: it carries os_error_code) as that OSError."""
+    text = str(e)
+    code = re.search(r"\[os_error_code='(\d+)'\]", text)
+    if code:
+        return OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(directory))
+    if type(e) is ValueError and "[tensorstore_spec=" in text:
+        return ValueError(re.sub(r"\s*\[tensorstore_spec='.*'\]", "", text, flags=re.S))
+    return e
 
 
 def stream_leaves(specs, sources: dict, block_bytes: int, mesh: dict[str, int] | None = None, config=None):
@@ -416,16 +425,17 @@ REDO = ("the checkpoint is incomplete or corrupt: convert it again (python -m v4
 
 @contextlib.contextmanager
 def quiet_orbax_logs():
-    """Silence Orbax's logging while we read: a failed restore logs, through asyncio, one traceback
-    per array still in flight (tens of thousands of lines for a large model), and absl warnings
-    for a corrupt _METADATA, before the exception we turn into one CheckpointError."""
+    """Silence Orbax's logging while we read or write: a failed restore logs, through asyncio, one
+    traceback per array still in flight (tens of thousands of lines for a large model), a failed
+    save one from each of Orbax's threads through absl, before the exception we turn into one
+    error line."""
     import logging  # noqa: PLC0415
 
     import absl.logging  # noqa: PLC0415
 
     verbosity, asyncio_log = absl.logging.get_verbosity(), logging.getLogger("asyncio")
     level = asyncio_log.level
-    absl.logging.set_verbosity(absl.logging.ERROR)
+    absl.logging.set_verbosity(absl.logging.FATAL)
     asyncio_log.setLevel(logging.CRITICAL)
     try:
         yield
