@@ -222,7 +222,8 @@ def _flip_to_nan(orbax_dir: Path, row: np.ndarray, column: int) -> None:
 def test_flipped_bytes_in_an_orbax_chunk_are_refused(orbax, tensors, tmp_path, capsys):
     bad = _copy(orbax, tmp_path)
     _flip_to_nan(bad, tensors[WKV][0], 7)
-    with pytest.raises(CheckpointError, match=rf"{bad}/params: bad values in 1 leaves: layers\.0\.attn\.wkv \(NaN or inf\);"):
+    with pytest.raises(CheckpointError, match=rf"{bad}/params: bad values in 1 leaves: layers\.0\.attn\.wkv "
+                                              r"\(NaN or inf\);"):
         v4jax.from_pretrained(bad, dtype="float32")
     dst = tmp_path / "st"
     rc, err = _run(capsys, "to-safetensors", "--src", bad, "--dst", dst)
@@ -364,7 +365,7 @@ def test_index_naming_a_file_outside_the_checkpoint_is_refused_unopened(name, cl
 @pytest.mark.parametrize("value", [7, None, ["model-00001-of-00002.safetensors"]])
 def test_index_entry_that_is_not_a_file_name(value, clean, tmp_path):
     directory = _with_index_entry(clean, tmp_path, value)
-    with pytest.raises(CheckpointError, match=r"weight_map entry 'norm.weight': .* must map a tensor name to a file"):
+    with pytest.raises(CheckpointError, match=r"weight_map entry 'norm.weight': .* must map the tensor to a file name"):
         v4jax.from_pretrained(directory)
 
 

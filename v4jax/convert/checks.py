@@ -25,15 +25,19 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 # Arguments
 
 
+def _whole(value) -> int:
+    """``value`` as an int (ints and numpy ints), or 0 for anything else (floats, strings, bools)."""
+    try:
+        return 0 if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        return 0
+
+
 def positive_int(value, flag: str, what: str) -> int:
     """``value`` as an int >= 1, else ValueError naming ``flag`` (e.g. "--window")."""
-    try:
-        n = operator.index(value)  # ints and numpy ints; not floats, not strings
-    except TypeError:
-        n = 0
-    if isinstance(value, bool) or n < 1:
+    if _whole(value) < 1:
         raise ValueError(f"{flag} {value!r}: use a whole number >= 1 ({what})")
-    return n
+    return _whole(value)
 
 
 def positive_mb(value, flag: str = "--block-mb") -> float:
@@ -57,7 +61,8 @@ def check_mesh(mesh: dict | None) -> None:
     if unknown:
         raise ValueError(f"--mesh axes must be among {', '.join(MESH_AXES)}, got {', '.join(unknown)}")
     for axis, size in mesh.items():
-        positive_int(size, f"--mesh {axis}=", "the size of that mesh axis")
+        if _whole(size) < 1:
+            raise ValueError(f"--mesh {axis}={size!r}: a mesh axis's size must be a whole number >= 1")
 
 
 def check_separate(src: str | Path, dst: str | Path) -> None:
@@ -91,9 +96,10 @@ def int_range(config, path: tuple) -> tuple[int, int] | None:
 
 def check_values(values: np.ndarray, where: str, fix: str, bounds: tuple[int, int] | None = None,
                  lead: tuple = (), row0: int = 0) -> None:
-    """Raise CheckpointError("``where``: what is wrong; ``fix``") when a float block holds NaN or inf, or an
-    integer block a value outside ``bounds`` [lo, hi). ``values`` is rows ``row0``.. of axis -2 at
-    the leading index ``lead`` of its tensor (as ``source.blocks`` gives), for the error's position.
+    """Raise CheckpointError("``where``: what is wrong; ``fix``") when a float block holds NaN or
+    inf, or an integer block a value outside ``bounds`` [lo, hi). ``values`` is rows ``row0``.. of
+    axis -2 at the leading index ``lead`` of its tensor (as ``source.blocks`` gives), for the
+    error's position.
 
     A good block costs one or two read-only passes. numpy's isfinite is fast on its own floats but
     slow on ml_dtypes' bfloat16 (2 GB/s); there two integer maxima test the bits instead (25 GB/s):

@@ -43,7 +43,7 @@ from typing import Callable
 
 import numpy as np
 
-from v4jax.convert.checks import check_values, int_range
+from v4jax.convert.checks import check_mesh, check_values, int_range
 from v4jax.convert.names import unflatten
 from v4jax.convert.safetensors_io import CheckpointError
 from v4jax.convert.source import blocks, rows_per_block
@@ -374,9 +374,7 @@ def shard_shape(logical_axes: tuple, shape: tuple, mesh: dict[str, int]) -> tupl
     rules on a mesh of these axis sizes (dimensions the mesh does not divide stay whole, as there)."""
     from v4jax.parallel import MESH_AXES, spec_for  # noqa: PLC0415
 
-    unknown = set(mesh) - set(MESH_AXES)
-    if unknown:
-        raise ValueError(f"--mesh axes must be among {', '.join(MESH_AXES)}, got {', '.join(sorted(unknown))}")
+    check_mesh(mesh)
     sizes = {a: int(mesh.get(a, 1)) for a in MESH_AXES}
     spec = spec_for(logical_axes, shape, sizes)
     out = []

@@ -165,10 +165,10 @@ def _shard_names(index: Path, weight_map: dict) -> list[str]:
     checkpoint directory. A name like ``../../etc/passwd`` or ``/etc/passwd`` is refused here,
     before any file is opened."""
     names = []
-    for key, name in weight_map.items():
-        if not isinstance(key, str) or not isinstance(name, str):
-            raise CheckpointError(f"{index}: weight_map entry {key!r}: {name!r} must map a tensor name to a file "
-                                  "name (two strings)")
+    for key, name in weight_map.items():  # JSON keys are always strings; values can be anything
+        if not isinstance(name, str):
+            raise CheckpointError(f"{index}: weight_map entry {key!r}: {name!r} must map the tensor to a file name "
+                                  "(a string)")
         path = PurePosixPath(name)
         if not name or path.is_absolute() or ".." in path.parts or "\\" in name or "\0" in name:
             raise CheckpointError(f"{index}: weight_map entry {key!r} names the file {name!r}, which is not inside "
