@@ -70,7 +70,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys):
     assert train.main(["--workdir", str(straight), "train.steps=7", "parallel.scan_layers=false",
                        "model.moe_intermediate_size=32", *SMALL]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "model.moe_intermediate_size: saved 64, now 32; parallel.scan_layers: saved True" in err
+    assert err.count("\n") == 1, err
+    assert "(model.moe_intermediate_size: saved 64, now 32; parallel.scan_layers: saved True, now False)" in err
     assert not (straight / "train.lock").exists()
 
     # eval.py and from_run: a broken newest step is skipped with a warning, and refused by name

@@ -192,10 +192,16 @@ def two_steps(tmp_path_factory) -> Path:
     ckpt = Checkpointer(directory, keep=5, async_save=False)
     for step in (1, 2):
         ckpt.save(step, state(step), {"batch": step}, {"step": step})
+    ckpt.close()
+    return directory
+
+
+def test_a_non_finite_state_is_not_saved(tmp_path):
+    ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False)
     with pytest.raises(ValueError, match="step 3: the train state holds inf or nan; it is not saved"):
         ckpt.save(3, state(3, np.nan), {}, {})
     ckpt.close()
-    return directory
+    assert not (tmp_path / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("how", BREAK)

@@ -17,6 +17,7 @@ default ``restore`` falls back from a broken step to the newest one that restore
 
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -89,10 +90,8 @@ class Checkpointer:
         if jax.process_index() == 0:
             for path in self.skipped:
                 dest = path.with_name(f"{path.name}.broken")
-                for n in range(2, 1000):
-                    if not dest.exists():
-                        break
-                    dest = path.with_name(f"{path.name}.broken{n}")
+                if dest.exists():  # this step broke before: keep both
+                    dest = path.with_name(f"{path.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
                 path.rename(dest)
                 warnings.warn(f"renamed the broken checkpoint {path} to {dest.name}: delete it once you no longer "
                               "need it", stacklevel=2)

@@ -92,7 +92,7 @@ def main(argv=None) -> int:
 def train(run, mesh, workdir: Path, args) -> int:
     """Everything after the lock: data, state (fresh or restored), logs, the loop. Whatever fails
     on the user's input (data files, another run's or only broken checkpoints) fails before the
-    first write into the workdir."""
+    first write into the workdir but the lock file, which goes with the lock."""
     from v4jax.data import make_dataset
     from v4jax.engram import hasher_for
 
