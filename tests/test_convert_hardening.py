@@ -21,6 +21,7 @@ import pytest
 import v4jax
 from tests.test_convert_errors import CONFIG, FP4, FP8, _nothing_left, _run, _tensors, _write
 from v4jax.convert import orbax_io, orbax_to_safetensors, quant, safetensors_io, safetensors_to_orbax
+from v4jax.convert import to_orbax, to_safetensors
 from v4jax.convert.safetensors_io import CheckpointError
 
 WKV = "layers.0.attn.wkv.weight"  # F32 [16, 32]: its Orbax chunk (float32, uncompressed) is stored as is
@@ -34,10 +35,7 @@ def tensors():
 
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory, tensors):
-    return _written(tmp_path_factory.mktemp("clean") / "src", tensors)
-
-
-def _written(directory, tensors):
+    directory = tmp_path_factory.mktemp("clean") / "src"
     _write(directory, tensors)
     return directory
 
@@ -45,8 +43,6 @@ def _written(directory, tensors):
 @pytest.fixture(scope="module")
 def orbax(tmp_path_factory, clean):
     dst = tmp_path_factory.mktemp("orbax") / "orbax"
-    from v4jax.convert.safetensors_to_orbax import to_orbax
-
     to_orbax(clean, dst, dtype="float32", progress=False)
     return dst
 
@@ -74,11 +70,10 @@ def _one_error_line(err: str, *needles: str) -> None:
 def test_dst_overlapping_src_is_refused_before_anything_is_written(command, relation, clean, orbax, tmp_path,
                                                                    capsys):
     src = _copy(clean if command == "to-orbax" else orbax, tmp_path / "home")
-    before = _snapshot(tmp_path)
     dst = {"same": src, "parent": src.parent, "inside": src / "out", "symlink": tmp_path / "link"}[relation]
     if relation == "symlink":
         dst.symlink_to(src, target_is_directory=True)
-        before = _snapshot(tmp_path)
+    before = _snapshot(tmp_path)
     rc, err = _run(capsys, command, "--src", src, "--dst", dst, "--overwrite")
     assert rc == 2, err
     _one_error_line(err, f"--dst {dst}", f"--src {src}")
@@ -86,8 +81,6 @@ def test_dst_overlapping_src_is_refused_before_anything_is_written(command, rela
 
 
 def test_python_api_refuses_dst_equal_to_src(clean, orbax, tmp_path):
-    from v4jax.convert import to_orbax, to_safetensors
-
     src = _copy(clean, tmp_path)
     with pytest.raises(ValueError, match="--dst .* is --src"):
         to_orbax(src, src, overwrite=True, progress=False)
@@ -175,7 +168,7 @@ def _tid2eid(value):
     return edit
 
 
-BAD_VALUES = {  # id: (edit, the tensor the error must name, its position or None)
+BAD_VALUES = {  # id: (edit, the tensor the error must name, the position it must give)
     "F32 NaN": (_nan_f32, WKV, "[3, 5]"),
     "BF16 inf": (_inf_bf16, "layers.0.attn.wo_b.weight", "[1, 2]"),
     "F16 -inf": (_inf_f16, "norm.weight", "[7]"),
@@ -293,8 +286,6 @@ def test_bad_arguments_are_one_error_line(case, clean, orbax, tmp_path, no_writi
 @pytest.mark.parametrize("kwargs", [dict(window=0), dict(workers=-1), dict(block_mb=float("nan")),
                                     dict(mesh={"fsdp": 0})])
 def test_python_api_refuses_bad_arguments(kwargs, clean, orbax, tmp_path, no_writing):
-    from v4jax.convert import to_orbax, to_safetensors
-
     flag = "--" + next(iter(kwargs)).replace("_", "-")
     with pytest.raises(ValueError, match=flag):
         to_orbax(clean, tmp_path / "out", progress=False, **kwargs)
