@@ -159,8 +159,8 @@ def test_os_errors_are_one_line_and_leave_nothing(tmp_path, capsys):
 # Broken checkpoints
 
 
-def state(step: int, bad: float = 1.0) -> dict:
-    return {"params": {"w": jnp.arange(12.0).reshape(3, 4), "b": jnp.full(5, bad)}, "step": jnp.array(step)}
+def state(step: int, b: float = 1.0) -> dict:
+    return {"params": {"w": jnp.arange(12.0).reshape(3, 4), "b": jnp.full(5, b)}, "step": jnp.array(step)}
 
 
 def chunks(step_dir: Path) -> list[Path]:
@@ -174,15 +174,17 @@ BREAK = {
     "garbled meta item": lambda d: (d / "meta" / "metadata").write_text("{garbled"),
     "garbled data item": lambda d: (d / "data" / "metadata").write_text("{garbled"),
     "no state item": lambda d: shutil.rmtree(d / "state"),
-    # a flipped bit that makes a float inf (written past Checkpointer.save, which refuses it)
-    "inf value": lambda d: (shutil.rmtree(d), save_unchecked(d.parent, int(d.name), state(int(d.name), np.inf))),
+    "inf value": lambda d: save_with_inf(d),
 }
 
 
-def save_unchecked(directory: Path, step: int, tree) -> None:
-    ckpt = Checkpointer(directory, keep=5, async_save=False)
-    ckpt.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), data=ocp.args.JsonSave({}),
-                                                    meta=ocp.args.JsonSave({})))
+def save_with_inf(step_dir: Path) -> None:
+    """The step again, as if a flipped bit had made a value inf (written past Checkpointer.save, which refuses it)."""
+    shutil.rmtree(step_dir)
+    ckpt = Checkpointer(step_dir.parent, keep=5, async_save=False)
+    step = int(step_dir.name)
+    ckpt.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state(step, np.inf)),
+                                                    data=ocp.args.JsonSave({}), meta=ocp.args.JsonSave({})))
     ckpt.close()
 
 
