@@ -83,10 +83,14 @@ from pathlib import Path
 from v4jax.parallel import initialize_distributed
 initialize_distributed()
 import jax
+from jax.experimental.multihost_utils import sync_global_devices
 from v4jax.cli.train import LockError, workdir_lock
 try:
     with workdir_lock(Path(sys.argv[1])):
-        print("held", jax.process_index(), Path(sys.argv[1], "train.lock").exists(), flush=True)
+        sync_global_devices("both hold it")  # then look, before either lets go
+        held = Path(sys.argv[1], "train.lock").exists()
+        sync_global_devices("both looked")
+        print("held", jax.process_index(), held, flush=True)
 except LockError as e:
     print("refused", jax.process_index(), e, flush=True)
 """

@@ -143,7 +143,7 @@ def check_saved(run, meta: dict, workdir: Path) -> None:
     differ = [f"{name}: saved {a!r}, now {b!r}" for name, a, b in differ if a != b]
     if differ:
         raise ConfigError(f"{workdir} holds a checkpoint of another run ({'; '.join(differ)}): set these as "
-                          "saved (parallel.scan_layers changes the parameter layout) or use another --workdir")
+                          "saved or use another --workdir")
 
 
 def check_batch_split(run, mesh) -> None:
