@@ -107,6 +107,7 @@ def test_sigterm_saves_before_exit(tmp_path):
     ("nonsense", "section.key=value"),
     ("train.lr=.inf", "train.lr=inf is not allowed: a finite number"),
     ("data.path=/nonexistent/corpus.txt", "data path '/nonexistent/corpus.txt' does not exist"),
+    ("model.max_position_embeddings=32", "data.seq_len=48 is longer than model.max_position_embeddings=32"),
 ])
 def test_bad_config_is_refused_and_nothing_written(tmp_path, capsys, override, message):
     workdir = tmp_path / "w"

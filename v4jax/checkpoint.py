@@ -28,10 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from v4jax.config import ModelConfig
-
-
-class CheckpointError(ValueError):
-    """A checkpoint step cannot be restored. The message names its directory."""
+from v4jax.convert.safetensors_io import CheckpointError  # one error type for every unusable checkpoint
 
 
 class Checkpointer:

@@ -243,9 +243,10 @@ def make_train_step(config: ModelConfig, cfg: TrainConfig, optimizer, parallel=N
             # A finite loss and gradient can still give inf or nan parameters or moments (lr=3e38
             # overflows float32 in a few parameters): such a state must neither replace the old one
             # nor reach a checkpoint. One fused reduction checks it on the device; where it fails,
-            # the select keeps the old values. Its cost is memory, as the old optimizer state stays
-            # live until the check: on an H100, small.yaml's step (9.0 GB of state) needs 1.0 GB more
-            # temporaries at batch 1 x 128 and none more at 8 x 2048, where activations set the peak.
+            # the select keeps the old values. Its cost is memory, as the old state stays live until
+            # the check: on an H100, small.yaml's step (9.0 GB of state) needs 2.1 GB more temporaries
+            # at batch 1 x 128 and none more at 8 x 2048, where activations set the peak
+            # (bench/finite_check_memory.py, docs/benchmarks.md).
             new, old = (new_params, opt_state), (state["params"], state["opt_state"])
             finite = all_finite(new)
             params, opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)

@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -75,10 +76,12 @@ def main(argv=None) -> int:
         return _error(f"--depths {','.join(map(str, args.depths))}: each must lie in [0, 1]")
     if args.task == "niah" and args.candidates < 2:
         return _error(f"--candidates {args.candidates}: at least 2 (the true answer and another)")
-    try:
-        return _evaluate(args)
-    except (ValueError, OSError) as e:  # ConfigError, DataError and checkpoint errors are ValueErrors
-        return _error(str(e))
+    with warnings.catch_warnings():  # e.g. a broken newest checkpoint skipped: one line, not a source line
+        warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
+        try:
+            return _evaluate(args)
+        except (ValueError, OSError) as e:  # ConfigError, DataError and CheckpointError are ValueErrors
+            return _error(str(e))
 
 
 def _error(message: str) -> int:

@@ -117,16 +117,20 @@ def _print_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def check_config(run) -> None:
-    """The config is self-consistent: Engram's tokenizer is the data's; the vocabulary holds the tokenizer's."""
+    """The config is self-consistent: Engram's tokenizer is the data's, the vocabulary holds the
+    tokenizer's, the rows fit the model's positions."""
     from v4jax.config import ConfigError
 
     engram = run.model.engram
     if engram is not None and engram.tokenizer not in (run.data.tokenizer, "none"):
         raise ConfigError(f"model.engram.tokenizer={engram.tokenizer!r} must be the data's tokenizer "
                           f"({run.data.tokenizer!r}) or 'none': it compresses that tokenizer's ids")
-    if run.data.seq_len < 2 or run.model.vocab_size < (259 if run.data.tokenizer == "bytes" else 129280):
+    if run.model.vocab_size < (259 if run.data.tokenizer == "bytes" else 129280):
         raise ConfigError(f"model.vocab_size={run.model.vocab_size} is smaller than the {run.data.tokenizer} "
                           "tokenizer's vocabulary")
+    if run.data.seq_len > run.model.max_position_embeddings:
+        raise ConfigError(f"data.seq_len={run.data.seq_len} is longer than model.max_position_embeddings="
+                          f"{run.model.max_position_embeddings}: shorten the rows or raise the limit")
 
 
 def check_saved(run, meta: dict, workdir: Path) -> None:

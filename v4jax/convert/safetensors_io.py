@@ -32,7 +32,8 @@ _MAX_HEADER = 100 * 2**20
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file or tensor is missing, truncated, corrupt or does not match the config.
+    """A checkpoint (safetensors, a v4jax Orbax directory, or a training step) is missing,
+    truncated, corrupt or does not match the config. The message names the file or directory.
 
     ``problems`` lists every problem found (one line each) when several were found at once.
     """
