@@ -3,11 +3,13 @@
     python bench/finite_check_memory.py --config configs/small.yaml --shapes 1x128,8x2048
 
 A step counts as good only if its new parameters and optimizer state are finite
-(``v4jax.trainer.make_train_step``): one fused reduction, then a select between the new and the old
-state, so the old state stays alive until the check. For each batch shape this compiles the step
-twice on the local device, as it is and with the check replaced by a constant True (which XLA folds
-away with the select: the step as it was before the check), and prints XLA's memory analysis of
-both. Nothing is allocated.
+(``v4jax.trainer.make_train_step``). For each batch shape this compiles the step twice on the local
+device, as it is and with the check replaced by a constant True (the step without the check), and
+prints XLA's memory analysis of both. Nothing is allocated.
+
+The check is one fused reduction over the new state. Rolling a non-finite state back (a select
+between the new and the old state) was measured with this script too: it keeps the old state alive
+until the check (docs/benchmarks.md, Part 8).
 """
 
 from __future__ import annotations

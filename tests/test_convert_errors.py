@@ -115,6 +115,40 @@ def test_corrupt_tensor_entry_names_tensor(src, tmp_path, capsys):
     _nothing_left(dst)
 
 
+def _shift(name, by):
+    def edit(h):
+        h[name]["data_offsets"] = [o + by for o in h[name]["data_offsets"]]
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: h[FP8].update(shape=[-2, -h[FP8]["shape"][0] * h[FP8]["shape"][1] // 2]), "corrupt header entry"),
+    (lambda h: h[FP8].update(dtype=["F32"]), "unsupported dtype"),
+    (lambda h: h[FP8].update(data_offsets=[0]), "corrupt header entry"),
+    ("overlap", "the tensors overlap or leave a gap"),
+    ("trailing", "bytes after its last tensor"),
+])
+def test_header_entries_must_tile_the_data(src, tmp_path, capsys, edit, message):
+    """As the reference safetensors reader requires: whole-number shapes and offsets, and tensors that
+    tile the data exactly (no two sharing bytes, no gap, nothing after the last)."""
+    directory, where = src
+    shard = directory / where[FP8]
+    if edit == "overlap":  # the tensor after FP8 in the file now starts inside it
+        raw = json.loads(shard.read_bytes()[8:8 + struct.unpack("<Q", shard.read_bytes()[:8])[0]])
+        raw.pop("__metadata__", None)
+        after = min((e["data_offsets"][0], k) for k, e in raw.items() if e["data_offsets"][0] > 0)[1]
+        edit = _shift(after, -1)
+    if edit == "trailing":
+        with open(shard, "ab") as f:
+            f.write(b"\0" * 16)
+    else:
+        _rewrite_header(shard, edit)
+    dst = tmp_path / "out"
+    rc, err = _run(capsys, "to-orbax", "--src", directory, "--dst", dst)
+    assert rc == 2 and shard.name in err and message in err, err
+    _nothing_left(dst)
+
+
 def test_index_naming_a_missing_shard(src, tmp_path, capsys):
     directory, _ = src
     index = json.loads((directory / "model.safetensors.index.json").read_text())

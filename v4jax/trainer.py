@@ -6,9 +6,14 @@ One step (spec §4)::
     grads -> clip by global norm -> Muon/AdamW (v4jax.optim.v4_optimizer)
     router biases (not in the optimizer): b <- b + u·sign(mean load - load) from this step's routing
 
-A step whose loss, gradient norm or new state (params, optimizer state, biases) is not finite
-changes nothing (the state stays as it was, only its step count moves on) and is reported with
-``ok = False``; train.py stops after ``max_bad_steps`` such steps in a row.
+A step whose loss or gradient norm is not finite changes nothing (the state stays as it was, only
+its step count moves on) and is reported with ``ok = False``; train.py stops after
+``max_bad_steps`` such steps in a row. A step whose loss and gradient are finite but whose new state
+(params, optimizer state, biases) is not (a learning rate that overflows float32) is reported with
+``ok = False`` and ``state_finite = False``: that state cannot be trained on or saved, and train.py
+stops at once. It is not rolled back: keeping the old state until the new one is checked would keep
+a second copy of the whole state alive in every step (2.1 GB more for small.yaml at batch 1 x 128 on
+an H100; docs/benchmarks.md, Part 8).
 """
 
 from __future__ import annotations
@@ -241,21 +246,15 @@ def make_train_step(config: ModelConfig, cfg: TrainConfig, optimizer, parallel=N
                 load = load[0] if gate["bias"].ndim == 1 else jnp.stack(load)
                 gate["bias"] = update_router_bias(gate["bias"], load, cfg.bias_update_speed)
             # A finite loss and gradient can still give inf or nan parameters or moments (lr=3e38
-            # overflows float32 in a few parameters): such a state must neither replace the old one
-            # nor reach a checkpoint. One fused reduction checks it on the device; where it fails,
-            # the select keeps the old values. Its cost is memory, as the old state stays live until
-            # the check: on an H100, small.yaml's step (9.0 GB of state) needs 2.1 GB more temporaries
-            # at batch 1 x 128 and none more at 8 x 2048, where activations set the peak
-            # (bench/finite_check_memory.py, docs/benchmarks.md).
-            new, old = (new_params, opt_state), (state["params"], state["opt_state"])
-            finite = all_finite(new)
-            params, opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-            return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, finite
+            # overflows float32 in a few parameters). One fused reduction over the new state says so,
+            # without keeping the old state alive beside it (see the module docstring).
+            new = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
+            return new, all_finite((new_params, opt_state))
 
-        def skip(state):
-            return {**state, "step": state["step"] + 1}, jnp.array(False)
+        def skip(state):  # the state is as it came in, finite
+            return {**state, "step": state["step"] + 1}, jnp.array(True)
 
-        new_state, ok = jax.lax.cond(ok, apply, skip, state)
+        new_state, state_finite = jax.lax.cond(ok, apply, skip, state)
         if mesh is not None:
             # Pin the new state to the rules' shardings. Left to propagation, an 8-GPU compile of
             # V4-Flash (mock multi-host topology) returned the whole state replicated on every device.
@@ -264,7 +263,8 @@ def make_train_step(config: ModelConfig, cfg: TrainConfig, optimizer, parallel=N
         loads = [loads_by_layer[key] for _, keys in _biased_gates(config, params) for key in keys]
         imbalance = (jnp.mean(jnp.stack([jnp.max(ld) / jnp.maximum(jnp.mean(ld), 1e-9) for ld in loads]))
                      if loads else jnp.zeros(()))
-        metrics.update(loss=loss, grad_norm=grad_norm, ok=ok, lr=learning_rate(cfg)(state["step"]),
+        metrics.update(loss=loss, grad_norm=grad_norm, ok=ok & state_finite, state_finite=state_finite,
+                       lr=learning_rate(cfg)(state["step"]),
                        max_load_over_mean=imbalance, tokens=jnp.sum(batch["segment_ids"] > 0))
         return new_state, metrics
 

@@ -20,7 +20,8 @@ later steps (a killed run logs past its last checkpoint) are dropped, as the res
 steps again. A run with no checkpoint starts the log afresh, for the same reason.
 
 Exit status: 0 when done or stopped by ``--stop-after-step``; 1 after ``train.max_bad_steps``
-non-finite steps in a row; 2 with one ``error:`` line for a bad config, data or checkpoint, a
+steps in a row with a non-finite loss or gradient, or at once after a step whose new state is not
+finite (v4jax.trainer); 2 with one ``error:`` line for a bad config, data or checkpoint, a
 workdir in use, or an OS error (read-only workdir, full disk); 128 + N after signal N.
 """
 
@@ -372,8 +373,8 @@ def write_atomically(path: Path, text: str) -> None:
 class Trainer:
     """Runs the steps from the state's step to ``train.steps``: logging, held-out evaluation,
     checkpoints, and a save on SIGINT/SIGTERM or ``--stop-after-step``. ``run`` returns the exit
-    status: 0, 1 after ``train.max_bad_steps`` non-finite steps in a row, 128 + signal. Only process 0
-    writes the logs."""
+    status: 0, 1 after ``train.max_bad_steps`` non-finite steps in a row or a non-finite new state,
+    128 + signal. Only process 0 writes the logs."""
 
     def __init__(self, run, mesh, data, checkpointer, workdir: Path, args):
         from v4jax.parallel import batch_sharding
@@ -407,14 +408,16 @@ class Trainer:
                     window["tokens"] += self.tokens_per_step
                     done = step + 1
                     bad = 0 if bool(metrics["ok"]) else bad + 1
+                    if not bool(metrics["state_finite"]):
+                        print(f"step {done}: the loss and gradient are finite but the new parameters or "
+                              "optimizer state are not (is train.lr too large?): that state cannot be trained "
+                              f"on or saved; stopping; {self._kept()}", file=sys.stderr)
+                        return 1
                     if bad:
-                        print(f"step {done}: loss, gradient or new state not finite; step skipped ({bad} in a row)",
+                        print(f"step {done}: loss or gradient not finite; step skipped ({bad} in a row)",
                               file=sys.stderr)
                         if bad >= self.cfg.max_bad_steps:
-                            newest = self.checkpointer.latest_step()
-                            kept = (f"the newest checkpoint, step {newest}, is kept" if newest is not None
-                                    else "there is no checkpoint yet")
-                            print(f"stopping after {bad} bad steps in a row; {kept}", file=sys.stderr)
+                            print(f"stopping after {bad} bad steps in a row; {self._kept()}", file=sys.stderr)
                             return 1
                     if done % self.cfg.log_every == 0 or done == self.cfg.steps:
                         self._log(done, metrics, state, window, log, writer, bar)
@@ -432,6 +435,10 @@ class Trainer:
             finally:
                 bar.close()
         return status
+
+    def _kept(self) -> str:
+        newest = self.checkpointer.latest_step()
+        return f"the newest checkpoint, step {newest}, is kept" if newest is not None else "there is no checkpoint yet"
 
     @contextlib.contextmanager
     def _logs(self, start: int):

@@ -14,6 +14,7 @@ name and renamed on :meth:`SafetensorsWriter.close`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path, PurePosixPath
@@ -86,19 +87,35 @@ class SafetensorsFile:
         self.metadata = header.pop("__metadata__", {}) or {}
         self._entries = header
         self._base = 8 + n
+        whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
         for name, e in header.items():
-            if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
+            if (not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e)
+                    or not isinstance(e["shape"], list) or not all(map(whole, e["shape"]))
+                    or not isinstance(e["data_offsets"], list) or len(e["data_offsets"]) != 2
+                    or not all(map(whole, e["data_offsets"]))):
                 raise CheckpointError(f"{self.path}: tensor {name!r} has a corrupt header entry {e!r}")
-            if e["dtype"] not in DTYPES:
+            if not isinstance(e["dtype"], str) or e["dtype"] not in DTYPES:
                 raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {e['dtype']!r}")
             start, end = e["data_offsets"]
-            want = int(np.prod(e["shape"], dtype=np.int64)) * DTYPES[e["dtype"]].itemsize
-            if end - start != want or start < 0:
+            want = math.prod(e["shape"]) * DTYPES[e["dtype"]].itemsize
+            if end - start != want:
                 raise CheckpointError(f"{self.path}: tensor {name!r} is corrupt: it has {end - start} bytes, "
                                       f"its shape {e['shape']} and dtype {e['dtype']} need {want}")
             if self._base + end > size:
                 raise CheckpointError(f"{self.path} is truncated: tensor {name!r} ends at byte "
                                       f"{self._base + end}, past the end of the file ({size} bytes)")
+        # As the reference reader requires: the tensors tile the data exactly, in order, with no gap,
+        # overlap or trailing bytes (two tensors sharing bytes, or bytes no tensor owns, mean a
+        # damaged or hand-edited file).
+        at = 0
+        for name, e in sorted(header.items(), key=lambda item: tuple(item[1]["data_offsets"])):
+            if e["data_offsets"][0] != at:
+                raise CheckpointError(f"{self.path}: tensor {name!r} starts at data byte {e['data_offsets'][0]}, "
+                                      f"expected {at}: the tensors overlap or leave a gap; the file is corrupt")
+            at = e["data_offsets"][1]
+        if self._base + at != size:
+            raise CheckpointError(f"{self.path} has {size - self._base - at} bytes after its last tensor: the file "
+                                  "is corrupt")
 
     def keys(self) -> list[str]:
         return list(self._entries)
