@@ -34,7 +34,8 @@ def main():
 
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
-    config = ModelConfig(vocab_size=8192, hidden_size=1024, num_hidden_layers=4, layer_types=("swa", "csa", "hca", "csa"),
+    config = ModelConfig(vocab_size=8192, hidden_size=1024, num_hidden_layers=4,
+                         layer_types=("swa", "csa", "hca", "csa"),
                          num_attention_heads=8, head_dim=128, qk_rope_head_dim=64, q_lora_rank=256, o_groups=2,
                          o_lora_rank=256, index_n_heads=8, index_head_dim=128, n_routed_experts=16,
                          num_experts_per_tok=2, moe_intermediate_size=1024, num_hash_layers=1)

@@ -164,7 +164,8 @@ def test_train_override_with_exponent_is_accepted(tmp_path):
     from v4jax.trainer import load_run_config
 
     path = tmp_path / "c.yaml"
-    path.write_text("model: {num_hidden_layers: 2, num_hash_layers: 0, layer_types: [swa, swa]}\ntrain: {lr_min: 1e-5}\n")
+    path.write_text("model: {num_hidden_layers: 2, num_hash_layers: 0, layer_types: [swa, swa]}\n"
+                    "train: {lr_min: 1e-5}\n")
     run = load_run_config(path, ["train.lr=1e-4"])
     assert run.train.lr == 1e-4 and run.train.lr_min == 1e-5
 

@@ -18,12 +18,12 @@ import pytest
 import train
 from tests.test_train import ROOT, SMALL
 from v4jax.checkpoint import CheckpointError, Checkpointer, abstract
-from v4jax.cli.train import LockError, trim_metrics, workdir_lock
+from v4jax.workdir import LockError, trim_metrics, workdir_lock
 
 # A process that holds a workdir's lock until it is killed.
 HOLD = """import sys, time
 from pathlib import Path
-from v4jax.cli.train import workdir_lock
+from v4jax.workdir import workdir_lock
 with workdir_lock(Path(sys.argv[1])):
     print("locked", flush=True)
     time.sleep(600)
@@ -84,7 +84,7 @@ from v4jax.parallel import initialize_distributed
 initialize_distributed()
 import jax
 from jax.experimental.multihost_utils import sync_global_devices
-from v4jax.cli.train import LockError, workdir_lock
+from v4jax.workdir import LockError, workdir_lock
 try:
     with workdir_lock(Path(sys.argv[1])):
         sync_global_devices("both hold it")  # then look, before either lets go
@@ -136,9 +136,11 @@ def test_metrics_keep_the_steps_of_the_restored_state(tmp_path):
     log = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3, 4)]
     log.write_text("\n".join(lines) + '\n{"step": 5, "lo')  # killed in the middle of a line
-    trim_metrics(log, 2)
+    with pytest.warns(UserWarning, match="dropped 3 line\\(s\\) of steps after step 2"):
+        trim_metrics(log, 2)
     assert log.read_text() == lines[0] + "\n" + lines[1] + "\n"
-    trim_metrics(log, 0)  # a run with no checkpoint starts afresh
+    with pytest.warns(UserWarning, match="dropped 2 line"):
+        trim_metrics(log, 0)  # a run with no checkpoint starts afresh
     assert log.read_text() == "" and [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
 
 

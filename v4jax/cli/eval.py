@@ -58,7 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--task", choices=("ppl", "niah"), default="ppl")
     p.add_argument("--files", default=None, help="evaluate (ppl) or build haystacks from (niah) these files "
                                                  "instead of the held-out split")
-    p.add_argument("--batches", type=_positive, default=None, help="ppl: stop after this many batches (default: one pass)")
+    p.add_argument("--batches", type=_positive, default=None,
+                   help="ppl: stop after this many batches (default: one pass)")
     p.add_argument("--lengths", type=_ints, default=(128, 256, 512), help="niah: context lengths in tokens")
     p.add_argument("--depths", type=_floats, default=(0.0, 0.25, 0.5, 0.75, 1.0), help="niah: needle depths in [0, 1]")
     p.add_argument("--samples", type=_positive, default=8, help="niah: examples per length and depth")

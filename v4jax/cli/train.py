@@ -30,12 +30,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import fcntl
 import json
 import math
-import os
 import signal
-import socket
 import sys
 import time
 import warnings
@@ -43,9 +40,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-
-LOCK = "train.lock"
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="v4jax-train", description=__doc__,
@@ -66,6 +60,7 @@ def main(argv=None) -> int:
     from v4jax.data import DataError
     from v4jax.parallel import ShardingError, initialize_distributed, make_mesh
     from v4jax.trainer import load_run_config
+    from v4jax.workdir import LockError, workdir_lock
 
     initialize_distributed()  # multi-host jobs: from the environment (see README); a no-op otherwise
     try:  # the config is checked before the workdir is touched
@@ -96,6 +91,7 @@ def train(run, mesh, workdir: Path, args) -> int:
     first write into the workdir but the lock file, which goes with the lock."""
     from v4jax.data import make_dataset
     from v4jax.engram import hasher_for
+    from v4jax.workdir import trim_metrics, write_atomically
 
     data = make_dataset(run.data, hasher=hasher_for(run.model))
     state, checkpointer = initial_state(run, mesh, workdir, data)
@@ -162,138 +158,7 @@ def check_batch_split(run, mesh) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# The workdir's lock
-
-
-class LockError(Exception):
-    """The workdir cannot be locked: another run holds it, its lock cannot be checked, or it cannot be written."""
-
-
-@contextlib.contextmanager
-def workdir_lock(workdir: Path):
-    """Hold ``WORKDIR/train.lock`` for the block, or raise LockError naming the owner.
-
-    The lock belongs to the run, not to a process: in a multi-host run process 0 takes it and every
-    process gets its outcome, so all of a refused run's processes stop with the same message. The
-    lock is a ``flock`` on the file, which the kernel drops when its process dies, so a killed run
-    cannot hold a workdir forever; the file's JSON (host, pid, start time) names the owner. A lock
-    file left on this host without its ``flock`` is stale and taken over with a warning (on a
-    filesystem without ``flock``, only if its pid is gone); one from another host is refused, as
-    this host cannot see whether that run still holds it. Released (the file removed, and a workdir
-    this lock created removed again if still empty) when the block ends, however it ends.
-    """
-    fd, problem, created = None, "", False
-    if jax.process_index() == 0:
-        try:
-            created = not workdir.exists()
-            workdir.mkdir(parents=True, exist_ok=True)
-            fd = _take_lock(workdir)
-        except (LockError, OSError) as e:
-            problem = str(e)
-    if jax.process_count() > 1:
-        problem = _from_process_0(problem)
-    if problem:
-        raise LockError(problem)
-    try:
-        yield
-    finally:
-        if fd is not None:
-            _release_lock(workdir, fd, created)
-
-
-def _take_lock(workdir: Path) -> int:
-    """The lock file's descriptor, holding its flock, with this process named in it."""
-    path = workdir / LOCK
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            flocked = True
-        except BlockingIOError:
-            owner = _read_owner(fd)
-            os.close(fd)
-            raise LockError(f"workdir {workdir} is in use by another train.py run ({_describe(owner)}): "
-                            "wait for it to end or use another --workdir") from None
-        except OSError:
-            flocked = False  # a filesystem without flock: the owner's pid is all there is to check
-        with contextlib.suppress(FileNotFoundError):
-            if os.fstat(fd).st_ino == os.stat(path).st_ino:
-                break
-        os.close(fd)  # the owner removed the file between our open and flock: open the new one
-    owner = _read_owner(fd)
-    problem = None
-    if owner is None:
-        problem = "locked by a lock file that does not parse"
-    elif owner and owner["host"] != socket.gethostname():
-        problem = f"locked by {_describe(owner)}, which host {socket.gethostname()} cannot check"
-    elif owner and not flocked and owner["pid"] != os.getpid() and _alive(owner["pid"]):
-        problem = f"in use by another train.py run ({_describe(owner)})"
-    if problem:
-        os.close(fd)
-        raise LockError(f"workdir {workdir} is {problem}: if no run uses it, delete {path}; "
-                        "else wait for that run to end or use another --workdir")
-    if owner:
-        warnings.warn(f"workdir {workdir}: taking over the stale lock of {_describe(owner)}, a run that ended "
-                      "without releasing it", stacklevel=2)
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(me).encode(), 0)
-    os.fsync(fd)
-    return fd
-
-
-def _read_owner(fd: int) -> dict | None:
-    """The lock file's owner: {} if the file is empty (new), None if it does not parse."""
-    text = os.pread(fd, 4096, 0).decode(errors="replace")
-    if not text:
-        return {}
-    try:
-        owner = json.loads(text)
-        return owner if isinstance(owner.get("pid"), int) and isinstance(owner.get("host"), str) else None
-    except (ValueError, AttributeError):
-        return None
-
-
-def _describe(owner: dict | None) -> str:
-    if not owner:
-        return "its owner is not written yet"
-    return f"pid {owner['pid']} on host {owner['host']}, started {owner.get('started', '?')}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
-
-
-def _release_lock(workdir: Path, fd: int, created: bool) -> None:
-    path = workdir / LOCK
-    with contextlib.suppress(FileNotFoundError):
-        if os.stat(path).st_ino == os.fstat(fd).st_ino:  # never remove a file someone else created since
-            os.unlink(path)
-    os.close(fd)  # after the unlink: a run waiting on this file finds it gone and opens a new one
-    if created:
-        with contextlib.suppress(OSError):
-            workdir.rmdir()  # only if empty: a run that stopped before writing leaves no trace
-
-
-def _from_process_0(message: str) -> str:
-    """Process 0's message on every process (the lock's outcome; '' when it is held)."""
-    from jax.experimental import multihost_utils
-
-    buf = np.zeros(4096, np.uint8)
-    raw = message.encode()[:4096]
-    buf[:len(raw)] = np.frombuffer(raw, np.uint8)
-    buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
-    return bytes(buf).rstrip(b"\0").decode(errors="replace")
-
-
-# --------------------------------------------------------------------------------------------------
-# State and the metrics log
+# State
 
 
 def initial_state(run, mesh, workdir: Path, data):
@@ -330,40 +195,6 @@ def initial_state(run, mesh, workdir: Path, data):
         raise
     print(f"resumed from step {int(state['step'])} in {checkpointer.directory}", file=sys.stderr)
     return state, checkpointer
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """Keep the lines of ``metrics.jsonl`` up to ``step`` (the state the run goes on from), in order;
-    later or torn lines are dropped. The file is replaced atomically, so a kill leaves the old or
-    the new log, never a mix."""
-    if not path.exists():
-        return
-    kept, dropped = [], 0
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            keep = json.loads(line)["step"] <= step
-        except (ValueError, KeyError, TypeError):
-            keep = False  # a torn line from a killed write
-        kept += [line] if keep else []
-        dropped += not keep
-    if dropped:
-        write_atomically(path, "".join(line + "\n" for line in kept))
-        print(f"{path}: dropped {dropped} line(s) of steps after step {step}, the state this run goes on from",
-              file=sys.stderr)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write a temporary file beside ``path`` and rename it onto ``path``: all of it or nothing."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 # --------------------------------------------------------------------------------------------------
