@@ -84,3 +84,18 @@ def write_checkpoint(directory, config, edit=None):
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, directory / "model.safetensors")
     (directory / "config.json").write_text(json.dumps(config.to_release_dict()))
     return directory
+
+
+def save_run(workdir, overrides=(), config="configs/tiny.yaml", seed=0):
+    """A train.py run directory with one checkpoint (step 1) of an initialised state, as train.py
+    lays it out, without training: for the tools that read runs."""
+    from v4jax.checkpoint import Checkpointer
+    from v4jax.trainer import init_state, load_run_config, make_optimizer
+
+    run = load_run_config(config, list(overrides))
+    params = init_params(run.model, seed, scan=run.parallel.scan_layers)
+    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+    ckpt.save(1, init_state(params, make_optimizer(run.train, run.model)), {}, run.to_dict(), force=True)
+    ckpt.close()
+    (workdir / "config.json").write_text(json.dumps(run.to_dict()))
+    return workdir

@@ -130,12 +130,3 @@ def test_rows_longer_than_max_position_embeddings(wide):
     with pytest.raises(ValueError, match="max_position_embeddings=64"):
         wide.generate([[5] * 60], max_new_tokens=5)
 
-
-def test_a_train_run_directory_points_to_from_run(tmp_path):
-    run = tmp_path / "run"
-    (run / "checkpoints" / "300").mkdir(parents=True)
-    (run / "config.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match=r"train.py run.*v4jax.from_run\('.*run'\)"):
-        v4jax.from_pretrained(run)
-    with pytest.raises(FileNotFoundError, match=r"v4jax.from_run\('.*run', step=300\)"):
-        v4jax.from_pretrained(run / "checkpoints" / "300")

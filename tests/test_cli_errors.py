@@ -6,10 +6,8 @@ import errno
 import pytest
 
 import eval as eval_script
-from v4jax.checkpoint import Checkpointer
+from tests.helpers import save_run
 from v4jax.cli import generate as generate_cli
-from v4jax.model import init_params
-from v4jax.trainer import init_state, load_run_config, make_optimizer
 
 SMALL = ["model.num_hidden_layers=2", "model.layer_types=[csa, hca]", "model.hidden_size=32",
          "model.n_routed_experts=4", "data.seq_len=48", "data.batch_size=8"]
@@ -17,13 +15,7 @@ SMALL = ["model.num_hidden_layers=2", "model.layer_types=[csa, hca]", "model.hid
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    run = load_run_config("configs/tiny.yaml", SMALL)
-    state = init_state(init_params(run.model, 0, scan=run.parallel.scan_layers), make_optimizer(run.train, run.model))
-    workdir = tmp_path_factory.mktemp("run")
-    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
-    ckpt.save(1, state, {}, run.to_dict(), force=True)
-    ckpt.close()
-    return workdir
+    return save_run(tmp_path_factory.mktemp("run"), SMALL)
 
 
 @pytest.mark.parametrize("args, message", [

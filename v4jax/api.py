@@ -71,7 +71,9 @@ class Model:
     predicts token t + 2. Both work on host or device arrays and inside ``jax.jit``. On a ``mesh``
     the parameters are sharded by v4jax's rules and the MoE runs expert-parallel over the mesh's
     ``expert`` axis; ``parallel`` (a ``v4jax.parallel.ParallelConfig``) picks the MoE dispatch,
-    the grouped-matmul backend and the chunk sizes.
+    the grouped-matmul backend and the chunk sizes. ``tokenizer_name`` is the tokenizer the model
+    was trained with, where the checkpoint says (``from_run``, ``Model.save``): text prompts and
+    chat use it by default.
     """
 
     config: ModelConfig
@@ -79,6 +81,7 @@ class Model:
     dtype: jnp.dtype = jnp.dtype(jnp.float32)
     mesh: jax.sharding.Mesh | None = None
     parallel: ParallelConfig | None = None
+    tokenizer_name: str | None = None  # "deepseek" or "bytes" where known (a train.py run, Model.save)
 
     def __post_init__(self):
         if self.mesh is not None:
@@ -188,16 +191,19 @@ class Model:
         return {**parse_completion_tokens(new, tok, mode), "tokens": new}
 
     def tokenizer(self, tokenizer=None):
-        """A tokenizer object: the named one ("deepseek" or "bytes"; by default the DeepSeek-V4
-        tokenizer), or ``tokenizer`` itself if it is an object (with ``encode``/``decode``). Refused
-        when its ids do not fit the model's vocabulary."""
+        """A tokenizer object: the named one ("deepseek" or "bytes"), ``tokenizer`` itself if it is
+        an object (with ``encode``/``decode``), or by default the model's own (``tokenizer_name``;
+        the DeepSeek-V4 tokenizer for a model without one, e.g. a released checkpoint). Refused when
+        its ids do not fit the model's vocabulary."""
         from v4jax.data import load_tokenizer  # noqa: PLC0415
 
-        tok = load_tokenizer(tokenizer or "deepseek") if tokenizer is None or isinstance(tokenizer, str) else tokenizer
+        name = tokenizer or self.tokenizer_name or "deepseek"
+        tok = load_tokenizer(name) if isinstance(name, str) else tokenizer
         if tok.vocab_size > self.config.vocab_size:
-            raise ValueError(f"the tokenizer has {tok.vocab_size} ids, more than the model's vocab_size "
-                             f"{self.config.vocab_size}: pass tokenizer= the model's own (e.g. 'bytes'), or "
-                             "prompts as token-id lists")
+            raise ValueError(f"the tokenizer {getattr(tok, 'name', tok)!r} has {tok.vocab_size} ids, more than the "
+                             f"model's vocab_size {self.config.vocab_size}: use the tokenizer the model was trained with "
+                             "(tokenizer='bytes' for the byte-level configs; v4jax-generate --tokenizer bytes), or "
+                             "pass prompts as token-id lists")
         return tok
 
     def save(self, directory, overwrite: bool = False) -> Path:
@@ -223,27 +229,38 @@ class Model:
                 ckpt.wait_until_finished()
             (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
             write_marker(tmp, config_style=style, source_layout=OFFICIAL, dtype=jnp.dtype(self.dtype).name,
-                         has_mtp=self.has_mtp)
+                         has_mtp=self.has_mtp, tokenizer=self.tokenizer_name)
         return Path(directory)
 
 
-def from_run(workdir, step: int | None = None, dtype="float32") -> Model:
-    """The model of a ``train.py`` run: its checkpoint (the latest, or ``step``) in ``workdir``."""
+def from_run(workdir, step: int | None = None, dtype=None, mesh: jax.sharding.Mesh | None = None,
+             parallel: ParallelConfig | None = None) -> Model:
+    """The model of a ``train.py`` run: its checkpoint (the newest that restores, or ``step``).
+
+    ``dtype``: the compute dtype; by default the one the run trained in (``train.dtype``: the tiny
+    CPU configs train in float32, so their logits are the training run's). The model knows the
+    run's tokenizer (``Model.tokenizer_name``), so text prompts and chat use it. ``mesh`` and
+    ``parallel`` as in ``from_pretrained``.
+    """
     from v4jax.trainer import restore_run  # noqa: PLC0415
 
     run = restore_run(workdir, step)
     if run is None:
         raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: pass a train.py --workdir")
-    dt = _dtype(dtype)
+    dt = _dtype(run["train"].dtype if dtype is None else dtype)
     specs = param_specs(run["config"], dt)  # each leaf's dtype at this compute dtype (fp32-kept ones stay)
     params = jax.tree.map(lambda a, s: a.astype(s.dtype), unstack_layers(run["state"]["params"], run["config"]),
                           specs)
-    return Model(run["config"], params, dt)
+    mesh = None if mesh is None else adopt_mesh(mesh)
+    if mesh is not None:
+        params = jax.device_put(params, param_shardings(params, mesh, run["config"]))
+    return Model(run["config"], params, dt, mesh, parallel, tokenizer_name=run["data"].tokenizer)
 
 
-def from_pretrained(path, dtype="bfloat16", mesh: jax.sharding.Mesh | None = None,
+def from_pretrained(path, dtype=None, mesh: jax.sharding.Mesh | None = None,
                     parallel: ParallelConfig | None = None) -> Model:
-    """Load a model from a directory: a safetensors checkpoint or a v4jax Orbax checkpoint.
+    """Load a model from a directory: a safetensors checkpoint, a v4jax Orbax checkpoint, or a
+    ``train.py`` run (its newest checkpoint) or one of its steps (``RUN/checkpoints/N``).
 
     * safetensors: ``config.json`` and ``*.safetensors`` (sharded through
       ``model.safetensors.index.json`` or not), in the release's tensor layout or the one
@@ -253,36 +270,39 @@ def from_pretrained(path, dtype="bfloat16", mesh: jax.sharding.Mesh | None = Non
     * Orbax: a directory written by ``python -m v4jax.convert to-orbax`` or ``Model.save``
       (recognised by its ``v4jax_checkpoint.json``), restored with Orbax straight onto the devices.
 
-    ``dtype`` is the compute dtype ("float32" for parity, "bfloat16" for speed); fp32-kept tensors
-    (mHC, sinks, position and router biases) stay fp32. With ``mesh`` (any ``jax.sharding.Mesh``
-    whose axes are among data, fsdp, expert and tensor; the ones it does not name have size 1) the
-    parameters are sharded by ``v4jax.parallel``'s rules and the model runs on that mesh (see
-    ``Model``). A checkpoint without ``mtp.*`` tensors loads without the MTP block, with a warning
+    * a run: as ``from_run``.
+
+    ``dtype`` is the compute dtype, "bfloat16" or "float32" (for parity). By default bfloat16 for a
+    checkpoint, as the release's weights are FP8/FP4 and bf16 (they load exactly, and the model runs
+    at the accelerators' speed), and for a run the dtype it trained in.
+    fp32-kept tensors (mHC, sinks, position and router biases) stay fp32. With ``mesh`` (any
+    ``jax.sharding.Mesh`` whose axes are among data, fsdp, expert and tensor; the ones it does not
+    name have size 1) the parameters are sharded by ``v4jax.parallel``'s rules and the model runs on
+    that mesh (see ``Model``). A checkpoint without ``mtp.*`` tensors loads without the MTP block, with a warning
     (safetensors) or silently (Orbax, where the conversion warned).
     """
     from v4jax.convert.load import load_checkpoint  # noqa: PLC0415
     from v4jax.convert.orbax_io import is_orbax_checkpoint, read_marker, restore_params  # noqa: PLC0415
+    from v4jax.workdir import find_run  # noqa: PLC0415
 
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a directory with config.json and *.safetensors, nor a v4jax "
-                                "Orbax checkpoint")
-    is_step = path.parent.name == "checkpoints" and path.name.isdigit()
-    if is_step or ((path / "checkpoints").is_dir() and not is_orbax_checkpoint(path)
-                   and not any(path.glob("*.safetensors"))):
-        call = f"v4jax.from_run({str(path.parent.parent)!r}, step={int(path.name)})" if is_step \
-            else f"v4jax.from_run({str(path)!r})"
-        raise FileNotFoundError(f"{path} is a train.py run, not a model checkpoint: load it with {call} "
-                                "(and .save(DIR) makes a checkpoint of it)")
+        raise FileNotFoundError(f"{path} is not a directory with config.json and *.safetensors, a v4jax "
+                                "Orbax checkpoint, nor a train.py run")
+    run = find_run(path)
+    if run is not None:
+        return from_run(*run, dtype=dtype, mesh=mesh, parallel=parallel)
     config = ModelConfig.from_json(path / "config.json")
-    dt = _dtype(dtype)
+    dt = _dtype(dtype or "bfloat16")
     mesh = None if mesh is None else adopt_mesh(mesh)
     if is_orbax_checkpoint(path):
         specs = param_specs(config, dt)
-        if not read_marker(path).get("has_mtp", True):
+        marker = read_marker(path)
+        if not marker.get("has_mtp", True):
             specs.pop("mtp", None)
         placement = None if mesh is None else param_shardings(specs, mesh, config)
-        return Model(config, restore_params(path, specs, placement), dt, mesh, parallel)
+        return Model(config, restore_params(path, specs, placement), dt, mesh, parallel,
+                     tokenizer_name=marker.get("tokenizer"))
     params, _ = load_checkpoint(path, config, dt)
     if mesh is None:
         return Model(config, jax.tree.map(jnp.asarray, params), dt, None, parallel)

@@ -181,3 +181,15 @@ def write_atomically(path: Path, text: str) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+def find_run(path: str | Path) -> tuple[Path, int | None] | None:
+    """(run directory, step or None) when ``path`` is a train.py run (it holds ``checkpoints/``)
+    or one of its steps (``RUN/checkpoints/N``), else None: what lets every tool that takes a
+    checkpoint take a run too."""
+    path = Path(path)
+    if path.parent.name == "checkpoints" and path.name.isdigit():
+        return path.parent.parent, int(path.name)
+    if (path / "checkpoints").is_dir():
+        return path, None
+    return None

@@ -4,8 +4,10 @@
         [--temperature 0.7 --top-p 0.95 --top-k 0 --seed 0] [--chat chat|think|think_max]
         [--tokenizer deepseek|bytes] [--dtype bfloat16]
 
-``--checkpoint``: what ``v4jax.from_pretrained`` loads (safetensors in the release's or the
-transformers layout, or a v4jax Orbax checkpoint). ``--chat MODE`` wraps the prompt as one user
+``--checkpoint``: what ``v4jax.from_pretrained`` loads: safetensors in the release's or the
+transformers layout, a v4jax Orbax checkpoint, or a train.py run (its newest checkpoint) or one of
+its steps (``RUN/checkpoints/N``). The tokenizer is the model's own where the checkpoint records it
+(a run, ``Model.save``), else DeepSeek-V4's. ``--chat MODE`` wraps the prompt as one user
 turn in the V4 chat format (``v4jax.chat``); without it the prompt is plain text. The reply is
 printed as it is generated.
 """
@@ -28,8 +30,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", choices=("chat", "think", "think_max"), default=None,
                    help="wrap the prompt as a user turn in the V4 chat format with this reasoning mode")
-    p.add_argument("--tokenizer", choices=("deepseek", "bytes"), default="deepseek")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--tokenizer", choices=("deepseek", "bytes"), default=None,
+                   help="default: the one the checkpoint records (a run's), else deepseek")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                   help="default: a run's training dtype, else bfloat16")
     return p.parse_args(argv)
 
 

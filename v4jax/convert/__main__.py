@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
                        "FP8 (128x128 block scales) and packed FP4 (scales per 32 inputs) weights are dequantised "
                        "exactly; E8M0 or F32 scales are accepted; tid2eid becomes int32. A checkpoint without "
                        "mtp.* tensors converts without the MTP block, with a warning.")
-    a.add_argument("--src", required=True, help="safetensors checkpoint directory (with config.json)")
+    a.add_argument("--src", required=True, help="safetensors checkpoint directory (with config.json), or a "
+                   "train.py run (its newest checkpoint) or one of its steps (RUN/checkpoints/N)")
     a.add_argument("--dst", required=True, help="output directory; must not exist unless --overwrite")
     a.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="dtype of the ordinary weights (default: bfloat16; both hold FP8/FP4 weights exactly). "
@@ -65,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
                        "checkpoint: config.json in the style that matches the layout (the release's "
                        "compress_ratios style for official, transformers' style for hf), "
                        "model.safetensors.index.json and shards model-0000i-of-0000N.safetensors.")
-    b.add_argument("--src", required=True, help="v4jax Orbax directory (or, with --config, a bare Orbax params "
+    b.add_argument("--src", required=True, help="v4jax Orbax directory, a train.py run or one of its steps "
+                   "(RUN/checkpoints/N) (or, with --config, a bare Orbax params "
                    "checkpoint)")
     b.add_argument("--dst", required=True, help="output directory; must not exist unless --overwrite")
     b.add_argument("--layout", choices=["official", "hf"], default=None,
@@ -146,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
                          progress=not args.no_progress, block_mb=32 if block_mb is None else block_mb,
                          compression=args.compress,
                          workers=args.workers, window=args.window, mesh=_mesh(args.mesh))
-            print(f"wrote {args.dst}: {s['tensors']} tensors from the {s['layout']} layout "
-                  f"({', '.join(f'{v} {k}' for k, v in s['formats'].items() if v)}), "
+            formats = ", ".join(f"{v} {k}" for k, v in s["formats"].items() if v)
+            print(f"wrote {args.dst}: {s['tensors']} tensors from the {s['layout']} layout"
+                  + (f" ({formats})" if formats else "") + ", "
                   f"{s['bytes'] / 1e9:.3f} GB in {s['seconds']:.1f} s"
                   + ("" if s["has_mtp"] else "; no MTP block"))
         else:
@@ -159,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
                                config_path=args.config, workers=args.workers, window=args.window)
             print(f"wrote {args.dst}: {s['tensors']} tensors in {s['shards']} shards, {s['bytes'] / 1e9:.3f} GB, "
                   f"{s['layout']} layout, quantize {s['quantize']}, other weights {s['dtype']}")
+            if s["quantisation_error"]:  # lossy unless the weights were on the FP8/FP4 grid already
+                print("quantisation error (relative RMS of the weights): " + ", ".join(
+                    f"{group} {err:.2%}" for group, err in s["quantisation_error"].items())
+                    + ("" if any(s["quantisation_error"].values()) else " (the weights were on the grid: exact)"))
     except (CheckpointError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

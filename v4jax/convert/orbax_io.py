@@ -526,6 +526,26 @@ class OrbaxParams:
         return values
 
 
+class TreeParams:
+    """A parameter tree in host memory (e.g. a train.py run's model) behind OrbaxParams's reading
+    interface, so a run exports as any Orbax directory does: ``leaves`` {tree path: (shape, dtype)},
+    ``read(path, lead, r0, r1)`` (checked like OrbaxParams's blocks)."""
+
+    def __init__(self, tree, where: str):
+        from v4jax.convert.names import tree_paths  # noqa: PLC0415
+
+        self.directory = where
+        self._arrays = {path: np.asarray(a) for path, a in tree_paths(tree)}
+        self.leaves = {path: (a.shape, a.dtype) for path, a in self._arrays.items()}
+
+    def read(self, path: tuple, lead: tuple, r0: int, r1: int) -> np.ndarray:
+        a = self._arrays[path]
+        values = a[lead + (slice(r0, r1),)] if a.ndim >= 2 else a
+        check_values(values, f"{self.directory}: {'.'.join(map(str, path))}", "the run's state is not finite",
+                     None, lead, r0)
+        return values
+
+
 def restore_params(directory: str | Path, specs, sharding=None):
     """Restore the params tree at ``directory/params`` (a converted directory) as jax Arrays shaped
     and typed like ``specs`` (a param_specs tree; stored dtypes are cast), placed with ``sharding``:

@@ -53,6 +53,7 @@ from v4jax.convert.names import (
 from v4jax.convert.orbax_io import (
     PARAMS,
     OrbaxParams,
+    TreeParams,
     atomic_output_dir,
     check_output_dir,
     is_orbax_checkpoint,
@@ -61,6 +62,7 @@ from v4jax.convert.orbax_io import (
 from v4jax.convert.safetensors_io import Checkpoint, CheckpointError, SafetensorsWriter
 from v4jax.convert.source import summarise
 from v4jax.params import info_at
+from v4jax.workdir import find_run
 
 QUANTIZE = ("none", "fp8", "fp8+fp4")
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -126,11 +128,43 @@ def _row_blocks(n_rows: int, row_bytes: int, block_bytes: int, align: int = 1):
     return [(r0, min(n_rows, r0 + rows)) for r0 in range(0, n_rows, rows)]
 
 
+class QuantisationError:
+    """What quantising cost, per group of tensors: the relative RMS error sqrt(sum (w - q(w))^2 /
+    sum w^2) of the weights as written, summed block by block (from the writer's threads). Zero for
+    weights already on the FP8/FP4 grid (e.g. converted from the release); for bf16/fp32 weights
+    trained or initialised off the grid, FP8 costs about 2-3% and FP4 about 10% (docs/benchmarks.md)."""
+
+    def __init__(self):
+        self._sums: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, path: tuple, w: np.ndarray, written: np.ndarray) -> None:
+        w = np.asarray(w, np.float32).ravel()
+        d = w - written.ravel()
+        group = _group(path)
+        with self._lock:
+            err, ref = self._sums.get(group, (0.0, 0.0))
+            self._sums[group] = (err + float(d @ d), ref + float(w @ w))
+
+    def relative(self) -> dict[str, float]:
+        return {g: (err / ref) ** 0.5 if ref else 0.0 for g, (err, ref) in sorted(self._sums.items())}
+
+
+def _group(path: tuple) -> str:
+    names = [k for k in path if isinstance(k, str)]
+    for key, group in (("experts", "routed experts"), ("shared_experts", "shared experts"), ("indexer", "indexer"),
+                       ("attn", "attention")):
+        if key in names:
+            return group
+    return "MTP projections" if names[0] == "mtp" else "other"
+
+
 class _Exporter:
     def __init__(self, params: OrbaxParams, config: ModelConfig, layout: str, quantize: str, plain: np.dtype,
                  block_bytes: int, has_mtp: bool):
         self.params, self.config, self.layout, self.quantize = params, config, layout, quantize
         self.plain, self.block_bytes, self.has_mtp = plain, block_bytes, has_mtp
+        self.error = QuantisationError()
 
     def tensors(self, specs) -> list[OutTensor]:
         out = []
@@ -171,8 +205,10 @@ class _Exporter:
             scale = _ScaleBuffer(quant.fp8_scale_shape(shape))
 
             def fp8_piece(r0, r1):
-                q, s = quant.quant_fp8(read(r0, r1), what=official)
+                w = read(r0, r1)
+                q, s = quant.quant_fp8(w, what=official)
                 scale.put(slice(r0 // quant.FP8_BLOCK, r0 // quant.FP8_BLOCK + s.shape[0]), s)
+                self.error.add(path, w, quant.dequant_fp8(q, s))  # the block starts a 128-row scale block
                 return q
 
             blocks = _row_blocks(shape[0], shape[1] * 4, self.block_bytes, align=quant.FP8_BLOCK)
@@ -182,8 +218,10 @@ class _Exporter:
         scale = _ScaleBuffer(quant.fp4_scale_shape(shape))
 
         def fp4_piece(r0, r1):
-            q, s = quant.quant_fp4(read(r0, r1), what=official)
+            w = read(r0, r1)
+            q, s = quant.quant_fp4(w, what=official)
             scale.put(slice(r0, r1), s)
+            self.error.add(path, w, quant.dequant_fp4(q, s))
             return q
 
         blocks = _row_blocks(shape[0], shape[1] * 4, self.block_bytes)
@@ -255,9 +293,12 @@ def to_safetensors(src: str | Path, dst: str | Path, *, layout: str | None = Non
                    dtype: str = "auto", max_shard_bytes: int | str = "5GB", overwrite: bool = False,
                    progress: bool = True, block_mb: float = 32, config_path: str | Path | None = None,
                    workers: int = 2, window: int = 4) -> dict:
-    """Write the Orbax checkpoint ``src`` (made by ``to_orbax``) as a safetensors checkpoint at ``dst``.
+    """Write the Orbax checkpoint ``src`` (made by ``to_orbax`` or ``Model.save``), or a train.py run
+    or one of its steps (its model, through ``v4jax.from_run``), as a safetensors checkpoint at ``dst``.
 
-    ``layout``: "official" or "hf" (default: the layout ``src`` was converted from). Returns a summary.
+    ``layout``: "official" or "hf" (default: the layout ``src`` was converted from). Returns a summary,
+    with ``quantisation_error``: the relative RMS error of the quantised weights per tensor group
+    (``QuantisationError``; quantising is exact only for weights already on the FP8/FP4 grid).
     Everything is checked before anything is written (``dst`` may not be, contain or lie inside
     ``src``); ``dst`` appears only when complete.
     """
@@ -274,7 +315,13 @@ def to_safetensors(src: str | Path, dst: str | Path, *, layout: str | None = Non
     max_shard_bytes = parse_size(max_shard_bytes)
     check_separate(src, dst)
     src = Path(src)
-    if is_orbax_checkpoint(src):
+    run = find_run(src)
+    if run is not None:  # a run's model, held in memory (a run is trained on hosts that hold it)
+        from v4jax.api import from_run  # noqa: PLC0415
+
+        model = from_run(*run, dtype="float32")
+        marker, config, params_dir = {}, model.config, src
+    elif is_orbax_checkpoint(src):
         marker = read_marker(src)
         config = ModelConfig.from_json(config_path or src / "config.json")
         params_dir = src / PARAMS
@@ -290,7 +337,7 @@ def to_safetensors(src: str | Path, dst: str | Path, *, layout: str | None = Non
         raise ValueError(f"--layout {layout!r}: use official or hf")
     check_output_dir(dst, overwrite)
 
-    params = OrbaxParams(params_dir, config)
+    params = TreeParams(model.params, str(src)) if run is not None else OrbaxParams(params_dir, config)
     specs = param_specs(config, BF16)
     if "mtp" in specs and not any(p[0] == "mtp" for p in params.leaves):
         specs.pop("mtp")  # converted from a checkpoint without MTP: the stored tree has none
@@ -352,7 +399,8 @@ def to_safetensors(src: str | Path, dst: str | Path, *, layout: str | None = Non
         bar.close()
     return {"tensors": len(tensors), "bytes": total, "shards": len(shards), "layout": layout,
             "config_style": RELEASE_STYLE if layout == OFFICIAL else "hf", "quantize": quantize,
-            "dtype": str(np.dtype(plain)), "seconds": time.time() - start}
+            "dtype": str(np.dtype(plain)), "seconds": time.time() - start,
+            "quantisation_error": exporter.error.relative()}
 
 
 def _pipeline(pool, shard: list[OutTensor], window: int):

@@ -28,6 +28,7 @@ from v4jax.convert.orbax_io import (
 )
 from v4jax.convert.safetensors_io import Checkpoint
 from v4jax.convert.source import plan_checkpoint
+from v4jax.workdir import find_run
 
 DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
 
@@ -84,6 +85,8 @@ def to_orbax(src: str | Path, dst: str | Path, *, dtype: str = "bfloat16", overw
              progress: bool = True, block_mb: float = 32, compression: bool = False, workers: int = 2,
              window: int = 4, mesh: dict[str, int] | None = None) -> dict:
     """Convert the safetensors checkpoint directory ``src`` into a v4jax Orbax directory ``dst``.
+    ``src`` may also be a train.py run or one of its steps: its model is saved as with
+    ``v4jax.from_run(src).save(dst)`` (there ``mesh`` and ``compression`` do not apply).
 
     ``dtype``: "bfloat16" or "float32", for ordinary weights (fp32-kept tensors stay fp32, tid2eid
     int32). Host memory: about ``window`` blocks of ``block_mb`` MiB (plus the decoder's fp32
@@ -100,6 +103,9 @@ def to_orbax(src: str | Path, dst: str | Path, *, dtype: str = "bfloat16", overw
     check_mesh(mesh)
     check_separate(src, dst)
     src = Path(src)
+    run = find_run(src)
+    if run is not None:
+        return _run_to_orbax(run, dst, dtype, overwrite, mesh, compression)
     config, style = read_config(src)
     check_output_dir(dst, overwrite)
     start = time.time()
@@ -131,6 +137,23 @@ def to_orbax(src: str | Path, dst: str | Path, *, dtype: str = "bfloat16", overw
     return {"layout": plan.layout, "config_style": style, "has_mtp": plan.has_mtp, "tensors": plan.n_tensors,
             "leaves": len(plan.sources), "bytes": plan.nbytes, "source_bytes": plan.source_nbytes,
             "formats": plan.formats, "seconds": time.time() - start}
+
+
+def _run_to_orbax(run, dst, dtype: str, overwrite: bool, mesh, compression: bool) -> dict:
+    import jax  # noqa: PLC0415
+
+    from v4jax.api import from_run  # noqa: PLC0415
+
+    if mesh or compression:
+        raise ValueError(f"--mesh and --compress apply to safetensors sources; {run[0]} is a train.py run: leave "
+                         "them out")
+    start = time.time()
+    check_output_dir(dst, overwrite)
+    model = from_run(*run, dtype=dtype)
+    model.save(dst, overwrite=overwrite)
+    leaves = jax.tree.leaves(model.params)
+    return {"layout": "train.py run", "has_mtp": model.has_mtp, "tensors": len(leaves), "leaves": len(leaves),
+            "bytes": sum(a.nbytes for a in leaves), "formats": {}, "seconds": time.time() - start}
 
 
 __all__ = ["to_orbax", "read_config", "config_dict", "HF_STYLE", "RELEASE_STYLE"]
