@@ -197,3 +197,12 @@ def test_wrong_types_in_config_json_are_refused_by_name(tmp_path, style, change,
     path.write_text(json.dumps(raw))
     with pytest.raises(ConfigError, match=f"{path}: .*" + message.replace("(", r"\(").replace("[", r"\[")):
         ModelConfig.from_json(path)
+
+
+def test_model_config_from_yaml(tmp_path):
+    config = ModelConfig.from_yaml("configs/tiny.yaml")
+    assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (64, 4, 512)  # as the file says
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {hidden_size: '64'}\n")
+    with pytest.raises(ConfigError, match=f"{bad}: hidden_size='64' is not allowed: an integer"):
+        ModelConfig.from_yaml(bad)

@@ -231,6 +231,15 @@ class ModelConfig:
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
 
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ModelConfig:
+        """The ``model:`` section of a YAML config file (``configs/*.yaml``)."""
+        raw = load_yaml(path)["model"]
+        try:
+            return cls.from_dict(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
     def to_release_dict(self) -> dict[str, Any]:
         """The release's config.json style (``compress_ratios`` with the MTP entry last).
 
@@ -548,4 +557,4 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def model_config_from_yaml(path: str | Path) -> ModelConfig:
-    return ModelConfig.from_dict(load_yaml(path)["model"])
+    return ModelConfig.from_yaml(path)
