@@ -2,6 +2,9 @@
 before any work. The run checkpoint is saved directly (an initialised state, no training)."""
 
 import errno
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +12,7 @@ import eval as eval_script
 from tests.helpers import save_run
 from v4jax.cli import generate as generate_cli
 
+ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["model.num_hidden_layers=2", "model.layer_types=[csa, hca]", "model.hidden_size=32",
          "model.n_routed_experts=4", "data.seq_len=48", "data.batch_size=8"]
 
@@ -63,3 +67,11 @@ def test_generate_prints_os_errors_as_one_line(monkeypatch, capsys):
     assert generate_cli.main(["--checkpoint", "ckpt", "--prompt", "hi"]) == 2
     assert capsys.readouterr().err == ("error: [Errno 5] Input/output error: "
                                        "'ckpt/model-00001-of-00002.safetensors'\n")
+
+
+@pytest.mark.parametrize("module", ["v4jax.cli.generate", "v4jax.convert.__main__"])
+def test_command_lines_start_without_jax(module):
+    """`--help` must not wait seconds for jax: importing a command line's module leaves jax unloaded."""
+    code = f"import sys, {module}; print(sorted(m for m in ('jax', 'flax', 'orbax') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out
