@@ -36,6 +36,7 @@ def test_quickstart_notebook_runs(tmp_path):
     outputs = [o for c in cells for o in c.get("outputs", [])]
     text = "\n".join("".join(o.get("text", "")) for o in outputs if o.get("output_type") == "stream")
     assert "ROMEO:" in text and "<｜User｜>" in text
+    assert "os.fork()" not in text  # no command line forks the kernel once JAX runs in it
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the loss plot
     diff = float(text.rsplit("max |logits difference|:", 1)[1].split()[0])
     assert diff <= 1e-5  # the safetensors round trip gives the same logits (fp32)
