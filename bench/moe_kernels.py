@@ -12,8 +12,8 @@ contracting dimension, (dy, x) -> [e, n, k]) with each kernel, through the model
 ``pallas:BMxBPxBQxWARPSxSTAGES`` picks its blocks). bf16 inputs, fp32 accumulation, bf16 output.
 Median of 10 runs after 3, in TFLOP/s (2 m k n per product). ``--autotune F`` runs tokamax's autotuner on the
 chosen kernel of each product over ``--space`` and adds the result to F (``tokamax.AutotuningResult``
-JSON; ``v4jax/tuning/tokamax-<device kind>.json`` is the file the model loads), then times those
-products again under it.
+JSON), then times those products again under it, against tokamax's heuristics. The model uses the
+heuristics: on an H200 the search found nothing clearly better (docs/benchmarks.md, Part 4).
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ def in_space(config, space: str) -> bool:
 
 def autotune(tokamax, fn, ops, space: str, path: str):
     """tokamax's autotuner over each tokamax op in ``fn(*ops)``, restricted to ``in_space``; the
-    result (``tokamax.AutotuningResult``, loaded by ``v4jax.moe.tokamax_tuning``) is merged into the
-    one already at ``path`` (other shapes' entries stay) and written there."""
+    result (``tokamax.AutotuningResult``) is merged into the one already at ``path`` (other shapes'
+    entries stay) and written there."""
     data = []
     for ba in tokamax.autotuning.get_bound_args(fn, *ops):
         configs = {c for c in ba.autotuning_configs if in_space(c, space)}

@@ -46,13 +46,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from v4jax.attention import QUERY_CHUNK, Entries, _chunks, _pad_axis1, _unchunk, listed_dot
+from v4jax import devices
+from v4jax.attention import QUERY_CHUNK, Entries, _chunks, _pad_axis1, _unchunk, listed_dot, sparse_attention
 from v4jax.layers import F32, einsum_f32
 
 MIN_HEADS = 16  # Triton's smallest dot operand side: the heads are padded up to it
@@ -102,8 +104,15 @@ def pallas_sparse_attention(q, kv, sink, segment_ids, positions, window: int, en
     (every visible entry). Returns (out [b, s, h, c] in q's dtype, probs): with ``with_probs`` each
     compressed slot's probability summed over heads ([b, s, k], or [b, s, e] for every entry,
     computed from the kernel's lse over ``query_chunk`` queries at a time), else None. ``blocks``
-    overrides the tiling (default ``Blocks.for_head_dim(c)``).
+    overrides the tiling (default ``Blocks.for_head_dim(c)``). Where the kernels do not run
+    (``runs_on``: a TPU, a GPU older than compute capability 8.0) this warns and returns
+    ``sparse_attention``'s result.
     """
+    if not runs_on(devices.current()):
+        warnings.warn("parallel.attention_kernel='pallas' needs an NVIDIA GPU of compute capability >= 8.0 "
+                      "(or the CPU's interpreter); using the xla attention", stacklevel=2)
+        return sparse_attention(q, kv, sink, segment_ids, positions, window, entries, entry_idx,
+                                query_chunk=query_chunk, with_probs=with_probs)
     _, s, h, c = q.shape
     interpret = jax.default_backend() == "cpu"
     blocks = blocks or Blocks.for_head_dim(c)
@@ -138,6 +147,11 @@ def pallas_sparse_attention(q, kv, sink, segment_ids, positions, window: int, en
     if with_probs and has_entries:
         probs = _entry_probs(q, lse, entries, entry_idx, seg, pos, query_chunk)
     return out, probs
+
+
+def runs_on(acc: devices.Accelerator) -> bool:
+    """Whether the kernels run on ``acc``: a GPU that runs Pallas Triton, or the CPU (interpreted)."""
+    return acc.platform == "cpu" or devices.pallas_triton(acc)
 
 
 def _visible_range(entries: Entries, pos: jax.Array):

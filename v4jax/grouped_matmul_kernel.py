@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from v4jax import devices
+
 F32 = jnp.float32
 
 
@@ -39,16 +41,27 @@ class Blocks:
     num_warps: int = 8
     num_stages: int = 3
 
+    @classmethod
+    def for_device(cls, acc: devices.Accelerator) -> Blocks:
+        """The defaults, whose 3 stages of [64, 128] and [64, 256] bf16 operand tiles take 144 KB of
+        shared memory, except on GPUs that give a thread block less than 160 KB (99 KB on sm86,
+        sm89, sm120): there tiles a sixth of that size, so Triton's compile fits; not timed."""
+        if acc.platform != "gpu" or devices.shared_memory_kb(acc) >= 160:
+            return cls()
+        return cls(rows=32, p=64, q=128, num_warps=4, num_stages=2)
 
-def group_outer(a: jax.Array, b: jax.Array, sizes: jax.Array, out_dtype=F32, blocks: Blocks = Blocks(),
+
+def group_outer(a: jax.Array, b: jax.Array, sizes: jax.Array, out_dtype=F32, blocks: Blocks | None = None,
                 interpret: bool | None = None) -> jax.Array:
     """out[g] = a[rows of g]^T b[rows of g] for rows sorted by group: a [m, p], b [m, q], sizes [g]
     (int) -> [g, p, q] in ``out_dtype``, fp32 accumulation. A tile side is the block's or, where that
     does not divide the columns, their largest common power of two (at least 16: Triton's dot).
 
-    ``interpret``: run the Pallas interpreter (default: on the CPU backend)."""
+    ``blocks``: default ``Blocks.for_device`` of this process's accelerator. ``interpret``: run the
+    Pallas interpreter (default: on the CPU backend)."""
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
+    blocks = blocks or Blocks.for_device(devices.current())
     (m, p), q, g = a.shape, b.shape[1], sizes.shape[0]
     blocks = dataclasses.replace(blocks, p=math.gcd(p, blocks.p), q=math.gcd(q, blocks.q))
     if b.shape[0] != m or min(blocks.p, blocks.q) < 16:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from v4jax import sinkhorn_kernel
+from v4jax import devices, sinkhorn_kernel
 from v4jax.params import MUON, Init, ParamInfo, declare, pure, vector
 
 F32 = jnp.float32
@@ -44,12 +44,18 @@ def sinkhorn(logits: jax.Array, iters: int, eps: float) -> jax.Array:
 
     Row softmax plus eps, a column normalisation, then ``iters - 1`` (row, column) pairs, each
     denominator plus eps. The last step normalises columns, so each destination stream receives a
-    convex combination of the sources. On a GPU this runs as one fused kernel per pass
-    (``v4jax.sinkhorn_kernel``), elsewhere as ``sinkhorn_loop``; both compute the same fp32 arithmetic.
+    convex combination of the sources. Where ``sinkhorn_kernel_runs`` this is one fused kernel per
+    pass (``v4jax.sinkhorn_kernel``), elsewhere ``sinkhorn_loop``; both compute the same fp32 arithmetic.
     """
-    if jax.default_backend() == "gpu" and sinkhorn_kernel.supported(logits.shape[-1]):
+    if sinkhorn_kernel_runs(logits.shape[-1], devices.current()):
         return sinkhorn_kernel.fused_sinkhorn(logits, iters, eps)
     return sinkhorn_loop(logits, iters, eps)
+
+
+def sinkhorn_kernel_runs(n: int, acc: devices.Accelerator) -> bool:
+    """Whether ``sinkhorn`` of n x n matrices takes the fused kernel on ``acc``: a GPU that runs
+    Pallas Triton (compute capability >= 8.0), n a power of two."""
+    return devices.pallas_triton(acc) and sinkhorn_kernel.supported(n)
 
 
 def sinkhorn_loop(logits: jax.Array, iters: int, eps: float) -> jax.Array:

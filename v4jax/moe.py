@@ -14,10 +14,8 @@ The routing weight multiplies the expert hidden state before w2, as the official
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from v4jax import devices
 from v4jax.config import ModelConfig
 from v4jax.grouped_matmul_kernel import group_outer
 from v4jax.layers import F32, linear, linear_f32
@@ -81,39 +80,36 @@ DLHS = jax.lax.RaggedDotDimensionNumbers((([1], [1]), ([], [])), [0], [0])  # dy
 DRHS = jax.lax.RaggedDotDimensionNumbers((([0], [0]), ([], [])), [0], [])  # dy [m, n] . x [m, k] -> [g, n, k]
 
 
-def tokamax_kernels() -> tuple[str, str, str]:
-    """The kernel of each product (forward, input gradient, weight gradient) of the ``tokamax`` backend.
+def tokamax_installed() -> bool:
+    return importlib.util.find_spec("tokamax") is not None
 
-    tokamax's Mosaic kernels take the two products with ragged rows. The weight gradient is our
-    Pallas Triton kernel on GPU (v4jax.grouped_matmul_kernel; faster than tokamax's there,
-    docs/benchmarks.md), and XLA's ragged product elsewhere: with these dimension numbers (DRHS)
-    tokamax 0.0.17's Mosaic kernel gave a wrong weight gradient on an H200 (docs/benchmarks.md,
-    Parts 4 and 5: the same tree with only that product swapped checks out), and a TPU cannot be
-    checked here. tokamax's Triton kernels need jax-triton, which the GPU image lacks.
+
+def tokamax_kernels(acc: devices.Accelerator | None = None) -> tuple[str, str, str]:
+    """The kernel of each product (forward, input gradient, weight gradient) of the ``tokamax``
+    backend on ``acc`` (default: this process's accelerator; see ``v4jax.devices``).
+
+    tokamax's Mosaic kernels take the two products with ragged rows on a TPU and on the GPUs it has
+    kernels for (``v4jax.devices.tokamax_mosaic``), XLA's ragged product on other GPUs. The weight
+    gradient is never tokamax's: with these dimension numbers (DRHS) tokamax 0.0.17's Mosaic kernel
+    gave a wrong weight gradient on an H200 (docs/benchmarks.md, Parts 4 and 5: the same tree with
+    only that product swapped checks out). It is our Pallas Triton kernel where Pallas Triton runs
+    (v4jax.grouped_matmul_kernel; faster than tokamax's on an H200, docs/benchmarks.md), XLA's
+    ragged product elsewhere. tokamax's Triton kernels need jax-triton, which the GPU image lacks.
     """
-    return "mosaic", "mosaic", "pallas" if jax.default_backend() == "gpu" else "xla"
+    acc = acc or devices.current()
+    rows = "mosaic" if acc.platform == "tpu" or devices.tokamax_mosaic(acc) else "xla"
+    return rows, rows, "pallas" if devices.pallas_triton(acc) else "xla"
 
 
-TUNING_DIR = Path(__file__).parent / "tuning"
-
-
-def resolve_backend(backend: str) -> str:
-    """``auto``: tokamax's kernels on a GPU/TPU where tokamax is installed, else jax.lax.ragged_dot."""
+def resolve_backend(backend: str, acc: devices.Accelerator | None = None) -> str:
+    """``auto``: tokamax's kernels where tokamax is installed and has its Mosaic kernels for ``acc``
+    (a TPU; an NVIDIA GPU of compute capability 9.x or 10.x), else jax.lax.ragged_dot."""
     if backend != "auto":
         return backend
-    if jax.default_backend() == "cpu" or importlib.util.find_spec("tokamax") is None:
-        return "ragged_dot"
-    return "tokamax"
-
-
-@functools.cache
-def tokamax_tuning(device_kind: str):
-    """The committed tokamax autotuning result for this device kind (``v4jax/tuning/tokamax-<kind>.json``,
-    written by bench/moe_kernels.py --autotune), or None: then tokamax uses its heuristics."""
-    import tokamax  # noqa: PLC0415
-
-    path = TUNING_DIR / f"tokamax-{device_kind.lower().replace(' ', '_')}.json"
-    return tokamax.AutotuningResult.loads(path.read_text()) if path.exists() else None
+    acc = acc or devices.current()
+    if tokamax_installed() and (acc.platform == "tpu" or devices.tokamax_mosaic(acc)):
+        return "tokamax"
+    return "ragged_dot"
 
 
 def ragged_product(a: jax.Array, b: jax.Array, sizes: jax.Array, dims, kernel: str) -> jax.Array:
@@ -128,9 +124,7 @@ def ragged_product(a: jax.Array, b: jax.Array, sizes: jax.Array, dims, kernel: s
         return group_outer(a, b, sizes, out_dtype=a.dtype)
     import tokamax  # noqa: PLC0415
 
-    tuning = tokamax_tuning(jax.devices()[0].device_kind)
-    with tuning if tuning is not None else contextlib.nullcontext():
-        return tokamax.ragged_dot_general(a, b, sizes, dims, preferred_element_type=a.dtype, implementation=kernel)
+    return tokamax.ragged_dot_general(a, b, sizes, dims, preferred_element_type=a.dtype, implementation=kernel)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -172,7 +166,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, backend: str = 
     if backend == "ragged_dot":
         return jax.lax.ragged_dot_general(x, w, sizes, FWD)
     if backend == "tokamax":
-        if importlib.util.find_spec("tokamax") is None:
+        if not tokamax_installed():
             raise ImportError("parallel.moe_backend='tokamax' needs the tokamax package (Python >= 3.12, "
                               "GPU or TPU): pip install tokamax, or use auto / ragged_dot / padded")
         gmm = functools.partial(kernel_grouped_matmul, kernels=tokamax_kernels())
