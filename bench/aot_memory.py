@@ -10,7 +10,7 @@ N fake CPU devices (the CPU backend's memory analysis); on a GPU/TPU host leave 
 real devices; ``--mock-gpus N`` (on a host with a GPU) compiles for N GPUs of that kind through
 jax's mock GPU topology; ``--tpu-topology`` compiles for a TPU slice from any host with libtpu:
 
-    pip install 'jax[tpu]==0.10.2'   # in a separate virtual environment
+    pip install -r requirements-tpu.txt   # in a separate virtual environment: jax[tpu] brings libtpu
     python bench/aot_memory.py --config configs/v4-flash.yaml --tpu-topology v5p:8x8x4 --mesh fsdp=16,expert=16 \
         --batch 256 --seq 4096 --remat full
 """

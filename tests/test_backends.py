@@ -10,6 +10,7 @@ model's loss and gradients on a forced L4.
 """
 
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -174,3 +175,18 @@ def test_a_training_gradient_on_a_forced_l4_equals_the_cpu_path(force, monkeypat
     assert rel(got[0], want[0]) <= 1e-5
     for g, r in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
         assert rel(g, r) <= 1e-3
+
+
+def test_gpu_and_tpu_requirements_pin_the_jax_of_requirements_txt():
+    """requirements-gpu.txt and requirements-tpu.txt pin jax with its CUDA / TPU extra at the release
+    requirements.txt pins, for each Python line; pip would refuse two pins, but only at install."""
+    root = Path(__file__).parent.parent
+
+    def jax_pins(name):  # {Python marker: (requirement name, version)} of the jax lines
+        lines = [line.split(";") for line in (root / name).read_text().splitlines() if line.startswith("jax")]
+        return {marker.strip(): tuple(pin.split("==")) for pin, marker in lines if not pin.startswith("jaxlib")}
+
+    cpu = jax_pins("requirements.txt")
+    assert cpu == {'python_version < "3.12"': ("jax", "0.10.2"), 'python_version >= "3.12"': ("jax", "0.11.2")}
+    for name, extra in (("requirements-gpu.txt", "jax[cuda12]"), ("requirements-tpu.txt", "jax[tpu]")):
+        assert jax_pins(name) == {marker: (extra, version) for marker, (_, version) in cpu.items()}
