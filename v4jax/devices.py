@@ -7,9 +7,9 @@ fastest path it can run, and XLA's reference path where it can run none:
     our Pallas Triton kernels (mHC Sinkhorn,  NVIDIA GPUs of compute capability >= 8.0: XLA's
     MoE weight gradient, opt-in attention)    Triton pipeline refuses older ones (a T4 is 7.5)
     tokamax's Mosaic GPU grouped matmul       compute capability 9.x and 10.x: tokamax 0.0.17 has
-    (MoE forward and input gradient)          Hopper and Blackwell kernels for our products; its
-                                              Ampere kernel (8.x) is marked experimental and takes
-                                              one of the two; it raises on every other GPU
+    (MoE forward and input gradient)          Hopper and datacenter Blackwell kernels for our
+                                              products; its Ampere (8.x) kernel is marked
+                                              experimental; it raises on every other GPU
 
 AMD GPUs report no CUDA compute capability and take XLA's paths. ``current`` is the one place that
 reads the device; tests replace it to stand in for GPUs that are not here.
@@ -30,7 +30,7 @@ class Accelerator:
 
     @property
     def sm(self) -> str:
-        """"sm90" for compute capability 9.0, "" where there is none."""
+        """The capability as "sm90" (for 9.0), or "" where there is none."""
         return f"sm{self.capability[0]}{self.capability[1]}" if self.capability else ""
 
 
@@ -57,7 +57,8 @@ def pallas_triton(acc: Accelerator) -> bool:
 
 
 def tokamax_mosaic(acc: Accelerator) -> bool:
-    """Whether tokamax's Mosaic GPU grouped matmul has kernels for our products here (Hopper, Blackwell)."""
+    """Whether tokamax's Mosaic GPU grouped matmul has kernels for our products here: Hopper (sm90),
+    datacenter Blackwell (sm100, sm103)."""
     return acc.platform == "gpu" and acc.capability is not None and acc.capability[0] in (9, 10)
 
 
@@ -77,9 +78,9 @@ def describe(parallel=None) -> str:
     from v4jax import attention_kernel, mhc, moe  # noqa: PLC0415 (they import this module)
 
     acc = current()
-    devices = f"{jax.device_count()} x {acc.kind}" + (f" ({acc.sm})" if acc.sm else "")
+    chips = f"{jax.device_count()} x {acc.kind}" + (f" ({acc.sm})" if acc.sm else "")
     if jax.process_count() > 1:
-        devices += f" over {jax.process_count()} processes"
+        chips += f" over {jax.process_count()} processes"
     backend = moe.resolve_backend(parallel.moe_backend if parallel else "auto", acc)
     if backend == "tokamax":
         backend += " (forward {}, input gradient {}, weight gradient {})".format(*moe.tokamax_kernels(acc))
@@ -88,5 +89,5 @@ def describe(parallel=None) -> str:
         attention = "xla (the pallas kernel needs an NVIDIA GPU of compute capability >= 8.0)"
     elif attention == "pallas" and acc.platform == "cpu":
         attention = "pallas (interpreted)"
-    return (f"jax {jax.__version__}, backend {acc.platform}: {devices}; MoE grouped matmul: {backend}; "
+    return (f"jax {jax.__version__}, backend {acc.platform}: {chips}; MoE grouped matmul: {backend}; "
             f"mHC Sinkhorn: {'pallas' if mhc.sinkhorn_kernel_runs(4, acc) else 'xla'}; attention: {attention}")
