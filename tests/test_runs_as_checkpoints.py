@@ -52,7 +52,9 @@ def test_the_tokenizer_travels_with_the_model(run, reference, tmp_path):
 def test_generate_cli_takes_a_run(run, capsys):
     assert generate_cli.main(["--checkpoint", str(run), "--prompt", "To be", "--max-new-tokens", "4",
                               "--temperature", "0"]) == 0
-    assert capsys.readouterr().out.endswith("\n")
+    out = capsys.readouterr()
+    assert out.out.endswith("\n")
+    assert out.err.startswith("jax ") and "backend cpu" in out.err  # what it runs on, said at start
 
 
 def test_convert_takes_a_run(run, reference, tmp_path, capsys):

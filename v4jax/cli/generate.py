@@ -44,6 +44,9 @@ def main(argv=None) -> int:
 
     try:
         model = v4jax.from_pretrained(args.checkpoint, dtype=args.dtype)
+        from v4jax.devices import describe  # noqa: PLC0415
+
+        print(describe(model.parallel), file=sys.stderr)
         tok = model.tokenizer(args.tokenizer)
         prompt = (encode_chat_tokens([{"role": "user", "content": args.prompt}], tok, args.chat) if args.chat
                   else tok.encode(args.prompt))
