@@ -1,6 +1,8 @@
 """Input pipeline: packing, determinism, host sharding, iterator state, file formats, tokenizers."""
 
 import collections
+import dataclasses
+import hashlib
 import json
 import math
 import random
@@ -342,6 +344,34 @@ def test_local_heldout_fraction_splits_by_document(tmp_path):
         D.load_documents(cfg_for(p, split="heldout"))
 
 
+def sha_value(text):
+    """A document's place in the held-out split, computed here from its SHA-256 (not by v4jax)."""
+    return int(hashlib.sha256(text.encode()).hexdigest()[:16], 16) / 2**64
+
+
+def test_unset_heldout_fraction_holds_out_5_percent_of_a_local_corpus(tmp_path):
+    docs = make_docs(60, seed=3)
+    p = write_jsonl(tmp_path / "d.jsonl", docs)
+    with pytest.warns(UserWarning, match=r"data.heldout_fraction is not set: 3 of the 60 documents of .*d\.jsonl \("
+                                         r"\d+\.\d% of the text\) are held out .* set data.heldout_fraction=0"):
+        cfg = D.resolve_heldout_fraction(cfg_for(p))
+    lowest = sorted(docs, key=sha_value)[:3]  # 5% of 60: the three documents of lowest hash
+    assert sorted(D.load_documents(dataclasses.replace(cfg, split="heldout"))) == sorted(lowest)
+    assert sorted(D.load_documents(cfg)) == sorted(set(docs) - set(lowest))
+    # kept when set, the saved one when resumed, none for the bundled corpus (it has its own)
+    assert D.resolve_heldout_fraction(cfg_for(p, heldout_fraction=0.0)).heldout_fraction == 0.0
+    assert D.resolve_heldout_fraction(cfg_for(p), saved=0.25).heldout_fraction == 0.25
+    assert D.resolve_heldout_fraction(D.DataConfig()).heldout_fraction == 0.0
+    # a few documents: one held out, never all; a single document: none, said so
+    write_jsonl(p, docs[:2])
+    with pytest.warns(UserWarning, match="1 of the 2 documents"):
+        two = D.resolve_heldout_fraction(cfg_for(p))
+    assert D.load_documents(dataclasses.replace(two, split="heldout")) == [min(docs[:2], key=sha_value)]
+    (tmp_path / "one.txt").write_text("a single play")
+    with pytest.warns(UserWarning, match=r"holds a single document \(a .txt file is one document\)"):
+        assert D.resolve_heldout_fraction(cfg_for(tmp_path / "one.txt")).heldout_fraction == 0.0
+
+
 def test_bundled_corpus_splits():
     train = D.load_documents(D.DataConfig(split="train"))
     held = D.load_documents(D.DataConfig(split="heldout"))
@@ -364,7 +394,8 @@ def test_config_refuses_bad_values():
     for kw, field in ((dict(split="test"), "split"), (dict(tokenizer="gpt2"), "tokenizer"),
                       (dict(seq_len=1), "seq_len"), (dict(batch_size=0), "batch_size"),
                       (dict(num_epochs=0), "num_epochs"), (dict(seed=-1), "seed"),
-                      (dict(heldout_fraction=0.1), "heldout_fraction")):
+                      (dict(heldout_fraction=0.1), "heldout_fraction"),
+                      (dict(path="c.txt", heldout_fraction="5%"), "heldout_fraction")):
         with pytest.raises(ConfigError, match=field):
             D.DataConfig(**kw)
 

@@ -1,7 +1,9 @@
 """train.py and eval.py end to end on a very small model: resume exactness, signals, bad configs, NaNs."""
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,12 +19,15 @@ import pytest
 import eval as eval_script
 import train
 from v4jax.checkpoint import CheckpointError
+from v4jax.cli import train as train_cli
+from v4jax.config import ConfigError
 from v4jax.trainer import init_state, load_run_config, make_optimizer, make_train_step, restore_run
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["model.num_hidden_layers=2", "model.layer_types=[csa, hca]", "model.hidden_size=32",
          "model.n_routed_experts=4", "data.seq_len=48", "data.batch_size=8", "train.log_every=1",
          "train.eval_every=0", "--no-progress"]
+OVERRIDES = SMALL[:-1]  # without --no-progress
 
 
 def losses(workdir):
@@ -82,6 +87,107 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys):
         restore_run(straight, 6)
 
 
+def sha_value(text):
+    """A document's place in the held-out split, from its SHA-256 (computed here, not by v4jax)."""
+    return int(hashlib.sha256(text.encode()).hexdigest()[:16], 16) / 2**64
+
+
+def write_corpus(directory, docs):
+    directory.mkdir(exist_ok=True)
+    (directory / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+
+
+def test_own_corpus_is_evaluated_on_documents_held_out_and_resumes_on_the_same_split(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    docs = [f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * (1 + i % 4) for i in range(20)]
+    write_corpus(corpus, docs)
+    held = min(docs, key=sha_value)  # 5% of 20 documents: the one of lowest hash
+    run = ["train.steps=4", "train.checkpoint_every=2", *OVERRIDES, f"data.path={corpus}", "train.eval_every=2",
+           "train.eval_batches=2"]
+    straight = tmp_path / "straight"
+    assert train.main(["--workdir", str(straight), *run]) == 0  # with the progress bar
+    err = capsys.readouterr().err
+    assert re.search(rf"warning: data.heldout_fraction is not set: 1 of the 20 documents of {corpus} \(\d+\.\d% of "
+                     r"the text\) are held out for evaluation", err), err
+    assert "lm_loss=" in err, "the progress bar shows the main head's loss"
+    fraction = json.loads((straight / "config.json").read_text())["data"]["heldout_fraction"]
+    assert [d for d in docs if sha_value(d) < fraction] == [held]
+    rows = {r["step"]: r for r in map(json.loads, (straight / "metrics.jsonl").read_text().splitlines())}
+    assert [s for s, r in rows.items() if "eval_main_loss" in r] == [2, 4]
+    # the summary at the end
+    assert re.search(rf"\ntrained: steps 1-4 of 4 in \d+ s; training loss \(main head\) {rows[4]['lm_loss']:.4f} at "
+                     rf"step 4; held-out loss \(main head\) {rows[4]['eval_main_loss']:.4f} at step 4\n", err), err
+    assert err.endswith(f"\ncheckpoint: step 4, {straight / 'checkpoints' / '4'}\n"
+                        f"metrics: {straight / 'metrics.jsonl'} (TensorBoard: {straight / 'tb'})\n"
+                        f"next: v4jax-eval --workdir {straight}  |  v4jax-generate --checkpoint {straight} "
+                        f"--prompt 'ROMEO:'  |  python -m v4jax.cli.plot --workdir {straight}\n"), err
+
+    split = tmp_path / "split"
+    assert train.main(["--workdir", str(split), "--stop-after-step", "2", *run, "--no-progress"]) == 0
+    assert "\ntrained: steps 1-2 of 4 in " in capsys.readouterr().err
+    # A document added before the resume, of a hash below the held-out one's: chosen afresh, 5% of
+    # 21 documents would hold out only the new one and train on the old one. The run keeps its split.
+    extra = next(t for t in (f"a late addition {i}" for i in range(10_000)) if sha_value(t) < sha_value(held))
+    write_corpus(corpus, [*docs, extra])
+    assert train.main(["--workdir", str(split), *run, "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "resumed from step 2" in err and "heldout_fraction is not set" not in err, err
+    assert json.loads((split / "config.json").read_text())["data"]["heldout_fraction"] == fraction
+    assert losses(split) == losses(straight)
+    # another split on resume is refused by name
+    assert train.main(["--workdir", str(split), *run, "train.steps=6", "data.heldout_fraction=0.5"]) == 2
+    assert f"data.heldout_fraction: saved {fraction!r}, now 0.5" in capsys.readouterr().err
+
+    # eval.py without --files: the held-out split the run kept, with a progress bar
+    out = tmp_path / "eval.json"
+    assert eval_script.main(["--workdir", str(split), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    # bytes: each document is bos + its bytes + eos, and every token after bos is scored
+    assert result["data"] == "held-out split" and result["main"]["tokens"] == len(held) + len(extra) + 2
+    assert "perplexity: 100%" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("corpus, setting", [("many", "data.heldout_fraction=0"), ("one", None)])
+def test_own_corpus_without_held_out_documents_is_refused_before_training(tmp_path, capsys, corpus, setting):
+    if corpus == "many":
+        write_corpus(tmp_path / "corpus", [f"document {i}" for i in range(20)])
+        path = tmp_path / "corpus"
+    else:
+        path = tmp_path / "play.txt"
+        path.write_text("a single play, one document")
+    workdir = tmp_path / "w"
+    args = ["--workdir", str(workdir), *OVERRIDES, f"data.path={path}", "train.eval_every=2"]
+    assert train.main([*args, *([setting] if setting else []), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith(f"error: train.eval_every=2 evaluates on a held-out split, and data.path={str(path)!r} has "
+                        "none (data.heldout_fraction=0): leave data.heldout_fraction unset or set it in (0, 1) for a "
+                        "corpus of several documents (a .txt file is one, so is a .jsonl line), or set "
+                        "train.eval_every=0 and evaluate afterwards with eval.py --files\n"), err
+    assert not workdir.exists()
+
+
+def test_tiny_deepseek_config_trains_with_the_deepseek_tokenizer():
+    run = load_run_config(ROOT / "configs/tiny-deepseek.yaml")
+    train_cli.check_config(run)  # the vocabulary holds the tokenizer's, the rows fit the positions
+    assert run.data.tokenizer == "deepseek" and run.model.vocab_size == 129280
+    assert run.to_dict()["data"]["tokenizer"] == "deepseek"  # kept in every checkpoint's meta (from_run reads it)
+    with pytest.raises(ConfigError, match="model.vocab_size=512 is smaller than the deepseek tokenizer's"):
+        train_cli.check_config(load_run_config(ROOT / "configs/tiny-deepseek.yaml", ["model.vocab_size=512"]))
+
+
+def test_options_may_come_between_the_overrides():
+    args = train_cli.parse_args(["train.steps=2", "--no-progress", "data.seed=1", "--workdir", "w", "train.lr=1"])
+    assert args.no_progress and args.workdir == "w" and args.overrides == ["train.steps=2", "data.seed=1", "train.lr=1"]
+
+
+@pytest.mark.parametrize("module", ["train", "eval", "v4jax.cli.train", "v4jax.cli.eval"])
+def test_command_lines_start_without_jax(module):
+    """`--help` does not wait seconds for jax: importing the command line leaves jax unloaded."""
+    code = f"import sys, {module}; print(sorted(m for m in ('jax', 'flax', 'orbax', 'numpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out
+
+
 def test_sigterm_saves_before_exit(tmp_path):
     workdir = tmp_path / "sig"
     proc = subprocess.Popen([sys.executable, "train.py", "--workdir", str(workdir), "train.steps=100000",
@@ -96,6 +202,7 @@ def test_sigterm_saves_before_exit(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err
     saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert saved and saved[-1] >= 2, err
+    assert f"\ncheckpoint: step {saved[-1]}, {workdir / 'checkpoints' / str(saved[-1])}\n" in err, err
     assert not (workdir / "train.lock").exists()
 
 

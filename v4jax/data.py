@@ -8,6 +8,7 @@ Usage::
     state = it.get_state()                                          # JSON-serialisable; store it
     it = make_dataset(cfg); it.set_state(state)                     # same next batches as before
     eval_it = make_dataset(cfg.for_eval())                          # held-out split, one pass
+    mine = DataConfig(path="my/*.jsonl", heldout_fraction=0.05)     # your files; about 5% of documents held out
 
 Batch fields, each of shape [rows, seq_len] with rows = ``batch_size // process_count`` (the batch
 size in the config is global; each host yields its own rows):
@@ -42,9 +43,11 @@ How rows are made
    * ``.parquet``: the column ``text_field``, read with pyarrow.
 
    Files are taken in sorted path order, records in file order; empty documents are skipped. A
-   local corpus is one split unless ``heldout_fraction > 0``: then a document goes to ``heldout``
-   when the SHA-256 of its text, read as a number in [0, 1), is below the fraction (stable when
-   files are added or reordered; duplicates land on the same side), and to ``train`` otherwise.
+   local corpus is one split when ``heldout_fraction`` is 0 or None (not set). With a fraction > 0
+   a document goes to ``heldout`` when the SHA-256 of its text, read as a number in [0, 1), is
+   below the fraction (stable when files are added or reordered; duplicates land on the same side),
+   and to ``train`` otherwise. ``resolve_heldout_fraction`` picks the fraction train.py uses when
+   none is set (about 5% of the documents, see there); ``docs/data.md`` shows it all by example.
 2. *Host sharding.* Host ``i`` of ``n`` keeps documents ``i, i + n, i + 2n, ...``: the hosts see
    disjoint sets of documents whose union is the split. A host with no document is an error.
 3. *Tokens.* Each document becomes ``[bos] + encode(text) + [eos]`` (``add_bos``, on by default:
@@ -91,6 +94,8 @@ import glob
 import hashlib
 import importlib.util
 import json
+import math
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -103,6 +108,7 @@ BOS_ID, EOS_ID, PAD_ID = 0, 1, 2
 TOKENIZERS = ("deepseek", "bytes")
 SPLITS = ("train", "heldout")
 SUFFIXES = (".txt", ".jsonl", ".parquet")
+HELDOUT_SHARE = 0.05  # of a local corpus's documents, held out when heldout_fraction is not set
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "data" / "shakespeare"
 STATE_FORMAT = 1
 BATCH_FIELDS = ("tokens", "positions", "segment_ids", "targets", "loss_mask", "mtp_targets", "mtp_mask")
@@ -129,7 +135,9 @@ class DataConfig:
     shuffle: bool = True
     num_epochs: int | None = None  # None: repeat forever
     text_field: str = "text"  # .jsonl field / .parquet column holding the text
-    heldout_fraction: float = 0.0  # local corpora only: share of documents in "heldout"
+    # local corpora only: the share of documents in "heldout" (see the module docstring); None: not
+    # set, the whole corpus is "train" (train.py sets one: resolve_heldout_fraction)
+    heldout_fraction: float | None = None
     add_bos: bool = True
     packing_bins: int = 64  # open rows of the first-fit packer
 
@@ -146,11 +154,14 @@ class DataConfig:
             raise ConfigError(f"data.num_epochs={self.num_epochs!r}: must be an integer >= 1, or None for no end")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise ConfigError(f"data.seed={self.seed!r}: must be an integer in [0, 2**32)")
-        if not 0.0 <= self.heldout_fraction < 1.0:
-            raise ConfigError(f"data.heldout_fraction={self.heldout_fraction!r}: must be in [0, 1)")
+        fraction = self.heldout_fraction
+        if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                                     or not 0.0 <= fraction < 1.0):
+            raise ConfigError(f"data.heldout_fraction={fraction!r}: must be a number in [0, 1), or null to let "
+                              "train.py choose")
         if self.path is None and self.heldout_fraction:
             raise ConfigError("data.heldout_fraction applies to local corpora (data.path); the bundled corpus "
-                              "has a fixed held-out split: leave heldout_fraction at 0")
+                              "has a fixed held-out split: leave data.heldout_fraction unset")
         if self.path is not None and self.split == "heldout" and not self.heldout_fraction:
             raise ConfigError(f"data.split='heldout' with data.path={self.path!r} needs data.heldout_fraction > 0 "
                               "(or point data.path at a separate held-out corpus and use split='train')")
@@ -303,9 +314,9 @@ def _read_parquet(f: Path, field: str) -> list[str]:
     return [t for t in pq.read_table(f, columns=[field]).column(field).to_pylist() if t is not None]
 
 
-def _in_heldout(text: str, fraction: float) -> bool:
-    h = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
-    return h / 2**64 < fraction
+def _hash_value(text: str) -> float:
+    """The SHA-256 of a document's text read as a number in [0, 1): its place in the held-out split."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64
 
 
 def load_documents(cfg: DataConfig) -> list[str]:
@@ -325,11 +336,52 @@ def load_documents(cfg: DataConfig) -> list[str]:
         else:
             docs += _read_parquet(f, cfg.text_field)
     docs = [d for d in docs if d.strip()]
-    if cfg.heldout_fraction > 0:
-        docs = [d for d in docs if _in_heldout(d, cfg.heldout_fraction) == (cfg.split == "heldout")]
+    if cfg.heldout_fraction:
+        docs = [d for d in docs if (_hash_value(d) < cfg.heldout_fraction) == (cfg.split == "heldout")]
     if not docs:
         raise DataError(f"no non-empty documents in split {cfg.split!r} of {cfg.path!r}")
     return docs
+
+
+def resolve_heldout_fraction(cfg: DataConfig, saved: float | None = None) -> DataConfig:
+    """``cfg`` with ``heldout_fraction`` decided, as train.py starts or resumes a run.
+
+    A fraction the config sets is kept. When it is None (not set): the ``saved`` fraction of the run
+    being resumed, so that a run never changes its split; 0 for the bundled corpus, which has its
+    own held-out plays; and for a local corpus the smallest fraction that holds out
+    ``HELDOUT_SHARE`` of its distinct documents, at least one and never all, stated in a warning
+    (a corpus of one document, e.g. a single .txt file, gets none, with a warning too).
+
+    Why a split by default, and whether or not the run evaluates as it trains: someone who points
+    ``data.path`` at their corpus expects the held-out loss (``train.eval_every``, ``eval.py``) to
+    work, as it does on the bundled corpus, not to find out at the first evaluation that it needs a
+    setting. The split is a property of the data, so ``eval.py`` can evaluate the run later, and a
+    resumed run that turns evaluation on trains on the same documents. The fraction comes from the
+    documents' hashes rather than a fixed 5% so that a corpus of a few documents still gets one on
+    each side; train.py records it with the run (``config.json``, each checkpoint), and documents
+    added later fall on either side of the same threshold.
+    """
+    if cfg.heldout_fraction is not None:
+        return cfg
+    if saved is not None:
+        return dataclasses.replace(cfg, heldout_fraction=saved)
+    if cfg.path is None:
+        return dataclasses.replace(cfg, heldout_fraction=0.0)
+    docs = load_documents(dataclasses.replace(cfg, split="train"))
+    values = sorted({_hash_value(d) for d in docs})
+    if len(values) < 2:
+        warnings.warn(f"data.path={cfg.path!r} holds a single document (a .txt file is one document), so none is "
+                      "held out for evaluation: split the text into several files, or a .jsonl with one document "
+                      "per line, for a held-out split", stacklevel=2)
+        return dataclasses.replace(cfg, heldout_fraction=0.0)
+    held = min(len(values) - 1, max(1, round(HELDOUT_SHARE * len(values))))
+    fraction = math.nextafter(values[held - 1], 1.0)  # the held-out documents hash below it
+    out = [d for d in docs if _hash_value(d) < fraction]
+    warnings.warn(f"data.heldout_fraction is not set: {len(out)} of the {len(docs)} documents of {cfg.path} "
+                  f"({sum(map(len, out)) / sum(map(len, docs)):.1%} of the text) are held out for evaluation "
+                  f"(data.heldout_fraction={fraction!r}, kept with the run); set data.heldout_fraction=0 to train "
+                  "on all of them", stacklevel=2)
+    return dataclasses.replace(cfg, heldout_fraction=fraction)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ run's corpus, or on ``--files`` (a .txt/.jsonl/.parquet file, directory or glob)
 ``--task niah``: needle-in-a-haystack accuracy by context length and needle depth (``v4jax.niah``:
 a secret number placed in held-out text, asked at the end, answered by likelihood among
 ``--candidates`` numbers), with a heat map (``--png``, default ``WORKDIR/niah.png``).
-Reads the run's config from its checkpoint.
+Reads the run's config from its checkpoint: the held-out split is the one the run kept
+(``data.heldout_fraction`` of a local corpus, docs/data.md). Both tasks show a progress bar on
+stderr (``--no-progress``: none); ppl counts the tokens scored, out of the split's for a whole pass.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--candidates", type=int, default=10, help="niah: answers scored per example")
     p.add_argument("--seed", type=int, default=0, help="niah: examples' seed")
     p.add_argument("--png", default=None, help="niah: heat map file (default: WORKDIR/niah.png)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--out", default=None, help="also write the JSON here")
     return p.parse_args(argv)
 
@@ -110,7 +112,7 @@ def _evaluate(args) -> int:
     dtype = jnp.bfloat16 if train_cfg.dtype == "bfloat16" else jnp.float32
     result = {"workdir": str(args.workdir), "step": int(state["step"]), "data": args.files or "held-out split"}
     if args.task == "ppl":
-        result.update(perplexity(config, state["params"], data_cfg, dtype, args.batches))
+        result.update(perplexity(config, state["params"], data_cfg, dtype, args.batches, not args.no_progress))
     else:
         result.update(niah(config, state["params"], data_cfg, dtype, args))
     text = json.dumps(result, indent=2)
@@ -120,16 +122,31 @@ def _evaluate(args) -> int:
     return 0
 
 
-def perplexity(config, params, data_cfg, dtype, batches) -> dict:
+def perplexity(config, params, data_cfg, dtype, batches, progress=True) -> dict:
+    """Main and MTP head losses over ``batches`` batches (None: one whole pass), with a progress bar
+    on stderr of the tokens scored (out of the split's, for a whole pass)."""
     import jax.numpy as jnp
+    from tqdm import tqdm
 
     from v4jax.data import make_dataset
     from v4jax.engram import hasher_for
     from v4jax.trainer import evaluate, make_eval_step
 
     eval_fn = make_eval_step(config, dtype)
-    it = itertools.islice(make_dataset(data_cfg, hasher=hasher_for(config)), batches)  # None: one whole pass
-    heads = evaluate(eval_fn, params, ({k: jnp.asarray(v) for k, v in b.items()} for b in it))
+    data = make_dataset(data_cfg, hasher=hasher_for(config))
+    # a whole pass scores every token of a document after its first
+    total = data.num_tokens - data.num_documents if batches is None else None
+    bar = tqdm(total=total, desc="perplexity", unit="tok", unit_scale=True, disable=not progress,
+               dynamic_ncols=True)
+
+    def device_batches():
+        for n, b in enumerate(itertools.islice(data, batches), 1):
+            bar.set_postfix(batches=n, refresh=False)  # shown by the update
+            bar.update(int(b["loss_mask"].sum()))
+            yield {k: jnp.asarray(v) for k, v in b.items()}
+
+    with bar:
+        heads = evaluate(eval_fn, params, device_batches())
     return {head: {"loss": r["loss"], "perplexity": math.exp(r["loss"]), "tokens": int(r["tokens"])}
             for head, r in heads.items()}
 

@@ -19,6 +19,16 @@ its step can be saved again. ``metrics.jsonl`` keeps its lines up to the restore
 later steps (a killed run logs past its last checkpoint) are dropped, as the resumed run logs those
 steps again. A run with no checkpoint starts the log afresh, for the same reason.
 
+A local corpus (``data.path``: .txt/.jsonl/.parquet files, a directory or a glob; docs/data.md)
+holds out about 5% of its documents for evaluation unless ``data.heldout_fraction`` is set
+(``v4jax.data.resolve_heldout_fraction`` says why); the fraction is kept with the run, and a
+resumed run goes on with it. Every setting is checked before the first step, the held-out split
+too when ``train.eval_every`` > 0, so a run cannot fail at its first evaluation.
+
+At the end (done, ``--stop-after-step``, a signal or bad steps) a short summary goes to stderr:
+the steps, the last training and held-out losses of the main head, the checkpoint and where the
+metrics are, and the commands that come next.
+
 Exit status: 0 when done or stopped by ``--stop-after-step``; 1 after ``train.max_bad_steps``
 steps in a row with a non-finite loss or gradient, or at once after a step whose new state is not
 finite (v4jax.trainer); 2 with one ``error:`` line for a bad config, data or checkpoint, a
@@ -38,8 +48,8 @@ import time
 import warnings
 from pathlib import Path
 
-import jax
-import numpy as np
+# jax and the rest of v4jax are imported inside the functions: --help then takes a tenth of a second.
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="v4jax-train", description=__doc__,
@@ -50,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--stop-after-step", type=int, default=None, metavar="N",
                    help="save and stop after step N (split a run into jobs; the same command resumes)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=200 model.hidden_size=128")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options may come between the overrides
 
 
 def main(argv=None) -> int:
@@ -86,20 +96,24 @@ def main(argv=None) -> int:
 
 
 def train(run, mesh, workdir: Path, args) -> int:
-    """Everything after the lock: data, state (fresh or restored), logs, the loop. Whatever fails
-    on the user's input (data files, another run's or only broken checkpoints) fails before the
-    first write into the workdir but the lock file, which goes with the lock."""
-    from v4jax.data import make_dataset
-    from v4jax.engram import hasher_for
+    """Everything after the lock: data, state (fresh or restored), logs, the loop, the summary.
+    Whatever fails on the user's input (data files, another run's or only broken checkpoints) fails
+    before the first write into the workdir but the lock file, which goes with the lock."""
+    import jax
+
     from v4jax.workdir import trim_metrics, write_atomically
 
-    data = make_dataset(run.data, hasher=hasher_for(run.model))
-    state, checkpointer = initial_state(run, mesh, workdir, data)
+    run, data, state, checkpointer = initial_state(run, mesh, workdir)
     try:
         if jax.process_index() == 0:  # the processes of a multi-host run share the workdir
             trim_metrics(workdir / "metrics.jsonl", int(state["step"]))
             write_atomically(workdir / "config.json", json.dumps(run.to_dict(), indent=2))
-        return Trainer(run, mesh, data, checkpointer, workdir, args).run(state)
+        trainer = Trainer(run, mesh, data, checkpointer, workdir, args)
+        status = trainer.run(state)
+        checkpointer.wait()  # the summary names a checkpoint that is on disk
+        if trainer.writes:
+            print(trainer.summary(), file=sys.stderr)
+        return status
     finally:
         checkpointer.wait()
         checkpointer.close()
@@ -140,7 +154,7 @@ def check_saved(run, meta: dict, workdir: Path) -> None:
               for f in dataclasses.fields(saved) if getattr(saved, f.name) != getattr(run.model, f.name)]
     differ.append(("parallel.scan_layers", scan_layers_from_meta(meta), run.parallel.scan_layers))
     differ += [(f"data.{key}", meta["data"].get(key), getattr(run.data, key))
-               for key in ("tokenizer", "seq_len", "batch_size", "path", "seed")]
+               for key in ("tokenizer", "seq_len", "batch_size", "path", "seed", "heldout_fraction")]
     differ = [f"{name}: saved {a!r}, now {b!r}" for name, a, b in differ if a != b]
     if differ:
         raise ConfigError(f"{workdir} holds a checkpoint of another run ({'; '.join(differ)}): set these as "
@@ -151,40 +165,44 @@ def check_batch_split(run, mesh) -> None:
     from v4jax.config import ConfigError
     from v4jax.parallel import DEFAULT_RULES
 
-    split = int(np.prod([mesh.shape[a] for a in DEFAULT_RULES["batch"]]))
+    split = math.prod(mesh.shape[a] for a in DEFAULT_RULES["batch"])
     if run.data.batch_size % split:
         raise ConfigError(f"data.batch_size={run.data.batch_size} must be divisible by the {split} devices that "
                           "split the batch (parallel.data x fsdp x expert)")
 
 
 # --------------------------------------------------------------------------------------------------
-# State
+# State and data
 
 
-def initial_state(run, mesh, workdir: Path, data):
-    """A fresh sharded train state, or the newest checkpoint's that restores (the data iterator
-    resumes with it); broken newer steps are renamed out of the way. Returns (state, checkpointer)."""
+def initial_state(run, mesh, workdir: Path):
+    """The run with its held-out split decided, this host's data iterator, and a fresh sharded train
+    state or the newest checkpoint's that restores (the data iterator resumes with it); broken newer
+    steps are renamed out of the way. Returns (run, data, state, checkpointer). The data is opened
+    before a new run's parameters are made, or a resumed run's read: a bad corpus is refused without
+    that wait."""
     from v4jax.checkpoint import Checkpointer, abstract
     from v4jax.config import ConfigError
-    from v4jax.model import init_params
-    from v4jax.parallel import param_shardings, shard_like_params
-    from v4jax.trainer import init_state, make_optimizer
+    from v4jax.data import resolve_heldout_fraction
 
-    config, cfg = run.model, run.train
-    params = init_params(config, cfg.seed, scan=run.parallel.scan_layers)
-    params = jax.device_put(params, param_shardings(params, mesh, config))
-    state = init_state(params, make_optimizer(cfg, config))
-    state = jax.device_put(state, shard_like_params(state, params, mesh, config))
-    checkpointer = Checkpointer(workdir / "checkpoints", cfg.keep_checkpoints, cfg.checkpoint_every)
-    if checkpointer.latest_step() is None:
-        return state, checkpointer
-
-    def target(meta):
-        check_saved(run, meta, workdir)
-        return abstract(state)
-
+    checkpointer = Checkpointer(workdir / "checkpoints", run.train.keep_checkpoints, run.train.checkpoint_every)
     try:
+        if checkpointer.latest_step() is None:
+            run = dataclasses.replace(run, data=resolve_heldout_fraction(run.data))
+            data = open_data(run)
+            return run, data, fresh_state(run, mesh), checkpointer
+        fresh = abstract(fresh_state(run, mesh))
+        resumed = {}
+
+        def target(meta):  # called with each step's meta before its state is read
+            saved = meta["data"].get("heldout_fraction", 0.0)
+            this = dataclasses.replace(run, data=resolve_heldout_fraction(run.data, saved))
+            check_saved(this, meta, workdir)
+            resumed.update(run=this, data=open_data(this))
+            return fresh
+
         state, data_state, _ = checkpointer.restore(target)
+        run, data = resumed["run"], resumed["data"]
         try:
             data.set_state(data_state)
         except ValueError as e:
@@ -194,7 +212,47 @@ def initial_state(run, mesh, workdir: Path, data):
         checkpointer.close()
         raise
     print(f"resumed from step {int(state['step'])} in {checkpointer.directory}", file=sys.stderr)
-    return state, checkpointer
+    return run, data, state, checkpointer
+
+
+def fresh_state(run, mesh) -> dict:
+    """Initial parameters and optimizer state, sharded over the mesh."""
+    import jax
+
+    from v4jax.model import init_params
+    from v4jax.parallel import param_shardings, shard_like_params
+    from v4jax.trainer import init_state, make_optimizer
+
+    params = init_params(run.model, run.train.seed, scan=run.parallel.scan_layers)
+    params = jax.device_put(params, param_shardings(params, mesh, run.model))
+    state = init_state(params, make_optimizer(run.train, run.model))
+    return jax.device_put(state, shard_like_params(state, params, mesh, run.model))
+
+
+def open_data(run):
+    """This host's training iterator. When the run evaluates, its held-out split is opened too (read,
+    tokenized and shared out over the hosts), so that what would fail at the first evaluation fails
+    now, before any step."""
+    from v4jax.config import ConfigError
+    from v4jax.data import make_dataset
+    from v4jax.engram import hasher_for
+
+    data = make_dataset(run.data, hasher=hasher_for(run.model))
+    if run.train.eval_every:
+        if run.data.path is not None and not run.data.heldout_fraction:
+            raise ConfigError(
+                f"train.eval_every={run.train.eval_every} evaluates on a held-out split, and data.path="
+                f"{run.data.path!r} has none (data.heldout_fraction=0): leave data.heldout_fraction unset or set it "
+                "in (0, 1) for a corpus of several documents (a .txt file is one, so is a .jsonl line), or set "
+                "train.eval_every=0 and evaluate afterwards with eval.py --files")
+        make_dataset(eval_data(run.data), hasher=hasher_for(run.model))
+    return data
+
+
+def eval_data(cfg):
+    """The data config of the evaluations during training: the held-out split in file order, read
+    again from its start each time (``eval_batches`` batches, fewer documents than that repeat)."""
+    return dataclasses.replace(cfg.for_eval(), num_epochs=None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,9 +263,11 @@ class Trainer:
     """Runs the steps from the state's step to ``train.steps``: logging, held-out evaluation,
     checkpoints, and a save on SIGINT/SIGTERM or ``--stop-after-step``. ``run`` returns the exit
     status: 0, 1 after ``train.max_bad_steps`` non-finite steps in a row or a non-finite new state,
-    128 + signal. Only process 0 writes the logs."""
+    128 + signal; ``summary`` then says what was done. Only process 0 writes the logs."""
 
     def __init__(self, run, mesh, data, checkpointer, workdir: Path, args):
+        import jax
+
         from v4jax.parallel import batch_sharding
         from v4jax.trainer import flops_per_token, make_eval_step, make_optimizer, make_train_step, peak_flops
 
@@ -224,20 +284,26 @@ class Trainer:
         self.writes = jax.process_index() == 0
         self.signal = None
         self.saved = None  # the step last saved
+        # for the summary: the first and last step of this call, the last step's metrics, the last evaluation
+        self.start = self.done = 0
+        self.last_metrics, self.evaluated = None, None
+        self.t0 = time.perf_counter()
 
     def run(self, state) -> int:
         from tqdm import tqdm
 
-        start, status, bad = int(state["step"]), 0, 0
-        bar = tqdm(total=self.cfg.steps, initial=start, disable=self.args.no_progress or not self.writes,
+        self.start = self.done = int(state["step"])
+        bad = 0
+        bar = tqdm(total=self.cfg.steps, initial=self.start, disable=self.args.no_progress or not self.writes,
                    unit="step", dynamic_ncols=True)
         window = {"t0": time.perf_counter(), "tokens": 0}
-        with self._signals(), self._logs(start) as (log, writer):
+        with self._signals(), self._logs(self.start) as (log, writer):
             try:
-                for step in range(start, self.cfg.steps):
+                for step in range(self.start, self.cfg.steps):
                     state, metrics = self.step_fn(state, self.to_global(next(self.data)))
                     window["tokens"] += self.tokens_per_step
-                    done = step + 1
+                    done = self.done = step + 1
+                    self.last_metrics = metrics
                     bad = 0 if bool(metrics["ok"]) else bad + 1
                     if not bool(metrics["state_finite"]):
                         print(f"step {done}: the loss and gradient are finite but the new parameters or "
@@ -261,11 +327,33 @@ class Trainer:
                         if bad == 0:
                             self._save(done, state, force=True)
                         return 0 if self.signal is None else 128 + self.signal
-                if start < self.cfg.steps and bad == 0:
+                if self.start < self.cfg.steps and bad == 0:
                     self._save(self.cfg.steps, state, force=True)
             finally:
                 bar.close()
-        return status
+        return 0
+
+    def summary(self) -> str:
+        """What this call did and where it left the run: for stderr once the last save is on disk."""
+        w = self.workdir
+        if self.last_metrics is None:
+            trained = f"trained: nothing, the run is at step {self.done} of train.steps={self.cfg.steps}"
+        else:
+            trained = (f"trained: steps {self.start + 1}-{self.done} of {self.cfg.steps} in "
+                       f"{time.perf_counter() - self.t0:.0f} s; training loss (main head) "
+                       f"{float(self.last_metrics['lm_loss']):.4f} at step {self.done}")
+        if self.evaluated is not None:
+            trained += f"; held-out loss (main head) {self.evaluated[1]:.4f} at step {self.evaluated[0]}"
+        newest = self.checkpointer.latest_step()
+        lines = [trained,
+                 f"checkpoint: step {newest}, {w / 'checkpoints' / str(newest)}" if newest is not None
+                 else "checkpoint: none saved",
+                 f"metrics: {w / 'metrics.jsonl'} (TensorBoard: {w / 'tb'})"]
+        if newest is not None:
+            prompt = "--chat chat --prompt 'Hello!'" if self.run_cfg.data.tokenizer == "deepseek" else "--prompt 'ROMEO:'"
+            lines.append(f"next: v4jax-eval --workdir {w}  |  v4jax-generate --checkpoint {w} {prompt}  |  "
+                         f"python -m v4jax.cli.plot --workdir {w}")
+        return "\n".join(lines)
 
     def _kept(self) -> str:
         newest = self.checkpointer.latest_step()
@@ -290,11 +378,14 @@ class Trainer:
             self.saved = step
 
     def _log(self, done, metrics, state, window, log, writer, bar) -> None:
+        import jax
+
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         tps = window["tokens"] / (time.perf_counter() - window["t0"])
         m.update(step=done, tokens_per_s=tps, mfu=self.flops_per_token * tps / self.peak, time=time.time())
         if self.eval_fn is not None and done % self.cfg.eval_every == 0:
             m.update(self._evaluate(state["params"]))
+            self.evaluated = (done, m["eval_main_loss"])
         window.update(t0=time.perf_counter(), tokens=0)
         if not self.writes:
             return
@@ -303,7 +394,7 @@ class Trainer:
         for k, v in m.items():
             if isinstance(v, float) and math.isfinite(v) and k not in ("step", "time"):
                 writer.add_scalar(k, v, done)
-        bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{m['mfu']:.1%}")
+        bar.set_postfix(lm_loss=f"{m['lm_loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{m['mfu']:.1%}")
 
     def _evaluate(self, params) -> dict:
         """Held-out losses over a fixed number of batches (the same count on every host)."""
@@ -311,8 +402,7 @@ class Trainer:
         from v4jax.engram import hasher_for
         from v4jax.trainer import evaluate
 
-        it = make_dataset(dataclasses.replace(self.run_cfg.data.for_eval(), num_epochs=None),
-                          hasher=hasher_for(self.run_cfg.model))
+        it = make_dataset(eval_data(self.run_cfg.data), hasher=hasher_for(self.run_cfg.model))
         batches = (self.to_global(b) for _, b in zip(range(self.cfg.eval_batches), it))
         return {f"eval_{head}_loss": r["loss"] for head, r in evaluate(self.eval_fn, params, batches).items()}
 
