@@ -1,6 +1,5 @@
 """train.py and eval.py end to end on a very small model: resume exactness, signals, bad configs, NaNs."""
 
-import hashlib
 import json
 import os
 import re
@@ -18,6 +17,7 @@ import pytest
 
 import eval as eval_script
 import train
+from tests.test_data import sha_value
 from v4jax.checkpoint import CheckpointError
 from v4jax.cli import train as train_cli
 from v4jax.config import ConfigError
@@ -87,11 +87,6 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys):
         restore_run(straight, 6)
 
 
-def sha_value(text):
-    """A document's place in the held-out split, from its SHA-256 (computed here, not by v4jax)."""
-    return int(hashlib.sha256(text.encode()).hexdigest()[:16], 16) / 2**64
-
-
 def write_corpus(directory, docs):
     directory.mkdir(exist_ok=True)
     (directory / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
@@ -120,7 +115,7 @@ def test_own_corpus_is_evaluated_on_documents_held_out_and_resumes_on_the_same_s
     assert err.endswith(f"\ncheckpoint: step 4, {straight / 'checkpoints' / '4'}\n"
                         f"metrics: {straight / 'metrics.jsonl'} (TensorBoard: {straight / 'tb'})\n"
                         f"next: v4jax-eval --workdir {straight}  |  v4jax-generate --checkpoint {straight} "
-                        f"--prompt 'ROMEO:'  |  python -m v4jax.cli.plot --workdir {straight}\n"), err
+                        f"--prompt 'To be'  |  python -m v4jax.cli.plot --workdir {straight}\n"), err
 
     split = tmp_path / "split"
     assert train.main(["--workdir", str(split), "--stop-after-step", "2", *run, "--no-progress"]) == 0

@@ -42,6 +42,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import shlex
 import signal
 import sys
 import time
@@ -349,10 +350,11 @@ class Trainer:
                  f"checkpoint: step {newest}, {w / 'checkpoints' / str(newest)}" if newest is not None
                  else "checkpoint: none saved",
                  f"metrics: {w / 'metrics.jsonl'} (TensorBoard: {w / 'tb'})"]
-        if newest is not None:
-            prompt = "--chat chat --prompt 'Hello!'" if self.run_cfg.data.tokenizer == "deepseek" else "--prompt 'ROMEO:'"
-            lines.append(f"next: v4jax-eval --workdir {w}  |  v4jax-generate --checkpoint {w} {prompt}  |  "
-                         f"python -m v4jax.cli.plot --workdir {w}")
+        if newest is not None:  # commands to paste: the workdir quoted for the shell
+            q = shlex.quote(str(w))
+            prompt = "--chat chat --prompt 'Hello!'" if self.run_cfg.data.tokenizer == "deepseek" else "--prompt 'To be'"
+            lines.append(f"next: v4jax-eval --workdir {q}  |  v4jax-generate --checkpoint {q} {prompt}  |  "
+                         f"python -m v4jax.cli.plot --workdir {q}")
         return "\n".join(lines)
 
     def _kept(self) -> str:
