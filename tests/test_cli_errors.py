@@ -56,7 +56,9 @@ def test_eval_unreadable_output_is_one_line(workdir, tmp_path, capsys):
     out = tmp_path / "missing-dir" / "eval.json"  # its directory does not exist: OSError on writing
     assert eval_script.main(["--workdir", str(workdir), "--batches", "1", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "missing-dir" in err and "Traceback" not in err, err
+    first, last = err.splitlines()[0], err.splitlines()[-1]
+    assert first.startswith("jax ") and "backend cpu" in first, err  # what it ran on, said at start
+    assert last.startswith("error: ") and "missing-dir" in last and "Traceback" not in err, err
 
 
 def test_generate_prints_os_errors_as_one_line(monkeypatch, capsys):

@@ -195,6 +195,7 @@ def test_sigterm_saves_before_exit(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "backend cpu: " in err, err  # the start-up line: what the run uses
     saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert saved and saved[-1] >= 2, err
     assert f"\ncheckpoint: step {saved[-1]}, {workdir / 'checkpoints' / str(saved[-1])}\n" in err, err

@@ -104,6 +104,9 @@ def _evaluate(args) -> int:
     if args.task == "niah" and max(args.lengths) > config.max_position_embeddings:
         return _error(f"--lengths {max(args.lengths)} is longer than the model's max_position_embeddings="
                       f"{config.max_position_embeddings}")
+    from v4jax.devices import describe
+
+    print(describe(), file=sys.stderr)  # what it runs on: backend, devices, kernel paths
     if args.files:
         data_cfg = dataclasses.replace(data_cfg, path=args.files, split="train", shuffle=False, num_epochs=1,
                                        heldout_fraction=0.0)

@@ -102,11 +102,13 @@ def train(run, mesh, workdir: Path, args) -> int:
     before the first write into the workdir but the lock file, which goes with the lock."""
     import jax
 
+    from v4jax.devices import describe
     from v4jax.workdir import trim_metrics, write_atomically
 
     run, data, state, checkpointer = initial_state(run, mesh, workdir)
     try:
         if jax.process_index() == 0:  # the processes of a multi-host run share the workdir
+            print(describe(run.parallel), file=sys.stderr)  # what it runs on: backend, devices, kernel paths
             trim_metrics(workdir / "metrics.jsonl", int(state["step"]))
             write_atomically(workdir / "config.json", json.dumps(run.to_dict(), indent=2))
         trainer = Trainer(run, mesh, data, checkpointer, workdir, args)
