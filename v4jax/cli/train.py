@@ -354,7 +354,8 @@ class Trainer:
                  f"metrics: {w / 'metrics.jsonl'} (TensorBoard: {w / 'tb'})"]
         if newest is not None:  # commands to paste: the workdir quoted for the shell
             q = shlex.quote(str(w))
-            prompt = "--chat chat --prompt 'Hello!'" if self.run_cfg.data.tokenizer == "deepseek" else "--prompt 'To be'"
+            deepseek = self.run_cfg.data.tokenizer == "deepseek"
+            prompt = "--chat chat --prompt 'Hello!'" if deepseek else "--prompt 'To be'"
             lines.append(f"next: v4jax-eval --workdir {q}  |  v4jax-generate --checkpoint {q} {prompt}  |  "
                          f"python -m v4jax.cli.plot --workdir {q}")
         return "\n".join(lines)
