@@ -317,7 +317,7 @@ def test_niah_examples_and_scoring(tmp_path):
     def uniform(tokens):
         return np.zeros(tokens.shape + (vocab,), np.float32)
 
-    result = evaluate_niah(uniform, tok, hay, cfg)
+    result = evaluate_niah(uniform, examples, cfg)
     assert result["chance"] == 0.2 and np.asarray(result["accuracy"]).shape == (2, 3)
     png = save_heatmap(result, tmp_path / "niah.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

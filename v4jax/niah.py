@@ -109,9 +109,9 @@ def make_score_fn(params, config, dtype=jnp.float32):
     return score
 
 
-def evaluate_niah(score_fn, tokenizer, haystack_texts, cfg: NiahConfig = NiahConfig(), progress: bool = False) -> dict:
-    """Accuracy per (length, depth) over ``cfg.samples`` examples each; also the chance level."""
-    examples = build_examples(cfg, tokenizer, haystack_texts)
+def evaluate_niah(score_fn, examples: list[dict], cfg: NiahConfig, progress: bool = False) -> dict:
+    """Accuracy per (length, depth) over the ``cfg.samples`` examples of each (``build_examples``,
+    made first so that a haystack too short is refused before any model work); also the chance level."""
     hits = {(ln, d): [] for ln in cfg.lengths for d in cfg.depths}
     it = examples
     if progress:

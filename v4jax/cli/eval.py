@@ -104,20 +104,21 @@ def _evaluate(args) -> int:
     if args.task == "niah" and max(args.lengths) > config.max_position_embeddings:
         return _error(f"--lengths {max(args.lengths)} is longer than the model's max_position_embeddings="
                       f"{config.max_position_embeddings}")
-    from v4jax.devices import describe
-
-    print(describe(), file=sys.stderr)  # what it runs on: backend, devices, kernel paths
     if args.files:
         data_cfg = dataclasses.replace(data_cfg, path=args.files, split="train", shuffle=False, num_epochs=1,
                                        heldout_fraction=0.0)
     else:
         data_cfg = data_cfg.for_eval()
+    examples = niah_examples(data_cfg, args) if args.task == "niah" else None  # refuses a short haystack
+    from v4jax.devices import describe
+
+    print(describe(), file=sys.stderr)  # what it runs on: backend, devices, kernel paths, once the checks pass
     dtype = jnp.bfloat16 if train_cfg.dtype == "bfloat16" else jnp.float32
     result = {"workdir": str(args.workdir), "step": int(state["step"]), "data": args.files or "held-out split"}
     if args.task == "ppl":
         result.update(perplexity(config, state["params"], data_cfg, dtype, args.batches, not args.no_progress))
     else:
-        result.update(niah(config, state["params"], data_cfg, dtype, args))
+        result.update(niah(config, state["params"], examples, dtype, args))
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
@@ -154,14 +155,24 @@ def perplexity(config, params, data_cfg, dtype, batches, progress=True) -> dict:
             for head, r in heads.items()}
 
 
-def niah(config, params, data_cfg, dtype, args) -> dict:
-    from v4jax.data import load_documents, load_tokenizer
-    from v4jax.niah import NiahConfig, evaluate_niah, make_score_fn, save_heatmap
+def _niah_config(args):
+    from v4jax.niah import NiahConfig
 
-    cfg = NiahConfig(lengths=args.lengths, depths=args.depths, samples=args.samples, candidates=args.candidates,
-                     seed=args.seed)
-    tokenizer = load_tokenizer(data_cfg.tokenizer)
-    result = evaluate_niah(make_score_fn(params, config, dtype), tokenizer, load_documents(data_cfg), cfg,
+    return NiahConfig(lengths=args.lengths, depths=args.depths, samples=args.samples, candidates=args.candidates,
+                      seed=args.seed)
+
+
+def niah_examples(data_cfg, args) -> list[dict]:
+    from v4jax.data import load_documents, load_tokenizer
+    from v4jax.niah import build_examples
+
+    return build_examples(_niah_config(args), load_tokenizer(data_cfg.tokenizer), load_documents(data_cfg))
+
+
+def niah(config, params, examples, dtype, args) -> dict:
+    from v4jax.niah import evaluate_niah, make_score_fn, save_heatmap
+
+    result = evaluate_niah(make_score_fn(params, config, dtype), examples, _niah_config(args),
                            progress=not args.no_progress)
     png = Path(args.png) if args.png else Path(args.workdir) / "niah.png"
     result["heatmap"] = str(save_heatmap(result, png, title=f"{Path(args.workdir).name}: needle in a haystack"))
