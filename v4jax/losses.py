@@ -140,6 +140,14 @@ def indexer_kl(index_scores: jax.Array, entry_probs: jax.Array, entry_mask: jax.
     index_scores, entry_probs [b, s, k]; entry_mask [b, s, k] bool (slot k holds an entry the query
     used: the selected ones, or every entry in the dense stage); mask [b, s] (real tokens).
     """
+    total, count = indexer_kl_sum(index_scores, entry_probs, entry_mask, mask)
+    return total / jnp.maximum(count, 1.0)
+
+
+def indexer_kl_sum(index_scores: jax.Array, entry_probs: jax.Array, entry_mask: jax.Array,
+                   mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``indexer_kl``'s sum over queries and the number of queries (fp32 scalars), so that the
+    micro-batches of one update can be averaged as one batch."""
     p = jax.lax.stop_gradient(entry_probs) * entry_mask
     total = jnp.sum(p, axis=-1, keepdims=True)
     has = (total[..., 0] > 0) & (mask > 0)
@@ -148,7 +156,7 @@ def indexer_kl(index_scores: jax.Array, entry_probs: jax.Array, entry_mask: jax.
     logq = jnp.where(entry_mask, logq, 0.0)
     logp = jnp.log(jnp.where(p > 0, p, 1.0))
     kl = jnp.sum(jnp.where(p > 0, p * (logp - logq), 0.0), axis=-1)
-    return jnp.sum(kl * has) / jnp.maximum(jnp.sum(has), 1)
+    return jnp.sum(kl * has), jnp.sum(has).astype(F32)
 
 
 def layer_routing_stats(info: dict, layer: int, config: ModelConfig, mask: jax.Array) -> dict:
@@ -156,23 +164,26 @@ def layer_routing_stats(info: dict, layer: int, config: ModelConfig, mask: jax.A
     ``layer_stats`` hook, so it runs inside the layer and the large per-layer arrays die there).
 
     Returns ``dropped``, ``load`` [E] (``expert_load``), ``balance`` for learned-router layers and
-    ``indexer_kl`` for CSA layers run ``with_aux``. ``layer`` == L is the MTP block.
+    ``kl_sum``, ``kl_count`` (``indexer_kl_sum``) for CSA layers run ``with_aux``. ``layer`` == L is
+    the MTP block.
     """
     out = {"dropped": info["dropped"], "load": expert_load(info["idx"], mask, config.n_routed_experts)}
     if layer >= config.num_hash_layers:
         out["balance"] = balance_loss(info["scores"], info["idx"], mask, config.num_experts_per_tok)
     aux = info.get("attn") or {}
     if config.layer_type(layer) == CSA and "index_scores" in aux:
-        out["indexer_kl"] = indexer_kl(aux["index_scores"], aux["entry_probs"], aux["entry_mask"], mask)
+        out["kl_sum"], out["kl_count"] = indexer_kl_sum(aux["index_scores"], aux["entry_probs"], aux["entry_mask"],
+                                                        mask)
     return out
 
 
-def routing_losses(stats: list[dict]) -> tuple[jax.Array, jax.Array]:
-    """Balance loss summed over learned-router layers and indexer KL averaged over the CSA layers
-    that have one, from ``layer_routing_stats`` of every layer (main and MTP)."""
+def routing_losses(stats: list[dict]) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
+    """Balance loss summed over learned-router layers, and the indexer KL sums and query counts of
+    the CSA layers that have one (the loss is the mean over them of sum / count), from
+    ``layer_routing_stats`` of every layer (main and MTP)."""
     balance = sum((s["balance"] for s in stats if "balance" in s), jnp.zeros((), F32))
-    kls = [s["indexer_kl"] for s in stats if "indexer_kl" in s]
-    return balance, jnp.mean(jnp.stack(kls)) if kls else jnp.zeros((), F32)
+    kls = [s for s in stats if "kl_sum" in s]
+    return balance, [s["kl_sum"] for s in kls], [s["kl_count"] for s in kls]
 
 
 def expert_load(idx: jax.Array, mask: jax.Array, n_experts: int) -> jax.Array:

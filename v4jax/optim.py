@@ -81,6 +81,7 @@ learning rate (or schedule) as Muon; the rescale gamma = 0.18 is what lets Muon 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -88,7 +89,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
+from v4jax.parallel import param_shardings
 from v4jax.params import ADAMW, ADAMW_NO_DECAY, FROZEN, LABELS, MUON, TABLE, path_keys, tree_infos
 
 F32 = jnp.float32
@@ -106,7 +109,7 @@ RowBlocks = tuple[int, ...]
 
 
 def hybrid_newton_schulz(x: jax.Array, *, ns_dtype=F32, eps: float = 1e-7,
-                         coeffs=HYBRID_NS_COEFFS) -> jax.Array:
+                         coeffs=HYBRID_NS_COEFFS, constrain=None) -> jax.Array:
     """Approximate polar factor of each matrix x[..., n, m] (leading axes are a batch). Returns fp32.
 
     X <- X / (||X||_F + eps) per matrix, then for each (a, b, c) in ``coeffs``:
@@ -117,7 +120,11 @@ def hybrid_newton_schulz(x: jax.Array, *, ns_dtype=F32, eps: float = 1e-7,
     ns_dtype: dtype of the matmul operands, their products and the stored iterate X. fp32 runs at
     Precision.HIGHEST; bf16 (or another dtype) runs at default precision. The GEMMs accumulate and
     the polynomial's sum is computed in fp32 either way.
+
+    constrain: None, or a function applied to the iterate X at every step (a sharding constraint,
+    so that matrices split over devices stay split the same way through the loop).
     """
+    constrain = constrain or (lambda a: a)
     if x.ndim < 2:
         raise ValueError(f"Newton-Schulz needs a matrix, got shape {x.shape}")
     x = x.astype(F32)
@@ -146,12 +153,12 @@ def hybrid_newton_schulz(x: jax.Array, *, ns_dtype=F32, eps: float = 1e-7,
         a, b, c = abc[0], abc[1], abc[2]
         gram = mm(gram_eq, x, x)
         poly = a * eye + b * gram.astype(F32) + c * mm("...ij,...jk->...ik", gram, gram).astype(F32)
-        return mm(apply_eq, poly, x), None
+        return constrain(mm(apply_eq, poly, x)), None
 
     # Two steps per loop iteration: with one, the new X (a GEMM's output) cannot be written over the
     # carried X that the same GEMM reads, so XLA copied X back into the carry every step (on an H200
     # 15 ms a step for V4-Flash-8l's experts). With two, the second step writes over the first's input.
-    x, _ = jax.lax.scan(step, x.astype(ns_dtype), jnp.asarray(coeffs, F32), unroll=2)
+    x, _ = jax.lax.scan(step, constrain(x.astype(ns_dtype)), jnp.asarray(coeffs, F32), unroll=2)
     return x.astype(F32)
 
 
@@ -191,47 +198,198 @@ def orthogonalize(u: jax.Array, blocks: RowBlocks | None = None, *, rms_scale: f
 
 
 # --------------------------------------------------------------------------------------------------
+# Newton-Schulz spread over a device mesh
+
+#: A stack of matrices is split along their smaller side (besides the stack's own axis) only when
+#: that cuts the work per device by more than this factor: a split matrix exchanges its iterate
+#: between devices at every Newton-Schulz step, a whole one only twice per update.
+SPLIT_PENALTY = 1.25
+
+
+def matrix_layout(n: int, small: int, axes: Mapping[str, int]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """How n matrices (whose smaller side is ``small`` long) are spread over the mesh ``axes``
+    ({name: size}): (batch axes, split axes), a partition of the axes.
+
+    The matrices go over the batch axes (n padded to a multiple of their size), each matrix's
+    smaller side over the split axes, so that every device takes a share and none repeats another's
+    work. Chosen to minimise the matrices per device (a split matrix counting as 1/split, times
+    ``SPLIT_PENALTY``); ties go to fewer split devices.
+    """
+    names = [a for a, k in axes.items() if k > 1]
+    total = math.prod(axes[a] for a in names)
+    best = None
+    for r in range(len(names), -1, -1):
+        for batch in itertools.combinations(names, r):
+            d_b = math.prod(axes[a] for a in batch)
+            d_s = total // d_b
+            if small % d_s:
+                continue
+            cost = math.ceil(n / d_b) / d_s * (SPLIT_PENALTY if d_s > 1 else 1.0)
+            if best is None or (cost, d_s) < best[0]:
+                best = ((cost, d_s), batch, tuple(a for a in names if a not in batch))
+    return best[1], best[2]
+
+
+def _axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _entry(axes: tuple[str, ...]):
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def orthogonalize_on_mesh(updates: list[jax.Array], blocks: list[RowBlocks | None], shardings: list, mesh,
+                          *, rms_scale: float = 0.18, ns_dtype=F32, eps: float = 1e-7) -> list[jax.Array]:
+    """``orthogonalize`` of every leaf, with the Newton-Schulz work spread over every device of ``mesh``
+    (leaf i laid out as ``shardings[i]``, a NamedSharding; the results come back so).
+
+    The independent matrices (leading indices and row blocks) of the leaves that share a matrix
+    shape and a layout are pooled into one stack [P, n, rows, cols], P being the devices that split
+    the leaves' leading axes (experts); everything up to here moves no data between devices. The n
+    matrices of each of those P slices are then spread over the remaining devices, data replicas
+    included, by ``matrix_layout``: whole matrices where there are enough of them, split along
+    their smaller side where there are few. jax inserts the collectives (all-to-alls), the stack
+    is orthogonalised there (each matrix exactly as on one device), and the way back is the same in
+    reverse. Every reshape, concatenation and slice runs along axes no device splits.
+    """
+    mesh_axes = {a: k for a, k in mesh.shape.items() if k > 1}
+
+    def constrain(x, *entries):
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*entries)))
+
+    groups: dict[tuple, list] = {}  # layout key -> [(leaf, run start, piece [P, n, size, cols])]
+    leaves = []  # per leaf: (transposed shape, inverse permutation)
+    for i, (u, b, sharding) in enumerate(zip(updates, blocks, shardings)):
+        if u.ndim < 2:
+            raise ValueError(f"Muon needs leaves of rank >= 2, got shape {u.shape}")
+        rows, cols = u.shape[-2:]
+        runs = _runs((rows,) if b is None else tuple(int(x) for x in b))
+        if sum(size * count for size, count in runs) != rows or min(size for size, _ in runs) <= 0:
+            raise ValueError(f"row blocks {b} do not partition {rows} rows (shape {u.shape})")
+        spec = tuple(sharding.spec) + (None,) * (u.ndim - len(sharding.spec))
+        lead, row_axes, col_axes = spec[:-2], _axes(spec[-2]), _axes(spec[-1])
+        if row_axes and (len(runs) > 1 or runs[0][1] > 1):  # row blocks are cut from whole rows
+            u = constrain(u, *lead, None, spec[-1])
+            row_axes = ()
+        # leading axes split over devices first (in order), so that they become one major axis P
+        split_dims = [d for d, e in enumerate(lead) if e is not None]
+        order = split_dims + [d for d in range(len(lead)) if d not in split_dims] + [u.ndim - 2, u.ndim - 1]
+        lead_axes = tuple(a for d in split_dims for a in _axes(lead[d]))
+        p = math.prod(mesh.shape[a] for a in lead_axes)
+        ut = jnp.transpose(u, order) if order != list(range(u.ndim)) else u
+        leaves.append((ut.shape, [order.index(d) for d in range(u.ndim)]))
+        start = 0
+        for size, count in runs:
+            piece = ut[..., start:start + size * count, :].reshape(p, -1, size, cols)
+            key = (size, cols, u.dtype, lead_axes, row_axes, col_axes)
+            groups.setdefault(key, []).append((i, start, constrain(piece, _entry(lead_axes), None, _entry(row_axes),
+                                                                   _entry(col_axes))))
+            start += size * count
+
+    results: list[dict[int, jax.Array]] = [{} for _ in updates]
+    for (size, cols, dtype, lead_axes, row_axes, col_axes), members in groups.items():
+        home = (_entry(lead_axes), None, _entry(row_axes), _entry(col_axes))  # the members' layout
+        stack = jnp.concatenate([m[2] for m in members], axis=1) if len(members) > 1 else members[0][2]
+        p, n = stack.shape[:2]
+        rest = {a: k for a, k in mesh_axes.items() if a not in lead_axes}
+        batch, split = matrix_layout(n, min(size, cols), rest)
+        d_b = math.prod(mesh.shape[a] for a in batch)
+        q = -(-n // d_b)
+        stack = constrain(stack, *home)
+        if q * d_b > n:  # zero matrices stay zero
+            stack = constrain(jnp.pad(stack, ((0, 0), (0, q * d_b - n), (0, 0), (0, 0))), *home)
+        def spread(batch_axes, split_axes):
+            sides = (_entry(split_axes), None) if size <= cols else (None, _entry(split_axes))
+            return (_entry(lead_axes), _entry(batch_axes), None, *sides)
+
+        # Between the members' layout and the spread one, the matrices' own axes move in one step
+        # (all-to-alls) and the axes they are copied over in another (slices in, all-gathers out):
+        # XLA's partitioner falls back to gathering everything on every device for both at once.
+        own = row_axes + col_axes
+        layout = spread(batch, split)
+        middle = spread(tuple(a for a in batch if a in own), tuple(a for a in split if a in own))
+        stack = constrain(stack.reshape(p, d_b, q, size, cols), *home[:2], None, *home[2:])
+        stack = constrain(constrain(stack, *middle), *layout)
+        o = hybrid_newton_schulz(stack, ns_dtype=ns_dtype, eps=eps,
+                                 constrain=lambda x, layout=layout: constrain(x, *layout))
+        o = constrain((o * (math.sqrt(max(size, cols)) * rms_scale)).astype(dtype), *layout)
+        o = constrain(constrain(o, *middle), *home[:2], None, *home[2:])
+        o = constrain(o.reshape(p, d_b * q, size, cols), *home)[:, :n]
+        offset = 0
+        for i, start, piece in members:
+            k = piece.shape[1]
+            results[i][start] = o[:, offset:offset + k]
+            offset += k
+
+    out = []
+    for (shape, inverse), parts, sharding in zip(leaves, results, shardings):
+        runs = [parts[k].reshape(shape[:-2] + (-1, shape[-1])) for k in sorted(parts)]
+        leaf = jnp.concatenate(runs, axis=-2) if len(runs) > 1 else runs[0]
+        leaf = jnp.transpose(leaf, inverse) if inverse != list(range(len(inverse))) else leaf
+        out.append(jax.lax.with_sharding_constraint(leaf, sharding))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
 # Muon
 
 
 RowBlocksSpec = Mapping[str, RowBlocks] | Callable[[Any], Mapping[str, RowBlocks]] | None
+ShardingsSpec = Mapping[str, NamedSharding] | Callable[[Any], Mapping[str, NamedSharding]] | None
 
 
 def scale_by_hybrid_newton_schulz(rms_scale: float = 0.18, *, ns_dtype=F32, eps: float = 1e-7,
-                                  row_blocks: RowBlocksSpec = None) -> optax.GradientTransformation:
+                                  row_blocks: RowBlocksSpec = None, mesh=None,
+                                  shardings: ShardingsSpec = None) -> optax.GradientTransformation:
     """Stateless: replace each update leaf by ``orthogonalize(leaf, blocks)``.
 
     row_blocks: None (every leaf one matrix per leading index), or a mapping from
     ``jax.tree_util.keystr(path)`` to row-block sizes (leaves not in it are one matrix), or a
     callable ``updates -> mapping``.
+    mesh: a ``jax.sharding.Mesh`` of more than one device spreads the work over all of them
+    (``orthogonalize_on_mesh``); the results get the shardings of ``shardings`` (a mapping from
+    keystr(path) to NamedSharding, or a callable ``updates -> mapping``; leaves not in it are
+    replicated). Same numbers either way.
     """
 
     def update_fn(updates, state, params=None):
         del params
         table = row_blocks(updates) if callable(row_blocks) else (row_blocks or {})
-        out = jax.tree_util.tree_map_with_path(
-            lambda path, u: orthogonalize(u, table.get(jax.tree_util.keystr(path)), rms_scale=rms_scale,
-                                          ns_dtype=ns_dtype, eps=eps), updates)
-        return out, state
+        if mesh is None or mesh.size == 1:
+            out = jax.tree_util.tree_map_with_path(
+                lambda path, u: orthogonalize(u, table.get(jax.tree_util.keystr(path)), rms_scale=rms_scale,
+                                              ns_dtype=ns_dtype, eps=eps), updates)
+            return out, state
+        layouts = shardings(updates) if callable(shardings) else (shardings or {})
+        flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
+        keys = [jax.tree_util.keystr(path) for path, _ in flat]
+        replicated = NamedSharding(mesh, PartitionSpec())
+        out = orthogonalize_on_mesh([u for _, u in flat], [table.get(k) for k in keys],
+                                    [layouts.get(k, replicated) for k in keys], mesh, rms_scale=rms_scale,
+                                    ns_dtype=ns_dtype, eps=eps)
+        return treedef.unflatten(out), state
 
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
 def muon(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.95, weight_decay: float = 0.1,
          rms_scale: float = 0.18, *, ns_dtype=F32, ns_eps: float = 1e-7, row_blocks: RowBlocksSpec = None,
-         mu_dtype=None, weight_decay_mask=None) -> optax.GradientTransformation:
+         mu_dtype=None, weight_decay_mask=None, mesh=None, shardings: ShardingsSpec = None
+         ) -> optax.GradientTransformation:
     """DeepSeek-V4 Muon (Algorithm 1, see the module docstring) for a pytree of matrices.
 
     learning_rate: eta, a scalar or an optax schedule. momentum: mu. weight_decay: lambda
     (decoupled: W(1 - eta*lambda)). rms_scale: gamma. ns_dtype: fp32 (default) or bf16 matmuls in
-    Newton-Schulz. row_blocks: see ``scale_by_hybrid_newton_schulz``. mu_dtype: dtype of the
+    Newton-Schulz. row_blocks, mesh, shardings: see ``scale_by_hybrid_newton_schulz``. mu_dtype: dtype of the
     momentum buffer (default: the parameter's). Every leaf must have rank >= 2; leading axes are
     batches of independent matrices. State: a tuple of optax NamedTuples; the momentum M is
     ``state[0].trace``.
     """
     return optax.chain(
         optax.trace(decay=momentum, nesterov=True, accumulator_dtype=mu_dtype),
-        scale_by_hybrid_newton_schulz(rms_scale, ns_dtype=ns_dtype, eps=ns_eps, row_blocks=row_blocks),
+        scale_by_hybrid_newton_schulz(rms_scale, ns_dtype=ns_dtype, eps=ns_eps, row_blocks=row_blocks, mesh=mesh,
+                                      shardings=shardings),
         optax.add_decayed_weights(weight_decay, weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate),
     )
@@ -285,7 +443,7 @@ def v4_optimizer(learning_rate: optax.ScalarOrSchedule, config, *, muon_momentum
                  muon_weight_decay: float = 0.1, rms_scale: float = 0.18, adam_b1: float = 0.9,
                  adam_b2: float = 0.95, adam_eps: float = 1e-20, adam_weight_decay: float = 0.1,
                  adam_decay_all: bool = False, ns_dtype=F32, split_mhc_fn: bool = True,
-                 mu_dtype=None, table_lr_multiplier: float = 5.0) -> optax.GradientTransformation:
+                 mu_dtype=None, table_lr_multiplier: float = 5.0, mesh=None) -> optax.GradientTransformation:
     """Muon + AdamW over a v4jax parameter tree of ``config`` (either layout), split by ``param_labels``.
 
     learning_rate: a scalar or an optax schedule, shared by both optimisers (spec §4).
@@ -297,6 +455,8 @@ def v4_optimizer(learning_rate: optax.ScalarOrSchedule, config, *, muon_momentum
     times the learning rate (the Engram paper's 5x).
     ns_dtype: Newton-Schulz matmul operand dtype (fp32 default, bf16 optional). mu_dtype: dtype of
     the Muon momentum and Adam first moment (default: the parameter's; pass fp32 for bf16 params).
+    mesh: the device mesh the parameters live on (``v4jax.parallel``'s rules); Muon's Newton-Schulz
+    work is then spread over all its devices (``orthogonalize_on_mesh``), with the same result.
     Pass params to ``update`` (weight decay needs them). State: ``optax.PartitionState``.
     """
 
@@ -310,8 +470,12 @@ def v4_optimizer(learning_rate: optax.ScalarOrSchedule, config, *, muon_momentum
         def adam(lr, wd):
             return optax.adamw(lr, b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=wd, mu_dtype=mu_dtype)
 
+        layouts = None
+        if mesh is not None and mesh.size > 1:
+            layouts = {jax.tree_util.keystr(path): sh for path, sh in
+                       jax.tree_util.tree_flatten_with_path(param_shardings(tree, mesh, config))[0]}
         groups = {MUON: muon(learning_rate, muon_momentum, muon_weight_decay, rms_scale, ns_dtype=ns_dtype,
-                             row_blocks=blocks, mu_dtype=mu_dtype),
+                             row_blocks=blocks, mu_dtype=mu_dtype, mesh=mesh, shardings=layouts),
                   ADAMW: adam(learning_rate, adam_weight_decay),
                   ADAMW_NO_DECAY: adam(learning_rate, adam_weight_decay if adam_decay_all else 0.0),
                   FROZEN: freeze()}
@@ -331,5 +495,6 @@ def v4_optimizer(learning_rate: optax.ScalarOrSchedule, config, *, muon_momentum
 
 
 __all__ = ["HYBRID_NS_COEFFS", "LABELS", "MUON", "ADAMW", "ADAMW_NO_DECAY", "FROZEN", "hybrid_newton_schulz",
-           "orthogonalize", "scale_by_hybrid_newton_schulz", "muon", "param_labels", "muon_row_blocks", "freeze",
+           "orthogonalize", "matrix_layout", "orthogonalize_on_mesh", "scale_by_hybrid_newton_schulz", "muon",
+           "param_labels", "muon_row_blocks", "freeze",
            "v4_optimizer"]

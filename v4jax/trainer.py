@@ -64,6 +64,9 @@ class TrainConfig:
     balance_weight: float = 1e-4
     bias_update_speed: float = 1e-3
     indexer_loss_weight: float = 1.0
+    # micro-batches per optimizer update: data.batch_size rows are split into this many, their
+    # gradients summed in fp32 inside the step, and the optimizer applied once
+    grad_accum_steps: int = 1
     # Newton-Schulz matmul operands: bfloat16 (V4 reports NS stable with bf16 matmuls) | float32.
     # fp32 at HIGHEST precision misses the tensor cores: it was 0.85 s of a 1.5 s step on an H200.
     muon_ns_dtype: str = "bfloat16"
@@ -82,7 +85,8 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"train.{field}={getattr(self, field)!r} is not allowed: {allowed}")
 
-        for f in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps", "eval_batches"):
+        for f in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps", "eval_batches",
+                  "grad_accum_steps"):
             v = getattr(self, f)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f, "an integer >= 1")
         for f in ("warmup_steps", "decay_start", "eval_every", "seed"):
@@ -155,9 +159,12 @@ def learning_rate(cfg: TrainConfig) -> optax.Schedule:
     return optax.join_schedules([warm, const, decay], [cfg.warmup_steps, cfg.decay_start])
 
 
-def make_optimizer(cfg: TrainConfig, config: ModelConfig) -> optax.GradientTransformation:
+def make_optimizer(cfg: TrainConfig, config: ModelConfig, mesh=None) -> optax.GradientTransformation:
+    """Gradient clipping, then Muon/AdamW; with ``mesh`` (the parameters' device mesh) Muon's
+    Newton-Schulz work is spread over all its devices (``v4jax.optim.orthogonalize_on_mesh``)."""
     ns = jnp.bfloat16 if cfg.muon_ns_dtype == "bfloat16" else F32
-    opt = v4_optimizer(learning_rate(cfg), config, ns_dtype=ns, table_lr_multiplier=cfg.engram_lr_multiplier)
+    opt = v4_optimizer(learning_rate(cfg), config, ns_dtype=ns, table_lr_multiplier=cfg.engram_lr_multiplier,
+                       mesh=mesh)
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt) if cfg.clip_norm > 0 else opt
 
 
@@ -186,7 +193,31 @@ def _biased_gates(config: ModelConfig, params) -> list[tuple[dict, list[str]]]:
     return out
 
 
-def loss_fn(params, batch, config: ModelConfig, cfg: TrainConfig, step, parallel=None, mesh=None):
+def _indexers(config: ModelConfig, tree) -> list[tuple[dict, list[str]]]:
+    """(attention dict holding an ``indexer``, routing keys of its layers) for every CSA layer with
+    a lightning indexer, main layers then MTP; in the scan layout its leaves stack those layers."""
+    out = []
+    if "stages" in tree:
+        for st, slots in zip(plan(config), tree["stages"], strict=True):
+            out += [(p["attn"], [str(i) for i in st.layer_ids(j)]) for j, p in enumerate(slots)
+                    if "indexer" in p["attn"]]
+    else:
+        out += [(p["attn"], [str(i)]) for i, p in enumerate(tree["layers"]) if "indexer" in p["attn"]]
+    if "mtp" in tree and "indexer" in tree["mtp"]["attn"]:
+        out.append((tree["mtp"]["attn"], ["mtp"]))
+    return out
+
+
+def loss_fn(params, batch, config: ModelConfig, cfg: TrainConfig, step, parallel=None, mesh=None, update=None):
+    """The training loss of ``batch`` and (metrics, per-layer statistics).
+
+    update: None when the batch is the whole update. For a micro-batch of a larger update, its
+    {"tokens", "mtp_tokens", "rows"}: the cross-entropies are divided by the update's token counts
+    and the balance loss (a mean over rows) weighted by rows / update rows, so that the
+    micro-batches' losses and gradients add up to the update's; each layer's indexer KL is left as
+    its sum over queries (the update's query count divides its gradient later: ``_scale_indexers``).
+    The statistics, by routing key (str(layer), "mtp"): ``load`` [E], ``kl_sum`` and ``kl_count``.
+    """
     dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else F32
     has_mtp = "mtp" in params
     mask = batch["segment_ids"] > 0  # real tokens (padding has segment 0)
@@ -199,24 +230,92 @@ def loss_fn(params, batch, config: ModelConfig, cfg: TrainConfig, step, parallel
     if has_mtp:
         stats["mtp"] = out["mtp_routing"]
     chunk = (parallel or ParallelConfig()).loss_chunk
+    whole = update is None
+    update = update or {"tokens": jnp.sum(batch["loss_mask"]), "mtp_tokens": jnp.sum(batch["mtp_mask"]),
+                        "rows": batch["tokens"].shape[0]}
 
-    def ce(hidden, targets, loss_mask):  # the mean over the masked tokens
-        weights = loss_mask.astype(F32)
-        return weighted_nll(hidden, params["head"], targets, weights / jnp.maximum(jnp.sum(weights), 1.0), chunk)
+    def ce(hidden, targets, loss_mask, tokens):  # the mean over the update's masked tokens
+        weights = loss_mask.astype(F32) / jnp.maximum(tokens.astype(F32), 1.0)
+        return weighted_nll(hidden, params["head"], targets, weights, chunk)
 
-    lm = ce(out["hidden"], batch["targets"], batch["loss_mask"])
-    balance, indexer = routing_losses(list(stats.values()))
+    lm = ce(out["hidden"], batch["targets"], batch["loss_mask"], update["tokens"])
+    balance, kl_sums, kl_counts = routing_losses(list(stats.values()))
+    balance = balance * (batch["tokens"].shape[0] / update["rows"])
+    kl_norm = [jnp.maximum(c, 1.0) if whole else 1.0 for c in kl_counts]
+    indexer = jnp.mean(jnp.stack([s / n for s, n in zip(kl_sums, kl_norm)])) if kl_sums else jnp.zeros((), F32)
     metrics = {"lm_loss": lm}
     loss = lm
     if has_mtp:
-        mtp = ce(out["mtp_hidden"], batch["mtp_targets"], batch["mtp_mask"])
+        mtp = ce(out["mtp_hidden"], batch["mtp_targets"], batch["mtp_mask"], update["mtp_tokens"])
         weight = jnp.where(step >= cfg.decay_start, cfg.mtp_weight_after_decay, cfg.mtp_weight)
         loss = loss + weight * mtp
         metrics["mtp_loss"] = mtp
     loss = loss + cfg.balance_weight * balance + cfg.indexer_loss_weight * indexer
-    metrics.update(balance_loss=balance, indexer_loss=indexer,
-                   dropped_tokens=sum(s["dropped"] for s in stats.values()))
-    return loss, (metrics, {k: s["load"] for k, s in stats.items()})
+    metrics.update(balance_loss=balance, dropped_tokens=sum(s["dropped"] for s in stats.values()))
+    if whole:
+        metrics["indexer_loss"] = indexer
+    layer = {k: {"load": s["load"], **({"kl_sum": s["kl_sum"], "kl_count": s["kl_count"]} if "kl_sum" in s else {})}
+             for k, s in stats.items()}
+    return loss, (metrics, layer)
+
+
+def _scale_indexers(grads, config: ModelConfig, kl_counts: dict) -> dict:
+    """Divide each CSA layer's indexer gradients by its query count over the update. Only the
+    indexer KL reaches an indexer's parameters (its inputs are detached and its top-k carries no
+    gradient), so this turns the gradient of the summed KL into that of the mean."""
+    for attn, keys in _indexers(config, grads):
+        scale = 1.0 / jnp.maximum(jnp.stack([kl_counts[k] for k in keys]), 1.0)
+        attn["indexer"] = jax.tree.map(lambda g: g * scale.reshape((-1,) + (1,) * (g.ndim - 1))
+                                       if "stages" in grads else g * scale[0], attn["indexer"])
+    return grads
+
+
+def update_gradients(params, batch, config: ModelConfig, cfg: TrainConfig, step, parallel=None, mesh=None):
+    """Loss, gradients and statistics of one optimizer update over ``batch`` [B, ...]: the batch at
+    once, or (``cfg.grad_accum_steps`` = k > 1) as k micro-batches of B/k rows in a scan, summing
+    fp32 gradients, losses and expert loads so that the result is the whole batch's (up to float
+    rounding) with one micro-batch's activations in memory. Micro-batch j takes rows j, j+k, ...,
+    so each is split over the batch's devices like the batch. Returns (loss, grads, metrics,
+    {routing key: load [E]}); integer leaves get zero gradients."""
+    k = cfg.grad_accum_steps
+
+    def zero_ints(g, p):  # integer leaves (hash tables) get float0 "gradients"
+        return jnp.zeros(p.shape, F32) if g.dtype == jax.dtypes.float0 else g
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True, allow_int=True)
+    if k == 1:
+        (loss, (metrics, layer)), grads = grad_fn(params, batch, config, cfg, step, parallel, mesh)
+        return loss, jax.tree.map(zero_ints, grads, params), metrics, {key: s["load"] for key, s in layer.items()}
+    rows = batch["tokens"].shape[0]
+    if rows % k:
+        raise ConfigError(f"data.batch_size={rows} must be divisible by train.grad_accum_steps={k}")
+    update = {"tokens": jnp.sum(batch["loss_mask"]), "mtp_tokens": jnp.sum(batch["mtp_mask"]), "rows": rows}
+    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((rows // k, k) + x.shape[1:]), 0, 1), batch)
+    shapes_of_one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), micro)
+
+    def micro_update(mb):
+        (_, (metrics, layer)), grads = grad_fn(params, mb, config, cfg, step, parallel, mesh, update)
+        grads = jax.tree.map(zero_ints, grads, params)
+        if mesh is not None:  # reduce-scattered to the parameters' layout before they are summed
+            grads = jax.lax.with_sharding_constraint(grads, param_shardings(grads, mesh, config))
+        return grads, metrics, layer
+
+    def add(acc, mb):
+        return jax.tree.map(jnp.add, acc, micro_update(mb)), None
+
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(micro_update, shapes_of_one))
+    if mesh is not None:
+        zeros = (jax.lax.with_sharding_constraint(zeros[0], param_shardings(zeros[0], mesh, config)), *zeros[1:])
+    (grads, metrics, layer), _ = jax.lax.scan(add, zeros, micro)
+    kl = {key: s["kl_sum"] / jnp.maximum(s["kl_count"], 1.0) for key, s in layer.items() if "kl_sum" in s}
+    grads = _scale_indexers(grads, config, {key: s["kl_count"] for key, s in layer.items() if "kl_count" in s})
+    metrics["indexer_loss"] = jnp.mean(jnp.stack(list(kl.values()))) if kl else jnp.zeros((), F32)
+    loss = metrics["lm_loss"] + cfg.balance_weight * metrics["balance_loss"] \
+        + cfg.indexer_loss_weight * metrics["indexer_loss"]
+    if "mtp_loss" in metrics:
+        weight = jnp.where(step >= cfg.decay_start, cfg.mtp_weight_after_decay, cfg.mtp_weight)
+        loss = loss + weight * metrics["mtp_loss"]
+    return loss, grads, metrics, {key: s["load"] for key, s in layer.items()}
 
 
 def make_train_step(config: ModelConfig, cfg: TrainConfig, optimizer, parallel=None, mesh=None):
@@ -225,11 +324,8 @@ def make_train_step(config: ModelConfig, cfg: TrainConfig, optimizer, parallel=N
 
     def step_fn(state, batch):
         params = state["params"]
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True, allow_int=True)
-        (loss, (metrics, loads_by_layer)), grads = grad_fn(params, batch, config, cfg, state["step"], parallel, mesh)
-        # integer leaves (the hash tables) get float0 "gradients": make them zeros the optimizer can clip
-        grads = jax.tree.map(lambda g, p: jnp.zeros(p.shape, F32) if g.dtype == jax.dtypes.float0 else g,
-                             grads, params)
+        loss, grads, metrics, loads_by_layer = update_gradients(params, batch, config, cfg, state["step"], parallel,
+                                                                mesh)
         if mesh is not None:  # gradients sharded like their parameters: reduce-scattered, not all-reduced
             grads = jax.lax.with_sharding_constraint(grads, param_shardings(grads, mesh, config))
         grad_norm = optax.tree.norm(grads)
