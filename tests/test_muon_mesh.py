@@ -65,8 +65,9 @@ def test_optimizer_with_mesh_equals_one_device(name):
     def gradients(seed):  # every float leaf random, the integer hash tables zero (as the train step does)
         leaves, treedef = jax.tree.flatten(params)
         keys = jax.random.split(jax.random.key(seed), len(leaves))
-        return jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape) * 0.02 if jnp.issubdtype(x.dtype, jnp.floating)
-                                            else jnp.zeros(x.shape, jnp.float32) for k, x in zip(keys, leaves)])
+        return jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape) * 0.02
+                                            if jnp.issubdtype(x.dtype, jnp.floating) else jnp.zeros(x.shape)
+                                            for k, x in zip(keys, leaves)])
 
     grads = [gradients(s) for s in (2, 3)]
 

@@ -211,6 +211,8 @@ def test_sigterm_saves_before_exit(tmp_path):
     ("train.lr=.inf", "train.lr=inf is not allowed: a finite number"),
     ("data.path=/nonexistent/corpus.txt", "data path '/nonexistent/corpus.txt' does not exist"),
     ("model.max_position_embeddings=32", "data.seq_len=48 is longer than model.max_position_embeddings=32"),
+    ("train.grad_accum_steps=3", "data.batch_size=8 must be divisible by train.grad_accum_steps=3"),
+    ("train.grad_accum_steps=0", "train.grad_accum_steps=0 is not allowed: an integer >= 1"),
 ])
 def test_bad_config_is_refused_and_nothing_written(tmp_path, capsys, override, message):
     workdir = tmp_path / "w"

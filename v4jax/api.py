@@ -202,8 +202,8 @@ class Model:
         if tok.vocab_size > self.config.vocab_size:
             raise ValueError(f"the tokenizer {getattr(tok, 'name', tok)!r} has {tok.vocab_size} ids, more than the "
                              f"model's vocab_size {self.config.vocab_size}: use the tokenizer the model was trained "
-                             "with (tokenizer='bytes' for the byte-level configs; v4jax-generate --tokenizer bytes), or "
-                             "pass prompts as token-id lists")
+                             "with (tokenizer='bytes' for the byte-level configs; v4jax-generate --tokenizer bytes), "
+                             "or pass prompts as token-id lists")
         return tok
 
     def save(self, directory, overwrite: bool = False) -> Path:

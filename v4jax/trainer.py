@@ -264,6 +264,8 @@ def _scale_indexers(grads, config: ModelConfig, kl_counts: dict) -> dict:
     indexer KL reaches an indexer's parameters (its inputs are detached and its top-k carries no
     gradient), so this turns the gradient of the summed KL into that of the mean."""
     for attn, keys in _indexers(config, grads):
+        if not all(k in kl_counts for k in keys):  # no indexer loss: nothing reached the indexer
+            continue
         scale = 1.0 / jnp.maximum(jnp.stack([kl_counts[k] for k in keys]), 1.0)
         attn["indexer"] = jax.tree.map(lambda g: g * scale.reshape((-1,) + (1,) * (g.ndim - 1))
                                        if "stages" in grads else g * scale[0], attn["indexer"])

@@ -169,9 +169,15 @@ def check_batch_split(run, mesh) -> None:
     from v4jax.parallel import DEFAULT_RULES
 
     split = math.prod(mesh.shape[a] for a in DEFAULT_RULES["batch"])
-    if run.data.batch_size % split:
-        raise ConfigError(f"data.batch_size={run.data.batch_size} must be divisible by the {split} devices that "
-                          "split the batch (parallel.data x fsdp x expert)")
+    k = run.train.grad_accum_steps
+    if run.data.batch_size % k:
+        raise ConfigError(f"data.batch_size={run.data.batch_size} must be divisible by train.grad_accum_steps={k} "
+                          "(the batch is the rows of one optimizer update, taken in that many micro-batches)")
+    if (run.data.batch_size // k) % split:
+        micro = (f"the micro-batch of {run.data.batch_size // k} rows" if k > 1
+                 else f"data.batch_size={run.data.batch_size}")
+        raise ConfigError(f"{micro} must be divisible by the {split} devices that split the batch "
+                          "(parallel.data x fsdp x expert)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,7 +282,8 @@ class Trainer:
 
         self.run_cfg, self.cfg, self.data, self.checkpointer = run, run.train, data, checkpointer
         self.workdir, self.args = workdir, args
-        self.step_fn = make_train_step(run.model, self.cfg, make_optimizer(self.cfg, run.model), run.parallel, mesh)
+        optimizer = make_optimizer(self.cfg, run.model, mesh)  # Muon's work spread over the mesh
+        self.step_fn = make_train_step(run.model, self.cfg, optimizer, run.parallel, mesh)
         self.eval_fn = make_eval_step(run.model, parallel=run.parallel, mesh=mesh) if self.cfg.eval_every else None
         sharding = batch_sharding(mesh)
         self.to_global = lambda b: {k: jax.make_array_from_process_local_data(sharding, v) for k, v in b.items()}
