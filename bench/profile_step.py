@@ -85,7 +85,8 @@ def scope_of(path: str) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/small.yaml")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=8, help="rows per optimizer update")
+    ap.add_argument("--accum", type=int, default=1, help="train.grad_accum_steps: micro-batches of batch/accum rows")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--remat", default="none")
     ap.add_argument("--backend", default="auto")
@@ -133,7 +134,7 @@ def main():
             ap.error(f"--parallel {item!r}: use FIELD=VALUE, e.g. attention_chunk=2048")
         fields[name] = yaml.safe_load(value)
     par = ParallelConfig(**fields)
-    cfg = v4jax.trainer.TrainConfig(steps=1000, dtype="bfloat16")
+    cfg = v4jax.trainer.TrainConfig(steps=1000, dtype="bfloat16", grad_accum_steps=args.accum)
     opt = v4jax.trainer.make_optimizer(cfg, config)
     state = v4jax.trainer.init_state(long_context.device_params(v4jax, config, jnp.float32, par.scan_layers), opt)
     data = jax.device_put(long_context.synthetic_batch(config, args.batch, args.seq))
@@ -212,7 +213,8 @@ def main():
         print(f"{ns / 1e6:9.2f} {unscoped_calls[op]:6d}  {op} in {comp}: {text[:150]}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": args.config, "batch": args.batch, "seq": args.seq, "backend": args.backend,
+            json.dump({"config": args.config, "batch": args.batch, "accum": args.accum, "seq": args.seq,
+                       "backend": args.backend,
                        "attention": args.attention, "scan": not args.no_scan, "unroll_stages": par.unroll_stages,
                        "xla_flags": os.environ.get("XLA_FLAGS", ""), "parallel": dataclasses.asdict(par),
                        "tree": args.tree or ".", "jax": jax.__version__, "device": jax.devices()[0].device_kind,

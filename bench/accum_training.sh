@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Issue 32's training comparison in one device call: v4jax with gradient accumulation and the
+# PyTorch peer (transformers eager, its own accumulation) at the same tokens per optimizer update,
+# on bench-flash-8l (8 x 2 x 4096 = 65,536 tokens) and bench-flash-wide (V4-Flash's layer width,
+# 16 x 1 x 4096 = 65,536 tokens). Each run is its own process; outputs go to $OUT (or bench/out).
+# tokamax and its needs are installed from .whl/ when that folder is there.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/out}
+mkdir -p "$OUT"
+SITE=/tmp/site
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE .whl/*.whl \
+    || echo "the wheels in .whl/ did not install: v4jax runs without tokamax (XLA's grouped matmul)"
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+
+run() {  # name, timeout in seconds, command...
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
+  echo "== $name: rc $? in $((SECONDS - t0)) s"
+  grep -E "tokens_per_s|tokens/s|compile|rror|^optimizer|step wall" "$OUT/$name.txt" | grep -v Warning | tail -5
+}
+
+F="--config configs/bench-flash-8l.yaml --seq 4096"
+W="--config configs/bench-flash-wide.yaml --seq 4096"
+# shellcheck disable=SC2086
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=.:bench:$SITE run v4jax-flash ${T1:-170} \
+  python3 bench/profile_step.py $F --batch 16 --accum 8 --steps 2 --top 12 --per-part 6 --json "$OUT/v4jax-flash.json"
+# shellcheck disable=SC2086
+PYTHONPATH=. run peer-flash ${T2:-100} python3 bench/peer_hf.py $F --batch 2 --accum 8 --steps 2 --json "$OUT/peer-flash.json"
+# shellcheck disable=SC2086
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=.:bench:$SITE run v4jax-wide ${T3:-160} \
+  python3 bench/profile_step.py $W --batch 16 --accum 16 --steps 2 --top 12 --per-part 6 --json "$OUT/v4jax-wide.json"
+# shellcheck disable=SC2086
+PYTHONPATH=. run peer-wide ${T4:-110} python3 bench/peer_hf.py $W --batch 1 --accum 16 --steps 2 --json "$OUT/peer-wide.json"
