@@ -41,7 +41,7 @@ def training_memory(config: ModelConfig, cfg: TrainConfig, parallel: ParallelCon
         e = config.engram
         batch["engram_ids"] = jax.ShapeDtypeStruct((batch_size, seq_len, len(e.layers), (e.max_ngram - 1) * e.heads),
                                                    jnp.int32, sharding=sharding)
-    step = make_train_step(config, cfg, make_optimizer(cfg, config), parallel, mesh)
+    step = make_train_step(config, cfg, make_optimizer(cfg, config, mesh), parallel, mesh)  # as train.py
     compiled = step.lower(state, batch).compile()
     m = compiled.memory_analysis()
     state_bytes = sum(s.size * s.dtype.itemsize for s in jax.tree.leaves(state))

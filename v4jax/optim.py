@@ -28,6 +28,11 @@ jnp), with the fp32 path at ``Precision.HIGHEST`` and a bf16 path whose matmul o
 whose accumulation and linear combinations stay fp32. Everything is plain jnp (einsum / reshape /
 concatenate) inside jit, so sharded parameters work unchanged; nothing goes to the host.
 
+On a device mesh (``v4_optimizer(..., mesh=)``, what train.py uses) the Newton-Schulz work is not done
+where the parameters lie, which would repeat it on every device that holds a copy or a slice of a
+matrix: ``orthogonalize_on_mesh`` pools the independent matrices by shape and spreads them over
+every device, data replicas included, with the same numbers.
+
 Which matrices are orthogonalised (one NS per logically independent matrix)
 --------------------------------------------------------------------------
 * A leaf's last two axes are the matrix ([out, in]); every leading axis is a batch of independent

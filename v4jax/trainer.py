@@ -6,6 +6,10 @@ One step (spec §4)::
     grads -> clip by global norm -> Muon/AdamW (v4jax.optim.v4_optimizer)
     router biases (not in the optimizer): b <- b + u·sign(mean load - load) from this step's routing
 
+With ``train.grad_accum_steps`` = k the step runs k micro-batches in a scan and sums their fp32
+gradients and loads before the optimizer, with every loss weighted as one batch of all their rows
+(``update_gradients``).
+
 A step whose loss or gradient norm is not finite changes nothing (the state stays as it was, only
 its step count moves on) and is reported with ``ok = False``; train.py stops after
 ``max_bad_steps`` such steps in a row. A step whose loss and gradient are finite but whose new state
