@@ -28,12 +28,12 @@ run() {  # name, timeout in seconds, command...
 F="--config configs/bench-flash-8l.yaml --seq 4096"
 W="--config configs/bench-flash-wide.yaml --seq 4096"
 # shellcheck disable=SC2086
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=.:bench:$SITE run v4jax-flash ${T1:-170} \
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=.:bench:$SITE run v4jax-flash ${T1:-150} \
   python3 bench/profile_step.py $F --batch 16 --accum 8 --steps 2 --top 12 --per-part 6 --json "$OUT/v4jax-flash.json"
 # shellcheck disable=SC2086
-PYTHONPATH=. run peer-flash ${T2:-100} python3 bench/peer_hf.py $F --batch 2 --accum 8 --steps 2 --json "$OUT/peer-flash.json"
+PYTHONPATH=. run peer-flash ${T2:-80} python3 bench/peer_hf.py $F --batch 2 --accum 8 --steps 2 --json "$OUT/peer-flash.json"
 # shellcheck disable=SC2086
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=.:bench:$SITE run v4jax-wide ${T3:-160} \
-  python3 bench/profile_step.py $W --batch 16 --accum 16 --steps 2 --top 12 --per-part 6 --json "$OUT/v4jax-wide.json"
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=.:bench:$SITE run v4jax-wide ${T3:-140} \
+  python3 bench/profile_step.py $W --batch 16 --accum 16 --steps 1 --top 12 --per-part 6 --json "$OUT/v4jax-wide.json"
 # shellcheck disable=SC2086
-PYTHONPATH=. run peer-wide ${T4:-110} python3 bench/peer_hf.py $W --batch 1 --accum 16 --steps 2 --json "$OUT/peer-wide.json"
+PYTHONPATH=. run peer-wide ${T4:-90} python3 bench/peer_hf.py $W --batch 1 --accum 16 --steps 1 --json "$OUT/peer-wide.json"
