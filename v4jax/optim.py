@@ -259,6 +259,15 @@ def orthogonalize_on_mesh(updates: list[jax.Array], blocks: list[RowBlocks | Non
     reverse. Every reshape, concatenation and slice runs along axes no device splits.
     """
     mesh_axes = {a: k for a, k in mesh.shape.items() if k > 1}
+    on_cpu = mesh.devices.flat[0].platform == "cpu"
+
+    def after(x, previous):
+        # XLA:CPU runs independent collectives in any order on each device, and devices that took
+        # different orders wait for each other for ever (seen: one device in a group's all-to-all,
+        # seven in another's all-gather). There each group's exchange waits for the previous group.
+        if not on_cpu or previous is None:
+            return x
+        return jax.lax.optimization_barrier((x, previous))[0]
 
     def constrain(x, *entries):
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*entries)))
@@ -293,9 +302,11 @@ def orthogonalize_on_mesh(updates: list[jax.Array], blocks: list[RowBlocks | Non
             start += size * count
 
     results: list[dict[int, jax.Array]] = [{} for _ in updates]
+    previous = None
     for (size, cols, dtype, lead_axes, row_axes, col_axes), members in groups.items():
         home = (_entry(lead_axes), None, _entry(row_axes), _entry(col_axes))  # the members' layout
         stack = jnp.concatenate([m[2] for m in members], axis=1) if len(members) > 1 else members[0][2]
+        stack = after(stack, previous)
         p, n = stack.shape[:2]
         rest = {a: k for a, k in mesh_axes.items() if a not in lead_axes}
         batch, split = matrix_layout(n, min(size, cols), rest)
@@ -321,6 +332,7 @@ def orthogonalize_on_mesh(updates: list[jax.Array], blocks: list[RowBlocks | Non
         o = constrain((o * (math.sqrt(max(size, cols)) * rms_scale)).astype(dtype), *layout)
         o = constrain(constrain(o, *middle), *home[:2], None, *home[2:])
         o = constrain(o.reshape(p, d_b * q, size, cols), *home)[:, :n]
+        previous = o
         offset = 0
         for i, start, piece in members:
             k = piece.shape[1]
@@ -332,7 +344,8 @@ def orthogonalize_on_mesh(updates: list[jax.Array], blocks: list[RowBlocks | Non
         runs = [parts[k].reshape(shape[:-2] + (-1, shape[-1])) for k in sorted(parts)]
         leaf = jnp.concatenate(runs, axis=-2) if len(runs) > 1 else runs[0]
         leaf = jnp.transpose(leaf, inverse) if inverse != list(range(len(inverse))) else leaf
-        out.append(jax.lax.with_sharding_constraint(leaf, sharding))
+        out.append(jax.lax.with_sharding_constraint(after(leaf, previous), sharding))
+        previous = out[-1]
     return out
 
 
