@@ -39,8 +39,8 @@ def momenta(params, seed):
     return jax.tree.unflatten(treedef, out)
 
 
-@pytest.mark.parametrize("scan", [True, False], ids=["scan", "layers"])
-@pytest.mark.parametrize("name", sorted(MESHES))
+@pytest.mark.parametrize("name, scan", [(name, True) for name in sorted(MESHES)] + [("fsdp8", False)],
+                         ids=[f"{name}-scan" for name in sorted(MESHES)] + ["fsdp8-layers"])
 def test_spread_newton_schulz_equals_one_device(name, scan):
     params = init_params(CONFIG, seed=0, scan=scan)
     updates = momenta(params, 1)
