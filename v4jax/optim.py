@@ -315,6 +315,7 @@ def orthogonalize_on_mesh(updates: list[jax.Array], blocks: list[RowBlocks | Non
         stack = constrain(stack, *home)
         if q * d_b > n:  # zero matrices stay zero
             stack = constrain(jnp.pad(stack, ((0, 0), (0, q * d_b - n), (0, 0), (0, 0))), *home)
+
         def spread(batch_axes, split_axes):
             sides = (_entry(split_axes), None) if size <= cols else (None, _entry(split_axes))
             return (_entry(lead_axes), _entry(batch_axes), None, *sides)
