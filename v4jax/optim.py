@@ -178,6 +178,18 @@ def _runs(blocks: RowBlocks) -> list[tuple[int, int]]:
     return out
 
 
+def _block_runs(u: jax.Array, blocks: RowBlocks | None) -> list[tuple[int, int]]:
+    """(size, count) runs of a Muon leaf's row blocks (default: one block), checked: the leaf is at
+    least a matrix and the blocks partition its rows."""
+    if u.ndim < 2:
+        raise ValueError(f"Muon needs leaves of rank >= 2, got shape {u.shape}")
+    rows = u.shape[-2]
+    blocks = (rows,) if blocks is None else tuple(int(b) for b in blocks)
+    if sum(blocks) != rows or min(blocks) <= 0:
+        raise ValueError(f"row blocks {blocks} do not partition {rows} rows (shape {u.shape})")
+    return _runs(blocks)
+
+
 def orthogonalize(u: jax.Array, blocks: RowBlocks | None = None, *, rms_scale: float = 0.18,
                   ns_dtype=F32, eps: float = 1e-7) -> jax.Array:
     """NS(u) * sqrt(max(n, m)) * rms_scale for each matrix in u [..., R, m], in u's dtype.
@@ -185,15 +197,10 @@ def orthogonalize(u: jax.Array, blocks: RowBlocks | None = None, *, rms_scale: f
     blocks: row-block sizes summing to R (default: one block). Each block [..., size, m] is its
     own matrix with its own normalisation and its own sqrt(max(size, m)); leading axes are batches.
     """
-    if u.ndim < 2:
-        raise ValueError(f"Muon needs leaves of rank >= 2, got shape {u.shape}")
-    rows, cols = u.shape[-2], u.shape[-1]
-    blocks = (rows,) if blocks is None else tuple(int(b) for b in blocks)
-    if sum(blocks) != rows or min(blocks) <= 0:
-        raise ValueError(f"row blocks {blocks} do not partition {rows} rows (shape {u.shape})")
+    cols = u.shape[-1]
     lead = u.shape[:-2]
     pieces, start = [], 0
-    for size, count in _runs(blocks):
+    for size, count in _block_runs(u, blocks):
         seg = u[..., start:start + size * count, :].reshape(lead + (count, size, cols))
         o = hybrid_newton_schulz(seg, ns_dtype=ns_dtype, eps=eps) * (math.sqrt(max(size, cols)) * rms_scale)
         pieces.append(o.reshape(lead + (size * count, cols)))
@@ -264,7 +271,8 @@ def orthogonalize_on_mesh(updates: list[jax.Array], blocks: list[RowBlocks | Non
     def after(x, previous):
         # XLA:CPU runs independent collectives in any order on each device, and devices that took
         # different orders wait for each other for ever (seen: one device in a group's all-to-all,
-        # seven in another's all-gather). There each group's exchange waits for the previous group.
+        # seven in another's all-gather). There each leaf's and each group's exchange waits for the
+        # one before it.
         if not on_cpu or previous is None:
             return x
         return jax.lax.optimization_barrier((x, previous))[0]
@@ -274,13 +282,11 @@ def orthogonalize_on_mesh(updates: list[jax.Array], blocks: list[RowBlocks | Non
 
     groups: dict[tuple, list] = {}  # layout key -> [(leaf, run start, piece [P, n, size, cols])]
     leaves = []  # per leaf: (transposed shape, inverse permutation)
+    previous = None
     for i, (u, b, sharding) in enumerate(zip(updates, blocks, shardings)):
-        if u.ndim < 2:
-            raise ValueError(f"Muon needs leaves of rank >= 2, got shape {u.shape}")
-        rows, cols = u.shape[-2:]
-        runs = _runs((rows,) if b is None else tuple(int(x) for x in b))
-        if sum(size * count for size, count in runs) != rows or min(size for size, _ in runs) <= 0:
-            raise ValueError(f"row blocks {b} do not partition {rows} rows (shape {u.shape})")
+        runs = _block_runs(u, b)
+        u = after(u, previous)  # a leaf whose rows are gathered below exchanges data
+        cols = u.shape[-1]
         spec = tuple(sharding.spec) + (None,) * (u.ndim - len(sharding.spec))
         lead, row_axes, col_axes = spec[:-2], _axes(spec[-2]), _axes(spec[-1])
         if row_axes and (len(runs) > 1 or runs[0][1] > 1):  # row blocks are cut from whole rows
@@ -297,12 +303,11 @@ def orthogonalize_on_mesh(updates: list[jax.Array], blocks: list[RowBlocks | Non
         for size, count in runs:
             piece = ut[..., start:start + size * count, :].reshape(p, -1, size, cols)
             key = (size, cols, u.dtype, lead_axes, row_axes, col_axes)
-            groups.setdefault(key, []).append((i, start, constrain(piece, _entry(lead_axes), None, _entry(row_axes),
-                                                                   _entry(col_axes))))
+            previous = constrain(piece, _entry(lead_axes), None, _entry(row_axes), _entry(col_axes))
+            groups.setdefault(key, []).append((i, start, previous))
             start += size * count
 
     results: list[dict[int, jax.Array]] = [{} for _ in updates]
-    previous = None
     for (size, cols, dtype, lead_axes, row_axes, col_axes), members in groups.items():
         home = (_entry(lead_axes), None, _entry(row_axes), _entry(col_axes))  # the members' layout
         stack = jnp.concatenate([m[2] for m in members], axis=1) if len(members) > 1 else members[0][2]
