@@ -180,36 +180,41 @@ def init_state(params, optimizer) -> dict:
 # The step
 
 
-def _biased_gates(config: ModelConfig, params) -> list[tuple[dict, list[str]]]:
-    """(gate dict, routing keys of its layers) for every router with a bias, main layers then MTP.
-    In the scan layout one gate holds the stacked biases of several layers, in scan order."""
-    out = []
-    if "stages" in params:
-        for st, slots in zip(plan(config), params["stages"], strict=True):
-            for j, p in enumerate(slots):
-                if st.start + j >= config.num_hash_layers:
-                    out.append((p["ffn"]["gate"], [str(i) for i in st.layer_ids(j)]))
+def _layer_slots(config: ModelConfig, tree) -> list[tuple[dict, list[str]]]:
+    """(layer tree, routing keys of its layers) for every main layer, then the MTP block. In the
+    scan layout one slot of a stage holds the stacked leaves of several layers, keys in scan order."""
+    if "stages" in tree:
+        out = [(p, [str(i) for i in st.layer_ids(j)])
+               for st, slots in zip(plan(config), tree["stages"], strict=True) for j, p in enumerate(slots)]
     else:
-        out += [(params["layers"][i]["ffn"]["gate"], [str(i)])
-                for i in range(config.num_hash_layers, config.num_hidden_layers)]
-    if "mtp" in params:
-        out.append((params["mtp"]["ffn"]["gate"], ["mtp"]))
-    return out
+        out = [(p, [str(i)]) for i, p in enumerate(tree["layers"])]
+    return out + ([(tree["mtp"], ["mtp"])] if "mtp" in tree else [])
+
+
+def _biased_gates(config: ModelConfig, params) -> list[tuple[dict, list[str]]]:
+    """(gate dict, routing keys of its layers) for every router with a bias (the learned ones; a
+    hash-routed layer's gate has its table instead), main layers then MTP."""
+    return [(p["ffn"]["gate"], keys) for p, keys in _layer_slots(config, params) if "bias" in p["ffn"]["gate"]]
 
 
 def _indexers(config: ModelConfig, tree) -> list[tuple[dict, list[str]]]:
     """(attention dict holding an ``indexer``, routing keys of its layers) for every CSA layer with
-    a lightning indexer, main layers then MTP; in the scan layout its leaves stack those layers."""
-    out = []
-    if "stages" in tree:
-        for st, slots in zip(plan(config), tree["stages"], strict=True):
-            out += [(p["attn"], [str(i) for i in st.layer_ids(j)]) for j, p in enumerate(slots)
-                    if "indexer" in p["attn"]]
-    else:
-        out += [(p["attn"], [str(i)]) for i, p in enumerate(tree["layers"]) if "indexer" in p["attn"]]
-    if "mtp" in tree and "indexer" in tree["mtp"]["attn"]:
-        out.append((tree["mtp"]["attn"], ["mtp"]))
-    return out
+    a lightning indexer, main layers then MTP."""
+    return [(p["attn"], keys) for p, keys in _layer_slots(config, tree) if "indexer" in p["attn"]]
+
+
+def _update_counts(batch) -> dict:
+    """What weights a batch's losses as one update: its masked tokens (main and MTP) and rows."""
+    return {"tokens": jnp.sum(batch["loss_mask"]), "mtp_tokens": jnp.sum(batch["mtp_mask"]),
+            "rows": batch["tokens"].shape[0]}
+
+
+def _total_loss(cfg: TrainConfig, step, lm, mtp, balance, indexer):
+    """The training loss from its terms (spec §4); mtp is None for a model without the MTP block."""
+    loss = lm
+    if mtp is not None:
+        loss = loss + jnp.where(step >= cfg.decay_start, cfg.mtp_weight_after_decay, cfg.mtp_weight) * mtp
+    return loss + cfg.balance_weight * balance + cfg.indexer_loss_weight * indexer
 
 
 def loss_fn(params, batch, config: ModelConfig, cfg: TrainConfig, step, parallel=None, mesh=None, update=None):
@@ -235,8 +240,7 @@ def loss_fn(params, batch, config: ModelConfig, cfg: TrainConfig, step, parallel
         stats["mtp"] = out["mtp_routing"]
     chunk = (parallel or ParallelConfig()).loss_chunk
     whole = update is None
-    update = update or {"tokens": jnp.sum(batch["loss_mask"]), "mtp_tokens": jnp.sum(batch["mtp_mask"]),
-                        "rows": batch["tokens"].shape[0]}
+    update = update or _update_counts(batch)
 
     def ce(hidden, targets, loss_mask, tokens):  # the mean over the update's masked tokens
         weights = loss_mask.astype(F32) / jnp.maximum(tokens.astype(F32), 1.0)
@@ -247,14 +251,9 @@ def loss_fn(params, batch, config: ModelConfig, cfg: TrainConfig, step, parallel
     balance = balance * (batch["tokens"].shape[0] / update["rows"])
     kl_norm = [jnp.maximum(c, 1.0) if whole else 1.0 for c in kl_counts]
     indexer = jnp.mean(jnp.stack([s / n for s, n in zip(kl_sums, kl_norm)])) if kl_sums else jnp.zeros((), F32)
-    metrics = {"lm_loss": lm}
-    loss = lm
-    if has_mtp:
-        mtp = ce(out["mtp_hidden"], batch["mtp_targets"], batch["mtp_mask"], update["mtp_tokens"])
-        weight = jnp.where(step >= cfg.decay_start, cfg.mtp_weight_after_decay, cfg.mtp_weight)
-        loss = loss + weight * mtp
-        metrics["mtp_loss"] = mtp
-    loss = loss + cfg.balance_weight * balance + cfg.indexer_loss_weight * indexer
+    mtp = ce(out["mtp_hidden"], batch["mtp_targets"], batch["mtp_mask"], update["mtp_tokens"]) if has_mtp else None
+    loss = _total_loss(cfg, step, lm, mtp, balance, indexer)
+    metrics = {"lm_loss": lm, **({"mtp_loss": mtp} if has_mtp else {})}
     metrics.update(balance_loss=balance, dropped_tokens=sum(s["dropped"] for s in stats.values()))
     if whole:
         metrics["indexer_loss"] = indexer
@@ -295,7 +294,7 @@ def update_gradients(params, batch, config: ModelConfig, cfg: TrainConfig, step,
     rows = batch["tokens"].shape[0]
     if rows % k:
         raise ConfigError(f"data.batch_size={rows} must be divisible by train.grad_accum_steps={k}")
-    update = {"tokens": jnp.sum(batch["loss_mask"]), "mtp_tokens": jnp.sum(batch["mtp_mask"]), "rows": rows}
+    update = _update_counts(batch)
     micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((rows // k, k) + x.shape[1:]), 0, 1), batch)
     shapes_of_one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), micro)
 
@@ -316,11 +315,8 @@ def update_gradients(params, batch, config: ModelConfig, cfg: TrainConfig, step,
     kl = {key: s["kl_sum"] / jnp.maximum(s["kl_count"], 1.0) for key, s in layer.items() if "kl_sum" in s}
     grads = _scale_indexers(grads, config, {key: s["kl_count"] for key, s in layer.items() if "kl_count" in s})
     metrics["indexer_loss"] = jnp.mean(jnp.stack(list(kl.values()))) if kl else jnp.zeros((), F32)
-    loss = metrics["lm_loss"] + cfg.balance_weight * metrics["balance_loss"] \
-        + cfg.indexer_loss_weight * metrics["indexer_loss"]
-    if "mtp_loss" in metrics:
-        weight = jnp.where(step >= cfg.decay_start, cfg.mtp_weight_after_decay, cfg.mtp_weight)
-        loss = loss + weight * metrics["mtp_loss"]
+    loss = _total_loss(cfg, step, metrics["lm_loss"], metrics.get("mtp_loss"), metrics["balance_loss"],
+                       metrics["indexer_loss"])
     return loss, grads, metrics, {key: s["load"] for key, s in layer.items()}
 
 
