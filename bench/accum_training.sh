@@ -6,24 +6,10 @@
 # tokamax and its needs are installed from .whl/ when that folder is there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-bench/out}
-mkdir -p "$OUT"
-SITE=/tmp/site
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE .whl/*.whl \
-    || echo "the wheels in .whl/ did not install: v4jax runs without tokamax (XLA's grouped matmul)"
-fi
-export PYTHONUNBUFFERED=1
+SUMMARY="tokens_per_s|tokens/s|compile|rror|^optimizer|step wall" SUMMARY_LINES=5
+# shellcheck source=bench/device_setup.sh
+. bench/device_setup.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-
-run() {  # name, timeout in seconds, command...
-  local name=$1 limit=$2
-  shift 2
-  local t0=$SECONDS
-  timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
-  echo "== $name: rc $? in $((SECONDS - t0)) s"
-  grep -E "tokens_per_s|tokens/s|compile|rror|^optimizer|step wall" "$OUT/$name.txt" | grep -v Warning | tail -5
-}
 
 F="--config configs/bench-flash-8l.yaml --seq 4096"
 W="--config configs/bench-flash-wide.yaml --seq 4096"

@@ -13,24 +13,8 @@
 # plan takes about 8 minutes on an H200: one device call allows 10.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-bench/out}
-mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || echo "the wheels in .whl/ did not install: v4jax runs without tokamax (XLA's grouped matmul)"
-fi
-export PYTHONUNBUFFERED=1
-SITE=/tmp/site
-
-# name, timeout in seconds, command...: the output goes to $OUT/name.txt, a short summary to stdout.
-run() {
-  local name=$1 limit=$2
-  shift 2
-  local t0=$SECONDS
-  timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
-  echo "== $name: rc $? in $((SECONDS - t0)) s"
-  grep -E "tokens/s|compile|error|Error|relative" "$OUT/$name.txt" | grep -v Warning | tail -4
-}
+# shellcheck source=bench/device_setup.sh
+. bench/device_setup.sh
 
 declare -A ARGS=([flash]="--config configs/bench-flash-8l.yaml --batch 4 --seq 4096"
                  [small]="--config configs/small.yaml --batch 8 --seq 2048"
