@@ -13,6 +13,7 @@ import numpy as np
 
 from v4jax.config import ModelConfig
 from v4jax.model import forward, init_params, param_specs
+from v4jax.multihost import is_writer
 from v4jax.parallel import ParallelConfig, adopt_mesh, param_shardings
 from v4jax.scan import unstack_layers
 
@@ -62,13 +63,18 @@ def _check_range(values, what: str, low: int, high: int, name: str) -> None:
     raise ValueError(f"{what} {int(host[i])} at {i} is outside {name} [{low}, {high})")
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["params"],
+                   meta_fields=["config", "dtype", "mesh", "parallel", "tokenizer_name"])
 @dataclasses.dataclass
 class Model:
     """A DeepSeek-V4 model: its config, its parameter tree, the compute dtype, and where it runs.
 
     ``logits(tokens)`` maps int tokens [batch, seq] to float32 logits [batch, seq, vocab];
     ``mtp_logits(tokens)`` gives the MTP head's logits [batch, seq - 1, vocab], where entry t
-    predicts token t + 2. Both work on host or device arrays and inside ``jax.jit``. On a ``mesh``
+    predicts token t + 2. Both work on host or device arrays and inside ``jax.jit``. A Model is a
+    pytree (its parameters are the leaves), so it can be passed to a jitted function:
+    ``jax.jit(Model.logits)(model, tokens)``, which also works in a multi-host job, where a closure
+    over ``model`` cannot (its parameters are on devices the process does not own). On a ``mesh``
     the parameters are sharded by v4jax's rules and the MoE runs expert-parallel over the mesh's
     ``expert`` axis; ``parallel`` (a ``v4jax.parallel.ParallelConfig``) picks the MoE dispatch,
     the grouped-matmul backend and the chunk sizes. ``tokenizer_name`` is the tokenizer the model
@@ -210,7 +216,9 @@ class Model:
         """Write the model as a v4jax Orbax checkpoint directory (config.json, in the release's style
         where that can hold the config and else the HF style, and the parameters in the release's
         names): what ``from_pretrained`` loads and ``python -m v4jax.convert
-        to-safetensors`` exports. The directory appears only when complete."""
+        to-safetensors`` exports. The directory appears only when complete. In a multi-host job
+        every process calls it, with a ``directory`` every host can reach (a shared filesystem):
+        each writes its parameter shards and process 0 the rest."""
         import orbax.checkpoint as ocp  # noqa: PLC0415
 
         from v4jax.convert.names import OFFICIAL  # noqa: PLC0415
@@ -227,9 +235,10 @@ class Model:
             with ocp.StandardCheckpointer() as ckpt:
                 ckpt.save(tmp / PARAMS, params)
                 ckpt.wait_until_finished()
-            (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
-            write_marker(tmp, config_style=style, source_layout=OFFICIAL, dtype=jnp.dtype(self.dtype).name,
-                         has_mtp=self.has_mtp, tokenizer=self.tokenizer_name)
+            if is_writer():
+                (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+                write_marker(tmp, config_style=style, source_layout=OFFICIAL, dtype=jnp.dtype(self.dtype).name,
+                             has_mtp=self.has_mtp, tokenizer=self.tokenizer_name)
         return Path(directory)
 
 
@@ -244,14 +253,14 @@ def from_run(workdir, step: int | None = None, dtype=None, mesh: jax.sharding.Me
     """
     from v4jax.trainer import restore_run  # noqa: PLC0415
 
-    run = restore_run(workdir, step)
+    mesh = None if mesh is None else adopt_mesh(mesh)
+    run = restore_run(workdir, step, mesh)
     if run is None:
         raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: pass a train.py --workdir")
     dt = _dtype(run["train"].dtype if dtype is None else dtype)
     specs = param_specs(run["config"], dt)  # each leaf's dtype at this compute dtype (fp32-kept ones stay)
     params = jax.tree.map(lambda a, s: a.astype(s.dtype), unstack_layers(run["state"]["params"], run["config"]),
                           specs)
-    mesh = None if mesh is None else adopt_mesh(mesh)
     if mesh is not None:
         params = jax.device_put(params, param_shardings(params, mesh, run["config"]))
     return Model(run["config"], params, dt, mesh, parallel, tokenizer_name=run["data"].tokenizer)

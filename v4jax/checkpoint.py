@@ -3,7 +3,8 @@
 A checkpoint step holds three items:
 
 * ``state``: the train state pytree (params with the router biases, optimizer state, step);
-* ``data``: the data iterator's state (JSON), so a resumed run sees the same next batches;
+* ``data``: the data iterator's state, one JSON file per process (``process_I-of-N.json``, grain's
+  layout): each host of a multi-host run reads its own share of the data and resumes it;
 * ``meta``: the model config (HF config.json style) and the train/data config (JSON).
 
 Orbax writes each step into a temporary directory and renames it when every item is complete, so an
@@ -17,6 +18,7 @@ default ``restore`` falls back from a broken step to the newest one that restore
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from pathlib import Path
@@ -24,11 +26,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
-from v4jax.config import ModelConfig
+from v4jax.config import ConfigError, ModelConfig
 from v4jax.convert.safetensors_io import CheckpointError  # one error type for every unusable checkpoint
+from v4jax.multihost import barrier, is_writer, on_every_process
 
 
 class Checkpointer:
@@ -40,8 +42,12 @@ class Checkpointer:
         # saving leaves nothing behind
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, create=False,
                                                enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "data", "meta"))
+        # every process writes its own data state; Orbax's JSON handler writes on "primary" hosts only
+        data = ocp.JsonCheckpointHandler(
+            f"process_{jax.process_index()}-of-{jax.process_count()}.json",
+            multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=None))
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+            "state": ocp.StandardCheckpointHandler(), "data": data, "meta": ocp.JsonCheckpointHandler()})
         self.skipped: list[Path] = []  # the broken step directories the last restore passed over
 
     def latest_step(self) -> int | None:
@@ -54,8 +60,10 @@ class Checkpointer:
                                   meta=ocp.args.JsonSave(meta))
         return self.manager.save(step, args=args, force=force)
 
-    def restore(self, target, step: int | None = None) -> tuple[Any, dict, dict]:
+    def restore(self, target, step: int | None = None, data: bool = True) -> tuple[Any, dict | None, dict]:
         """(state, data_state, meta) of ``step``, or with no ``step`` of the newest step that restores.
+        ``data=False`` leaves this process's data state out (None): what inference needs, with any
+        number of processes.
 
         ``target`` gives the structure, dtypes and shardings to restore into: an abstract state
         (e.g. from ``jax.eval_shape``) or a function from the step's ``meta`` to one (which may raise
@@ -69,11 +77,11 @@ class Checkpointer:
         if step is not None:
             if step not in steps:
                 raise FileNotFoundError(f"no step {step} in {self.directory} (steps: {sorted(steps)})")
-            return self._restore(step, target)
+            return self._restore(step, target, data)
         self.skipped = []
         for s in steps:
             try:
-                return self._restore(s, target)
+                return self._restore(s, target, data)
             except CheckpointError as e:
                 warnings.warn(f"{e}; skipped, trying the step before", stacklevel=2)
                 self.skipped.append(self.directory / str(s))
@@ -84,7 +92,7 @@ class Checkpointer:
         """Rename the broken steps the last restore skipped to ``STEP.broken`` (a name Orbax ignores),
         with a warning. A run resumed from an older step saves those step numbers again, and Orbax
         neither overwrites a step nor saves one below its newest."""
-        if jax.process_index() == 0:
+        if is_writer():
             for path in self.skipped:
                 dest = path.with_name(f"{path.name}.broken")
                 if dest.exists():  # this step broke before: keep both
@@ -92,22 +100,25 @@ class Checkpointer:
                 path.rename(dest)
                 warnings.warn(f"renamed the broken checkpoint {path} to {dest.name}: delete it once you no longer "
                               "need it", stacklevel=2)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils  # noqa: PLC0415
-
-            multihost_utils.sync_global_devices("v4jax checkpoint set aside")
+        barrier("v4jax checkpoint set aside")
         self.manager.reload()
         self.skipped = []
 
-    def _restore(self, step: int, target):
+    def _restore(self, step: int, target, with_data: bool):
         meta = self._read(step, meta=ocp.args.JsonRestore()).meta
-        abstract_state = target(meta) if callable(target) else target
-        out = self._read(step, state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-                         meta=ocp.args.JsonRestore())
+        items = {"state": ocp.args.StandardRestore(target(meta) if callable(target) else target),
+                 "meta": ocp.args.JsonRestore()}
+        data_dir, data = self.directory / str(step) / "data", None
+        if with_data and (data_dir / "metadata").exists() and jax.process_count() == 1:
+            data = json.loads((data_dir / "metadata").read_text())  # saved before the data states were per process
+        elif with_data:
+            _check_processes(data_dir)
+            items["data"] = ocp.args.JsonRestore()
+        out = self._read(step, **items)
         # A flipped bit can make a valid float inf or nan; training on from it would only fail later.
         if not bool(_finite(out.state)):
             raise CheckpointError(f"checkpoint {self.directory / str(step)} holds inf or nan values")
-        return out.state, out.data, out.meta
+        return out.state, out.get("data", data), out.meta
 
     def _read(self, step: int, **items):
         """Orbax's restore of some items, a broken step's many error types (TensorStore's ValueError,
@@ -116,7 +127,7 @@ class Checkpointer:
             out, problem = self.manager.restore(step, args=ocp.args.Composite(**items)), None
         except Exception as e:  # noqa: BLE001 -- whatever broke, the step is unusable
             out, problem = None, (str(e).splitlines() or [type(e).__name__])[0][:300]
-        if not _on_every_process(problem is None):  # multi-host: one process's bad read breaks the step for all
+        if not on_every_process(problem is None):  # multi-host: one process's bad read breaks the step for all
             raise CheckpointError(f"checkpoint {self.directory / str(step)} cannot be read: "
                                   f"{problem or 'failed on another process'}")
         return out
@@ -137,12 +148,21 @@ def all_finite(tree) -> jax.Array:
 _finite = jax.jit(all_finite)
 
 
-def _on_every_process(flag: bool) -> bool:
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils  # noqa: PLC0415
+def _check_processes(data_dir: Path) -> None:
+    """A step's data states are one per process of the run that saved it; a run with another number
+    of processes splits the data otherwise and cannot go on from them (ConfigError)."""
+    import re  # noqa: PLC0415
 
-    return bool(np.all(multihost_utils.process_allgather(np.array(flag))))
+    counts = {int(m.group(1)) for p in (data_dir.iterdir() if data_dir.is_dir() else ())
+              if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", p.name))}
+    if (data_dir / "metadata").exists():
+        counts.add(1)
+    if counts and counts != {jax.process_count()}:
+        saved = " or ".join(str(n) for n in sorted(counts))
+        raise ConfigError(f"{data_dir.parent} was saved by a run of {saved} process(es) and this one has "
+                          f"{jax.process_count()}: each process's data position is in the checkpoint, and the data is "
+                          f"split by the number of processes; resume with {saved} process(es) (JAX_NUM_PROCESSES, or "
+                          "the same number of hosts)")
 
 
 def abstract(tree):

@@ -444,24 +444,33 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
 
 
 
-def restore_run(workdir, step: int | None = None) -> dict | None:
+def restore_run(workdir, step: int | None = None, mesh: jax.sharding.Mesh | None = None) -> dict | None:
     """A train.py run's checkpoint: {config, train, data, state}, the state restored in the run's
     parameter layout; None if the workdir has no checkpoint. ``step`` picks one (a broken one raises
     v4jax.checkpoint.CheckpointError, a ValueError naming its directory); by default the newest step
-    that restores is taken, each broken newer one skipped with a warning."""
+    that restores is taken, each broken newer one skipped with a warning. The state is restored
+    sharded over ``mesh`` by the parameters' rules, or without one onto this process's first
+    device: whatever the devices and processes of the run that saved it."""
     from v4jax.checkpoint import Checkpointer, model_config_from_meta, scan_layers_from_meta  # noqa: PLC0415
     from v4jax.model import param_specs  # noqa: PLC0415
+    from v4jax.parallel import shard_like_params  # noqa: PLC0415
 
     def target(meta):
         config, train_cfg = model_config_from_meta(meta), TrainConfig(**meta["train"])
         specs = param_specs(config, scan=scan_layers_from_meta(meta))
-        return jax.eval_shape(lambda p: init_state(p, make_optimizer(train_cfg, config)), specs)
+        state = jax.eval_shape(lambda p: init_state(p, make_optimizer(train_cfg, config)), specs)
+        if mesh is None:  # not the saved shardings: those name the devices of the run that saved it
+            one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            shardings = jax.tree.map(lambda _: one, state)
+        else:
+            shardings = shard_like_params(state, state["params"], mesh, config)
+        return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state, shardings)
 
     ckpt = Checkpointer(Path(workdir) / "checkpoints", async_save=False)
     try:
         if ckpt.latest_step() is None:
             return None
-        state, _, meta = ckpt.restore(target, step)
+        state, _, meta = ckpt.restore(target, step, data=False)
     finally:
         ckpt.close()
     return {"config": model_config_from_meta(meta), "train": TrainConfig(**meta["train"]),

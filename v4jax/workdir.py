@@ -16,8 +16,7 @@ import time
 import warnings
 from pathlib import Path
 
-import jax
-import numpy as np
+from v4jax.multihost import from_process_0, is_writer
 
 LOCK = "train.lock"
 
@@ -40,15 +39,14 @@ def workdir_lock(workdir: Path):
     this lock created removed again if still empty) when the block ends, however it ends.
     """
     fd, problem, created = None, "", False
-    if jax.process_index() == 0:
+    if is_writer():
         try:
             created = not workdir.exists()
             workdir.mkdir(parents=True, exist_ok=True)
             fd = _take_lock(workdir)
         except (LockError, OSError) as e:
             problem = str(e)
-    if jax.process_count() > 1:
-        problem = _from_process_0(problem)
+    problem = from_process_0(problem)
     if problem:
         raise LockError(problem)
     try:
@@ -136,17 +134,6 @@ def _release_lock(workdir: Path, fd: int, created: bool) -> None:
     if created:
         with contextlib.suppress(OSError):
             workdir.rmdir()  # only if empty: a run that stopped before writing leaves no trace
-
-
-def _from_process_0(message: str) -> str:
-    """Process 0's message on every process (the lock's outcome; '' when it is held)."""
-    from jax.experimental import multihost_utils
-
-    buf = np.zeros(4096, np.uint8)
-    raw = message.encode()[:4096]
-    buf[:len(raw)] = np.frombuffer(raw, np.uint8)
-    buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
-    return bytes(buf).rstrip(b"\0").decode(errors="replace")
 
 
 def trim_metrics(path: Path, step: int) -> None:

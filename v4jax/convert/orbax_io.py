@@ -47,6 +47,7 @@ from v4jax.convert.checks import check_mesh, check_values, int_range
 from v4jax.convert.names import unflatten
 from v4jax.convert.safetensors_io import CheckpointError
 from v4jax.convert.source import blocks, rows_per_block
+from v4jax.multihost import barrier, is_writer, on_process_0
 
 MARKER = "v4jax_checkpoint.json"
 PARAMS = "params"
@@ -64,26 +65,44 @@ def atomic_output_dir(dst: str | Path, overwrite: bool = False):
     delete it if the block raises (or is interrupted). An existing ``dst`` is an error unless
     ``overwrite``, in which case it is replaced only once the new directory is complete. Without
     ``overwrite`` the rename itself refuses a ``dst`` that appeared meanwhile (another run writing
-    the same output): FileExistsError, the other output kept and ours deleted."""
+    the same output): FileExistsError, the other output kept and ours deleted.
+
+    In a multi-host job every process enters it (a collective save, ``Model.save``): process 0
+    checks ``dst`` and makes the one temporary directory (on a filesystem every host sees), every
+    process writes its part into it, and process 0 publishes it once all have finished. A check
+    that fails on process 0 raises there and, as an OSError with its message, on the others."""
     dst = Path(dst).absolute()
+    tmp = Path(on_process_0(lambda: str(_claim_partial(dst, overwrite))))
+    try:
+        yield tmp
+        barrier(f"v4jax output {dst} written")
+        on_process_0(lambda: _publish(tmp, dst, overwrite))
+    except BaseException:
+        if is_writer():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _claim_partial(dst: Path, overwrite: bool) -> Path:
+    """The checked destination's empty temporary directory, ``.NAME.partial-PID`` beside it."""
     check_output_dir(dst, overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(dst)
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    try:
-        yield tmp
-        if overwrite and os.path.lexists(dst):
-            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-            os.rename(dst, old)
-            os.rename(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            rename_no_replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return tmp
+
+
+def _publish(tmp: Path, dst: Path, overwrite: bool) -> str:
+    if overwrite and os.path.lexists(dst):
+        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        os.rename(dst, old)
+        os.rename(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        rename_no_replace(tmp, dst)
+    return ""
 
 
 def rename_no_replace(src: Path, dst: Path) -> None:
