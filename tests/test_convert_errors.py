@@ -56,7 +56,8 @@ def _run(capsys, *args):
 
 def _nothing_left(dst):
     assert not dst.exists()
-    assert not [p for p in dst.parent.iterdir() if p.name.startswith(f".{dst.name}.")], list(dst.parent.iterdir())
+    left = [p for p in dst.parent.iterdir() if p.name.startswith(f".{dst.name}.")]
+    assert not left, [str(f) for p in left for f in p.rglob("*")]
 
 
 @pytest.fixture

@@ -37,16 +37,18 @@ LOSS_RTOL = 1e-5  # the issue's bound; the same program, only the collectives' t
 LOGITS_TOL = 1e-5
 
 
-def launch(argv: list[str], timeout: float) -> list[str]:
-    """Run ``argv`` as the processes of one jax.distributed job; each one's output (stdout + stderr).
-    Fails the test unless every process exits 0 within ``timeout`` seconds."""
+def launch(argv: list[str], timeout: float, process_0: tuple[str, ...] = ()) -> list[str]:
+    """Run ``argv`` as the processes of one jax.distributed job (process 0 with ``process_0`` added);
+    each one's output (stdout + stderr). Fails the test unless every process exits 0 within
+    ``timeout`` seconds."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
     env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(PROCESSES), JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_EACH}", PYTHONPATH=str(ROOT))
-    procs = [subprocess.Popen([sys.executable, *argv], cwd=ROOT, env={**env, "JAX_PROCESS_ID": str(i)}, text=True,
+    procs = [subprocess.Popen([sys.executable, *argv, *(process_0 if i == 0 else ())], cwd=ROOT, text=True,
+                              env={**env, "JAX_PROCESS_ID": str(i)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
              for i in range(PROCESSES)]
     outs = [""] * PROCESSES
@@ -69,10 +71,12 @@ def launch(argv: list[str], timeout: float) -> list[str]:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """A 6-step run of train.py on 2 processes: stopped after step 3, then resumed."""
+    """A 6-step run of train.py on 2 processes: stopped after step 3, then resumed. The stop is asked
+    of process 0 alone, as a preemption notice may reach only some hosts: both must save and stop."""
     workdir = tmp_path_factory.mktemp("multihost") / "run"
     train = ["train.py", "--config", "configs/tiny.yaml", "--workdir", str(workdir), "--no-progress", *OVERRIDES]
-    launch([*train, "--stop-after-step", "3"], timeout=600)
+    outs = launch(train, timeout=600, process_0=("--stop-after-step", "3"))
+    assert "--stop-after-step on another process: saving step 3" in outs[1], outs[1][-2000:]
     step3 = workdir / "checkpoints" / "3"
     files = {p.name for p in (step3 / "data").iterdir()}
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= files, files  # each process's own data position

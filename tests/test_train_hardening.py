@@ -18,6 +18,7 @@ import pytest
 import train
 from tests.test_train import ROOT, SMALL
 from v4jax.checkpoint import CheckpointError, Checkpointer, abstract
+from v4jax.config import ConfigError
 from v4jax.workdir import LockError, trim_metrics, workdir_lock
 
 # A process that holds a workdir's lock until it is killed.
@@ -178,7 +179,7 @@ BREAK = {
     "truncated chunk": lambda d: [p.write_bytes(p.read_bytes()[:20]) for p in chunks(d)],
     "garbled _METADATA": lambda d: (d / "state" / "_METADATA").write_text("{garbled"),
     "garbled meta item": lambda d: (d / "meta" / "metadata").write_text("{garbled"),
-    "garbled data item": lambda d: (d / "data" / "metadata").write_text("{garbled"),
+    "garbled data item": lambda d: (d / "data" / "process_0-of-1.json").write_text("{garbled"),
     "no state item": lambda d: shutil.rmtree(d / "state"),
     "inf value": lambda d: save_with_inf(d),
 }
@@ -231,6 +232,28 @@ def test_a_broken_newest_step_is_skipped_with_a_warning(two_steps, tmp_path, how
     assert sorted(p.name for p in directory.iterdir()) == ["1", "2", "2.broken"]
 
 
+def test_data_states_are_per_process(two_steps, tmp_path):
+    """Each process's data state is its own file; a step saved by 2 processes is refused by a run of
+    one (the data is split by process); a step from before per-process states (one ``metadata``
+    file, process 0's) restores in a single-process run."""
+    directory = tmp_path / "checkpoints"
+    shutil.copytree(two_steps, directory)
+    data = directory / "2" / "data"
+    assert sorted(p.name for p in data.iterdir() if p.suffix == ".json") == ["process_0-of-1.json"]
+    (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")
+    (data / "process_1-of-2.json").write_text("{}")
+    ckpt = Checkpointer(directory, keep=5, async_save=False)
+    with pytest.raises(ConfigError, match="saved by a run of 2 process\\(es\\) and this one has 1: .* resume with 2"):
+        ckpt.restore(abstract(state(0)))
+    assert int(ckpt.restore(abstract(state(0)), data=False)[0]["step"]) == 2  # inference needs no data state
+    for p in data.glob("process_*"):
+        p.unlink()
+    (data / "metadata").write_text(json.dumps({"batch": 2}))
+    restored, data_state, _ = ckpt.restore(abstract(state(0)))
+    assert int(restored["step"]) == 2 and data_state == {"batch": 2}
+    ckpt.close()
+
+
 def test_no_step_restores(two_steps, tmp_path):
     directory = tmp_path / "checkpoints"
     shutil.copytree(two_steps, directory)
@@ -240,3 +263,13 @@ def test_no_step_restores(two_steps, tmp_path):
     with pytest.warns(UserWarning), pytest.raises(CheckpointError, match=f"no checkpoint in {directory} can be"):
         ckpt.restore(abstract(state(0)))
     ckpt.close()
+
+
+@pytest.mark.parametrize("args, name", [(["--workdir", "gs://bucket/run"], "--workdir"),
+                                        (["data.path=s3://bucket/corpus"], "data.path")])
+def test_urls_are_refused_before_anything_is_written(tmp_path, monkeypatch, capsys, args, name):
+    monkeypatch.chdir(tmp_path)  # a URL taken as a path would make ./gs: here
+    assert train.main(["--config", str(ROOT / "configs/tiny.yaml"), *args, *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {name}=") and "is a URL" in err and "mount the bucket" in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -18,14 +18,20 @@ import numpy as np
 MESSAGE_BYTES = 4096
 
 
+def single_process() -> bool:
+    """No multi-process job: answered without starting JAX's backends where jax.distributed is not
+    initialised (every multi-host job initialises it), as the converter's writes need no devices."""
+    return not jax.distributed.is_initialized() or jax.process_count() == 1
+
+
 def is_writer() -> bool:
     """This process writes the run's own files (process 0)."""
-    return jax.process_index() == 0
+    return single_process() or jax.process_index() == 0
 
 
 def from_process_0(message: str) -> str:
     """Process 0's ``message`` on every process (at most MESSAGE_BYTES of UTF-8; the others pass anything)."""
-    if jax.process_count() == 1:
+    if single_process():
         return message
     from jax.experimental import multihost_utils  # noqa: PLC0415
 
@@ -38,16 +44,25 @@ def from_process_0(message: str) -> str:
 
 def on_every_process(flag: bool) -> bool:
     """True on every process if ``flag`` is true on every process, else False on every process."""
-    if jax.process_count() == 1:
+    if single_process():
         return flag
     from jax.experimental import multihost_utils  # noqa: PLC0415
 
     return bool(np.all(multihost_utils.process_allgather(np.array(flag))))
 
 
+def largest(value: int) -> int:
+    """The largest of the processes' ``value``s, on every process."""
+    if single_process():
+        return value
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return int(np.max(multihost_utils.process_allgather(np.array(value, np.int32))))
+
+
 def barrier(name: str) -> None:
     """Wait until every process has reached the barrier of this ``name``."""
-    if jax.process_count() > 1:
+    if not single_process():
         from jax.experimental import multihost_utils  # noqa: PLC0415
 
         multihost_utils.sync_global_devices(name)

@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     try:  # the config is checked before the workdir is touched
         run = load_run_config(args.config, args.overrides)
         workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
+        check_local_paths(args.workdir, run.data.path)
         check_config(run)
         mesh = make_mesh(run.parallel)
         check_batch_split(run, mesh)
@@ -128,6 +129,17 @@ def _print_warning(message, category, filename, lineno, file=None, line=None):
 
 # --------------------------------------------------------------------------------------------------
 # Checks (before anything is written)
+
+
+def check_local_paths(workdir: str | None, data_path: str | None) -> None:
+    """The workdir and the corpus are read and written as files: a URL (gs://, s3://) would be taken
+    for a local directory named "gs:". A bucket is used through a mount (docs/multihost.md)."""
+    from v4jax.config import ConfigError
+
+    for name, value in (("--workdir", workdir), ("data.path", data_path)):
+        if value is not None and "://" in str(value):
+            raise ConfigError(f"{name}={value!r} is a URL, and train.py reads and writes files: mount the bucket "
+                              "(e.g. gcsfuse) at the same path on every host and pass that path (docs/multihost.md)")
 
 
 def check_config(run) -> None:
@@ -331,8 +343,8 @@ class Trainer:
                     bar.update(1)
                     if bad == 0 and done % self.cfg.checkpoint_every == 0:
                         self._save(done, state)
-                    if self.signal is not None or done == self.args.stop_after_step:
-                        why = f"signal {self.signal}" if self.signal is not None else "--stop-after-step"
+                    why = self._stop(done)
+                    if why:
                         print(f"{why}: saving step {done} and stopping", file=sys.stderr)
                         if bad == 0:
                             self._save(done, state, force=True)
@@ -342,6 +354,23 @@ class Trainer:
             finally:
                 bar.close()
         return 0
+
+    def _stop(self, done: int) -> str:
+        """Why to stop after step ``done`` ('' to go on): this process got a signal or reached
+        --stop-after-step, or, in a multi-host job, another process did. The processes agree after
+        every step, as the save is collective: a preemption notice that reaches some hosts stops
+        them all at the same step (and they all exit as for that signal)."""
+        from v4jax.multihost import largest
+
+        mine = self.signal if self.signal is not None else 0 if done == self.args.stop_after_step else -1
+        code = largest(mine)  # -1: go on; 0: --stop-after-step; N: signal N
+        if code < 0:
+            return ""
+        where = "" if code == mine else " on another process"
+        if code > 0:
+            self.signal = code
+            return f"signal {code}{where}"
+        return f"--stop-after-step{where}"
 
     def summary(self) -> str:
         """What this call did and where it left the run: for stderr once the last save is on disk."""

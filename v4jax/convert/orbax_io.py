@@ -32,12 +32,14 @@ import ctypes
 import dataclasses
 import errno
 import functools
+import gc
 import json
 import os
 import re
 import shutil
 import sys
 import threading
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -338,6 +340,11 @@ def save_streaming(directory: str | Path, tree, *, compression: bool = False, wo
                 if t is not threading.current_thread():
                     with contextlib.suppress(Exception):  # Orbax's threads re-raise their error on join
                         t.join(60)
+            # The error's frames hold the TensorStore handles, whose buffered writes are flushed when
+            # they are freed: free them now, or they recreate the directory the caller removes.
+            for e in errors:
+                traceback.clear_frames(e.__traceback__)
+            gc.collect()
             raise
         finally:
             ckptr.close()
