@@ -351,8 +351,8 @@ def main():
         with (gzip.open if args.hlo_out.endswith(".gz") else open)(args.hlo_out, "rt") as f:
             hlo = f.read()
         c = report["cost"]
-        report.update(step_cost({"flops": c["flops_per_device_raw"], "bytes accessed": c["bytes_accessed_per_device_raw"]},
-                                hlo, report["device_kind"], c["model_flops_per_device"]))
+        raw = {"flops": c["flops_per_device_raw"], "bytes accessed": c["bytes_accessed_per_device_raw"]}
+        report.update(step_cost(raw, hlo, report["device_kind"], c["model_flops_per_device"]))
         report["reanalysed"] = True
         with open(args.json_out or args.reanalyse, "w") as f:
             f.write(json.dumps(report, indent=2) + "\n")
@@ -476,7 +476,8 @@ def summary(report: dict) -> str:
               f"{report['temp_bytes_per_device'] / gib:.2f} GiB, peak estimate "
               f"{report['peak_estimate_bytes_per_device'] / gib:.2f} GiB")]
     c = report["cost"]
-    lines.append(f"cost per device: {c['flops_per_device'] / 1e12:.2f} TFLOP, {c['bytes_accessed_per_device'] / 1e9:.1f} "
+    lines.append(f"cost per device: {c['flops_per_device'] / 1e12:.2f} TFLOP, "
+                 f"{c['bytes_accessed_per_device'] / 1e9:.1f} "
                  f"GB accessed (raw cost analysis: {c['flops_per_device_raw'] / 1e12:.2f} TFLOP, "
                  f"{c['bytes_accessed_per_device_raw'] / 1e9:.1f} GB; loop ratios {c['loop_ratio_flops']:.2f}, "
                  f"{c['loop_ratio_bytes']:.2f}); model {c['model_flops_per_device'] / 1e12:.2f} TFLOP")

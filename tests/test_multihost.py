@@ -31,8 +31,8 @@ from tests.helpers import rel
 ROOT = Path(__file__).resolve().parents[1]
 PROCESSES, DEVICES_EACH = 2, 4
 OVERRIDES = ["model.num_hidden_layers=2", "model.layer_types=[csa, hca]", "model.hidden_size=32",
-             "model.n_routed_experts=4", "data.seq_len=32", "data.batch_size=16", "train.grad_accum_steps=2", "train.steps=6",
-             "train.checkpoint_every=3", "train.eval_every=0", "train.log_every=1",
+             "model.n_routed_experts=4", "data.seq_len=32", "data.batch_size=16", "train.grad_accum_steps=2",
+             "train.steps=6", "train.checkpoint_every=3", "train.eval_every=0", "train.log_every=1",
              "parallel.data=1", "parallel.fsdp=2", "parallel.expert=4"]
 LOSS_RTOL = 1e-5  # the issue's bound; the same program, only the collectives' transport differs
 LOGITS_TOL = 1e-5
