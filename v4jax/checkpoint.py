@@ -19,6 +19,7 @@ default ``restore`` falls back from a broken step to the newest one that restore
 from __future__ import annotations
 
 import json
+import re
 import time
 import warnings
 from pathlib import Path
@@ -151,8 +152,6 @@ _finite = jax.jit(all_finite)
 def _check_processes(data_dir: Path) -> None:
     """A step's data states are one per process of the run that saved it; a run with another number
     of processes splits the data otherwise and cannot go on from them (ConfigError)."""
-    import re  # noqa: PLC0415
-
     counts = {int(m.group(1)) for p in (data_dir.iterdir() if data_dir.is_dir() else ())
               if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", p.name))}
     if (data_dir / "metadata").exists():
