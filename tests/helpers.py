@@ -8,6 +8,12 @@ visible entries. The references the tests compare against live beside this modul
 """
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -99,3 +105,39 @@ def save_run(workdir, overrides=(), config="configs/tiny.yaml", seed=0):
     ckpt.close()
     (workdir / "config.json").write_text(json.dumps(run.to_dict()))
     return workdir
+
+
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch(argv: list[str], timeout: float, process_0: tuple[str, ...] = (), processes: int = 2,
+           devices_each: int = 4) -> list[str]:
+    """Run ``argv`` as the processes of one jax.distributed job (process 0 with ``process_0`` added);
+    each one's output (stdout + stderr). Fails the test unless every process exits 0 within
+    ``timeout`` seconds."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes), JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}", PYTHONPATH=str(_ROOT))
+    procs = [subprocess.Popen([sys.executable, *argv, *(process_0 if i == 0 else ())], cwd=_ROOT, text=True,
+                              env={**env, "JAX_PROCESS_ID": str(i)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+             for i in range(processes)]
+    outs = [""] * processes
+    try:
+        for i, p in enumerate(procs):  # one deadline for the job: a hung process fails it, not the suite
+            outs[i] = p.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    codes = [p.wait() for p in procs]
+    assert codes == [0] * processes, "\n".join(f"--- process {i}, exit {c}:\n{o[-3000:]}"
+                                               for i, (c, o) in enumerate(zip(codes, outs)))
+    return outs

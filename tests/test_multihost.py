@@ -15,18 +15,13 @@ process 0 would write it, and the processes would drift apart past gloo's 30 s d
 
 import dataclasses
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from tests.helpers import rel
+from tests.helpers import launch, rel
 
 ROOT = Path(__file__).resolve().parents[1]
 PROCESSES, DEVICES_EACH = 2, 4
@@ -38,45 +33,14 @@ LOSS_RTOL = 1e-5  # the issue's bound; the same program, only the collectives' t
 LOGITS_TOL = 1e-5
 
 
-def launch(argv: list[str], timeout: float, process_0: tuple[str, ...] = ()) -> list[str]:
-    """Run ``argv`` as the processes of one jax.distributed job (process 0 with ``process_0`` added);
-    each one's output (stdout + stderr). Fails the test unless every process exits 0 within
-    ``timeout`` seconds."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
-    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(PROCESSES), JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_EACH}", PYTHONPATH=str(ROOT))
-    procs = [subprocess.Popen([sys.executable, *argv, *(process_0 if i == 0 else ())], cwd=ROOT, text=True,
-                              env={**env, "JAX_PROCESS_ID": str(i)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-             for i in range(PROCESSES)]
-    outs = [""] * PROCESSES
-    try:
-        for i, p in enumerate(procs):  # one deadline for the job: a hung process fails it, not the suite
-            outs[i] = p.communicate(timeout=timeout)[0]
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    codes = [p.wait() for p in procs]
-    assert codes == [0] * PROCESSES, "\n".join(f"--- process {i}, exit {c}:\n{o[-3000:]}"
-                                               for i, (c, o) in enumerate(zip(codes, outs)))
-    return outs
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A 6-step run of train.py on 2 processes: stopped after step 3, then resumed. The stop is asked
     of process 0 alone, as a preemption notice may reach only some hosts: both must save and stop."""
     workdir = tmp_path_factory.mktemp("multihost") / "run"
     train = ["train.py", "--config", "configs/tiny.yaml", "--workdir", str(workdir), "--no-progress", *OVERRIDES]
-    outs = launch(train, timeout=600, process_0=("--stop-after-step", "3"))
+    outs = launch(train, timeout=600, process_0=("--stop-after-step", "3"), processes=PROCESSES,
+                  devices_each=DEVICES_EACH)
     assert "--stop-after-step on another process: saving step 3" in outs[1], outs[1][-2000:]
     step3 = workdir / "checkpoints" / "3"
     files = {p.name for p in (step3 / "data").iterdir()}
@@ -84,7 +48,7 @@ def run_dir(tmp_path_factory) -> Path:
     assert {"ocdbt.process_0", "ocdbt.process_1"} <= {p.name for p in (step3 / "state").iterdir()}
     states = [json.loads((step3 / "data" / f"process_{i}-of-2.json").read_text()) for i in range(2)]
     assert [s["settings"]["process_index"] for s in states] == [0, 1]
-    outs = launch(train, timeout=600)
+    outs = launch(train, timeout=600, processes=PROCESSES, devices_each=DEVICES_EACH)
     assert all("resumed from step 3" in out for out in outs), outs[0][-2000:]
     return workdir
 
@@ -161,7 +125,8 @@ def test_from_pretrained_jit_and_save_on_two_processes(run_dir, tmp_path):
 
     tokens = np.random.default_rng(0).integers(0, 256, (2, 32)).astype(np.int32)
     np.save(tmp_path / "tokens.npy", tokens)
-    launch(["-c", MODEL_ON_TWO_PROCESSES, str(run_dir), str(tmp_path)], timeout=420)
+    launch(["-c", MODEL_ON_TWO_PROCESSES, str(run_dir), str(tmp_path)], timeout=420, processes=PROCESSES,
+           devices_each=DEVICES_EACH)
     got = np.load(tmp_path / "logits.npz")
     want = v4jax.from_pretrained(run_dir).logits(tokens)  # one process, one device
     for key in ("plain", "jitted", "again"):

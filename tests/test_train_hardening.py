@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import train
+from tests.helpers import launch
 from tests.test_train import ROOT, SMALL
 from v4jax.checkpoint import CheckpointError, Checkpointer, abstract
 from v4jax.config import ConfigError
@@ -99,23 +100,9 @@ except LockError as e:
 
 def run_two_processes(workdir: Path) -> list[str]:
     """Both processes of a 2-process jax.distributed job take the workdir lock; their outputs."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
-    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, str(workdir)], cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**env, "JAX_PROCESS_ID": str(i)})
-             for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert all(p.returncode == 0 for p in procs), outs
+    outs = launch(["-c", TWO_PROCESSES, str(workdir)], timeout=120, devices_each=2)
     return [[line for line in out.splitlines() if line.startswith(("held", "refused"))][0]  # not gloo's lines
-            for out, _ in outs]
+            for out in outs]
 
 
 def test_the_processes_of_a_multi_host_run_share_one_lock(tmp_path):
