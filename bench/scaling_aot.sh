@@ -27,7 +27,7 @@ row() {  # row NAME PYTHON TIMEOUT_S ARGS...
   echo "== $name: $py bench/aot_memory.py $*"
   local t0=$SECONDS
   { echo "\$ $py bench/aot_memory.py $*"; date -u '+# %Y-%m-%d %H:%M UTC'
-    timeout "$limit" nice -n 19 env PYTHONPATH="$PWD" "$py" bench/aot_memory.py "$@" --json-out "$OUT/$name.json"
+    timeout "$limit" nice -n 19 env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$py" bench/aot_memory.py "$@" --json-out "$OUT/$name.json"
     echo "exit $?, wall $((SECONDS - t0)) s"; } > "$OUT/$name.txt" 2>&1
   tail -n 6 "$OUT/$name.txt"
 }
