@@ -430,7 +430,7 @@ def main():
         report = training_memory(config, TrainConfig(dtype=args.dtype), par, mesh, args.batch, args.seq)
     except Exception as e:  # noqa: BLE001 (XLA:TPU refuses a program whose buffers exceed HBM: say by how much)
         report = {"devices": mesh.size, "mesh": dict(mesh.shape), "batch_size": args.batch, "seq_len": args.seq,
-                  "compile_error": f"{type(e).__name__}: {e}"[:4000]}
+                  "compile_error": f"{type(e).__name__}: {e}"[:50000]}
         m = re.search(r"required for ([\w ]+?) \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", str(e))
         if m:  # XLA:TPU's figures are binary gigabytes
             report.update(required_what=m.group(1), required_bytes_per_device=int(float(m.group(2)) * 2**30),
@@ -452,7 +452,7 @@ def main():
         if args.json_out:
             with open(args.json_out, "w") as f:
                 f.write(text + "\n")
-        print(f"compile failed after {compile_s:.0f} s: {report['compile_error'].splitlines()[0][:300]}")
+        print(f"compile failed after {compile_s:.0f} s: {report['compile_error']}")
         sys.exit(1)
     t = time.perf_counter()
     hlo = caught["compiled"].as_text()

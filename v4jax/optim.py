@@ -218,14 +218,17 @@ def orthogonalize(u: jax.Array, blocks: RowBlocks | None = None, *, rms_scale: f
 SPLIT_PENALTY = 1.25
 
 
-def matrix_layout(n: int, small: int, axes: Mapping[str, int]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def matrix_layout(n: int, small: int, axes: Mapping[str, int],
+                  home: tuple[str, ...] = ()) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """How n matrices (whose smaller side is ``small`` long) are spread over the mesh ``axes``
     ({name: size}): (batch axes, split axes), a partition of the axes.
 
     The matrices go over the batch axes (n padded to a multiple of their size), each matrix's
     smaller side over the split axes, so that every device takes a share and none repeats another's
     work. Chosen to minimise the matrices per device (a split matrix counting as 1/split, times
-    ``SPLIT_PENALTY``); ties go to fewer split devices.
+    ``SPLIT_PENALTY``); ties go to fewer split devices. ``home``: the axes that already split the
+    smaller side where the matrices come from; the side must divide into the split and home axes
+    together (``_Exchange`` gives each its own piece of the side).
     """
     names = [a for a, k in axes.items() if k > 1]
     total = math.prod(axes[a] for a in names)
@@ -234,11 +237,12 @@ def matrix_layout(n: int, small: int, axes: Mapping[str, int]) -> tuple[tuple[st
         for batch in itertools.combinations(names, r):
             d_b = math.prod(axes[a] for a in batch)
             d_s = total // d_b
-            if small % d_s:
+            split = tuple(a for a in names if a not in batch)
+            if small % math.prod(axes[a] for a in set(split) | (set(home) & set(names))):
                 continue
             cost = math.ceil(n / d_b) / d_s * (SPLIT_PENALTY if d_s > 1 else 1.0)
             if best is None or (cost, d_s) < best[0]:
-                best = ((cost, d_s), batch, tuple(a for a in names if a not in batch))
+                best = ((cost, d_s), batch, split)
     return best[1], best[2]
 
 
@@ -251,6 +255,112 @@ def _entry(axes: tuple[str, ...]):
     return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
+class _Exchange:
+    """The move of a stack [p, N, rows, cols] between the layout its matrices come in (``home``:
+    dim 0 over the lead axes, N whole, rows and cols over some axes) and the spread one (N over the
+    ``batch`` axes, the smaller side over the ``split`` axes), as explicit collectives in a
+    ``shard_map``: one all-to-all per mesh axis that moves, a local slice per axis that the home
+    layout copies. (Left to XLA's partitioner, a move of two axes from the matrices' sides to N
+    became an all-gather of the whole stack on every device: 70 GiB a chip for V4-Flash on v5p-256.)
+
+    Each of N, rows and cols is cut into one piece per mesh axis that is on it in either layout, in
+    the home order, then the rest: an axis moves from its piece of one dimension to its piece of
+    another, whatever the others do. At the spread end the pieces of a side are put in the order
+    (axes that stay, axes that arrive, axes that left, rest), so that the side is laid out as one
+    contiguous block per device; that permutes each matrix's rows or columns, which Newton-Schulz
+    commutes with (NS(P X Q) = P NS(X) Q for permutations P, Q; the norm does not change), and the
+    way back undoes it.
+    """
+
+    def __init__(self, mesh, shape, lead: tuple[str, ...], home_rows, home_cols, batch, split):
+        p, n, size, cols = shape
+        self.mesh, self.lead = mesh, lead
+        self.k = {a: mesh.shape[a] for a in mesh.axis_names}
+        small = 2 if size <= cols else 3
+        home = {1: (), 2: tuple(home_rows), 3: tuple(home_cols)}
+        want = {1: tuple(batch), 2: tuple(split) if small == 2 else (), 3: tuple(split) if small == 3 else ()}
+        self.pieces = {d: list(home[d]) + [a for a in want[d] if a not in home[d]] for d in (1, 2, 3)}
+        extent = {1: n, 2: size, 3: cols}
+        # the flat list of pieces: dim 0, then each of dims 1..3 as its axes' pieces and the rest
+        self.where: dict[tuple[int, str], int] = {}
+        local, spread_local, pos = [p // math.prod(self.k[a] for a in lead)], [], 1
+        for d in (1, 2, 3):
+            for a in self.pieces[d]:
+                self.where[(d, a)] = pos
+                local.append(1 if a in home[d] else self.k[a])
+                pos += 1
+            rest = extent[d] // math.prod(self.k[a] for a in self.pieces[d])
+            if rest * math.prod(self.k[a] for a in self.pieces[d]) != extent[d]:
+                raise ValueError(f"dimension {d} of the stack {shape} does not divide over {self.pieces[d]}")
+            self.where[(d, "")] = pos
+            local.append(rest)
+            pos += 1
+        self.local = local
+        self.moves = []  # (axis, home piece or None, spread piece)
+        for d in (1, 2, 3):
+            for a in want[d]:
+                src = next((self.where[(e, a)] for e in (2, 3) if a in home[e]), None)
+                if src != self.where[(d, a)]:
+                    self.moves.append((a, src, self.where[(d, a)]))
+        # spread end: per dim, pieces (stay, arrive, leave, rest)
+        self.order, spec, self.spread_local = [0], [_entry(lead)], [local[0]]
+        self.spread_shape = [p]
+        for d in (1, 2, 3):
+            stay = [a for a in home[d] if a in want[d]]
+            arrive = [a for a in want[d] if a not in home[d]]
+            leave = [a for a in home[d] if a not in want[d]]
+            idx = [self.where[(d, a)] for a in stay + arrive + leave] + [self.where[(d, "")]]
+            self.order += idx
+            spec.append(_entry(tuple(stay + arrive)))
+            self.spread_local.append(math.prod(self.k[a] for a in leave) * local[self.where[(d, "")]])
+            self.spread_shape.append(extent[d])
+        self.inverse = [self.order.index(i) for i in range(len(self.order))]
+        self.home_spec = PartitionSpec(_entry(lead), None, _entry(home[2]), _entry(home[3]))
+        self.spread_spec = PartitionSpec(*spec)
+
+    def _moved_shape(self):
+        """The local piece sizes after the moves (before the spread end's reordering)."""
+        out = list(self.local)
+        for a, src, dst in self.moves:
+            out[dst] = 1
+            if src is not None:
+                out[src] = self.k[a]
+        return out
+
+    def to_spread(self, x):
+        def body(b):
+            b = b.reshape(self.local)
+            for a, src, dst in self.moves:
+                if src is None:  # copied over ``a`` at home: keep this device's piece
+                    b = jax.lax.dynamic_slice_in_dim(b, jax.lax.axis_index(a), 1, dst)
+                else:
+                    b = jax.lax.all_to_all(b, a, dst, src, tiled=True)
+            return jnp.transpose(b, self.order).reshape(self.spread_local)
+
+        return jax.shard_map(body, mesh=self.mesh, in_specs=self.home_spec, out_specs=self.spread_spec)(x)
+
+    def to_home(self, y):
+        home_local = [self.local[0]] + [None] * 3
+
+        def body(b):
+            moved = self._moved_shape()
+            b = jnp.transpose(b.reshape([moved[i] for i in self.order]), self.inverse)
+            for a, src, dst in reversed(self.moves):
+                if src is None:
+                    b = jax.lax.all_gather(b, a, axis=dst, tiled=True)
+                else:
+                    b = jax.lax.all_to_all(b, a, src, dst, tiled=True)
+            return b.reshape(home_local[:1] + [-1] + [self._home_extent(d) for d in (2, 3)])
+
+        # all_gather's result is typed as varying over its axis (jax 0.10 has no invariant form), so
+        # the replication the home layout asks for is not checked; it holds by construction
+        return jax.shard_map(body, mesh=self.mesh, in_specs=self.spread_spec, out_specs=self.home_spec,
+                             check_vma=False)(y)
+
+    def _home_extent(self, d):
+        return math.prod(self.local[self.where[(d, a)]] for a in self.pieces[d]) * self.local[self.where[(d, "")]]
+
+
 def orthogonalize_on_mesh(updates: list[jax.Array], blocks: list[RowBlocks | None], shardings: list, mesh,
                           *, rms_scale: float = 0.18, ns_dtype=F32, eps: float = 1e-7) -> list[jax.Array]:
     """``orthogonalize`` of every leaf, with the Newton-Schulz work spread over every device of ``mesh``
@@ -261,9 +371,10 @@ def orthogonalize_on_mesh(updates: list[jax.Array], blocks: list[RowBlocks | Non
     the leaves' leading axes (experts); everything up to here moves no data between devices. The n
     matrices of each of those P slices are then spread over the remaining devices, data replicas
     included, by ``matrix_layout``: whole matrices where there are enough of them, split along
-    their smaller side where there are few. jax inserts the collectives (all-to-alls), the stack
-    is orthogonalised there (each matrix exactly as on one device), and the way back is the same in
-    reverse. Every reshape, concatenation and slice runs along axes no device splits.
+    their smaller side where there are few. ``_Exchange`` moves the stack there and back with one
+    all-to-all per mesh axis, and the stack is orthogonalised there (each matrix exactly as on one
+    device, up to a permutation of its rows or columns that the way back undoes). Every reshape,
+    concatenation and slice outside the exchange runs along axes no device splits.
     """
     mesh_axes = {a: k for a, k in mesh.shape.items() if k > 1}
     on_cpu = mesh.devices.flat[0].platform == "cpu"
@@ -277,8 +388,8 @@ def orthogonalize_on_mesh(updates: list[jax.Array], blocks: list[RowBlocks | Non
             return x
         return jax.lax.optimization_barrier((x, previous))[0]
 
-    def constrain(x, *entries):
-        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*entries)))
+    def constrain(x, spec):
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
     groups: dict[tuple, list] = {}  # layout key -> [(leaf, run start, piece [P, n, size, cols])]
     leaves = []  # per leaf: (transposed shape, inverse permutation)
@@ -290,7 +401,7 @@ def orthogonalize_on_mesh(updates: list[jax.Array], blocks: list[RowBlocks | Non
         spec = tuple(sharding.spec) + (None,) * (u.ndim - len(sharding.spec))
         lead, row_axes, col_axes = spec[:-2], _axes(spec[-2]), _axes(spec[-1])
         if row_axes and (len(runs) > 1 or runs[0][1] > 1):  # row blocks are cut from whole rows
-            u = constrain(u, *lead, None, spec[-1])
+            u = constrain(u, PartitionSpec(*lead, None, spec[-1]))
             row_axes = ()
         # leading axes split over devices first (in order), so that they become one major axis P
         split_dims = [d for d, e in enumerate(lead) if e is not None]
@@ -303,41 +414,30 @@ def orthogonalize_on_mesh(updates: list[jax.Array], blocks: list[RowBlocks | Non
         for size, count in runs:
             piece = ut[..., start:start + size * count, :].reshape(p, -1, size, cols)
             key = (size, cols, u.dtype, lead_axes, row_axes, col_axes)
-            previous = constrain(piece, _entry(lead_axes), None, _entry(row_axes), _entry(col_axes))
+            home = PartitionSpec(_entry(lead_axes), None, _entry(row_axes), _entry(col_axes))
+            previous = constrain(piece, home)
             groups.setdefault(key, []).append((i, start, previous))
             start += size * count
 
     results: list[dict[int, jax.Array]] = [{} for _ in updates]
     for (size, cols, dtype, lead_axes, row_axes, col_axes), members in groups.items():
-        home = (_entry(lead_axes), None, _entry(row_axes), _entry(col_axes))  # the members' layout
+        home = PartitionSpec(_entry(lead_axes), None, _entry(row_axes), _entry(col_axes))  # the members' layout
         stack = jnp.concatenate([m[2] for m in members], axis=1) if len(members) > 1 else members[0][2]
         stack = after(stack, previous)
         p, n = stack.shape[:2]
         rest = {a: k for a, k in mesh_axes.items() if a not in lead_axes}
-        batch, split = matrix_layout(n, min(size, cols), rest)
+        batch, split = matrix_layout(n, min(size, cols), rest, row_axes if size <= cols else col_axes)
         d_b = math.prod(mesh.shape[a] for a in batch)
-        q = -(-n // d_b)
-        stack = constrain(stack, *home)
-        if q * d_b > n:  # zero matrices stay zero
-            stack = constrain(jnp.pad(stack, ((0, 0), (0, q * d_b - n), (0, 0), (0, 0))), *home)
-
-        def spread(batch_axes, split_axes):
-            sides = (_entry(split_axes), None) if size <= cols else (None, _entry(split_axes))
-            return (_entry(lead_axes), _entry(batch_axes), None, *sides)
-
-        # Between the members' layout and the spread one, the matrices' own axes move in one step
-        # (all-to-alls) and the axes they are copied over in another (slices in, all-gathers out):
-        # XLA's partitioner falls back to gathering everything on every device for both at once.
-        own = row_axes + col_axes
-        layout = spread(batch, split)
-        middle = spread(tuple(a for a in batch if a in own), tuple(a for a in split if a in own))
-        stack = constrain(stack.reshape(p, d_b, q, size, cols), *home[:2], None, *home[2:])
-        stack = constrain(constrain(stack, *middle), *layout)
+        padded = -(-n // d_b) * d_b
+        if padded > n:  # zero matrices stay zero
+            stack = jnp.pad(stack, ((0, 0), (0, padded - n), (0, 0), (0, 0)))
+        stack = constrain(stack, home)
+        exchange = _Exchange(mesh, stack.shape, lead_axes, row_axes, col_axes, batch, split)
+        stack = exchange.to_spread(stack)
         o = hybrid_newton_schulz(stack, ns_dtype=ns_dtype, eps=eps,
-                                 constrain=lambda x, layout=layout: constrain(x, *layout))
-        o = constrain((o * (math.sqrt(max(size, cols)) * rms_scale)).astype(dtype), *layout)
-        o = constrain(constrain(o, *middle), *home[:2], None, *home[2:])
-        o = constrain(o.reshape(p, d_b * q, size, cols), *home)[:, :n]
+                                 constrain=lambda x, spec=exchange.spread_spec: constrain(x, spec))
+        o = constrain((o * (math.sqrt(max(size, cols)) * rms_scale)).astype(dtype), exchange.spread_spec)
+        o = constrain(exchange.to_home(o), home)[:, :n]
         previous = o
         offset = 0
         for i, start, piece in members:
