@@ -90,6 +90,37 @@ def test_optimizer_with_mesh_equals_one_device(name):
             np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
+# (home rows, home cols, batch, split) of a stack [2, 8, 16, 32] on fsdp 2 x expert 2 x tensor 2, or with
+# data 2 for tensor where ``data`` is named (lead: none): whole matrices from both sides; a side's axis that stays split; one that leaves from before an
+# axis that stays (the side comes back permuted); axes the home layout copies; the split on the long side's
+# neighbour (tall matrices, cols the smaller side)
+EXCHANGES = [(("fsdp",), ("tensor",), ("fsdp", "tensor", "expert"), ()),
+             (("tensor", "fsdp"), (), ("tensor",), ("fsdp", "expert")),
+             (("fsdp",), ("expert",), ("expert", "tensor"), ("fsdp",)),
+             ((), (), ("data",), ("fsdp", "expert")),
+             (("expert",), ("fsdp",), ("fsdp", "data"), ("expert",))]
+
+
+@pytest.mark.parametrize("case", range(len(EXCHANGES)))
+@pytest.mark.parametrize("tall", [False, True])
+def test_exchange_round_trip_and_newton_schulz(case, tall):
+    """``_Exchange`` moves a stack to the spread layout and back exactly, and Newton-Schulz on the
+    spread stack (whose matrices may have their rows or columns permuted) equals the one-device one."""
+    rows, cols, batch, split = EXCHANGES[case]
+    if tall:
+        rows, cols = cols, rows
+    mesh = make_mesh(ParallelConfig(2, 2, 2, 1) if "data" in batch else ParallelConfig(1, 2, 2, 2))
+    shape = (2, 8, 32, 16) if tall else (2, 8, 16, 32)
+    ex = optim._Exchange(mesh, shape, (), rows, cols, batch, split)
+    home = jax.sharding.NamedSharding(mesh, ex.home_spec)
+    x = jax.device_put(jax.random.normal(jax.random.key(case), shape), home)
+    spread = jax.jit(ex.to_spread)(x)
+    assert spread.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, ex.spread_spec), 4)
+    np.testing.assert_array_equal(np.asarray(jax.jit(ex.to_home)(spread)), np.asarray(x))
+    got = jax.jit(lambda s: ex.to_home(optim.hybrid_newton_schulz(s)))(spread)
+    assert rel(got, optim.hybrid_newton_schulz(np.asarray(x))) <= 1e-6
+
+
 def test_layout_spreads_few_matrices_by_splitting_them():
     axes = {"data": 4, "fsdp": 4, "expert": 4}
     assert optim.matrix_layout(128, 512, axes) == (("data", "fsdp", "expert"), ())  # whole matrices

@@ -272,93 +272,85 @@ class _Exchange:
     way back undoes it.
     """
 
-    def __init__(self, mesh, shape, lead: tuple[str, ...], home_rows, home_cols, batch, split):
-        p, n, size, cols = shape
-        self.mesh, self.lead = mesh, lead
-        self.k = {a: mesh.shape[a] for a in mesh.axis_names}
+    def __init__(self, mesh, shape: tuple[int, int, int, int], lead: tuple[str, ...], home_rows: tuple[str, ...],
+                 home_cols: tuple[str, ...], batch: tuple[str, ...], split: tuple[str, ...]):
+        k = {a: mesh.shape[a] for a in mesh.axis_names}
+        self.mesh = mesh
+        _, _, size, cols = shape
         small = 2 if size <= cols else 3
         home = {1: (), 2: tuple(home_rows), 3: tuple(home_cols)}
-        want = {1: tuple(batch), 2: tuple(split) if small == 2 else (), 3: tuple(split) if small == 3 else ()}
-        self.pieces = {d: list(home[d]) + [a for a in want[d] if a not in home[d]] for d in (1, 2, 3)}
-        extent = {1: n, 2: size, 3: cols}
-        # the flat list of pieces: dim 0, then each of dims 1..3 as its axes' pieces and the rest
-        self.where: dict[tuple[int, str], int] = {}
-        local, spread_local, pos = [p // math.prod(self.k[a] for a in lead)], [], 1
+        want = {1: tuple(batch), 2: split if small == 2 else (), 3: split if small == 3 else ()}
+        # the block's pieces: dim 0 whole, then for each of dims 1..3 a piece per axis and the rest
+        piece: dict[tuple[int, str], int] = {}
+        self.home_pieces = [shape[0] // math.prod(k[a] for a in lead)]
+        ends = [1]
         for d in (1, 2, 3):
-            for a in self.pieces[d]:
-                self.where[(d, a)] = pos
-                local.append(1 if a in home[d] else self.k[a])
-                pos += 1
-            rest = extent[d] // math.prod(self.k[a] for a in self.pieces[d])
-            if rest * math.prod(self.k[a] for a in self.pieces[d]) != extent[d]:
-                raise ValueError(f"dimension {d} of the stack {shape} does not divide over {self.pieces[d]}")
-            self.where[(d, "")] = pos
-            local.append(rest)
-            pos += 1
-        self.local = local
-        self.moves = []  # (axis, home piece or None, spread piece)
+            axes = home[d] + tuple(a for a in want[d] if a not in home[d])
+            rest, left = divmod(shape[d], math.prod(k[a] for a in axes))
+            if left:
+                raise ValueError(f"dimension {d} of the stack {shape} does not divide over the axes {axes}")
+            for a in axes:
+                piece[(d, a)] = len(self.home_pieces)
+                self.home_pieces.append(1 if a in home[d] else k[a])
+            piece[(d, "")] = len(self.home_pieces)
+            self.home_pieces.append(rest)
+            ends.append(len(self.home_pieces))
+        self._ends = tuple(ends)  # where each dimension's pieces end (the same at both ends)
+        self.moves = []  # (axis, its piece at home or None where home copies it, its piece spread)
+        moved = list(self.home_pieces)
         for d in (1, 2, 3):
             for a in want[d]:
-                src = next((self.where[(e, a)] for e in (2, 3) if a in home[e]), None)
-                if src != self.where[(d, a)]:
-                    self.moves.append((a, src, self.where[(d, a)]))
-        # spread end: per dim, pieces (stay, arrive, leave, rest)
-        self.order, spec, self.spread_local = [0], [_entry(lead)], [local[0]]
-        self.spread_shape = [p]
+                src = next((piece[(e, a)] for e in (2, 3) if a in home[e]), None)
+                if src != piece[(d, a)]:
+                    self.moves.append((a, src, piece[(d, a)]))
+                    moved[piece[(d, a)]] = 1
+                    if src is not None:
+                        moved[src] = k[a]
+        self.order, spec = [0], [_entry(lead)]  # spread end: each dim's pieces as (stay, arrive, leave, rest)
         for d in (1, 2, 3):
             stay = [a for a in home[d] if a in want[d]]
             arrive = [a for a in want[d] if a not in home[d]]
             leave = [a for a in home[d] if a not in want[d]]
-            idx = [self.where[(d, a)] for a in stay + arrive + leave] + [self.where[(d, "")]]
-            self.order += idx
+            self.order += [piece[(d, a)] for a in stay + arrive + leave] + [piece[(d, "")]]
             spec.append(_entry(tuple(stay + arrive)))
-            self.spread_local.append(math.prod(self.k[a] for a in leave) * local[self.where[(d, "")]])
-            self.spread_shape.append(extent[d])
+        self.moved_pieces = [moved[i] for i in self.order]
         self.inverse = [self.order.index(i) for i in range(len(self.order))]
         self.home_spec = PartitionSpec(_entry(lead), None, _entry(home[2]), _entry(home[3]))
         self.spread_spec = PartitionSpec(*spec)
 
-    def _moved_shape(self):
-        """The local piece sizes after the moves (before the spread end's reordering)."""
-        out = list(self.local)
-        for a, src, dst in self.moves:
-            out[dst] = 1
-            if src is not None:
-                out[src] = self.k[a]
-        return out
+    @staticmethod
+    def _block(pieces, ends):
+        """The 4 dimensions of a block cut into ``pieces`` (``ends``: where each dimension's pieces end)."""
+        return [math.prod(pieces[i:j]) for i, j in zip((0,) + ends[:-1], ends)]
 
-    def to_spread(self, x):
+    def to_spread(self, x: jax.Array) -> jax.Array:
+        """The stack [p, N, rows, cols] from the home layout to the spread one."""
         def body(b):
-            b = b.reshape(self.local)
+            b = b.reshape(self.home_pieces)
             for a, src, dst in self.moves:
-                if src is None:  # copied over ``a`` at home: keep this device's piece
+                if src is None:  # home copies it over ``a``: keep this device's piece
                     b = jax.lax.dynamic_slice_in_dim(b, jax.lax.axis_index(a), 1, dst)
                 else:
                     b = jax.lax.all_to_all(b, a, dst, src, tiled=True)
-            return jnp.transpose(b, self.order).reshape(self.spread_local)
+            return jnp.transpose(b, self.order).reshape(self._block(self.moved_pieces, self._ends))
 
         return jax.shard_map(body, mesh=self.mesh, in_specs=self.home_spec, out_specs=self.spread_spec)(x)
 
-    def to_home(self, y):
-        home_local = [self.local[0]] + [None] * 3
-
+    def to_home(self, y: jax.Array) -> jax.Array:
+        """The inverse of ``to_spread``."""
         def body(b):
-            moved = self._moved_shape()
-            b = jnp.transpose(b.reshape([moved[i] for i in self.order]), self.inverse)
+            b = jnp.transpose(b.reshape(self.moved_pieces), self.inverse)
             for a, src, dst in reversed(self.moves):
                 if src is None:
                     b = jax.lax.all_gather(b, a, axis=dst, tiled=True)
                 else:
                     b = jax.lax.all_to_all(b, a, src, dst, tiled=True)
-            return b.reshape(home_local[:1] + [-1] + [self._home_extent(d) for d in (2, 3)])
+            return b.reshape(self._block(self.home_pieces, self._ends))
 
         # all_gather's result is typed as varying over its axis (jax 0.10 has no invariant form), so
         # the replication the home layout asks for is not checked; it holds by construction
         return jax.shard_map(body, mesh=self.mesh, in_specs=self.spread_spec, out_specs=self.home_spec,
                              check_vma=False)(y)
-
-    def _home_extent(self, d):
-        return math.prod(self.local[self.where[(d, a)]] for a in self.pieces[d]) * self.local[self.where[(d, "")]]
 
 
 def orthogonalize_on_mesh(updates: list[jax.Array], blocks: list[RowBlocks | None], shardings: list, mesh,
