@@ -280,6 +280,8 @@ class _Exchange:
         small = 2 if size <= cols else 3
         home = {1: (), 2: tuple(home_rows), 3: tuple(home_cols)}
         want = {1: tuple(batch), 2: split if small == 2 else (), 3: split if small == 3 else ()}
+        if not set(home_rows + home_cols) <= set(batch + split):
+            raise ValueError(f"the spread layout ({batch}, {split}) leaves out home axes {home_rows + home_cols}")
         # the block's pieces: dim 0 whole, then for each of dims 1..3 a piece per axis and the rest
         piece: dict[tuple[int, str], int] = {}
         self.home_pieces = [shape[0] // math.prod(k[a] for a in lead)]
