@@ -55,6 +55,36 @@ def test_weighted_nll_gradient_matches_the_dense_form(chunk):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
 
 
+def test_weighted_nll_on_rows_split_over_devices():
+    """Rows split over 8 fake devices: the loss and its gradients equal one device's (fp32, 1e-6
+    relative), and every device computes the head for its own rows only: the compiled program has
+    no all-gather (only the head gradient's all-reduce), and with 8 tokens per step and shard its
+    loop takes 8 positions of the device's one row per step, 2 steps for a row of 9 (chunks of
+    consecutive tokens of the flattened batch made every device gather the whole batch)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from v4jax.parallel import ParallelConfig, make_mesh
+
+    mesh = make_mesh(ParallelConfig(8, 1, 1, 1))
+    x = jnp.asarray(rng.normal(size=(8, 9, 6)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(13, 6)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 13, size=(8, 9)))
+    weights = jnp.asarray(rng.random((8, 9)), jnp.float32)
+
+    def loss(shards):
+        return jax.value_and_grad(lambda x, w: weighted_nll(x, w, targets, weights, 8, shards), argnums=(0, 1))
+
+    want = jax.jit(loss(1))(x, w)
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    step = jax.jit(loss(8), in_shardings=(rows, NamedSharding(mesh, PartitionSpec())))
+    got = step(jax.device_put(x, rows), w)
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert np.abs(np.asarray(g) - np.asarray(r)).max() <= 1e-6 * np.abs(np.asarray(r)).max()
+    hlo = step.lower(x, w).compile().as_text()
+    assert "all-gather" not in hlo and "all-reduce" in hlo
+    assert "f32[2,8,6]" in hlo  # x in the loop's chunks: 2 steps of 8 positions of this device's row
+
+
 def test_token_nll_bf16_inputs_accumulate_in_fp32():
     """bf16 hidden states and head (the training path) give the fp32 value of the same bf16
     numbers to fp32 accuracy: the products are exact and the sums are fp32."""

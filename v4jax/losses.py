@@ -39,28 +39,50 @@ def _nll_chunk(x, w, targets):
     return logits, logz - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0], logz
 
 
-def _in_chunks(chunk: int, x: jax.Array, *per_token: jax.Array):
-    """x [b, s, d] and arrays [b, s] -> n chunks of c tokens: [n, c, d] and [n, c] (zero padded)."""
+def _positions_per_chunk(chunk: int, b: int, s: int, shards: int) -> int:
+    """Positions of every row that one chunk takes: about ``chunk`` tokens per batch shard."""
+    return max(1, min(s, chunk * shards // b))
+
+
+def _in_chunks(c: int, x: jax.Array, *per_token: jax.Array):
+    """x [b, s, d] and arrays [b, s] -> n chunks of the next c positions of every row, [n, b*c, d]
+    and [n, b*c] (positions zero padded to n*c).
+
+    Chunks run along the sequence, never across rows: with the rows split over devices (the batch
+    axes), every device takes its own rows' share of every chunk. (Chunks of consecutive tokens of
+    the flattened batch lay along the split rows, so a loop over them made every device gather the
+    whole batch and compute the head for all of it.)
+    """
     b, s, d = x.shape
-    t = b * s
-    c = min(chunk, t)
-    n = -(-t // c)
-    pad = n * c - t
-    return (jnp.pad(x.reshape(t, d), ((0, pad), (0, 0))).reshape(n, c, d),
-            *(jnp.pad(a.reshape(t), (0, pad)).reshape(n, c) for a in per_token))
+    n = -(-s // c)
+
+    def cut(a):  # [b, s, ...] -> [n, b*c, ...]
+        a = jnp.pad(a, ((0, 0), (0, n * c - s)) + ((0, 0),) * (a.ndim - 2)).reshape((b, n, c) + a.shape[2:])
+        return jnp.swapaxes(a, 0, 1).reshape((n, b * c) + a.shape[3:])
+
+    return (cut(x), *(cut(a) for a in per_token))
+
+
+def _uncut(a: jax.Array, b: int, s: int) -> jax.Array:
+    """``_in_chunks``' [n, b*c] back to [b, s]."""
+    n = a.shape[0]
+    return jnp.swapaxes(a.reshape(n, b, -1), 0, 1).reshape(b, -1)[:, :s]
 
 
 @jax.named_scope("lm_head")
-def token_nll(x: jax.Array, w: jax.Array, targets: jax.Array, chunk: int = 4096) -> jax.Array:
+def token_nll(x: jax.Array, w: jax.Array, targets: jax.Array, chunk: int = 4096, shards: int = 1) -> jax.Array:
     """-log softmax(x @ w^T)[target] of every token, without the [tokens, V] logits: for evaluation.
 
     x [b, s, d] (the final normed hidden state; the matmuls run in its dtype with fp32 accumulation,
     so fp32 x is the exact fp32 path), w [V, d] (the head), targets [b, s] -> nll [b, s] fp32.
-    Tokens go ``chunk`` at a time through the head and an fp32 logsumexp. Training differentiates
-    ``weighted_nll`` instead, which computes its gradients during the forward pass.
+    Tokens go through the head and an fp32 logsumexp a chunk at a time: the next positions of every
+    row, about ``chunk`` tokens per batch shard (``shards``: the devices the rows are split over).
+    Training differentiates ``weighted_nll`` instead, which computes its gradients during the
+    forward pass.
     """
     b, s, _ = x.shape
-    return _chunked_nll(*_in_chunks(chunk, x, targets), w).reshape(-1)[: b * s].reshape(b, s)
+    c = _positions_per_chunk(chunk, b, s, shards)
+    return _uncut(_chunked_nll(*_in_chunks(c, x, targets), w), b, s)
 
 
 def _chunked_nll(x, targets, w):
@@ -70,17 +92,19 @@ def _chunked_nll(x, targets, w):
 
 
 @jax.named_scope("lm_head")
-def weighted_nll(x: jax.Array, w: jax.Array, targets: jax.Array, weights: jax.Array, chunk: int = 4096) -> jax.Array:
+def weighted_nll(x: jax.Array, w: jax.Array, targets: jax.Array, weights: jax.Array, chunk: int = 4096,
+                 shards: int = 1) -> jax.Array:
     """sum_t weights[t] * nll[t] (a scalar, fp32) with ``token_nll``'s nll; the training loss.
 
-    x [b, s, d], w [V, d], targets, weights [b, s] (e.g. mask / number of tokens: a masked mean).
-    Under differentiation each chunk's gradients are computed as soon as its logits are: the
+    x [b, s, d], w [V, d], targets, weights [b, s] (e.g. mask / number of tokens: a masked mean);
+    chunks as in ``token_nll``. Under differentiation each chunk's gradients are computed as soon as its logits are: the
     softmax gradient (p - onehot(target)) * weight, in x's dtype, times the head gives the hidden
     states' gradient, and times the chunk's hidden states adds to the head's (fp32). The backward
     pass only scales them by the loss's cotangent, so the head's [tokens, V] product runs three
     times per step instead of four (no recomputed logits) and nothing of size [tokens, V] is kept.
     """
-    xs, ts, ws = _in_chunks(chunk, x, targets, weights.astype(F32))
+    c = _positions_per_chunk(chunk, x.shape[0], x.shape[1], shards)
+    xs, ts, ws = _in_chunks(c, x, targets, weights.astype(F32))
     return _weighted_nll(xs, w, ts, ws)
 
 

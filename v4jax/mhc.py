@@ -133,7 +133,12 @@ class HyperConnection(nnx.Module):
         rows = n if head else config.hc_mix_dim
         self.head = head
         self.eps = (config.hc_eps, config.rms_norm_eps, config.hc_sinkhorn_iters)
-        self.fn = declare(init, ParamInfo((rows, n * d), "normal", "f32", (None, "embed"), MUON,
+        # fn is replicated, not split over "embed" like the model's [., d] matrices: it is small
+        # ((2+n)n x n*d fp32, 1.5 MiB a site at V4-Flash's size), and split it was all-gathered at
+        # every use, forward and remat. Replicated, V4-Flash's step on v5p-256 (fsdp 8 x expert 16 x
+        # tensor 2) compiled with 3.8 GiB less of temporaries (69.88 against 73.67 GiB a chip,
+        # bench/results/2026-12-06-issue32-aot-flash-v5p-256-exchange*.txt) for 0.22 GiB more state.
+        self.fn = declare(init, ParamInfo((rows, n * d), "normal", "f32", (None, None), MUON,
                                           None if head else (n, n, n * n), "f32"))
         self.base = declare(init, vector((rows,), init="zeros", kind="f32"))
         self.scale = declare(init, vector((1 if head else 3,), init="hc_scale", kind="f32"))

@@ -56,8 +56,9 @@ class ParallelConfig:
     capacity capacity_factor x the mean load; rows past it get no expert output and are counted in
     ``dropped_tokens``).
     attention_chunk, indexer_key_chunk, loss_chunk: how many queries the attention and the indexer
-    take per step, entries per step of the indexer's running top-k, and tokens per step of the LM
-    head's cross-entropy. They bound memory per step and never change a result.
+    take per step, entries per step of the indexer's running top-k, and tokens per step and batch
+    shard of the LM head's cross-entropy (the next positions of every row). They bound memory per
+    step and never change a result.
     attention_kernel: the index-list attention as "xla" (``v4jax.attention.sparse_attention``) or
     "pallas" (``v4jax.attention_kernel``'s Triton kernels on GPU, interpreted on CPU; same result).
     csa_mask_ratio: in the xla attention, CSA's top-k entries are a mask over all of a row's entries
@@ -228,14 +229,21 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES, ndim: int = 2) 
     return NamedSharding(mesh, PartitionSpec(axes or None, *([None] * (ndim - 1))))
 
 
+def batch_shards(mesh: jax.sharding.Mesh | None, rows: int, rules=DEFAULT_RULES) -> int:
+    """How many ways ``rows`` rows are split over the mesh's batch axes: their product, or 1 without
+    a mesh or where it does not divide the rows (as ``constrain_batch`` leaves them)."""
+    if mesh is None:
+        return 1
+    k = int(np.prod([mesh.shape[a] for a in rules["batch"]]))
+    return 1 if rows % k else k
+
+
 def constrain_batch(x: jax.Array, mesh: jax.sharding.Mesh | None, rules=DEFAULT_RULES) -> jax.Array:
     """Constrain an activation [b, ...] to be split over the mesh's batch axes (used at block
     boundaries); a no-op without a mesh."""
-    if mesh is None:
+    if batch_shards(mesh, x.shape[0], rules) == 1:
         return x
     axes = tuple(a for a in rules["batch"] if mesh.shape[a] > 1)
-    if not axes or x.shape[0] % int(np.prod([mesh.shape[a] for a in axes])):
-        return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(axes, *([None] * (x.ndim - 1)))))
 
 
