@@ -97,11 +97,12 @@ def weighted_nll(x: jax.Array, w: jax.Array, targets: jax.Array, weights: jax.Ar
     """sum_t weights[t] * nll[t] (a scalar, fp32) with ``token_nll``'s nll; the training loss.
 
     x [b, s, d], w [V, d], targets, weights [b, s] (e.g. mask / number of tokens: a masked mean);
-    chunks as in ``token_nll``. Under differentiation each chunk's gradients are computed as soon as its logits are: the
-    softmax gradient (p - onehot(target)) * weight, in x's dtype, times the head gives the hidden
-    states' gradient, and times the chunk's hidden states adds to the head's (fp32). The backward
-    pass only scales them by the loss's cotangent, so the head's [tokens, V] product runs three
-    times per step instead of four (no recomputed logits) and nothing of size [tokens, V] is kept.
+    chunks as in ``token_nll``. Under differentiation each chunk's gradients are computed as soon
+    as its logits are: the softmax gradient (p - onehot(target)) * weight, in x's dtype, times the
+    head gives the hidden states' gradient, and times the chunk's hidden states adds to the head's
+    (fp32). The backward pass only scales them by the loss's cotangent, so the head's [tokens, V]
+    product runs three times per step instead of four (no recomputed logits) and nothing of size
+    [tokens, V] is kept.
     """
     c = _positions_per_chunk(chunk, x.shape[0], x.shape[1], shards)
     xs, ts, ws = _in_chunks(c, x, targets, weights.astype(F32))

@@ -255,6 +255,11 @@ def _entry(axes: tuple[str, ...]):
     return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
+def _home_spec(lead: tuple[str, ...], rows: tuple[str, ...], cols: tuple[str, ...]) -> PartitionSpec:
+    """The layout of a stack [P, n, rows, cols] as its leaves lay it out: P over the lead axes."""
+    return PartitionSpec(_entry(lead), None, _entry(rows), _entry(cols))
+
+
 class _Exchange:
     """The move of a stack [p, N, rows, cols] between the layout its matrices come in (``home``:
     dim 0 over the lead axes, N whole, rows and cols over some axes) and the spread one (N over the
@@ -317,7 +322,7 @@ class _Exchange:
             spec.append(_entry(tuple(stay + arrive)))
         self.moved_pieces = [moved[i] for i in self.order]
         self.inverse = [self.order.index(i) for i in range(len(self.order))]
-        self.home_spec = PartitionSpec(_entry(lead), None, _entry(home[2]), _entry(home[3]))
+        self.home_spec = _home_spec(lead, home[2], home[3])
         self.spread_spec = PartitionSpec(*spec)
 
     @staticmethod
@@ -408,14 +413,13 @@ def orthogonalize_on_mesh(updates: list[jax.Array], blocks: list[RowBlocks | Non
         for size, count in runs:
             piece = ut[..., start:start + size * count, :].reshape(p, -1, size, cols)
             key = (size, cols, u.dtype, lead_axes, row_axes, col_axes)
-            home = PartitionSpec(_entry(lead_axes), None, _entry(row_axes), _entry(col_axes))
-            previous = constrain(piece, home)
+            previous = constrain(piece, _home_spec(lead_axes, row_axes, col_axes))
             groups.setdefault(key, []).append((i, start, previous))
             start += size * count
 
     results: list[dict[int, jax.Array]] = [{} for _ in updates]
     for (size, cols, dtype, lead_axes, row_axes, col_axes), members in groups.items():
-        home = PartitionSpec(_entry(lead_axes), None, _entry(row_axes), _entry(col_axes))  # the members' layout
+        home = _home_spec(lead_axes, row_axes, col_axes)
         stack = jnp.concatenate([m[2] for m in members], axis=1) if len(members) > 1 else members[0][2]
         stack = after(stack, previous)
         p, n = stack.shape[:2]
