@@ -91,10 +91,10 @@ def test_optimizer_with_mesh_equals_one_device(name):
             np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
-# (home rows, home cols, batch, split) of a stack [2, 8, 16, 32] on fsdp 2 x expert 2 x tensor 2, or with
-# data 2 for tensor where ``data`` is named (lead: none): whole matrices from both sides; a side's axis that stays split; one that leaves from before an
-# axis that stays (the side comes back permuted); axes the home layout copies; the split on the long side's
-# neighbour (tall matrices, cols the smaller side)
+# (home rows, home cols, batch, split) of a stack [2, 8, 16, 32] (transposed for the tall case), on
+# fsdp 2 x expert 2 x tensor 2, or data 2 x fsdp 2 x expert 2 where "data" is named: whole matrices
+# from both sides; an axis that stays on its side while another leaves from before it (the side
+# comes back permuted); axes the home layout copies; an axis that moves from one side to the other
 EXCHANGES = [(("fsdp",), ("tensor",), ("fsdp", "tensor", "expert"), ()),
              (("tensor", "fsdp"), (), ("tensor",), ("fsdp", "expert")),
              (("fsdp",), ("expert",), ("expert", "tensor"), ("fsdp",)),
