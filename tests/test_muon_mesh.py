@@ -99,7 +99,8 @@ EXCHANGES = [(("fsdp",), ("tensor",), ("fsdp", "tensor", "expert"), ()),
              (("tensor", "fsdp"), (), ("tensor",), ("fsdp", "expert")),
              (("fsdp",), ("expert",), ("expert", "tensor"), ("fsdp",)),
              ((), (), ("data",), ("fsdp", "expert")),
-             (("expert",), ("fsdp",), ("fsdp", "data"), ("expert",))]
+             (("expert",), ("fsdp",), ("fsdp", "data"), ("expert",)),
+             ((), ("fsdp",), ("tensor", "expert"), ("fsdp",))]
 
 
 @pytest.mark.parametrize("case", range(len(EXCHANGES)))
