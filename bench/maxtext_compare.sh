@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 32's second peer in one device call: v4jax on bench-flash-8l at 16 rows x 4096 per optimizer
 # update in ACCUM micro-batches (default 8, so 2 x 4096 each, as bench/accum_training.sh), then
-# MaxText 0.2.5's DeepSeek-V4 on the same shapes and batch (bench/maxtext_peer.sh; its wheels in .whl_mt/). Carry .whl and .whl_mt.
+# MaxText 0.2.5's DeepSeek-V4 on the same shapes and batch (bench/maxtext_peer.sh; its wheels in
+# .whl_mt/). Carry .whl and .whl_mt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SUMMARY="tokens_per_s|tokens/s|compile|rror|^optimizer|step wall" SUMMARY_LINES=5

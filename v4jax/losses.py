@@ -39,14 +39,10 @@ def _nll_chunk(x, w, targets):
     return logits, logz - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0], logz
 
 
-def _positions_per_chunk(chunk: int, b: int, s: int, shards: int) -> int:
-    """Positions of every row that one chunk takes: about ``chunk`` tokens per batch shard."""
-    return max(1, min(s, chunk * shards // b))
-
-
-def _in_chunks(c: int, x: jax.Array, *per_token: jax.Array):
+def _in_chunks(chunk: int, shards: int, x: jax.Array, *per_token: jax.Array):
     """x [b, s, d] and arrays [b, s] -> n chunks of the next c positions of every row, [n, b*c, d]
-    and [n, b*c] (positions zero padded to n*c).
+    and [n, b*c] (positions zero padded to n*c), c such that a chunk is about ``chunk`` tokens per
+    batch shard (``shards``: the devices the rows are split over).
 
     Chunks run along the sequence, never across rows: with the rows split over devices (the batch
     axes), every device takes its own rows' share of every chunk. (Chunks of consecutive tokens of
@@ -54,6 +50,7 @@ def _in_chunks(c: int, x: jax.Array, *per_token: jax.Array):
     whole batch and compute the head for all of it.)
     """
     b, s, d = x.shape
+    c = max(1, min(s, chunk * shards // b))
     n = -(-s // c)
 
     def cut(a):  # [b, s, ...] -> [n, b*c, ...]
@@ -81,8 +78,7 @@ def token_nll(x: jax.Array, w: jax.Array, targets: jax.Array, chunk: int = 4096,
     forward pass.
     """
     b, s, _ = x.shape
-    c = _positions_per_chunk(chunk, b, s, shards)
-    return _uncut(_chunked_nll(*_in_chunks(c, x, targets), w), b, s)
+    return _uncut(_chunked_nll(*_in_chunks(chunk, shards, x, targets), w), b, s)
 
 
 def _chunked_nll(x, targets, w):
@@ -104,8 +100,7 @@ def weighted_nll(x: jax.Array, w: jax.Array, targets: jax.Array, weights: jax.Ar
     product runs three times per step instead of four (no recomputed logits) and nothing of size
     [tokens, V] is kept.
     """
-    c = _positions_per_chunk(chunk, x.shape[0], x.shape[1], shards)
-    xs, ts, ws = _in_chunks(c, x, targets, weights.astype(F32))
+    xs, ts, ws = _in_chunks(chunk, shards, x, targets, weights.astype(F32))
     return _weighted_nll(xs, w, ts, ws)
 
 

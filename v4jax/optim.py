@@ -325,10 +325,9 @@ class _Exchange:
         self.home_spec = _home_spec(lead, home[2], home[3])
         self.spread_spec = PartitionSpec(*spec)
 
-    @staticmethod
-    def _block(pieces, ends):
-        """The 4 dimensions of a block cut into ``pieces`` (``ends``: where each dimension's pieces end)."""
-        return [math.prod(pieces[i:j]) for i, j in zip((0,) + ends[:-1], ends)]
+    def _block(self, pieces):
+        """The 4 dimensions of a block cut into ``pieces``."""
+        return [math.prod(pieces[i:j]) for i, j in zip((0,) + self._ends[:-1], self._ends)]
 
     def to_spread(self, x: jax.Array) -> jax.Array:
         """The stack [p, N, rows, cols] from the home layout to the spread one."""
@@ -339,7 +338,7 @@ class _Exchange:
                     b = jax.lax.dynamic_slice_in_dim(b, jax.lax.axis_index(a), 1, dst)
                 else:
                     b = jax.lax.all_to_all(b, a, dst, src, tiled=True)
-            return jnp.transpose(b, self.order).reshape(self._block(self.moved_pieces, self._ends))
+            return jnp.transpose(b, self.order).reshape(self._block(self.moved_pieces))
 
         return jax.shard_map(body, mesh=self.mesh, in_specs=self.home_spec, out_specs=self.spread_spec)(x)
 
@@ -352,7 +351,7 @@ class _Exchange:
                     b = jax.lax.all_gather(b, a, axis=dst, tiled=True)
                 else:
                     b = jax.lax.all_to_all(b, a, src, dst, tiled=True)
-            return b.reshape(self._block(self.home_pieces, self._ends))
+            return b.reshape(self._block(self.home_pieces))
 
         # all_gather's result is typed as varying over its axis (jax 0.10 has no invariant form), so
         # the replication the home layout asks for is not checked; it holds by construction
