@@ -5,7 +5,7 @@
 Cases: (a) b=4, s=4096, h=16, c=512 and (b) b=8, s=2048, h=16, c=128, each with window 128 and
 either CSA (ratio 4, top-256 listed) or HCA (ratio 128, every visible entry). One document per row;
 the listed entries are random distinct visible ones (-1 padded where a query sees fewer), drawn
-with ``jax.random`` on the device. bf16 inputs. For each of ``v4jax.attention.sparse_attention`` with
+with ``jax.random`` on the device. bf16 inputs. For each of ``v4jax.index_list.sparse_attention`` with
 CSA's entries gathered (xla) or as a mask over all entries (mask, CSA only) and
 ``v4jax.attention_kernel.pallas_sparse_attention`` (pallas) it times the forward pass and
 the forward + backward pass (gradients of <out, cotangent> in q, kv, the entries and the sink): the
@@ -28,8 +28,9 @@ import jax
 import jax.numpy as jnp
 from timing import timed
 
-from v4jax.attention import Entries, compressed_entries, sparse_attention
+from v4jax.attention import compressed_entries
 from v4jax.attention_kernel import pallas_sparse_attention
+from v4jax.index_list import Entries, sparse_attention
 
 SHAPES = {"a": {"b": 4, "s": 4096, "h": 16, "c": 512}, "b": {"b": 8, "s": 2048, "h": 16, "c": 128}}
 KINDS = {"csa": {"m": 4, "topk": 256}, "hca": {"m": 128, "topk": None}}

@@ -3,7 +3,7 @@
 * SWA, CSA (listed entries, -1 slots, k not a multiple of the block) and HCA (every visible entry)
   over packed documents: the output, the entry probabilities and the gradients in q, kv, the entry
   keys and the sink (``jax.vjp``, random cotangents on the output and the probabilities) equal the
-  XLA path ``v4jax.attention.sparse_attention`` (itself tested against the dense reference);
+  XLA path ``v4jax.index_list.sparse_attention`` (itself tested against the dense reference);
 * ``attention()`` with ``ParallelConfig(attention_kernel="pallas")`` equals "xla" on a tiny model
   (every layer kind, the indexer's aux outputs, and a gradient through the indexer loss);
 * a bad ``attention_kernel`` is refused, naming the field and the values.
@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from tests.helpers import CONFIGS, rel, sharpened
-from v4jax.attention import Entries, attention, compressed_entries, sparse_attention
+from v4jax.attention import attention, compressed_entries
 from v4jax.attention_kernel import Blocks, pallas_sparse_attention
+from v4jax.index_list import Entries, sparse_attention
 from v4jax.losses import indexer_kl
 from v4jax.model import init_params
 from v4jax.parallel import ParallelConfig, ShardingError

@@ -18,8 +18,9 @@ import pytest
 
 from tests import dense_reference
 from tests.helpers import rel, sharpened
-from v4jax.attention import Entries, attention, indexer_topk, sparse_attention
+from v4jax.attention import attention, indexer_topk
 from v4jax.config import ModelConfig
+from v4jax.index_list import Entries, sparse_attention
 from v4jax.losses import indexer_kl
 from v4jax.model import init_params, param_specs
 from v4jax.parallel import ParallelConfig

@@ -9,18 +9,8 @@ that pool m tokens each (``HCA``: m tokens; ``CSA``: 2m overlapping tokens, then
 picks the top-k entries per query). All keys, plus a per-head sink logit with a zero value, share
 one softmax. The output is de-rotated at the query position and projected through g groups.
 
-**Index-list form** (the official code's). Query t attends to one list of keys:
-
-    window slots      t-W+1 .. t          (none before the row's start or in another document)
-    compressed slots  CSA: the indexer's top-k entries (-1 padded)
-                      HCA: every entry, of which t sees those of its document that ended by t
-
-``sparse_attention`` runs that list over blocks of queries (``jax.lax.map``, each block under
-``jax.checkpoint``), so no tensor holds both a query axis and a full key or entry axis: memory is
-linear in the sequence. Two parts of a list are contiguous and are read as slices rather than
-gathered: a block of W queries finds all its window slots among the 2W keys ending at the block, and
-"every entry" is the entry array itself under a visibility mask. Only CSA's top-k is gathered. The
-arithmetic is that of gathering the list.
+Every query attends to one index list of keys (its window slots, its compressed slots, the sink);
+``v4jax.index_list`` runs it with memory linear in the sequence.
 
 The lightning indexer (``indexer_topk``) likewise scores blocks of queries against blocks of
 entries, merging a running top-k, and never holds the [b, s, e] score matrix.
@@ -34,46 +24,33 @@ another document.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
+from v4jax import context
+from v4jax.attention_kernel import pallas_sparse_attention
 from v4jax.config import CSA, SWA, ModelConfig
-from v4jax.layers import F32, apply_rope, einsum_f32, linear, linear_f32, rms_norm, rope_angles, rope_frequencies
+from v4jax.index_list import (
+    MASK_RATIO,
+    NEG_INF,
+    QUERY_CHUNK,
+    Entries,
+    from_chunks,
+    listed_dot,
+    pad_tokens,
+    sparse_attention,
+    to_chunks,
+)
+from v4jax.layers import F32, apply_rope, linear, linear_f32, rms_norm, rope_angles, rope_frequencies
 from v4jax.params import Init, declare, matrix, pure, vector
 
-NEG_INF = -jnp.inf
-
-# Default chunk sizes (``v4jax.parallel.ParallelConfig`` sets them per run). They trade memory for
-# loop steps and never change a result.
-QUERY_CHUNK = 512  # queries per step of the attention and of the indexer
-KEY_CHUNK = 8192  # entries per step of the indexer's running top-k
-MASK_RATIO = 4  # CSA's listed entries as a mask over all entries while e <= MASK_RATIO * k (see sparse_attention)
-
+KEY_CHUNK = 8192  # entries per step of the indexer's running top-k (``ParallelConfig`` sets it per run)
 
 # --------------------------------------------------------------------------------------------------
 # Compressed entries
-
-
-class Entries(NamedTuple):
-    """A layer's compressed entries and what decides which queries see them (all [b, e] but keys).
-
-    Query t sees entry i iff ``valid[i]``, ``seg[i] == seg(t)`` and ``last[i] <= position(t)``: the
-    whole block (and for CSA the block before it) is at or before t, in t's document.
-    """
-
-    keys: jax.Array  # [b, e, c] pooled, normalised, RoPE at the block's first position
-    seg: jax.Array  # document id of the block
-    last: jax.Array  # document position of the block's last token
-    last_row: jax.Array  # row index of the block's last token (bounds the indexer's scan)
-    valid: jax.Array  # a complete block (slots past the row's count of blocks are not)
-
-    def visible(self, seg: jax.Array, pos: jax.Array) -> jax.Array:
-        """Which entries queries with segment ids and positions [b, q] see: [b, q, e] bool."""
-        return (self.valid[:, None, :] & (self.seg[:, None, :] == seg[:, :, None])
-                & (self.last[:, None, :] <= pos[:, :, None]))
 
 
 def compressed_entries(positions: jax.Array, segment_ids: jax.Array, m: int):
@@ -172,82 +149,6 @@ def indexer_queries(x, cq, p, config: ModelConfig, angles):
     return q, w
 
 
-def _pad_axis1(a: jax.Array, size: int, fill) -> jax.Array:
-    pad = [(0, 0)] * a.ndim
-    pad[1] = (0, size - a.shape[1])
-    return jnp.pad(a, pad, constant_values=fill)
-
-
-def _chunks(a: jax.Array, n: int) -> jax.Array:
-    """[b, n*q, ...] -> [n, b, q, ...]: the leading axis is what ``jax.lax.map`` steps over."""
-    return jnp.moveaxis(a.reshape((a.shape[0], n, -1) + a.shape[2:]), 1, 0)
-
-
-def _unchunk(a: jax.Array, s: int) -> jax.Array:
-    """[n, b, q, ...] -> [b, n*q, ...][:, :s]."""
-    a = jnp.moveaxis(a, 0, 1)
-    return a.reshape((a.shape[0], -1) + a.shape[3:])[:, :s]
-
-
-def _take(keys: jax.Array, idx: jax.Array) -> jax.Array:
-    """keys [b, e, c], idx [b, q, k] (-1 = empty, read as entry 0) -> the listed entries [b, q, k, c]."""
-    return jax.vmap(lambda kb, i: kb[i])(keys, jnp.maximum(idx, 0))
-
-
-def _spread(v: jax.Array, idx: jax.Array, e: int) -> jax.Array:
-    """v [b, q, h, k] -> [b, q, h, e] with v[..., j] at entry idx[..., j] (the transpose of _take)."""
-    put = jax.vmap(jax.vmap(lambda vq, iq: jnp.zeros(vq.shape[:-1] + (e,), vq.dtype).at[:, iq].add(vq)))
-    return put(v, jnp.maximum(idx, 0))
-
-
-# Attention over listed entries, with hand-written backward passes. Autodiff of the gather would
-# scatter-add [b, q, k, c] rows into the entries, and XLA:GPU serialises the colliding row updates
-# (3.2 s of a 4 s small.yaml step on an H200). Here the cotangent is spread as scalars into a
-# [b, q, h, e] array (no collisions: a query lists an entry once) and contracted with a matmul.
-# Empty slots (-1) carry zero cotangent: their logits are masked to -inf and their probabilities 0.
-
-
-@jax.custom_vjp
-def listed_dot(q, keys, idx):
-    """q [b, q, h, c] . keys[idx] -> [b, q, h, k] fp32."""
-    return jnp.einsum("bqhc,bqkc->bqhk", q, _take(keys, idx), preferred_element_type=F32)
-
-
-def _listed_dot_fwd(q, keys, idx):
-    return listed_dot(q, keys, idx), (q, keys, idx)
-
-
-def _listed_dot_bwd(res, g):
-    q, keys, idx = res
-    dq = jnp.einsum("bqhk,bqkc->bqhc", g.astype(q.dtype), _take(keys, idx), preferred_element_type=F32)
-    dense = _spread(g, idx, keys.shape[1]).astype(q.dtype)
-    dkeys = jnp.einsum("bqhe,bqhc->bec", dense, q, preferred_element_type=F32)
-    return dq.astype(q.dtype), dkeys.astype(keys.dtype), None
-
-
-listed_dot.defvjp(_listed_dot_fwd, _listed_dot_bwd)
-
-
-@jax.custom_vjp
-def listed_combine(p, keys, idx):
-    """sum_k p [b, q, h, k] * keys[idx] -> [b, q, h, c] fp32."""
-    return jnp.einsum("bqhk,bqkc->bqhc", p, _take(keys, idx), preferred_element_type=F32)
-
-
-def _listed_combine_fwd(p, keys, idx):
-    return listed_combine(p, keys, idx), (p, keys, idx)
-
-
-def _listed_combine_bwd(res, g):
-    p, keys, idx = res
-    dp = jnp.einsum("bqhc,bqkc->bqhk", g.astype(p.dtype), _take(keys, idx), preferred_element_type=F32)
-    dense = _spread(p, idx, keys.shape[1])
-    dkeys = jnp.einsum("bqhe,bqhc->bec", dense, g.astype(p.dtype), preferred_element_type=F32)
-    return dp.astype(p.dtype), dkeys.astype(keys.dtype), None
-
-
-listed_combine.defvjp(_listed_combine_fwd, _listed_combine_bwd)
-
 
 @jax.named_scope("indexer")
 def indexer_topk(q, w, keys: Entries, segment_ids, positions, k: int, *, query_chunk: int = QUERY_CHUNK,
@@ -269,7 +170,7 @@ def indexer_topk(q, w, keys: Entries, segment_ids, positions, k: int, *, query_c
     n_q = -(-s // qc)
     kc = min(key_chunk, e)
     n_k = -(-e // kc)
-    keys = Entries(*(_pad_axis1(a, n_k * kc, fill) for a, fill in zip(keys, (0, -1, 0, 0, False))))
+    keys = Entries(*(pad_tokens(a, n_k * kc, fill) for a, fill in zip(keys, (0, -1, 0, 0, False))))
 
     # A chunk can see only entries whose block ended by its last row; valid entries come first, in
     # row order, so that is a prefix of the entry axis.
@@ -312,10 +213,10 @@ def indexer_topk(q, w, keys: Entries, segment_ids, positions, k: int, *, query_c
         vals, ids = jax.lax.fori_loop(0, nb, step, init)
         return jnp.where(vals > NEG_INF, ids, -1)
 
-    xs = (_chunks(_pad_axis1(q, n_q * qc, 0), n_q), _chunks(_pad_axis1(w, n_q * qc, 0), n_q),
-          _chunks(_pad_axis1(segment_ids, n_q * qc, -2), n_q), _chunks(_pad_axis1(positions, n_q * qc, 0), n_q),
+    xs = (to_chunks(pad_tokens(q, n_q * qc, 0), n_q), to_chunks(pad_tokens(w, n_q * qc, 0), n_q),
+          to_chunks(pad_tokens(segment_ids, n_q * qc, -2), n_q), to_chunks(pad_tokens(positions, n_q * qc, 0), n_q),
           blocks)
-    return _unchunk(jax.lax.map(chunk, xs), s)
+    return from_chunks(jax.lax.map(chunk, xs), s)
 
 
 @jax.named_scope("indexer")
@@ -333,8 +234,8 @@ def indexer_scores_at(q, w, keys: jax.Array, idx, *, query_chunk: int = QUERY_CH
         qb, wb, ib = xs
         return jnp.where(ib >= 0, _index_scores(wb, listed_dot(qb, keys, ib)), NEG_INF)
 
-    xs = tuple(_chunks(_pad_axis1(a, n_q * qc, fill), n_q) for a, fill in ((q, 0), (w, 0), (idx, -1)))
-    return _unchunk(jax.lax.map(jax.checkpoint(chunk, prevent_cse=False), xs), s)
+    xs = tuple(to_chunks(pad_tokens(a, n_q * qc, fill), n_q) for a, fill in ((q, 0), (w, 0), (idx, -1)))
+    return from_chunks(jax.lax.map(jax.checkpoint(chunk, prevent_cse=False), xs), s)
 
 
 @jax.named_scope("indexer")
@@ -346,122 +247,12 @@ def indexer_scores_dense(q, w, keys: Entries, segment_ids, positions) -> jax.Arr
 
 
 # --------------------------------------------------------------------------------------------------
-# Core attention over each query's index list, with the sink
-
-
-def attend(q, keys, ok, sink, entry_keys=None, entry_idx=None, entry_ok=None, with_probs: bool = False):
-    """One softmax per query over window keys, compressed entries and the sink; value = key.
-
-    q [b, q, h, c]; keys [b, j, c] with ok [b, q, j] (which keys each query sees); sink [h] fp32.
-    Entries: ``entry_keys`` [b, e, c] with either ``entry_idx`` [b, q, k] (the listed ones, -1 =
-    empty) and ``entry_ok`` [b, q, k], or ``entry_idx=None`` and ``entry_ok`` [b, q, e] (every entry,
-    masked). Returns (out [b, q, h, c] in q's dtype, probs): with ``with_probs`` each entry slot's
-    probability summed over heads ([b, q, k] or [b, q, e]), else None.
-    """
-    scale = q.shape[-1] ** -0.5
-    logits = einsum_f32("bqhc,bjc->bqhj", q, keys) * scale
-    logits = jnp.where(ok[:, :, None, :], logits, NEG_INF)
-    mx = jnp.maximum(jnp.max(logits, axis=-1), sink)  # [b, q, h]
-    if entry_keys is not None:
-        if entry_idx is not None:
-            elog = listed_dot(q, entry_keys, entry_idx) * scale
-        else:
-            elog = einsum_f32("bqhc,bkc->bqhk", q, entry_keys) * scale
-        elog = jnp.where(entry_ok[:, :, None, :], elog, NEG_INF)
-        mx = jnp.maximum(mx, jnp.max(elog, axis=-1))
-    mx = jax.lax.stop_gradient(mx)
-    p_win = jnp.exp(logits - mx[..., None])
-    denom = jnp.sum(p_win, axis=-1) + jnp.exp(sink - mx)
-    if entry_keys is not None:
-        p_ent = jnp.exp(elog - mx[..., None])
-        denom = denom + jnp.sum(p_ent, axis=-1)
-    inv = (1.0 / denom)[..., None]
-    out = einsum_f32("bqhj,bjc->bqhc", (p_win * inv).astype(q.dtype), keys)
-    probs = None
-    if entry_keys is not None:
-        p_out = (p_ent * inv).astype(q.dtype)
-        out = out + (listed_combine(p_out, entry_keys, entry_idx) if entry_idx is not None else
-                     einsum_f32("bqhk,bkc->bqhc", p_out, entry_keys))
-        if with_probs:
-            probs = jnp.sum(p_ent * inv, axis=2)
-    return out.astype(q.dtype), probs
-
-
-def sparse_attention(q, kv, sink, segment_ids, positions, window: int, entries: Entries | None = None,
-                     entry_idx=None, *, query_chunk: int = QUERY_CHUNK, with_probs: bool = False,
-                     mask_ratio: int = MASK_RATIO):
-    """One softmax per query over its window slots, its compressed slots and the sink; value = key.
-
-    q [b, s, h, c]; kv [b, s, c] (the window keys); sink [h] (an fp32 logit, not scaled);
-    segment_ids, positions [b, s]. ``entries`` (None for SWA) with ``entry_idx`` [b, s, k] int32
-    (CSA: the top-k, -1 = empty slot) or ``entry_idx=None`` (every visible entry: HCA, and CSA in
-    the dense stage). Window: query t sees row u iff 0 <= t - u < window, in t's document.
-
-    Listed entries are gathered, unless a row has at most ``mask_ratio`` x k entries: then they are
-    a mask over all the entries and the products are dense matmuls (at most ``mask_ratio`` times
-    the arithmetic, without the gathers of k key rows per query; fewer bytes per query than the
-    gathered rows while mask_ratio * h * 4 <= c * 2). 0 always gathers. Either gives the same softmax.
-
-    Returns (out [b, s, h, c] in q's dtype, probs): with ``with_probs`` the attention probability of
-    each compressed slot summed over heads, [b, s, k] (or [b, s, e] for every visible entry);
-    otherwise None. Runs over ``query_chunk`` queries at a time.
-    """
-    s = q.shape[1]
-    blk = min(window, s)  # queries per block: a block's window slots lie in the 2*blk keys ending at it
-    per_step = max(1, min(query_chunk // blk, -(-s // blk)))  # blocks per lax.map step
-    n_blk = -(-s // (blk * per_step)) * per_step
-    size = n_blk * blk
-    has_entries = entries is not None and entries.keys.shape[1] > 0
-
-    cur = _chunks(_pad_axis1(kv, size, 0), n_blk)  # [u, b, q, c]
-    cur_seg = _chunks(_pad_axis1(segment_ids, size, -1), n_blk)  # padded keys match no query
-    prev = lambda a, fill: jnp.concatenate([jnp.full_like(a[:1], fill), a[:-1]], axis=0)  # noqa: E731
-    xs = {"q": _chunks(_pad_axis1(q, size, 0), n_blk),
-          "seg": _chunks(_pad_axis1(segment_ids, size, -2), n_blk),  # padded queries match nothing
-          "pos": _chunks(_pad_axis1(positions, size, 0), n_blk),
-          "keys": jnp.concatenate([prev(cur, 0), cur], axis=2),  # [u, b, j = 2q, c]
-          "key_seg": jnp.concatenate([prev(cur_seg, -1), cur_seg], axis=2)}
-    if has_entries and entry_idx is not None:
-        xs["idx"] = _chunks(_pad_axis1(entry_idx, size, -1), n_blk)
-    dist = blk + jnp.arange(blk)[:, None] - jnp.arange(2 * blk)[None, :]  # [q, j] query row - key row
-    band = (dist >= 0) & (dist < window)
-    sink = sink.astype(F32)
-
-    as_mask = "idx" in xs and entries.keys.shape[1] <= mask_ratio * entry_idx.shape[2]
-
-    def block(xs):
-        ok = band & (xs["seg"][:, :, None] == xs["key_seg"][:, None, :])  # [b, q, j]
-        if not has_entries:
-            return attend(xs["q"], xs["keys"], ok, sink)
-        if as_mask:
-            idx = xs["idx"]
-            out, probs = attend(xs["q"], xs["keys"], ok, sink, entries.keys, None,
-                                _listed_mask(idx, entries.keys.shape[1]), with_probs)
-            if probs is not None:  # each slot's entry; listed entries are visible, so empty slots get 0
-                probs = jnp.where(idx >= 0, jnp.take_along_axis(probs, jnp.maximum(idx, 0), axis=-1), 0.0)
-            return out, probs
-        if "idx" in xs:
-            return attend(xs["q"], xs["keys"], ok, sink, entries.keys, xs["idx"], xs["idx"] >= 0, with_probs)
-        return attend(xs["q"], xs["keys"], ok, sink, entries.keys, None, entries.visible(xs["seg"], xs["pos"]),
-                      with_probs)
-
-    out, probs = jax.lax.map(jax.checkpoint(block, prevent_cse=False), xs, batch_size=per_step)
-    return _unchunk(out, s), (None if probs is None else _unchunk(probs, s))
-
-
-def _listed_mask(idx: jax.Array, e: int) -> jax.Array:
-    """idx [b, q, k] (-1 = empty) -> [b, q, e] bool: which entries the query lists."""
-    put = jax.vmap(jax.vmap(lambda i: jnp.zeros((e,), bool).at[i].set(True, mode="drop")))
-    return put(jnp.where(idx >= 0, idx, e))
-
-
-# --------------------------------------------------------------------------------------------------
 # The attention module
 
 
 @jax.named_scope("attention")
 def attention(x: jax.Array, p: dict, config: ModelConfig, layer: int, positions: jax.Array,
-              segment_ids: jax.Array, sparse: bool = True, with_aux: bool = False, parallel=None):
+              segment_ids: jax.Array, sparse: bool = True, with_aux: bool = False, parallel=None, mesh=None):
     """x: [b, s, d] (the attn_norm output) -> (out [b, s, d], aux). ``layer`` == L is the MTP layer.
 
     ``sparse=False`` lets CSA queries use every visible compressed entry (the dense training stage).
@@ -470,11 +261,57 @@ def attention(x: jax.Array, p: dict, config: ModelConfig, layer: int, positions:
     each [b, s, k] over the selected entries, or [b, s, e] over all entries in the dense stage
     (which holds O(s * e) scores and is meant for short contexts). Otherwise aux is {}.
     ``parallel`` (a ``v4jax.parallel.ParallelConfig``) sets the chunk sizes and the attention kernel.
+    On a ``mesh`` with a ``context`` axis the tokens are split over it (``v4jax.context``); the
+    result is the same.
     """
+    args = (config, layer, sparse, with_aux, parallel)
+    if context.ways(mesh) == 1:
+        return _attention(x, p, positions, segment_ids, *args)
+    return _context_parallel(x, p, positions, segment_ids, *args, mesh=mesh)
+
+
+def context_halo(config: ModelConfig, layer: int) -> int:
+    """The rows before a query's own slice that its layer reads: the window's W-1 keys, and the
+    compressor's first row of a block that ends in the slice (CSA: of the block before it too)."""
+    kind, m = config.layer_type(layer), config.layer_ratio(layer)
+    return max(config.sliding_window - 1, {SWA: 0, CSA: 2 * m - 1}.get(kind, m - 1))
+
+
+def _context_parallel(x, p, positions, segment_ids, config, layer, sparse, with_aux, parallel, mesh):
+    """``_attention`` with the tokens split over the mesh's ``context`` axis: each device runs its
+    own queries over its slice, the slices' last rows before it (``context.from_left``) and every
+    slice's compressed entries (``context.share_entries``). A length the axis does not divide is
+    padded at the end with rows of a document of their own (segment id -1), cut from the result."""
+    ways, s = context.ways(mesh), x.shape[1]
+    pad = -s % ways
+    if pad:
+        x = pad_tokens(x, s + pad, 0)
+        positions, segment_ids = pad_tokens(positions, s + pad, 0), pad_tokens(segment_ids, s + pad, -1)
+    halo = context_halo(config, layer)
+
+    def local(x, p, positions, segment_ids):  # x [b, s/C, d]: this device's slice of every row
+        row0 = jax.lax.axis_index(context.AXIS) * x.shape[1] - halo  # global row of the extended array's row 0
+        extend = lambda a, fill: jnp.concatenate([context.from_left(a, halo, ways, fill), a], axis=1)  # noqa: E731
+        share = functools.partial(context.share_entries, halo=halo, row0=row0)
+        out, aux = _attention(extend(x, 0), p, extend(positions, 0), extend(segment_ids, -1), config, layer, sparse,
+                              with_aux, parallel, share)
+        return out[:, halo:], {k: v[:, halo:] for k, v in aux.items()}
+
+    rows = PartitionSpec(None, context.AXIS)
+    out, aux = jax.shard_map(local, mesh=mesh, in_specs=(rows, PartitionSpec(), rows, rows), out_specs=rows,
+                             axis_names={context.AXIS}, check_vma=False)(x, p, positions, segment_ids)
+    return out[:, :s], {k: v[:, :s] for k, v in aux.items()}
+
+
+def _attention(x, p, positions, segment_ids, config: ModelConfig, layer: int, sparse: bool, with_aux: bool, parallel,
+               share=None):
+    """``attention`` on the rows at hand. ``share(entries) -> entries`` (context parallelism) turns
+    the entries made from these rows into those the queries see."""
     eps = config.rms_norm_eps
     kind, m = config.layer_type(layer), config.layer_ratio(layer)
     q_chunk = parallel.attention_chunk if parallel else QUERY_CHUNK
     k_chunk = parallel.indexer_key_chunk if parallel else KEY_CHUNK
+    share = share or (lambda entries: entries)
     freqs = rope_frequencies(config, layer)
     cos, sin = rope_angles(freqs, positions)
     cq, q, kv = project(x, p, config, (cos, sin))
@@ -482,9 +319,10 @@ def attention(x: jax.Array, p: dict, config: ModelConfig, layer: int, positions:
     entries = idx = None
     aux = {}
     if kind != SWA:
-        entries = make_entries(x, p["compressor"], positions, segment_ids, m, kind == CSA, freqs, eps)
+        entries = share(make_entries(x, p["compressor"], positions, segment_ids, m, kind == CSA, freqs, eps))
         if kind == CSA and entries.keys.shape[1] > 0 and (sparse or with_aux):
             iq, iw, ikeys = indexer_inputs(x, cq, p["indexer"], positions, segment_ids, config, freqs, m)
+            ikeys = share(ikeys)
             if sparse:
                 idx = indexer_topk(iq, iw, ikeys, segment_ids, positions, config.index_topk, query_chunk=q_chunk,
                                    key_chunk=k_chunk)
@@ -496,9 +334,10 @@ def attention(x: jax.Array, p: dict, config: ModelConfig, layer: int, positions:
                        "entry_mask": entries.visible(segment_ids, positions)}
 
     if parallel is not None and parallel.attention_kernel == "pallas":
-        from v4jax.attention_kernel import pallas_sparse_attention as attend_list  # imports this module
+        attend_list = pallas_sparse_attention
     else:
-        attend_list = functools.partial(sparse_attention, mask_ratio=parallel.csa_mask_ratio if parallel else MASK_RATIO)
+        mask_ratio = parallel.csa_mask_ratio if parallel else MASK_RATIO
+        attend_list = functools.partial(sparse_attention, mask_ratio=mask_ratio)
     o, probs = attend_list(q, kv, p["attn_sink"], segment_ids, positions, config.sliding_window, entries, idx,
                            query_chunk=q_chunk, with_probs=bool(aux))
     if aux:
@@ -580,5 +419,7 @@ class Attention(nnx.Module):
         if kind == CSA:
             self.indexer = Indexer(config, init, m)
 
-    def __call__(self, x, positions, segment_ids, sparse: bool = True, with_aux: bool = False, parallel=None):
-        return attention(x, pure(self), self.config, self.layer, positions, segment_ids, sparse, with_aux, parallel)
+    def __call__(self, x, positions, segment_ids, sparse: bool = True, with_aux: bool = False, parallel=None,
+                 mesh=None):
+        return attention(x, pure(self), self.config, self.layer, positions, segment_ids, sparse, with_aux, parallel,
+                         mesh)

@@ -1,9 +1,9 @@
 """The index-list attention with the sink as Pallas kernels (Triton on GPU), forward and backward.
 
-Shape letters as in ``v4jax.attention``: b batch, s tokens, h heads (H once padded), c head dim, e
+Shape letters as in ``v4jax.index_list``: b batch, s tokens, h heads (H once padded), c head dim, e
 compressed entries, k listed slots, n = s + e rows of the key array, l slots of one block.
 
-``pallas_sparse_attention`` has the contract of ``v4jax.attention.sparse_attention`` and computes
+``pallas_sparse_attention`` has the contract of ``v4jax.index_list.sparse_attention`` and computes
 the same softmax: query t over its window keys, its compressed entries and a per-head sink logit
 with a zero value, value = key, one K=V head shared by every query head. The keys are one array
 ``[kv ; entries.keys]`` [b, n, c], and query t's index list into it has three parts:
@@ -54,7 +54,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from v4jax import devices
-from v4jax.attention import QUERY_CHUNK, Entries, _chunks, _pad_axis1, _unchunk, listed_dot, sparse_attention
+from v4jax.index_list import QUERY_CHUNK, Entries, from_chunks, listed_dot, pad_tokens, sparse_attention, to_chunks
 from v4jax.layers import F32, einsum_f32
 
 MIN_HEADS = 16  # Triton's smallest dot operand side: the heads are padded up to it
@@ -97,7 +97,7 @@ class _Layout:
 def pallas_sparse_attention(q, kv, sink, segment_ids, positions, window: int, entries: Entries | None = None,
                             entry_idx=None, *, query_chunk: int = QUERY_CHUNK, with_probs: bool = False,
                             blocks: Blocks | None = None):
-    """``v4jax.attention.sparse_attention`` through the Pallas kernels (same arguments, same outputs).
+    """``v4jax.index_list.sparse_attention`` through the Pallas kernels (same arguments, same outputs).
 
     q [b, s, h, c]; kv [b, s, c]; sink [h] fp32; segment_ids, positions [b, s]; ``entries`` (None for
     SWA) with ``entry_idx`` [b, s, k] (CSA's listed entries, -1 = empty, each listed once) or None
@@ -190,8 +190,8 @@ def _entry_probs(q, lse, entries: Entries, entry_idx, seg, pos, query_chunk: int
         return jnp.sum(jnp.where(ok[:, :, None, :], jnp.exp(logits - lb[..., None]), 0.0), axis=2)
 
     tail = ((entry_idx, -1),) if entry_idx is not None else ((seg, -2), (pos, 0))
-    xs = tuple(_chunks(_pad_axis1(a, n_q * qc, fill), n_q) for a, fill in ((q, 0), (lse, 0), *tail))
-    return _unchunk(jax.lax.map(jax.checkpoint(chunk, prevent_cse=False), xs), s)
+    xs = tuple(to_chunks(pad_tokens(a, n_q * qc, fill), n_q) for a, fill in ((q, 0), (lse, 0), *tail))
+    return from_chunks(jax.lax.map(jax.checkpoint(chunk, prevent_cse=False), xs), s)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -40,19 +40,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from v4jax.attention import (
-    QUERY_CHUNK,
-    Entries,
-    _pad_axis1,
-    _unchunk,
-    attend,
-    compress,
-    indexer_queries,
-    indexer_topk,
-    output_projection,
-    project,
-)
+from v4jax.attention import compress, indexer_queries, indexer_topk, output_projection, project
 from v4jax.config import CSA, SWA, ModelConfig
+from v4jax.index_list import QUERY_CHUNK, Entries, attend, from_chunks, pad_tokens
 from v4jax.layers import apply_rope, linear_f32, rope_angles, rope_frequencies
 from v4jax.model import _final_hidden, block
 from v4jax.parallel import DEFAULT_RULES, batch_sharding
@@ -154,10 +144,10 @@ def _window_attention(q, keys, key_pos, key_ok, positions, sink, window: int, en
     qb = min(query_chunk, t)
     n = -(-t // qb)
     size, span = n * qb, window + qb
-    q, positions = _pad_axis1(q, size, 0), _pad_axis1(positions, size, 0)
-    keys, key_pos = _pad_axis1(keys, window + size, 0), _pad_axis1(key_pos, window + size, 0)
-    key_ok = _pad_axis1(key_ok, window + size, False)
-    idx = None if idx is None else _pad_axis1(idx, size, -1)
+    q, positions = pad_tokens(q, size, 0), pad_tokens(positions, size, 0)
+    keys, key_pos = pad_tokens(keys, window + size, 0), pad_tokens(key_pos, window + size, 0)
+    key_ok = pad_tokens(key_ok, window + size, False)
+    idx = None if idx is None else pad_tokens(idx, size, -1)
 
     def one(u):
         qs = jax.lax.dynamic_slice_in_dim(q, u * qb, qb, 1)
@@ -172,7 +162,7 @@ def _window_attention(q, keys, key_pos, key_ok, positions, sink, window: int, en
         ib = jax.lax.dynamic_slice_in_dim(idx, u * qb, qb, 1)
         return attend(qs, ks, ok, sink, entries.keys, ib, ib >= 0)[0]
 
-    return _unchunk(jax.lax.map(one, jnp.arange(n)), t)  # [n, b, qb, h, c] -> [b, t, h, c]
+    return from_chunks(jax.lax.map(one, jnp.arange(n)), t)  # [n, b, qb, h, c] -> [b, t, h, c]
 
 
 def attention_extend(x, p, lc: dict, config: ModelConfig, layer: int, pos, n_valid, query_chunk=QUERY_CHUNK):

@@ -39,7 +39,7 @@ def _nll_chunk(x, w, targets):
     return logits, logz - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0], logz
 
 
-def _in_chunks(chunk: int, shards: int, x: jax.Array, *per_token: jax.Array):
+def _in_chunks(chunk: int, shards: int, x: jax.Array, *per_token: jax.Array, context: int = 1):
     """x [b, s, d] and arrays [b, s] -> n chunks of the next c positions of every row, [n, b*c, d]
     and [n, b*c] (positions zero padded to n*c), c such that a chunk is about ``chunk`` tokens per
     batch shard (``shards``: the devices the rows are split over).
@@ -47,9 +47,14 @@ def _in_chunks(chunk: int, shards: int, x: jax.Array, *per_token: jax.Array):
     Chunks run along the sequence, never across rows: with the rows split over devices (the batch
     axes), every device takes its own rows' share of every chunk. (Chunks of consecutive tokens of
     the flattened batch lay along the split rows, so a loop over them made every device gather the
-    whole batch and compute the head for all of it.)
+    whole batch and compute the head for all of it.) With the tokens split over ``context``
+    devices (and s divisible), each row's slices count as rows: a chunk takes the next positions of
+    every slice, so each device again works on its own tokens.
     """
     b, s, d = x.shape
+    if context > 1 and s % context == 0:
+        x, per_token = _slices_as_rows(context, x), tuple(_slices_as_rows(context, a) for a in per_token)
+        b, s, shards = b * context, s // context, shards * context
     c = max(1, min(s, chunk * shards // b))
     n = -(-s // c)
 
@@ -60,25 +65,32 @@ def _in_chunks(chunk: int, shards: int, x: jax.Array, *per_token: jax.Array):
     return (cut(x), *(cut(a) for a in per_token))
 
 
-def _uncut(a: jax.Array, b: int, s: int) -> jax.Array:
+def _slices_as_rows(context: int, a: jax.Array) -> jax.Array:
+    """[b, s, ...] -> [b * context, s / context, ...]: each slice of a row as a row."""
+    return a.reshape((a.shape[0] * context, a.shape[1] // context) + a.shape[2:])
+
+
+def _uncut(a: jax.Array, b: int, s: int, context: int = 1) -> jax.Array:
     """``_in_chunks``' [n, b*c] back to [b, s]."""
+    rows, length = (b * context, s // context) if context > 1 and s % context == 0 else (b, s)
     n = a.shape[0]
-    return jnp.swapaxes(a.reshape(n, b, -1), 0, 1).reshape(b, -1)[:, :s]
+    return jnp.swapaxes(a.reshape(n, rows, -1), 0, 1).reshape(rows, -1)[:, :length].reshape(b, s)
 
 
 @jax.named_scope("lm_head")
-def token_nll(x: jax.Array, w: jax.Array, targets: jax.Array, chunk: int = 4096, shards: int = 1) -> jax.Array:
+def token_nll(x: jax.Array, w: jax.Array, targets: jax.Array, chunk: int = 4096, shards: int = 1,
+              context: int = 1) -> jax.Array:
     """-log softmax(x @ w^T)[target] of every token, without the [tokens, V] logits: for evaluation.
 
     x [b, s, d] (the final normed hidden state; the matmuls run in its dtype with fp32 accumulation,
     so fp32 x is the exact fp32 path), w [V, d] (the head), targets [b, s] -> nll [b, s] fp32.
     Tokens go through the head and an fp32 logsumexp a chunk at a time: the next positions of every
-    row, about ``chunk`` tokens per batch shard (``shards``: the devices the rows are split over).
-    Training differentiates ``weighted_nll`` instead, which computes its gradients during the
-    forward pass.
+    row, about ``chunk`` tokens per batch shard (``shards``: the devices the rows are split over;
+    ``context``: the devices each row's tokens are split over). Training differentiates
+    ``weighted_nll`` instead, which computes its gradients during the forward pass.
     """
     b, s, _ = x.shape
-    return _uncut(_chunked_nll(*_in_chunks(chunk, shards, x, targets), w), b, s)
+    return _uncut(_chunked_nll(*_in_chunks(chunk, shards, x, targets, context=context), w), b, s, context)
 
 
 def _chunked_nll(x, targets, w):
@@ -89,7 +101,7 @@ def _chunked_nll(x, targets, w):
 
 @jax.named_scope("lm_head")
 def weighted_nll(x: jax.Array, w: jax.Array, targets: jax.Array, weights: jax.Array, chunk: int = 4096,
-                 shards: int = 1) -> jax.Array:
+                 shards: int = 1, context: int = 1) -> jax.Array:
     """sum_t weights[t] * nll[t] (a scalar, fp32) with ``token_nll``'s nll; the training loss.
 
     x [b, s, d], w [V, d], targets, weights [b, s] (e.g. mask / number of tokens: a masked mean);
@@ -100,7 +112,7 @@ def weighted_nll(x: jax.Array, w: jax.Array, targets: jax.Array, weights: jax.Ar
     product runs three times per step instead of four (no recomputed logits) and nothing of size
     [tokens, V] is kept.
     """
-    xs, ts, ws = _in_chunks(chunk, shards, x, targets, weights.astype(F32))
+    xs, ts, ws = _in_chunks(chunk, shards, x, targets, weights.astype(F32), context=context)
     return _weighted_nll(xs, w, ts, ws)
 
 

@@ -32,7 +32,7 @@ from v4jax.engram import Engram, engram
 from v4jax.layers import linear, linear_f32, rms_norm
 from v4jax.mhc import HyperConnection, hc_head, hc_post, hc_pre
 from v4jax.moe import MoE, moe
-from v4jax.parallel import REMAT_POLICIES, constrain_batch
+from v4jax.parallel import REMAT_POLICIES, constrain_tokens
 from v4jax.params import ADAMW, Init, ParamInfo, declare, matrix, pure, vector
 from v4jax.scan import run_stages, stack_layers
 
@@ -55,7 +55,7 @@ def block(x, p, config: ModelConfig, layer: int, positions, segment_ids, token_i
     u, post, comb = hc_pre(x, p["hc_attn"], **hc)
     h = rms_norm(u, p["attn_norm"], config.rms_norm_eps)
     if attend is None:
-        a, attn_aux = attention(h, p["attn"], config, layer, positions, segment_ids, sparse, with_aux, parallel)
+        a, attn_aux = attention(h, p["attn"], config, layer, positions, segment_ids, sparse, with_aux, parallel, mesh)
     else:
         a, attn_aux = attend(h, p["attn"])
     x = hc_post(a, x, post, comb)
@@ -77,7 +77,7 @@ def layer_fn(config: ModelConfig, layer: int, positions, segment_ids, token_ids,
         ids = engram_ids[:, :, config.engram.layers.index(layer)]
 
     def fn(x, p):
-        x = constrain_batch(x, mesh)
+        x = constrain_tokens(x, mesh)
         x, info = block(x, p, config, layer, positions, segment_ids, token_ids, sparse, with_aux, parallel, mesh,
                         ids)
         return x, (info if layer_stats is None else layer_stats(info, layer))
@@ -145,7 +145,7 @@ def forward(params, tokens, config: ModelConfig, *, positions=None, segment_ids=
         for i, p in enumerate(params["layers"]):
             x, info = make(i)(x, p)
             routing.append(info)
-    x = constrain_batch(x, mesh)
+    x = constrain_tokens(x, mesh)
     out = {"routing": routing}
     hidden = {"": _final_hidden(x, params["hc_head"], params["norm"], config)}
     if mtp:

@@ -27,7 +27,7 @@ from v4jax import devices
 from v4jax.config import ModelConfig
 from v4jax.grouped_matmul_kernel import group_outer
 from v4jax.layers import F32, linear, linear_f32
-from v4jax.parallel import DEFAULT_RULES
+from v4jax.parallel import token_axes
 from v4jax.params import FROZEN, Init, ParamInfo, declare, matrix, pure
 
 
@@ -308,17 +308,18 @@ def routed_experts_all_to_all(x, idx, weights, p, limit, mesh, backend="ragged_d
                               valid=None):
     """Expert parallelism over the mesh's ``expert`` axis with a fixed-capacity all_to_all.
 
-    Tokens are split over the batch axes (data, fsdp, expert); experts over ``expert``. Each device
-    sends every (token, choice) to the device holding its expert, at most C = ceil(capacity_factor *
-    t_local * k / n_ep) rows per destination (the rest are dropped and counted); the receiver runs
-    its experts and sends the results back, where they are summed per token. ``valid`` [t] bool
+    Tokens are split over the batch axes (data, fsdp, expert) and ``context``; experts over
+    ``expert``. Each device sends every (token, choice) to the device holding its expert, at most
+    C = ceil(capacity_factor * t_local * k / n_ep) rows per destination (the rest are dropped and
+    counted); the receiver runs its experts and sends the results back, where they are summed per
+    token. ``valid`` [t] bool
     (default: all) marks padding rows (False), which send nothing and get zeros.
     Returns (y [t, d] fp32, dropped: number of dropped (token, choice) pairs over all devices, at
     the dispatch or, with the ``padded`` backend, past an expert's capacity on the receiver).
     """
 
     n_ep = mesh.shape["expert"]
-    batch_axes = tuple(a for a in DEFAULT_RULES["batch"] if mesh.shape[a] > 1)
+    batch_axes = token_axes(mesh)
     n_tok = int(np.prod([mesh.shape[a] for a in batch_axes])) if batch_axes else 1
     e_local = p["w1"].shape[0] // n_ep
     t_local = x.shape[0] // n_tok
@@ -373,7 +374,7 @@ def routed_experts_ragged(x, idx, weights, p, limit, mesh, backend="ragged_dot",
     """
 
     n_ep = mesh.shape["expert"]
-    batch_axes = tuple(a for a in DEFAULT_RULES["batch"] if mesh.shape[a] > 1)
+    batch_axes = token_axes(mesh)
     e_local = p["w1"].shape[0] // n_ep
     k = idx.shape[1]
     tok = P(batch_axes or None, None)
@@ -426,13 +427,13 @@ def routed_experts_ragged(x, idx, weights, p, limit, mesh, backend="ragged_dot",
 def expert_parallel(dispatch, x, idx, weights, p, limit, mesh, backend, capacity_factor):
     """Run an expert-parallel ``dispatch`` for any token count and any expert count.
 
-    shard_map splits the t tokens over the batch axes and the e experts over ``expert``, so both
+    shard_map splits the t tokens over the batch and context axes and the e experts over ``expert``, so both
     must divide. Token rows are padded to a multiple of the batch devices (the padding rows have
     routing weight 0, are marked invalid and are cut from the result); experts are padded with
     zero-weight experts to a multiple of the expert axis (no token picks them: the router only
     chooses among the e real ones). Nothing is padded when the sizes already divide.
     """
-    batch_ways = int(np.prod([mesh.shape[a] for a in DEFAULT_RULES["batch"]]))
+    batch_ways = int(np.prod([mesh.shape[a] for a in token_axes(mesh)]))
     t, e, n_ep = x.shape[0], p["w1"].shape[0], mesh.shape["expert"]
     pad_t, pad_e = -t % batch_ways, -e % n_ep
     valid = None

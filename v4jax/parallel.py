@@ -1,6 +1,6 @@
 """Device mesh, logical-axis sharding rules, and multi-host start-up.
 
-Mesh axes: ``data``, ``fsdp``, ``expert``, ``tensor`` (any may be 1). Parameters carry logical axis
+Mesh axes: ``data``, ``fsdp``, ``expert``, ``context``, ``tensor`` (any may be 1). Parameters carry logical axis
 names (``vocab``, ``embed``, ``heads``, ``mlp``, ``experts``) in their declarations
 (``v4jax.params``), and one table maps logical names to mesh axes. Changing the parallel layout means changing the table
 (or the mesh shape), not the model.
@@ -8,12 +8,16 @@ names (``vocab``, ``embed``, ``heads``, ``mlp``, ``experts``) in their declarati
 Default table::
 
     batch   -> (data, fsdp, expert)   activations: batch rows split over every data-like axis
+    length  -> context                activations: each row's tokens split (``v4jax.context``)
     vocab   -> tensor                 embed/head rows
     embed   -> fsdp                   the model dimension of every weight (ZeRO-3 style)
     heads   -> tensor                 attention heads (q, output groups, sinks, indexer heads)
     mlp     -> tensor                 expert and shared-expert hidden size
     experts -> expert                 routed experts
     table_rows -> every axis          Engram's n-gram tables: rows split over all devices
+
+The mesh's device order puts ``tensor`` innermost and ``context`` next to it: their collectives
+run every layer, so on a multi-host pod they stay within a host while their product fits one.
 
 A dimension that the mesh axes do not divide is replicated instead. Several logical axes may share a
 mesh axis when no tensor has both (vocab, heads and mlp all use ``tensor``); a tensor whose logical
@@ -32,10 +36,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from v4jax.params import path_keys, tree_infos
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
-DEFAULT_RULES = {"batch": ("data", "fsdp", "expert"), "vocab": ("tensor",), "embed": ("fsdp",),
-                 "heads": ("tensor",), "mlp": ("tensor",), "experts": ("expert",),
-                 "table_rows": ("data", "fsdp", "expert", "tensor")}
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
+DEFAULT_RULES = {"batch": ("data", "fsdp", "expert"), "length": ("context",), "vocab": ("tensor",),
+                 "embed": ("fsdp",), "heads": ("tensor",), "mlp": ("tensor",), "experts": ("expert",),
+                 "table_rows": ("data", "fsdp", "expert", "context", "tensor")}
 
 
 class ShardingError(ValueError):
@@ -46,20 +50,21 @@ class ShardingError(ValueError):
 class ParallelConfig:
     """How the model runs on devices. The ``parallel:`` section of a YAML config.
 
-    mesh: sizes of data/fsdp/expert/tensor (their product must be the device count; one entry may
-    be -1 to take the rest). moe_dispatch: "capacity" (all_to_all with fixed per-device capacity;
-    runs everywhere, drops tokens over capacity and counts them) or "ragged" (dropless
-    ragged_all_to_all; GPU/TPU only). moe_backend: grouped matmul "auto" (the default: "tokamax" on
-    a GPU/TPU where tokamax is installed, else "ragged_dot"; dropless either way), "ragged_dot"
-    (jax.lax.ragged_dot, the reference), "tokamax" (tokamax's kernels, one per product of the
-    forward and backward pass), or "padded" (sort-and-pad into a batched matmul with per-expert
-    capacity capacity_factor x the mean load; rows past it get no expert output and are counted in
-    ``dropped_tokens``).
+    data, fsdp, expert, context, tensor: the mesh's axis sizes (their product must be the device
+    count; one entry may be -1 to take the rest). ``context`` splits each sequence over its devices
+    (``v4jax.context``): training, evaluation and ``Model.logits``; generation leaves it unused.
+    moe_dispatch: "capacity" (all_to_all with fixed per-device capacity; runs everywhere, drops
+    tokens over capacity and counts them) or "ragged" (dropless ragged_all_to_all; GPU/TPU only).
+    moe_backend: grouped matmul "auto" (the default: "tokamax" on a GPU/TPU where tokamax is
+    installed, else "ragged_dot"; dropless either way), "ragged_dot" (jax.lax.ragged_dot, the
+    reference), "tokamax" (tokamax's kernels, one per product of the forward and backward pass), or
+    "padded" (sort-and-pad into a batched matmul with per-expert capacity capacity_factor x the mean
+    load; rows past it get no expert output and are counted in ``dropped_tokens``).
     attention_chunk, indexer_key_chunk, loss_chunk: how many queries the attention and the indexer
     take per step, entries per step of the indexer's running top-k, and tokens per step and batch
     shard of the LM head's cross-entropy (the next positions of every row). They bound memory per
     step and never change a result.
-    attention_kernel: the index-list attention as "xla" (``v4jax.attention.sparse_attention``) or
+    attention_kernel: the index-list attention as "xla" (``v4jax.index_list.sparse_attention``) or
     "pallas" (``v4jax.attention_kernel``'s Triton kernels on GPU, interpreted on CPU; same result).
     csa_mask_ratio: in the xla attention, CSA's top-k entries are a mask over all of a row's entries
     (dense matmuls, no gathers) while the row has at most csa_mask_ratio x index_topk entries (at
@@ -75,6 +80,7 @@ class ParallelConfig:
     fsdp: int = 1
     expert: int = 1
     tensor: int = 1
+    context: int = 1
     moe_dispatch: str = "capacity"
     moe_backend: str = "auto"
     capacity_factor: float = 2.0
@@ -88,7 +94,7 @@ class ParallelConfig:
     csa_mask_ratio: int = 4
 
     def __post_init__(self):
-        sizes = [self.data, self.fsdp, self.expert, self.tensor]
+        sizes = self.sizes()
         if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
             raise ShardingError(f"parallel mesh sizes {dict(zip(MESH_AXES, sizes))}: use positive sizes, "
                                 "at most one -1")
@@ -108,8 +114,12 @@ class ParallelConfig:
         if self.attention_kernel not in ("xla", "pallas"):
             raise ShardingError(f"parallel.attention_kernel={self.attention_kernel!r}: xla or pallas")
 
+    def sizes(self) -> list[int]:
+        """The axis sizes in ``MESH_AXES`` order (-1 not yet resolved)."""
+        return [getattr(self, a) for a in MESH_AXES]
+
     def mesh_shape(self, n_devices: int) -> tuple[int, ...]:
-        sizes = [self.data, self.fsdp, self.expert, self.tensor]
+        sizes = self.sizes()
         known = int(np.prod([s for s in sizes if s != -1]))
         if -1 in sizes:
             if n_devices % known:
@@ -129,7 +139,7 @@ REMAT_POLICIES = {
 
 
 def make_mesh(cfg: ParallelConfig | None = None, devices=None) -> jax.sharding.Mesh:
-    """A mesh with axes (data, fsdp, expert, tensor) over ``devices`` (default: all)."""
+    """A mesh with axes ``MESH_AXES`` over ``devices`` (default: all)."""
     cfg = cfg or ParallelConfig()
     devices = list(jax.devices() if devices is None else devices)
     shape = cfg.mesh_shape(len(devices))
@@ -138,8 +148,8 @@ def make_mesh(cfg: ParallelConfig | None = None, devices=None) -> jax.sharding.M
 
 
 def adopt_mesh(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
-    """Any ``jax.sharding.Mesh`` as a v4jax mesh: the same devices on the axes (data, fsdp, expert,
-    tensor), those the mesh does not name of size 1, all of axis type Auto (v4jax places arrays by
+    """Any ``jax.sharding.Mesh`` as a v4jax mesh: the same devices on the axes ``MESH_AXES``, those
+    the mesh does not name of size 1, all of axis type Auto (v4jax places arrays by
     its rules; a mesh from ``jax.make_mesh`` has Explicit axes by default, under which jax wants a
     sharding rule for every op). An axis of another name must have size 1."""
     names = tuple(mesh.axis_names)
@@ -238,13 +248,26 @@ def batch_shards(mesh: jax.sharding.Mesh | None, rows: int, rules=DEFAULT_RULES)
     return 1 if rows % k else k
 
 
-def constrain_batch(x: jax.Array, mesh: jax.sharding.Mesh | None, rules=DEFAULT_RULES) -> jax.Array:
-    """Constrain an activation [b, ...] to be split over the mesh's batch axes (used at block
-    boundaries); a no-op without a mesh."""
-    if batch_shards(mesh, x.shape[0], rules) == 1:
+def token_axes(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> tuple[str, ...]:
+    """The mesh axes of size > 1 that split the tokens of a batch [b, s] flattened to [b*s] (row
+    major): the batch axes, then ``context``."""
+    return tuple(a for a in (*rules["batch"], *rules["length"]) if mesh.shape.get(a, 1) > 1)
+
+
+def constrain_tokens(x: jax.Array, mesh: jax.sharding.Mesh | None, rules=DEFAULT_RULES) -> jax.Array:
+    """Constrain an activation [b, s, ...] to rows split over the mesh's batch axes and tokens over
+    ``context``, each where it divides (used at block boundaries); a no-op without a mesh."""
+    if mesh is None:
         return x
-    axes = tuple(a for a in rules["batch"] if mesh.shape[a] > 1)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(axes, *([None] * (x.ndim - 1)))))
+    spec = [None] * x.ndim
+    if batch_shards(mesh, x.shape[0], rules) > 1:
+        spec[0] = tuple(a for a in rules["batch"] if mesh.shape[a] > 1)
+    context = tuple(a for a in rules["length"] if mesh.shape.get(a, 1) > 1)
+    if context and x.ndim > 1 and x.shape[1] % int(np.prod([mesh.shape[a] for a in context])) == 0:
+        spec[1] = context
+    if spec == [None] * x.ndim:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
 
 
 # --------------------------------------------------------------------------------------------------

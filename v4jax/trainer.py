@@ -31,6 +31,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+
+from v4jax import context
 from v4jax.checkpoint import all_finite
 from v4jax.config import ConfigError, ModelConfig, load_yaml, parse_yaml
 from v4jax.data import DataConfig
@@ -244,7 +246,8 @@ def loss_fn(params, batch, config: ModelConfig, cfg: TrainConfig, step, parallel
 
     def ce(hidden, targets, loss_mask, tokens):  # the mean over the update's masked tokens
         weights = loss_mask.astype(F32) / jnp.maximum(tokens.astype(F32), 1.0)
-        return weighted_nll(hidden, params["head"], targets, weights, chunk, batch_shards(mesh, hidden.shape[0]))
+        return weighted_nll(hidden, params["head"], targets, weights, chunk, batch_shards(mesh, hidden.shape[0]),
+                            context.ways(mesh))
 
     lm = ce(out["hidden"], batch["targets"], batch["loss_mask"], update["tokens"])
     balance, kl_sums, kl_counts = routing_losses(list(stats.values()))
@@ -386,7 +389,7 @@ def make_eval_step(config: ModelConfig, dtype=F32, parallel=None, mesh=None):
                 continue
             # the fp32 head, as in logits
             res[f"{name}_nll"] = weighted_nll(hidden.astype(F32), params["head"], tgt, m.astype(F32), chunk,
-                                              batch_shards(mesh, hidden.shape[0]))
+                                              batch_shards(mesh, hidden.shape[0]), context.ways(mesh))
             res[f"{name}_tokens"] = jnp.sum(m)
         return res
 

@@ -1,0 +1,96 @@
+"""Context parallelism (``v4jax.context``) on 8 fake CPU devices: a sequence split over the
+``context`` axis gives the one-device numbers.
+
+The batch is 8K tokens of packed documents of random lengths, so documents start and end inside
+slices and cross slice boundaries, and blocks of the compressors straddle them. Tolerance (fp32):
+the split reorders sums (the entries' gradients are reduce-scattered, the loss is summed per
+slice), so values agree to rounding: relative error <= 1e-5 on the loss terms and logits, and on
+every gradient leaf relative to the largest gradient of the model.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.helpers import CONFIGS, rel
+from v4jax import context
+from v4jax.model import forward, init_params
+from v4jax.parallel import ParallelConfig, make_mesh, param_shardings
+from v4jax.trainer import TrainConfig, loss_fn
+
+# every kind of layer, MTP, two hash layers; a window and ratios that make slices of 512 tokens
+# see halos from one slice back and HCA blocks that straddle slices
+CONFIG = CONFIGS["a"].replace(sliding_window=32, compress_rates={"csa": 4, "hca": 64}, index_topk=16)
+TRAIN = TrainConfig(steps=10)
+
+
+def packed(b: int, s: int, seed: int = 0, mean_doc: int = 300) -> dict:
+    """A batch of rows packed with documents of random lengths (positions restart in each)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, CONFIG.vocab_size, (b, s)).astype(np.int32)
+    seg = (1 + np.cumsum(rng.random((b, s)) < 1 / mean_doc, axis=1)).astype(np.int32)
+    start = np.concatenate([np.ones((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    idx = np.arange(s)[None, :].repeat(b, 0)
+    pos = (idx - np.maximum.accumulate(np.where(start, idx, 0), axis=1)).astype(np.int32)
+    last = np.concatenate([seg[:, 1:] != seg[:, :-1], np.ones((b, 1), bool)], axis=1)
+    nxt = np.roll(tokens, -1, 1)
+    return {"tokens": tokens, "positions": pos, "segment_ids": seg, "targets": nxt,
+            "loss_mask": (~last).astype(np.float32), "mtp_targets": np.roll(tokens, -2, 1),
+            "mtp_mask": (~last & ~np.roll(last, -1, 1)).astype(np.float32)}
+
+
+def run(params, batch, mesh=None, par=None):
+    """The training loss, its terms and the gradients (jitted; on ``mesh`` if given)."""
+    def f(p, bt):
+        (loss, (metrics, _)), grads = jax.value_and_grad(loss_fn, has_aux=True, allow_int=True)(
+            p, bt, CONFIG, TRAIN, 0, par, mesh)
+        return loss, metrics, grads
+    if mesh is not None:
+        params = jax.device_put(params, param_shardings(params, mesh, CONFIG))
+    return jax.jit(f)(params, batch)
+
+
+def grads_rel(got, want) -> float:
+    """max over leaves of max |got - want| / (largest |gradient| of the model)."""
+    floats = [(g, w) for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)) if w.dtype == jnp.float32]
+    scale = max(float(jnp.max(jnp.abs(w))) for _, w in floats)
+    return max(float(jnp.max(jnp.abs(g - w))) for g, w in floats) / scale
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CONFIG, seed=0)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    b = packed(2, 4096)
+    cut = np.arange(512, 4096, 512)  # slice boundaries with context 8
+    assert np.any(b["segment_ids"][:, cut - 1] == b["segment_ids"][:, cut])  # documents cross them
+    return b
+
+
+@pytest.fixture(scope="module")
+def single(params, batch):
+    return run(params, batch)
+
+
+# (data, fsdp, expert, tensor, context): context alone and with fsdp / expert
+MESHES = {"c2": (1, 1, 1, 1, 2), "c8": (1, 1, 1, 1, 8), "f2c4": (1, 2, 1, 1, 4), "e2c4": (1, 1, 2, 1, 4),
+          "f2e2c2": (1, 2, 2, 1, 2)}
+
+
+@pytest.mark.parametrize("name", sorted(MESHES))
+def test_training_loss_and_gradients_match_one_device(name, params, batch, single):
+    shape = MESHES[name]
+    par = ParallelConfig(*shape[:4], context=shape[4], capacity_factor=8.0)  # nothing can drop
+    mesh = make_mesh(par, jax.devices()[:int(np.prod(shape))])
+    loss, metrics, grads = run(params, batch, mesh, par)
+    want_loss, want_metrics, want_grads = single
+    assert int(metrics["dropped_tokens"]) == 0
+    assert rel(loss, want_loss) <= 1e-5
+    for k in ("lm_loss", "mtp_loss", "balance_loss", "indexer_loss"):
+        assert rel(metrics[k], want_metrics[k]) <= 1e-5, k
+    assert float(want_metrics["indexer_loss"]) > 0
+    assert grads_rel(grads, want_grads) <= 1e-5
