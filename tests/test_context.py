@@ -8,14 +8,21 @@ slice), so values agree to rounding: relative error <= 1e-5 on the loss terms an
 every gradient leaf relative to the largest gradient of the model.
 """
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
-from tests.helpers import CONFIGS, rel
+import v4jax
+from tests.helpers import CONFIGS, rel, write_checkpoint
 from v4jax import context
-from v4jax.model import forward, init_params
+from v4jax.cli.train import check_batch_split
+from v4jax.config import ConfigError
+from v4jax.memory import training_memory
+from v4jax.model import init_params
 from v4jax.parallel import ParallelConfig, make_mesh, param_shardings
 from v4jax.trainer import TrainConfig, loss_fn
 
@@ -76,9 +83,8 @@ def single(params, batch):
     return run(params, batch)
 
 
-# (data, fsdp, expert, tensor, context): context alone and with fsdp / expert
-MESHES = {"c2": (1, 1, 1, 1, 2), "c8": (1, 1, 1, 1, 8), "f2c4": (1, 2, 1, 1, 4), "e2c4": (1, 1, 2, 1, 4),
-          "f2e2c2": (1, 2, 2, 1, 2)}
+# (data, fsdp, expert, tensor, context): context 8 alone, 4 with fsdp, 2 with fsdp and expert
+MESHES = {"c8": (1, 1, 1, 1, 8), "f2c4": (1, 2, 1, 1, 4), "f2e2c2": (1, 2, 2, 1, 2)}
 
 
 @pytest.mark.parametrize("name", sorted(MESHES))
@@ -94,3 +100,55 @@ def test_training_loss_and_gradients_match_one_device(name, params, batch, singl
         assert rel(metrics[k], want_metrics[k]) <= 1e-5, k
     assert float(want_metrics["indexer_loss"]) > 0
     assert grads_rel(grads, want_grads) <= 1e-5
+
+
+def test_from_pretrained_on_a_context_mesh_gives_the_unsharded_logits(tmp_path):
+    path = write_checkpoint(tmp_path / "ckpt", CONFIG)
+    b = packed(2, 1001, seed=1, mean_doc=200)  # 1001 tokens: the context axis (4) does not divide them
+    args = (b["tokens"], b["positions"], b["segment_ids"])
+    want = v4jax.from_pretrained(path, dtype="float32").logits(*args)
+    model = v4jax.from_pretrained(path, dtype="float32", mesh=jax.make_mesh((4, 2), ("context", "expert")))
+    assert model.mesh.shape["context"] == 4
+    assert rel(model.logits(*args), want) <= 1e-5
+
+
+def test_halo_rows_come_from_as_many_slices_back_as_needed():
+    mesh = make_mesh(ParallelConfig(1, 1, 1, 1, 8))
+    x = np.arange(16, dtype=np.int32).reshape(1, 16)  # slices of 2 rows
+    for n in (1, 2, 5):
+        got = jax.shard_map(lambda a: context.from_left(a, n, 8, -1), mesh=mesh, in_specs=P(None, "context"),
+                            out_specs=P(None, "context"))(x)
+        want = [[(2 * i - n + j if 2 * i - n + j >= 0 else -1) for j in range(n)] for i in range(8)]
+        np.testing.assert_array_equal(np.asarray(got).reshape(8, n), want)
+
+
+def test_training_memory_divides_over_the_context_axis():
+    """Compile only: one 64K-token row on 8 devices; the temporaries with context 8 are at most a
+    fifth of those with context 1. The attention's and the indexer's per-step buffers (chunk x
+    heads x entry block) do not depend on the sequence and are the same in both; the chunks are set
+    small so that the measure is what grows with the sequence."""
+    temp = {}
+    for ways, shape in ((1, (1, 1, 1, 8, 1)), (8, (1, 1, 1, 1, 8))):  # context 1: the tensor axis takes the devices
+        par = ParallelConfig(*shape, remat="full", attention_chunk=128, indexer_key_chunk=2048)
+        temp[ways] = training_memory(CONFIG, TRAIN, par, make_mesh(par), 1, 65536)["temp_bytes_per_device"]
+    assert temp[8] <= temp[1] / 5, temp
+
+
+def test_training_refuses_what_context_cannot_split():
+    run = types.SimpleNamespace(train=types.SimpleNamespace(grad_accum_steps=1),
+                                data=types.SimpleNamespace(batch_size=8, seq_len=1000))
+    with pytest.raises(ConfigError, match="data.seq_len=1000 must be divisible by parallel.context=16"):
+        check_batch_split(run, _fake_mesh(16, hosts=1))
+    run.data.seq_len = 1024
+    check_batch_split(run, _fake_mesh(16, hosts=2, context=4))  # 2 hosts of 8 devices: context 4 stays in one
+    with pytest.raises(ConfigError, match="keep context x tensor within a host"):
+        check_batch_split(run, _fake_mesh(16, hosts=2, context=16))
+
+
+def _fake_mesh(n: int, hosts: int, context: int = 16):
+    """A stand-in for a mesh of n devices on ``hosts`` hosts (the check reads names, shapes and each
+    device's process_index): data x context, device ids in order, each host n / hosts of them."""
+    devices = np.array([types.SimpleNamespace(process_index=i * hosts // n) for i in range(n)], dtype=object)
+    names = ("data", "fsdp", "expert", "context", "tensor")
+    shape = dict(zip(names, (n // context, 1, 1, context, 1)))
+    return types.SimpleNamespace(devices=devices.reshape(tuple(shape.values())), axis_names=names, shape=shape)

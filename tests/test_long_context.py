@@ -235,3 +235,29 @@ def test_memory_grows_linearly_with_the_sequence(grad):
     assert large <= 5 * small, (small, large)
     dense_small, dense_large = _temp_bytes(2048, False, grad), _temp_bytes(8192, False, grad)
     assert dense_large > 8 * dense_small, (dense_small, dense_large)
+
+
+@pytest.mark.parametrize("e", [4, 64])  # h e <= k c: the spread form; else the per-slot rows
+def test_listed_products_have_the_gradients_of_the_gather(e):
+    from v4jax.index_list import listed_combine, listed_dot  # noqa: PLC0415
+
+    b, q, h, k, c = 2, 5, 2, 3, 4
+    rng = np.random.default_rng(e)
+    idx = np.stack([np.stack([rng.permutation(e)[:k] for _ in range(q)]) for _ in range(b)]).astype(np.int32)
+    idx[:, ::2, -1] = -1  # empty slots
+    shapes = ((b, q, h, c), (b, e, c), (b, q, h, k))
+    qs, keys, p = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in shapes)
+    ok = jnp.asarray(idx >= 0)[:, :, None, :]
+    take = lambda kv: jax.vmap(lambda kb, i: kb[i])(kv, jnp.maximum(idx, 0))  # noqa: E731  (autodiff: scatter-add)
+    weights = jnp.asarray(rng.normal(size=(b, q, h, k)), jnp.float32)
+    dot = lambda f: lambda a, kv: jnp.sum(jnp.where(ok, f(a, kv), 0.0) * weights)  # noqa: E731
+    ours = jax.grad(dot(lambda a, kv: listed_dot(a, kv, idx)), argnums=(0, 1))(qs, keys)
+    ref = jax.grad(dot(lambda a, kv: jnp.einsum("bqhc,bqkc->bqhk", a, take(kv))), argnums=(0, 1))(qs, keys)
+    assert max(rel(o, r) for o, r in zip(ours, ref)) <= 1e-6
+    pm = jnp.where(ok, p, 0.0)  # probabilities of empty slots are 0
+    out_w = jnp.asarray(rng.normal(size=(b, q, h, c)), jnp.float32)
+    comb = lambda f: lambda a, kv: jnp.sum(f(a, kv) * out_w)  # noqa: E731
+    ours = jax.grad(comb(lambda a, kv: listed_combine(a, kv, idx)), argnums=(0, 1))(pm, keys)
+    ref = jax.grad(comb(lambda a, kv: jnp.einsum("bqhk,bqkc->bqhc", a, take(kv))), argnums=(0, 1))(pm, keys)
+    assert rel(ours[1], ref[1]) <= 1e-6
+    assert rel(jnp.where(ok, ours[0], 0.0), jnp.where(ok, ref[0], 0.0)) <= 1e-6  # empty slots' p are not read

@@ -88,11 +88,28 @@ def _spread(v: jax.Array, idx: jax.Array, e: int) -> jax.Array:
     return put(v, jnp.maximum(idx, 0))
 
 
-# Attention over listed entries, with hand-written backward passes. Autodiff of the gather would
-# scatter-add [b, q, k, c] rows into the entries, and XLA:GPU serialises the colliding row updates
-# (3.2 s of a 4 s small.yaml step on an H200). Here the cotangent is spread as scalars into a
-# [b, q, h, e] array (no collisions: a query lists an entry once) and contracted with a matmul.
-# Empty slots (-1) carry zero cotangent: their logits are masked to -inf and their probabilities 0.
+def _into_entries(v: jax.Array, other: jax.Array, idx: jax.Array, e: int) -> jax.Array:
+    """sum over queries, heads and slots of v [b, q, h, k] * other [b, q, h, c], each slot into its
+    entry idx [b, q, k]: -> [b, e, c] fp32. v and other in the matmul dtype.
+
+    Two forms, whichever holds fewer numbers: v spread as scalars into [b, q, h, e] (no colliding
+    updates: a query lists an entry once) and one matmul; or the per-slot rows [b, q, k, c] summed
+    into their entries. The first is the fast one on GPUs (XLA:GPU serialises colliding row
+    updates: 3.2 s of a 4 s small.yaml step on an H200 when every gather's gradient was a
+    scatter-add), but grows with the sequence's entry count e: past h e = k c (V4-Flash: e > 4096,
+    16K tokens) the second keeps a block's memory independent of the sequence length.
+    """
+    h, k, c = v.shape[2], v.shape[3], other.shape[3]
+    if h * e <= k * c:
+        return jnp.einsum("bqhe,bqhc->bec", _spread(v, idx, e), other, preferred_element_type=F32)
+    rows = jnp.einsum("bqhk,bqhc->bqkc", v, other, preferred_element_type=F32)
+    into = lambda r, i: jax.ops.segment_sum(r.reshape(-1, c), i.reshape(-1), e)  # noqa: E731
+    return jax.vmap(into)(rows, jnp.maximum(idx, 0))
+
+
+# Attention over listed entries, with hand-written backward passes (autodiff of the gather would
+# always scatter-add [b, q, k, c] rows into the entries; see _into_entries). Empty slots (-1) carry
+# zero cotangent: their logits are masked to -inf and their probabilities 0.
 
 
 @jax.custom_vjp
@@ -108,8 +125,7 @@ def _listed_dot_fwd(q, keys, idx):
 def _listed_dot_bwd(res, g):
     q, keys, idx = res
     dq = jnp.einsum("bqhk,bqkc->bqhc", g.astype(q.dtype), _take(keys, idx), preferred_element_type=F32)
-    dense = _spread(g, idx, keys.shape[1]).astype(q.dtype)
-    dkeys = jnp.einsum("bqhe,bqhc->bec", dense, q, preferred_element_type=F32)
+    dkeys = _into_entries(g.astype(q.dtype), q, idx, keys.shape[1])
     return dq.astype(q.dtype), dkeys.astype(keys.dtype), None
 
 
@@ -129,8 +145,7 @@ def _listed_combine_fwd(p, keys, idx):
 def _listed_combine_bwd(res, g):
     p, keys, idx = res
     dp = jnp.einsum("bqhc,bqkc->bqhk", g.astype(p.dtype), _take(keys, idx), preferred_element_type=F32)
-    dense = _spread(p, idx, keys.shape[1])
-    dkeys = jnp.einsum("bqhe,bqhc->bec", dense, g.astype(p.dtype), preferred_element_type=F32)
+    dkeys = _into_entries(p, g.astype(p.dtype), idx, keys.shape[1])
     return dp.astype(p.dtype), dkeys.astype(keys.dtype), None
 
 

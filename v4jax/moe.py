@@ -304,6 +304,27 @@ def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, p: dict, li
     return combine(ys, order, inverse, k), dropped
 
 
+def routed_experts_per_shard(x, idx, weights, p, limit, mesh, backend="ragged_dot", capacity_factor=2.0,
+                             valid=None):
+    """Every device runs its own tokens through all the experts (a mesh without an ``expert`` axis).
+
+    Tokens are split over the batch axes and ``context`` in a shard_map; the expert weights enter
+    whole (gathered over ``fsdp`` like any weight). Left to XLA, the grouped matmul's sort of all
+    tokens by expert was not partitioned: every device ran every token. ``valid`` is not needed
+    (padding rows have routing weight 0 and add nothing). Returns (y [t, d] fp32, dropped).
+    """
+    axes = token_axes(mesh)
+    tok = P(axes, None)
+
+    def local(x, idx, weights, p):
+        y, dropped = routed_experts(x, idx, weights, p, limit, backend, capacity_factor)
+        return y, jax.lax.psum(dropped, axes)
+
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, P()), out_specs=(tok, P()), axis_names=set(axes),
+                       check_vma=False)
+    return fn(x, idx, weights, p)
+
+
 def routed_experts_all_to_all(x, idx, weights, p, limit, mesh, backend="ragged_dot", capacity_factor=2.0,
                               valid=None):
     """Expert parallelism over the mesh's ``expert`` axis with a fixed-capacity all_to_all.
@@ -454,7 +475,7 @@ def moe(x: jax.Array, p: dict, token_ids: jax.Array, config: ModelConfig, parall
     ``dropped`` counts the (token, expert) pairs that got no expert output: over the capacity
     dispatch's per-device limit, or over an expert's capacity in the ``padded`` backend.
     ``parallel`` is a ``v4jax.parallel.ParallelConfig``; ``mesh`` with an ``expert`` axis > 1 turns
-    expert parallelism on.
+    expert parallelism on; on a mesh without one, each device runs its own tokens.
     """
     b, s, d = x.shape
     flat = x.reshape(b * s, d)
@@ -465,6 +486,9 @@ def moe(x: jax.Array, p: dict, token_ids: jax.Array, config: ModelConfig, parall
         dispatch = routed_experts_ragged if parallel is not None and parallel.moe_dispatch == "ragged" \
             else routed_experts_all_to_all
         y, dropped = expert_parallel(dispatch, flat, idx, w, p["experts"], config.swiglu_limit, mesh, backend, cf)
+    elif mesh is not None and token_axes(mesh):
+        y, dropped = expert_parallel(routed_experts_per_shard, flat, idx, w, p["experts"], config.swiglu_limit, mesh,
+                                     backend, cf)
     else:
         y, dropped = routed_experts(flat, idx, w, p["experts"], config.swiglu_limit, backend, cf)
     y = y + shared_expert(flat, p["shared_experts"], config.swiglu_limit)

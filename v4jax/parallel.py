@@ -10,7 +10,8 @@ Default table::
     batch   -> (data, fsdp, expert)   activations: batch rows split over every data-like axis
     length  -> context                activations: each row's tokens split (``v4jax.context``)
     vocab   -> tensor                 embed/head rows
-    embed   -> fsdp                   the model dimension of every weight (ZeRO-3 style)
+    embed   -> (fsdp, context)        the model dimension of every weight (ZeRO-3 style: the context
+                                      devices hold different tokens of the same rows, as data would)
     heads   -> tensor                 attention heads (q, output groups, sinks, indexer heads)
     mlp     -> tensor                 expert and shared-expert hidden size
     experts -> expert                 routed experts
@@ -38,7 +39,7 @@ from v4jax.params import path_keys, tree_infos
 
 MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
 DEFAULT_RULES = {"batch": ("data", "fsdp", "expert"), "length": ("context",), "vocab": ("tensor",),
-                 "embed": ("fsdp",), "heads": ("tensor",), "mlp": ("tensor",), "experts": ("expert",),
+                 "embed": ("fsdp", "context"), "heads": ("tensor",), "mlp": ("tensor",), "experts": ("expert",),
                  "table_rows": ("data", "fsdp", "expert", "context", "tensor")}
 
 

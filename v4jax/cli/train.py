@@ -177,6 +177,9 @@ def check_saved(run, meta: dict, workdir: Path) -> None:
 
 
 def check_batch_split(run, mesh) -> None:
+    import jax
+    import numpy as np
+
     from v4jax.config import ConfigError
     from v4jax.parallel import DEFAULT_RULES
 
@@ -190,6 +193,19 @@ def check_batch_split(run, mesh) -> None:
                  else f"data.batch_size={run.data.batch_size}")
         raise ConfigError(f"{micro} must be divisible by the {split} devices that split the batch "
                           "(parallel.data x fsdp x expert)")
+    ways = mesh.shape["context"]
+    if run.data.seq_len % ways:
+        raise ConfigError(f"data.seq_len={run.data.seq_len} must be divisible by parallel.context={ways} "
+                          "(each of its devices holds an equal slice of every row)")
+    # each host reads whole rows (v4jax.data): the devices that share rows must be one host's
+    hosts = {}
+    for index, device in np.ndenumerate(mesh.devices):
+        rows = tuple(i for i, a in zip(index, mesh.axis_names) if a in DEFAULT_RULES["batch"])
+        hosts.setdefault(rows, set()).add(device.process_index)
+    if any(len(h) > 1 for h in hosts.values()):
+        raise ConfigError(f"parallel.context x tensor = {ways * mesh.shape['tensor']} devices share each row, "
+                          f"more than one host has ({jax.local_device_count()}): each host reads whole rows, so "
+                          "keep context x tensor within a host")
 
 
 # --------------------------------------------------------------------------------------------------
