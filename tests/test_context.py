@@ -110,6 +110,9 @@ def test_from_pretrained_on_a_context_mesh_gives_the_unsharded_logits(tmp_path):
     model = v4jax.from_pretrained(path, dtype="float32", mesh=jax.make_mesh((4, 2), ("context", "expert")))
     assert model.mesh.shape["context"] == 4
     assert rel(model.logits(*args), want) <= 1e-5
+    prompts = [list(b["tokens"][0, :40]), list(b["tokens"][1, :25])]  # generation leaves the axis unused
+    assert model.generate(prompts, 4, temperature=0) == v4jax.from_pretrained(path, dtype="float32").generate(
+        prompts, 4, temperature=0)
 
 
 def test_halo_rows_come_from_as_many_slices_back_as_needed():
