@@ -62,9 +62,9 @@ tpu)
   row flash-v5p-256-t4 "$TPU_PY" 1500 $FLASH --tpu-topology v5p:8x8x4 --mesh fsdp=4,expert=16,tensor=4 --batch 64
   row flash-v5p-256-unspread "$TPU_PY" 1500 $FLASH --tpu-topology v5p:8x8x4 --mesh fsdp=8,expert=16,tensor=2 \
     --batch 128 --muon-unspread ;;
-context)  # V4-Flash with each sequence split over the context axis (1M tokens a step at 128K, 8M at 1M)
+context)  # V4-Flash with each sequence split over the context axis (8 rows: 1M tokens a step at 128K, 8M at 1M)
   row flash-128k-v5p-256 "$TPU_PY" 1800 --config configs/v4-flash.yaml --remat full --seq 131072 \
-    --tpu-topology v5p:8x8x4 --mesh expert=8,context=32 --batch 8
+    --tpu-topology v5p:8x8x4 --mesh expert=8,context=16,tensor=2 --batch 8
   row flash-1m-v5p-256 "$TPU_PY" 1800 --config configs/v4-flash.yaml --remat full --seq 1048576 \
     --tpu-topology v5p:8x8x4 --mesh expert=8,context=32 --batch 8 ;;
 gpu-context)  # the same on 64 mock H200s (at most 9 min)

@@ -33,10 +33,10 @@ def ways(mesh) -> int:
     return 1 if mesh is None else int(dict(mesh.shape).get(AXIS, 1))
 
 
-def from_left(x: jax.Array, n: int, ways: int, fill) -> jax.Array:
+def from_left(x: jax.Array, n: int, slices: int, fill) -> jax.Array:
     """The n rows before this slice along axis 1 (the previous slices' last rows), ``fill`` where the
-    sequence has none (before its start). Inside a shard_map over ``context``: x [b, s/C, ...] ->
-    [b, n, ...]. Rows from up to ceil(n / (s/C)) slices back."""
+    sequence has none (before its start). Inside a shard_map over ``context`` of ``slices`` devices:
+    x [b, s/C, ...] -> [b, n, ...], from up to ceil(n / (s/C)) slices back."""
     s_local = x.shape[1]
     if n == 0:
         return x[:, :0]
@@ -45,10 +45,10 @@ def from_left(x: jax.Array, n: int, ways: int, fill) -> jax.Array:
     sent = x[:, s_local - n:] if hops == 1 else x
     pieces = []
     for hop in range(hops, 0, -1):  # the farthest slice first
-        if hop >= ways:
+        if hop >= slices:
             got = jnp.full_like(sent, fill)
         else:
-            got = jax.lax.ppermute(sent, AXIS, [(i, i + hop) for i in range(ways - hop)])
+            got = jax.lax.ppermute(sent, AXIS, [(i, i + hop) for i in range(slices - hop)])
             got = jnp.where(me >= hop, got, jnp.asarray(fill, sent.dtype))
         pieces.append(got)
     return jnp.concatenate(pieces, axis=1)[:, -n:]

@@ -39,7 +39,7 @@ from v4jax.data import DataConfig
 from v4jax.losses import layer_routing_stats, routing_losses, update_router_bias, weighted_nll
 from v4jax.model import forward, param_count
 from v4jax.optim import v4_optimizer
-from v4jax.parallel import ParallelConfig, ShardingError, batch_shards, param_shardings, shard_like_params
+from v4jax.parallel import ParallelConfig, ShardingError, batch_shards, param_shardings, shard_like_params, whole_rows
 from v4jax.scan import plan
 
 SECTIONS = ("model", "train", "data", "parallel")
@@ -246,8 +246,8 @@ def loss_fn(params, batch, config: ModelConfig, cfg: TrainConfig, step, parallel
 
     def ce(hidden, targets, loss_mask, tokens):  # the mean over the update's masked tokens
         weights = loss_mask.astype(F32) / jnp.maximum(tokens.astype(F32), 1.0)
-        return weighted_nll(hidden, params["head"], targets, weights, chunk, batch_shards(mesh, hidden.shape[0]),
-                            context.ways(mesh))
+        return weighted_nll(hidden, whole_rows(params["head"], mesh), targets, weights, chunk,
+                            batch_shards(mesh, hidden.shape[0]), context.ways(mesh))
 
     lm = ce(out["hidden"], batch["targets"], batch["loss_mask"], update["tokens"])
     balance, kl_sums, kl_counts = routing_losses(list(stats.values()))
@@ -388,7 +388,8 @@ def make_eval_step(config: ModelConfig, dtype=F32, parallel=None, mesh=None):
             if hidden is None:
                 continue
             # the fp32 head, as in logits
-            res[f"{name}_nll"] = weighted_nll(hidden.astype(F32), params["head"], tgt, m.astype(F32), chunk,
+            head = whole_rows(params["head"], mesh)
+            res[f"{name}_nll"] = weighted_nll(hidden.astype(F32), head, tgt, m.astype(F32), chunk,
                                               batch_shards(mesh, hidden.shape[0]), context.ways(mesh))
             res[f"{name}_tokens"] = jnp.sum(m)
         return res
