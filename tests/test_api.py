@@ -38,7 +38,7 @@ def test_from_pretrained_on_a_jax_make_mesh(checkpoint, tokens, alone, shape, na
     mesh = jax.make_mesh(shape, names)
     sizes = dict(zip(names, shape))
     model = v4jax.from_pretrained(checkpoint, dtype="float32", mesh=mesh)
-    assert model.mesh.axis_names == ("data", "fsdp", "expert", "tensor")
+    assert model.mesh.axis_names == ("data", "fsdp", "expert", "context", "tensor")
     assert dict(model.mesh.shape) == {a: sizes.get(a, 1) for a in model.mesh.axis_names}
     w1 = model.params["layers"][2]["ffn"]["experts"]["w1"]  # [experts, mlp, embed]
     want = tuple(a if sizes.get(a, 1) > 1 else None for a in ("expert", "tensor", "fsdp"))
@@ -50,7 +50,7 @@ def test_from_pretrained_on_a_jax_make_mesh(checkpoint, tokens, alone, shape, na
 
 
 def test_a_mesh_axis_of_another_name_is_refused(checkpoint):
-    with pytest.raises(ShardingError, match="'x'.*data, fsdp, expert, tensor"):
+    with pytest.raises(ShardingError, match="'x'.*data, fsdp, expert, context, tensor"):
         v4jax.from_pretrained(checkpoint, dtype="float32", mesh=jax.make_mesh((8,), ("x",)))
 
 

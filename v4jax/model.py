@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from v4jax import context
 from v4jax.attention import Attention, attention
 from v4jax.config import ModelConfig
 from v4jax.engram import Engram, engram
@@ -130,7 +131,7 @@ def forward(params, tokens, config: ModelConfig, *, positions=None, segment_ids=
         segment_ids = default_seg if segment_ids is None else segment_ids
     chex.assert_equal_shape([tokens, positions, segment_ids])
     n = config.hc_mult
-    e = constrain_tokens(params["embed"][tokens].astype(dtype), mesh)  # [b, s, d]
+    e = params["embed"][tokens].astype(dtype)  # [b, s, d]
     x = jnp.broadcast_to(e[:, :, None, :], e.shape[:2] + (n, e.shape[-1]))  # n identical streams
 
     def make(layer, in_scan=False):
@@ -166,8 +167,13 @@ def mtp_forward(params, x_main, tokens, config: ModelConfig, positions, segment_
     p = params["mtp"]
     eps = config.rms_norm_eps
     nxt = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))  # position t carries token t+1
-    # split like the streams: left to XLA, the shifted row's embedding was whole on every device
-    e = rms_norm(constrain_tokens(params["embed"][nxt].astype(dtype), mesh), p["enorm"], eps)
+    e = params["embed"][nxt].astype(dtype)
+    if context.ways(mesh) > 1 and nxt.shape[1] % context.ways(mesh) == 0:
+        # split like the streams: left to XLA, the shifted row's embedding was whole on every device
+        # (a 1M row on each chip). Only then: with the tokens not split, XLA:CPU's partitioner
+        # miscompiled this constraint on a table split over context (an HLO verifier error).
+        e = constrain_tokens(e, mesh)
+    e = rms_norm(e, p["enorm"], eps)
     h = rms_norm(x_main, p["hnorm"], eps)  # per stream, over d
     x = (linear(e, p["e_proj"])[:, :, None, :] + linear(h, p["h_proj"])).astype(dtype)
     x, info = layer_fn(config, config.num_hidden_layers, positions, segment_ids, nxt, sparse, with_aux, parallel,
