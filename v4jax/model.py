@@ -114,7 +114,7 @@ def forward(params, tokens, config: ModelConfig, *, positions=None, segment_ids=
     a padding token 0 and is meaningless). ``sparse=False`` is the dense attention stage (CSA
     queries use every visible entry); ``with_aux`` adds each layer's attention aux to ``routing``.
     ``parallel`` (a ``v4jax.parallel.ParallelConfig``) picks the MoE backend and the remat policy;
-    ``mesh`` turns on expert parallelism and batch sharding constraints at block boundaries.
+    ``mesh`` turns on expert and context parallelism and the rows-and-tokens sharding constraints at block boundaries.
     ``layer_stats(info, layer)``, when given, replaces each layer's info inside the layer (inside the
     scan), so only what it returns is kept (the trainer keeps loss terms and expert loads).
     ``engram_ids`` [b, s, Engram layers, j] int32: the rows Engram reads, from
