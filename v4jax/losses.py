@@ -52,9 +52,10 @@ def _in_chunks(chunk: int, shards: int, x: jax.Array, *per_token: jax.Array, con
     every slice, so each device again works on its own tokens.
     """
     b, s, d = x.shape
-    if context > 1 and s % context == 0:
-        x, per_token = _slices_as_rows(context, x), tuple(_slices_as_rows(context, a) for a in per_token)
-        b, s, shards = b * context, s // context, shards * context
+    k = _slices(context, s)
+    if k > 1:
+        x, per_token = _slices_as_rows(k, x), tuple(_slices_as_rows(k, a) for a in per_token)
+        b, s, shards = b * k, s // k, shards * k
     c = max(1, min(s, chunk * shards // b))
     n = -(-s // c)
 
@@ -65,6 +66,11 @@ def _in_chunks(chunk: int, shards: int, x: jax.Array, *per_token: jax.Array, con
     return (cut(x), *(cut(a) for a in per_token))
 
 
+def _slices(context: int, s: int) -> int:
+    """How many slices of a row the chunks treat as rows: ``context`` where it divides s, else 1."""
+    return context if context > 1 and s % context == 0 else 1
+
+
 def _slices_as_rows(context: int, a: jax.Array) -> jax.Array:
     """[b, s, ...] -> [b * context, s / context, ...]: each slice of a row as a row."""
     return a.reshape((a.shape[0] * context, a.shape[1] // context) + a.shape[2:])
@@ -72,7 +78,8 @@ def _slices_as_rows(context: int, a: jax.Array) -> jax.Array:
 
 def _uncut(a: jax.Array, b: int, s: int, context: int = 1) -> jax.Array:
     """``_in_chunks``' [n, b*c] back to [b, s]."""
-    rows, length = (b * context, s // context) if context > 1 and s % context == 0 else (b, s)
+    k = _slices(context, s)
+    rows, length = b * k, s // k
     n = a.shape[0]
     return jnp.swapaxes(a.reshape(n, rows, -1), 0, 1).reshape(rows, -1)[:, :length].reshape(b, s)
 
