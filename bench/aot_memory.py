@@ -330,6 +330,8 @@ def main():
                          "tokamax, or padded (XLA:CPU lowers ragged_dot to a dense per-expert product, so on "
                          "fake CPU devices padded is the realistic one)")
     ap.add_argument("--attention-kernel", default="xla", help="parallel.attention_kernel: xla (default) or pallas")
+    ap.add_argument("--expert-over-context", action="store_true",
+                    help="parallel.expert_over_context: the routed experts split over expert x context")
     ap.add_argument("--layers", type=int, default=None, help="keep only the first N layers")
     ap.add_argument("--no-scan", action="store_true", help="unrolled layers instead of jax.lax.scan")
     ap.add_argument("--mock-gpus", type=int, default=None,
@@ -397,7 +399,8 @@ def main():
         v4devices.current = lambda: target
     backend = moe.resolve_backend(args.backend, v4devices.current())
     par = ParallelConfig(**sizes, remat=args.remat, capacity_factor=2.0, scan_layers=not args.no_scan,
-                         moe_backend=args.backend, attention_kernel=args.attention_kernel)
+                         moe_backend=args.backend, attention_kernel=args.attention_kernel,
+                         expert_over_context=args.expert_over_context)
     mesh = make_mesh(par, devices)
     # training_memory compiles the step and keeps only the memory analysis: catch the compiled step
     # on its way out for the cost analysis and the HLO.
@@ -441,7 +444,8 @@ def main():
                   tokamax_installed=moe.tokamax_installed(), kernels=v4devices.describe(par).split("; ", 1)[1],
                   params=param_count(config)["total"], compile_s=compile_s, remat=args.remat,
                   dtype=args.dtype, device_kind=device_kind, jax=jax.__version__, target_topology=args.tpu_topology,
-                  mock_gpus=args.mock_gpus, muon_spread=not args.muon_unspread)
+                  mock_gpus=args.mock_gpus, muon_spread=not args.muon_unspread,
+                  expert_over_context=args.expert_over_context)
     import importlib.metadata as md  # noqa: PLC0415
 
     if any(d.metadata["Name"] == "libtpu" for d in md.distributions()):

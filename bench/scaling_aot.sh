@@ -5,7 +5,8 @@
 #   bash bench/scaling_aot.sh small   # tiny and bench-flash-8l (2 layers) on v5p 2x2x1 and v6e 2x2, with and without tokamax
 #   bash bench/scaling_aot.sh tpu     # V4-Flash and V4-Pro on v5p-256 and v6e-256, full remat (10-20 min each on 2 cores)
 #   bash bench/scaling_aot.sh context # V4-Flash at 128K and 1M tokens a row on v5p-256, context parallel
-#   bash bench/scaling_aot.sh gpu-context  # the same on 64 mock H200s
+#   bash bench/scaling_aot.sh gpu-context  # the same on 64 mock H200s (at most 9 min: three 170 s limits)
+#   bash bench/scaling_aot.sh gpu-context-128  # one 1M row on 128 mock H200s
 #   bash bench/scaling_aot.sh gpu     # V4-Flash on 8 and 64 mock H200s (on a host with one H200; at most 9 min: 240 + 300 s limits)
 #
 # TPU sections: any host, no TPU needed; TPU_PY is a Python with jax[tpu]==0.10.2 (libtpu 0.0.42.1):
@@ -66,16 +67,24 @@ context)  # V4-Flash with each sequence split over the context axis (8 rows: 1M 
   row flash-128k-v5p-256 "$TPU_PY" 1800 --config configs/v4-flash.yaml --remat full --seq 131072 \
     --tpu-topology v5p:8x8x4 --mesh expert=8,context=16,tensor=2 --batch 8
   row flash-1m-v5p-256 "$TPU_PY" 1800 --config configs/v4-flash.yaml --remat full --seq 1048576 \
-    --tpu-topology v5p:8x8x4 --mesh expert=8,context=32 --batch 8 ;;
+    --tpu-topology v5p:8x8x4 --mesh expert=8,context=32 --batch 8
+  # one 1M row a step over all 256 chips: the experts folded over the context axis
+  row flash-1m-ec-v5p-256 "$TPU_PY" 1800 --config configs/v4-flash.yaml --remat full --seq 1048576 \
+    --tpu-topology v5p:8x8x4 --mesh context=128,tensor=2 --batch 1 --expert-over-context ;;
 gpu-context)  # the same on 64 mock H200s (at most 9 min)
-  row flash-128k-h200x64 "$GPU_PY" 270 --config configs/v4-flash.yaml --remat full --seq 131072 --mock-gpus 64 \
+  row flash-128k-h200x64 "$GPU_PY" 170 --config configs/v4-flash.yaml --remat full --seq 131072 --mock-gpus 64 \
     --mesh expert=4,context=16 --batch 4
-  row flash-1m-h200x64 "$GPU_PY" 270 --config configs/v4-flash.yaml --remat full --seq 1048576 --mock-gpus 64 \
-    --mesh expert=2,context=32 --batch 2 ;;
+  row flash-1m-h200x64 "$GPU_PY" 170 --config configs/v4-flash.yaml --remat full --seq 1048576 --mock-gpus 64 \
+    --mesh expert=2,context=32 --batch 2
+  row flash-1m-ec-h200x64 "$GPU_PY" 170 --config configs/v4-flash.yaml --remat full --seq 1048576 --mock-gpus 64 \
+    --mesh context=64 --batch 1 --expert-over-context ;;
+gpu-context-128)  # one 1M row on 128 mock H200s, the experts over the context axis (at most 3 min)
+  row flash-1m-ec-h200x128 "$GPU_PY" 170 --config configs/v4-flash.yaml --remat full --seq 1048576 --mock-gpus 128 \
+    --mesh context=128 --batch 1 --expert-over-context ;;
 gpu)
   row flash-h200x8 "$GPU_PY" 240 $FLASH --mock-gpus 8 --mesh fsdp=2,expert=4 --batch 8
   row flash-h200x64 "$GPU_PY" 300 $FLASH --mock-gpus 64 --mesh fsdp=8,expert=8 --batch 64 ;;
 *)
-  echo "usage: bash bench/scaling_aot.sh small|small8l|tpu|context|gpu-context|gpu" >&2
+  echo "usage: bash bench/scaling_aot.sh small|small8l|tpu|context|gpu-context|gpu-context-128|gpu" >&2
   exit 2 ;;
 esac

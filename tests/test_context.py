@@ -23,7 +23,7 @@ from v4jax.cli.train import check_batch_split
 from v4jax.config import ConfigError
 from v4jax.memory import training_memory
 from v4jax.model import init_params
-from v4jax.parallel import ParallelConfig, make_mesh, param_shardings
+from v4jax.parallel import ParallelConfig, ShardingError, expert_axes, make_mesh, param_shardings
 from v4jax.trainer import TrainConfig, loss_fn
 
 # every kind of layer, MTP, two hash layers; a window and ratios that make slices of 512 tokens
@@ -83,14 +83,17 @@ def single(params, batch):
     return run(params, batch)
 
 
-# (data, fsdp, expert, tensor, context): context 8 alone, 4 with fsdp, 2 with fsdp and expert
-MESHES = {"c8": (1, 1, 1, 1, 8), "f2c4": (1, 2, 1, 1, 4), "f2e2c2": (1, 2, 2, 1, 2)}
+# (data, fsdp, expert, tensor, context): context 8 alone, 4 with fsdp, 2 with fsdp and expert; "+ec":
+# the experts folded over expert x context (parallel.expert_over_context), one row on expert 2 x context 4
+MESHES = {"c8": (1, 1, 1, 1, 8), "f2c4": (1, 2, 1, 1, 4), "f2e2c2": (1, 2, 2, 1, 2), "c8+ec": (1, 1, 1, 1, 8),
+          "e2c4+ec": (1, 1, 2, 1, 4)}
 
 
 @pytest.mark.parametrize("name", sorted(MESHES))
 def test_training_loss_and_gradients_match_one_device(name, params, batch, single):
     shape = MESHES[name]
-    par = ParallelConfig(*shape[:4], context=shape[4], capacity_factor=8.0)  # nothing can drop
+    par = ParallelConfig(*shape[:4], context=shape[4], capacity_factor=8.0,  # nothing can drop
+                         expert_over_context=name.endswith("+ec"))
     mesh = make_mesh(par, jax.devices()[:int(np.prod(shape))])
     loss, metrics, grads = run(params, batch, mesh, par)
     want_loss, want_metrics, want_grads = single
@@ -146,6 +149,16 @@ def test_training_refuses_what_context_cannot_split():
     check_batch_split(run, _fake_mesh(16, hosts=2, context=4))  # 2 hosts of 8 devices: context 4 stays in one
     with pytest.raises(ConfigError, match="keep context x tensor within a host"):
         check_batch_split(run, _fake_mesh(16, hosts=2, context=16))
+
+
+def test_experts_fold_over_the_context_axis_only_when_asked():
+    mesh = make_mesh(ParallelConfig(1, 1, 2, 1, 4))
+    assert expert_axes(mesh) == expert_axes(mesh, ParallelConfig()) == ("expert",)
+    assert expert_axes(mesh, ParallelConfig(expert_over_context=True)) == ("expert", "context")
+    assert expert_axes(make_mesh(ParallelConfig(1, 1, 1, 1, 8)), ParallelConfig(expert_over_context=True)) == (
+        "context",)
+    with pytest.raises(ShardingError, match="parallel.expert_over_context='yes': true or false"):
+        ParallelConfig(expert_over_context="yes")
 
 
 def _fake_mesh(n: int, hosts: int, context: int = 16):

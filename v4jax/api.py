@@ -14,7 +14,7 @@ import numpy as np
 from v4jax.config import ModelConfig
 from v4jax.model import forward, init_params, param_specs
 from v4jax.multihost import is_writer
-from v4jax.parallel import ParallelConfig, adopt_mesh, param_shardings
+from v4jax.parallel import ParallelConfig, adopt_mesh, expert_axes, param_shardings
 from v4jax.scan import unstack_layers
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -40,10 +40,10 @@ def _run(params, tokens, positions, segment_ids, engram_ids, *, config, dtype, m
 
 def _inference_parallel(mesh, parallel: ParallelConfig | None) -> ParallelConfig:
     """The settings a model runs with: as given, or on a mesh with an expert axis the capacity
-    dispatch with room for every token (capacity factor = expert-axis size), so nothing drops."""
+    dispatch with room for every token (capacity factor = expert-parallel devices), so nothing drops."""
     if parallel is not None:
         return parallel
-    n_ep = mesh.shape["expert"] if mesh is not None else 1
+    n_ep = int(np.prod([mesh.shape[a] for a in expert_axes(mesh)])) if mesh is not None else 1
     return ParallelConfig(capacity_factor=float(max(2, n_ep)))
 
 
@@ -221,9 +221,9 @@ class Model:
         each writes its parameter shards and process 0 the rest."""
         import orbax.checkpoint as ocp  # noqa: PLC0415
 
+        from v4jax.config import ConfigError  # noqa: PLC0415
         from v4jax.convert.names import OFFICIAL  # noqa: PLC0415
         from v4jax.convert.orbax_io import PARAMS, atomic_output_dir, write_marker  # noqa: PLC0415
-        from v4jax.config import ConfigError  # noqa: PLC0415
         from v4jax.convert.safetensors_to_orbax import HF_STYLE, RELEASE_STYLE, config_dict  # noqa: PLC0415
 
         params = unstack_layers(self.params, self.config)  # the checkpoint layout is per layer

@@ -27,7 +27,7 @@ from v4jax import devices
 from v4jax.config import ModelConfig
 from v4jax.grouped_matmul_kernel import group_outer
 from v4jax.layers import F32, linear, linear_f32
-from v4jax.parallel import token_axes
+from v4jax.parallel import expert_axes, token_axes
 from v4jax.params import FROZEN, Init, ParamInfo, declare, matrix, pure
 
 
@@ -326,20 +326,20 @@ def routed_experts_per_shard(x, idx, weights, p, limit, mesh, backend="ragged_do
 
 
 def routed_experts_all_to_all(x, idx, weights, p, limit, mesh, backend="ragged_dot", capacity_factor=2.0,
-                              valid=None):
-    """Expert parallelism over the mesh's ``expert`` axis with a fixed-capacity all_to_all.
+                              valid=None, ep=("expert",)):
+    """Expert parallelism over the mesh axes ``ep`` with a fixed-capacity all_to_all.
 
-    Tokens are split over the batch axes (data, fsdp, expert) and ``context``; experts over
-    ``expert``. Each device sends every (token, choice) to the device holding its expert, at most
-    C = ceil(capacity_factor * t_local * k / n_ep) rows per destination (the rest are dropped and
-    counted); the receiver runs its experts and sends the results back, where they are summed per
-    token. ``valid`` [t] bool
+    Tokens are split over the batch axes (data, fsdp, expert) and ``context``; experts over the
+    axes ``ep`` (``expert``, and ``context`` when the experts are folded over it). Each device sends
+    every (token, choice) to the device holding its expert, at most C = ceil(capacity_factor *
+    t_local * k / n_ep) rows per destination (the rest are dropped and counted); the receiver runs
+    its experts and sends the results back, where they are summed per token. ``valid`` [t] bool
     (default: all) marks padding rows (False), which send nothing and get zeros.
     Returns (y [t, d] fp32, dropped: number of dropped (token, choice) pairs over all devices, at
     the dispatch or, with the ``padded`` backend, past an expert's capacity on the receiver).
     """
 
-    n_ep = mesh.shape["expert"]
+    n_ep = int(np.prod([mesh.shape[a] for a in ep]))
     batch_axes = token_axes(mesh)
     n_tok = int(np.prod([mesh.shape[a] for a in batch_axes])) if batch_axes else 1
     e_local = p["w1"].shape[0] // n_ep
@@ -347,7 +347,7 @@ def routed_experts_all_to_all(x, idx, weights, p, limit, mesh, backend="ragged_d
     k = idx.shape[1]
     cap = capacity(t_local * k, n_ep, capacity_factor)
     tok = P(batch_axes or None, None)
-    exp = P("expert", None, None)
+    exp = P(ep, None, None)
 
     def local(x, idx, weights, valid, w1, w3, w2):
         d = x.shape[1]
@@ -362,7 +362,7 @@ def routed_experts_all_to_all(x, idx, weights, p, limit, mesh, backend="ragged_d
         send_x = jnp.zeros((n_ep * cap + 1, d), x.dtype).at[slot].set(x[rows])[:-1]
         send_e = jnp.full((n_ep * cap + 1,), e_local, jnp.int32).at[slot].set(local_e)[:-1]
         send_w = jnp.zeros((n_ep * cap + 1,), F32).at[slot].set(flat_w)[:-1]
-        a2a = lambda v: jax.lax.all_to_all(v.reshape((n_ep, cap) + v.shape[1:]), "expert", 0, 0,  # noqa: E731
+        a2a = lambda v: jax.lax.all_to_all(v.reshape((n_ep, cap) + v.shape[1:]), ep, 0, 0,  # noqa: E731
                                            tiled=True).reshape(v.shape)
         recv_x, recv_e, recv_w = a2a(send_x), a2a(send_e), a2a(send_w)
         order = jnp.argsort(recv_e, stable=True)  # empty slots (id e_local) sort last
@@ -383,7 +383,7 @@ def routed_experts_all_to_all(x, idx, weights, p, limit, mesh, backend="ragged_d
 
 
 def routed_experts_ragged(x, idx, weights, p, limit, mesh, backend="ragged_dot", capacity_factor=2.0,
-                          valid=None):
+                          valid=None, ep=("expert",)):
     """Dropless expert parallelism with jax.lax.ragged_all_to_all (GPU/TPU; XLA:CPU lacks it).
 
     Each device sorts its (token, choice) pairs by expert, sends each destination exactly its rows,
@@ -394,12 +394,12 @@ def routed_experts_ragged(x, idx, weights, p, limit, mesh, backend="ragged_dot",
     expert's capacity in the ``padded`` backend (0 with the others), over all devices.
     """
 
-    n_ep = mesh.shape["expert"]
+    n_ep = int(np.prod([mesh.shape[a] for a in ep]))
     batch_axes = token_axes(mesh)
     e_local = p["w1"].shape[0] // n_ep
     k = idx.shape[1]
     tok = P(batch_axes or None, None)
-    exp = P("expert", None, None)
+    exp = P(ep, None, None)
 
     def local(x, idx, weights, w1, w3, w2):
         d = x.shape[1]
@@ -410,17 +410,17 @@ def routed_experts_ragged(x, idx, weights, p, limit, mesh, backend="ragged_dot",
         counts = jnp.bincount(es, length=n_ep * e_local).reshape(n_ep, e_local).astype(jnp.int32)
         send_sizes = jnp.sum(counts, axis=1)
         in_offsets = jnp.cumsum(send_sizes) - send_sizes
-        me = jax.lax.axis_index("expert")
-        all_sizes = jax.lax.all_gather(send_sizes, "expert")  # [src, dst]
-        all_offsets = jax.lax.all_gather(in_offsets, "expert")
+        me = jax.lax.axis_index(ep)
+        all_sizes = jax.lax.all_gather(send_sizes, ep)  # [src, dst]
+        all_offsets = jax.lax.all_gather(in_offsets, ep)
         out_offsets = jnp.sum(jnp.where(jnp.arange(n_ep)[:, None] < me, all_sizes, 0), axis=0)  # in peer j
         recv_sizes = all_sizes[:, me]
-        recv_counts = jax.lax.all_to_all(counts, "expert", 0, 0, tiled=True)  # [src, e_local]
+        recv_counts = jax.lax.all_to_all(counts, ep, 0, 0, tiled=True)  # [src, e_local]
         cap = n_ep * m  # worst case: every pair of every peer comes here
 
         def send(v, buf_rows, offsets, sizes, o_offsets, r_sizes):
             out = jnp.zeros((buf_rows,) + v.shape[1:], v.dtype)
-            return jax.lax.ragged_all_to_all(v, out, offsets, sizes, o_offsets, r_sizes, axis_name="expert")
+            return jax.lax.ragged_all_to_all(v, out, offsets, sizes, o_offsets, r_sizes, axis_name=ep)
 
         rx = send(xs, cap, in_offsets, send_sizes, out_offsets, recv_sizes)
         rw = send(ws, cap, in_offsets, send_sizes, out_offsets, recv_sizes)
@@ -445,17 +445,17 @@ def routed_experts_ragged(x, idx, weights, p, limit, mesh, backend="ragged_dot",
     return fn(x, idx, weights, p["w1"], p["w3"], p["w2"])
 
 
-def expert_parallel(dispatch, x, idx, weights, p, limit, mesh, backend, capacity_factor):
+def expert_parallel(dispatch, x, idx, weights, p, limit, mesh, backend, capacity_factor, ep=()):
     """Run an expert-parallel ``dispatch`` for any token count and any expert count.
 
-    shard_map splits the t tokens over the batch and context axes and the e experts over ``expert``, so both
-    must divide. Token rows are padded to a multiple of the batch devices (the padding rows have
-    routing weight 0, are marked invalid and are cut from the result); experts are padded with
-    zero-weight experts to a multiple of the expert axis (no token picks them: the router only
-    chooses among the e real ones). Nothing is padded when the sizes already divide.
+    shard_map splits the t tokens over the batch and context axes and the e experts over the axes
+    ``ep``, so both must divide. Token rows are padded to a multiple of the batch devices (the
+    padding rows have routing weight 0, are marked invalid and are cut from the result); experts
+    are padded with zero-weight experts to a multiple of the ``ep`` devices (no token picks them:
+    the router only chooses among the e real ones). Nothing is padded when the sizes already divide.
     """
     batch_ways = int(np.prod([mesh.shape[a] for a in token_axes(mesh)]))
-    t, e, n_ep = x.shape[0], p["w1"].shape[0], mesh.shape["expert"]
+    t, e, n_ep = x.shape[0], p["w1"].shape[0], int(np.prod([mesh.shape[a] for a in ep]))
     pad_t, pad_e = -t % batch_ways, -e % n_ep
     valid = None
     if pad_t:
@@ -463,7 +463,8 @@ def expert_parallel(dispatch, x, idx, weights, p, limit, mesh, backend, capacity
         valid = jnp.arange(t + pad_t) < t
     if pad_e:
         p = {k: jnp.pad(v, ((0, pad_e),) + ((0, 0),) * (v.ndim - 1)) for k, v in p.items()}
-    y, dropped = dispatch(x, idx, weights, p, limit, mesh, backend, capacity_factor, valid)
+    extra = {"ep": ep} if ep else {}
+    y, dropped = dispatch(x, idx, weights, p, limit, mesh, backend, capacity_factor, valid, **extra)
     return y[:t], dropped
 
 
@@ -474,18 +475,21 @@ def moe(x: jax.Array, p: dict, token_ids: jax.Array, config: ModelConfig, parall
     The routing info (idx [b, s, k], scores [b, s, e]) feeds the balance loss and bias update;
     ``dropped`` counts the (token, expert) pairs that got no expert output: over the capacity
     dispatch's per-device limit, or over an expert's capacity in the ``padded`` backend.
-    ``parallel`` is a ``v4jax.parallel.ParallelConfig``; ``mesh`` with an ``expert`` axis > 1 turns
-    expert parallelism on; on a mesh without one, each device runs its own tokens.
+    ``parallel`` is a ``v4jax.parallel.ParallelConfig``; ``mesh`` with an ``expert`` axis > 1 (or a
+    ``context`` axis with ``parallel.expert_over_context``) turns expert parallelism on over those
+    axes (``v4jax.parallel.expert_axes``); on a mesh without them, each device runs its own tokens.
     """
     b, s, d = x.shape
     flat = x.reshape(b * s, d)
     idx, w, scores = route(flat, p["gate"], token_ids.reshape(-1), config)
     backend = parallel.moe_backend if parallel else "auto"
     cf = parallel.capacity_factor if parallel else 2.0
-    if mesh is not None and mesh.shape.get("expert", 1) > 1:
+    ep = expert_axes(mesh, parallel) if mesh is not None else ()
+    if ep:
         dispatch = routed_experts_ragged if parallel is not None and parallel.moe_dispatch == "ragged" \
             else routed_experts_all_to_all
-        y, dropped = expert_parallel(dispatch, flat, idx, w, p["experts"], config.swiglu_limit, mesh, backend, cf)
+        y, dropped = expert_parallel(dispatch, flat, idx, w, p["experts"], config.swiglu_limit, mesh, backend, cf,
+                                     ep)
     elif mesh is not None and token_axes(mesh):
         y, dropped = expert_parallel(routed_experts_per_shard, flat, idx, w, p["experts"], config.swiglu_limit, mesh,
                                      backend, cf)

@@ -54,6 +54,13 @@ class ParallelConfig:
     data, fsdp, expert, context, tensor: the mesh's axis sizes (their product must be the device
     count; one entry may be -1 to take the rest). ``context`` splits each sequence over its devices
     (``v4jax.context``): training, evaluation and ``Model.logits``; generation leaves it unused.
+    expert_over_context: the routed experts are split over the ``expert`` and ``context`` axes
+    together (each context device holds its own experts; tokens reach them by all_to_all), as
+    Megatron folds expert parallelism over context-parallel ranks. Off (the default), each device
+    gathers its expert-axis group's experts every layer (over ``context`` like any weight). On, a
+    row too long for a batch that fills the ``expert`` axis still runs expert-parallel: one 1M-token
+    row on ``context=128, tensor=2`` puts 2 of V4-Flash's 256 experts on each device. The dispatch
+    (``moe_dispatch``, ``capacity_factor``) is that of the expert axis.
     moe_dispatch: "capacity" (all_to_all with fixed per-device capacity; runs everywhere, drops
     tokens over capacity and counts them) or "ragged" (dropless ragged_all_to_all; GPU/TPU only).
     moe_backend: grouped matmul "auto" (the default: "tokamax" on a GPU/TPU where tokamax is
@@ -82,6 +89,7 @@ class ParallelConfig:
     expert: int = 1
     tensor: int = 1
     context: int = 1
+    expert_over_context: bool = False
     moe_dispatch: str = "capacity"
     moe_backend: str = "auto"
     capacity_factor: float = 2.0
@@ -99,6 +107,8 @@ class ParallelConfig:
         if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
             raise ShardingError(f"parallel mesh sizes {dict(zip(MESH_AXES, sizes))}: use positive sizes, "
                                 "at most one -1")
+        if not isinstance(self.expert_over_context, bool):
+            raise ShardingError(f"parallel.expert_over_context={self.expert_over_context!r}: true or false")
         if self.moe_dispatch not in ("capacity", "ragged"):
             raise ShardingError(f"parallel.moe_dispatch={self.moe_dispatch!r}: capacity or ragged")
         if self.moe_backend not in ("auto", "ragged_dot", "padded", "tokamax"):
@@ -263,6 +273,13 @@ def token_axes(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> tuple[str, ...]:
     """The mesh axes of size > 1 that split the tokens of a batch [b, s] flattened to [b*s] (row
     major): the batch axes, then ``context``."""
     return tuple(a for a in (*rules["batch"], *rules["length"]) if mesh.shape.get(a, 1) > 1)
+
+
+def expert_axes(mesh: jax.sharding.Mesh, parallel: ParallelConfig | None = None) -> tuple[str, ...]:
+    """The mesh axes of size > 1 that the MoE splits the routed experts over: ``expert``, then
+    ``context`` with ``parallel.expert_over_context`` (empty: no expert parallelism)."""
+    axes = ("expert", "context") if parallel is not None and parallel.expert_over_context else ("expert",)
+    return tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
 
 
 def constrain_tokens(x: jax.Array, mesh: jax.sharding.Mesh | None, rules=DEFAULT_RULES) -> jax.Array:
