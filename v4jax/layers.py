@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from v4jax.config import SWA, ModelConfig
+from v4jax.quant import operands
 
 F32 = jnp.float32
 
@@ -33,9 +34,11 @@ def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
     return y.astype(x.dtype)
 
 
-def linear(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., in] times a weight stored as [out, in] (the checkpoint layout), in x's dtype."""
-    return jnp.einsum("...i,oi->...o", x, w.astype(x.dtype))
+def linear(x: jax.Array, w) -> jax.Array:
+    """x [..., in] times a weight stored as [out, in] (the checkpoint layout), in x's dtype. A
+    ``v4jax.quant.Quantized`` weight (``train.precision``) quantises itself and x first."""
+    x, w = operands(x, w)
+    return jnp.einsum("...i,oi->...o", x, w)
 
 
 def linear_f32(x: jax.Array, w: jax.Array) -> jax.Array:

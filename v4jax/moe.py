@@ -29,6 +29,7 @@ from v4jax.grouped_matmul_kernel import group_outer
 from v4jax.layers import F32, linear, linear_f32
 from v4jax.parallel import expert_axes, token_axes
 from v4jax.params import FROZEN, Init, ParamInfo, declare, matrix, pure
+from v4jax.quant import Quantized, activation
 
 
 def router_scores(x: jax.Array, gate_weight: jax.Array) -> jax.Array:
@@ -229,14 +230,18 @@ def expert_ffn(xs: jax.Array, sizes: jax.Array, weights: jax.Array, p: dict, lim
     those past an expert's capacity in the ``padded`` backend (0 otherwise).
 
     w1 and w3 run as one grouped matmul on [e, 2f, d] (one pass over the rows instead of two); the
-    concatenation fuses with the cast of the fp32 weights to the compute dtype.
+    concatenation fuses with the cast of the fp32 weights to the compute dtype. ``v4jax.quant.Quantized``
+    weights (``train.precision``) are quantised in their format, and both matmuls' inputs in FP8.
     """
     f = p["w1"].shape[1]
-    w13 = jnp.concatenate([p["w1"], p["w3"]], axis=1).astype(xs.dtype)  # [e, 2f, d]
-    w2 = p["w2"].astype(xs.dtype)  # [e, d, f]
+    quantized = isinstance(p["w1"], Quantized)
+    w1, w3, w2 = (p[k].values() if quantized else p[k] for k in ("w1", "w3", "w2"))
+    w13 = jnp.concatenate([w1, w3], axis=1).astype(xs.dtype)  # [e, 2f, d]
+    w2 = w2.astype(xs.dtype)  # [e, d, f]
     mm = lambda a, w: grouped_matmul(a, w, sizes, backend, capacity_factor, every_row_grouped)  # noqa: E731
-    gate_up = mm(xs, w13)
+    gate_up = mm(activation(xs) if quantized else xs, w13)
     hidden = swiglu(gate_up[:, :f], gate_up[:, f:], weights, limit)
+    hidden = activation(hidden) if quantized else hidden
     dropped = jnp.zeros((), jnp.int32)
     if backend == "padded":
         cap = capacity(xs.shape[0], sizes.shape[0], capacity_factor)
@@ -462,7 +467,7 @@ def expert_parallel(dispatch, x, idx, weights, p, limit, mesh, backend, capacity
         x, idx, weights = (jnp.pad(a, ((0, pad_t), (0, 0))) for a in (x, idx, weights))
         valid = jnp.arange(t + pad_t) < t
     if pad_e:
-        p = {k: jnp.pad(v, ((0, pad_e),) + ((0, 0),) * (v.ndim - 1)) for k, v in p.items()}
+        p = jax.tree.map(lambda v: jnp.pad(v, ((0, pad_e),) + ((0, 0),) * (v.ndim - 1)), p)
     extra = {"ep": ep} if ep else {}
     y, dropped = dispatch(x, idx, weights, p, limit, mesh, backend, capacity_factor, valid, **extra)
     return y[:t], dropped

@@ -40,6 +40,8 @@ from v4jax.losses import layer_routing_stats, routing_losses, update_router_bias
 from v4jax.model import forward, param_count
 from v4jax.optim import v4_optimizer
 from v4jax.parallel import ParallelConfig, ShardingError, batch_shards, param_shardings, shard_like_params, whole_rows
+from v4jax.params import tree_infos
+from v4jax.quant import PRECISIONS, for_training
 from v4jax.scan import plan
 
 SECTIONS = ("model", "train", "data", "parallel")
@@ -64,6 +66,10 @@ class TrainConfig:
     decay_start: int = 200  # constant until here, then cosine decay to lr_min at `steps`
     clip_norm: float = 1.0  # global gradient norm clip (0: off)
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (parameters stay fp32)
+    # bf16: no quantisation (matmuls in `dtype`) | fp8: V4's FP8 block formats on the weights the
+    # release stores in FP8 and on their inputs | fp8+fp4qat: the same, the routed experts in FP4
+    # (quantisation-aware training); straight-through gradients, fp32 master weights (v4jax.quant)
+    precision: str = "bf16"
     attention: str = "sparse"  # sparse (indexer top-k) | dense (CSA uses all visible entries)
     mtp_weight: float = 0.3
     mtp_weight_after_decay: float = 0.1  # from decay_start on (spec §4)
@@ -106,6 +112,7 @@ class TrainConfig:
         need(self.lr_min <= self.lr, "lr_min", f"at most lr={self.lr}")
         need(self.warmup_steps <= self.decay_start, "warmup_steps", f"at most decay_start={self.decay_start}")
         need(self.dtype in ("float32", "bfloat16"), "dtype", "float32 or bfloat16")
+        need(self.precision in PRECISIONS, "precision", " | ".join(PRECISIONS))
         need(self.muon_ns_dtype in ("float32", "bfloat16"), "muon_ns_dtype", "float32 or bfloat16")
         need(self.attention in ("sparse", "dense"), "attention", "sparse or dense")
         need(self.peak_flops is None or (_finite_number(self.peak_flops) and self.peak_flops > 0), "peak_flops",
@@ -232,7 +239,8 @@ def loss_fn(params, batch, config: ModelConfig, cfg: TrainConfig, step, parallel
     dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else F32
     has_mtp = "mtp" in params
     mask = batch["segment_ids"] > 0  # real tokens (padding has segment 0)
-    out = forward(params, batch["tokens"], config, positions=batch["positions"], segment_ids=batch["segment_ids"],
+    used = for_training(params, tree_infos(config, params), cfg.precision)  # quantised per train.precision
+    out = forward(used, batch["tokens"], config, positions=batch["positions"], segment_ids=batch["segment_ids"],
                   dtype=dtype, sparse=cfg.attention == "sparse", mtp=has_mtp,
                   with_aux=cfg.indexer_loss_weight > 0, parallel=parallel, mesh=mesh,
                   layer_stats=lambda info, layer: layer_routing_stats(info, layer, config, mask), logits=False,
@@ -372,14 +380,16 @@ def make_train_step(config: ModelConfig, cfg: TrainConfig, optimizer, parallel=N
     return jax.jit(step_fn, donate_argnums=(0,))
 
 
-def make_eval_step(config: ModelConfig, dtype=F32, parallel=None, mesh=None):
-    """Jitted ``eval(params, batch) -> sums`` of main/MTP token losses and token counts."""
+def make_eval_step(config: ModelConfig, dtype=F32, parallel=None, mesh=None, precision: str = "bf16"):
+    """Jitted ``eval(params, batch) -> sums`` of main/MTP token losses and token counts, with the
+    weights quantised as ``precision`` (``train.precision``) has them in training."""
 
     chunk = (parallel or ParallelConfig()).loss_chunk
 
     def eval_fn(params, batch):
         has_mtp = "mtp" in params
-        out = forward(params, batch["tokens"], config, positions=batch["positions"],
+        used = for_training(params, tree_infos(config, params), precision)
+        out = forward(used, batch["tokens"], config, positions=batch["positions"],
                       segment_ids=batch["segment_ids"], dtype=dtype, mtp=has_mtp, parallel=parallel, mesh=mesh,
                       logits=False, engram_ids=batch.get("engram_ids"))
         res = {}

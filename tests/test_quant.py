@@ -1,0 +1,188 @@
+"""V4's FP8/FP4 block quantisation (``v4jax.quant``) against a numpy reference written from the
+spec (§2.11, §3.3): per block, a = max(amax, floor), scale = 2^ceil(log2(a / max code)), codes by
+ml_dtypes' round-to-nearest-even casts. Quantised values compare exactly; products of quantised
+operands in fp32 to 1e-6 relative."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from tests.helpers import CONFIGS, rel
+from tests.test_accumulation import packed_batch
+from v4jax import quant
+from v4jax.config import ConfigError
+from v4jax.layers import linear
+from v4jax.model import init_params
+from v4jax.moe import expert_ffn, swiglu
+from v4jax.parallel import ParallelConfig, make_mesh, param_shardings
+from v4jax.params import tree_infos
+from v4jax.trainer import TrainConfig, init_state, loss_fn, make_optimizer, make_train_step
+
+REF = {"fp8": (448.0, 1e-4, ml_dtypes.float8_e4m3fn), "fp4": (6.0, 6.0 * 2.0**-126, ml_dtypes.float4_e2m1fn)}
+
+
+def ref_quantize(x, block, fmt):
+    """numpy, float64: x [..., R, C] in (rows, cols) blocks over its last two axes."""
+    qmax, floor, code = REF[fmt]
+    x = np.asarray(x, np.float64)
+    out = np.empty_like(x)
+    br, bc = block
+    for i in range(0, x.shape[-2], br):
+        for j in range(0, x.shape[-1], bc):
+            b = x[..., i:i + br, j:j + bc]
+            a = np.maximum(np.max(np.abs(b), axis=(-2, -1), keepdims=True), np.float32(floor))
+            s = 2.0 ** np.ceil(np.log2(a / qmax))
+            out[..., i:i + br, j:j + bc] = np.clip(b / s, -qmax, qmax).astype(code).astype(np.float64) * s
+    return out
+
+
+def blocky(rng, shape, block):
+    """Normal values with a different magnitude in every block (10^-6 to 10^3), one block all zero."""
+    br, bc = block
+    mag = 10.0 ** rng.uniform(-6, 3, size=shape[:-2] + (-(-shape[-2] // br), -(-shape[-1] // bc)))
+    mag = np.repeat(np.repeat(mag, br, -2), bc, -1)[..., :shape[-2], :shape[-1]]
+    x = rng.normal(size=shape) * mag
+    x[..., :br, :bc] = 0.0
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("shape,block,fmt", [((3, 200, 300), (128, 128), "fp8"), ((37, 300), (1, 128), "fp8"),
+                                             ((2, 5, 70), (1, 32), "fp4"), ((256, 256), (128, 128), "fp8")])
+def test_quantize_matches_the_spec_reference(shape, block, fmt):
+    x = blocky(np.random.default_rng(0), shape, block)
+    got = np.asarray(quant.quantize(jnp.asarray(x), block, fmt))
+    want = ref_quantize(x, block, fmt)
+    np.testing.assert_array_equal(got, want.astype(np.float32))
+    assert np.any(got != x)  # it did quantise
+
+
+def test_ties_round_to_even_and_the_scale_is_the_smallest_power_of_two():
+    # FP4, block max 6 (scale 1): 0.25 -> 0, 0.75 -> 1, 2.5 -> 2, 3.5 -> 4, 5 -> 4, 1.75 -> 2
+    x = np.array([[6, .25, .75, 2.5, 3.5, 5, 1.75, -5] + [0] * 24], np.float32)
+    np.testing.assert_array_equal(np.asarray(quant.quantize(jnp.asarray(x), (1, 32), "fp4"))[0, :8],
+                                  [6, 0, 1, 2, 4, 4, 2, -4])
+    # FP8: block max 448 keeps scale 1 (17 -> 16, 19 -> 20: steps of 2 in [16, 32)); 449 takes scale 2
+    x = np.zeros((1, 128), np.float32)
+    x[0, :3] = [448, 17, 19]
+    np.testing.assert_array_equal(np.asarray(quant.quantize(jnp.asarray(x), (1, 128), "fp8"))[0, :3], [448, 16, 20])
+    x[0, 0] = 449
+    assert float(quant.quantize(jnp.asarray(x), (1, 128), "fp8")[0, 0]) == 448  # 449 / 2 = 224.5 -> 224
+    s = quant.pow2_scale(jnp.asarray([448.0, 449.0, 896.0, 1e-30, 6.0, 6.01]), 448.0, 1e-4)
+    np.testing.assert_array_equal(np.asarray(s)[:4], [1, 2, 2, 2.0**-22])  # 1e-4 / 448 -> 2^-22
+
+
+def test_straight_through_gradient():
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 256)), jnp.float32)
+    c = jnp.asarray(np.random.default_rng(2).normal(size=(4, 256)), jnp.float32)
+    for f in (quant.activation, lambda a: quant.weight(a, "fp8"), lambda a: quant.weight(a, "fp4")):
+        g = jax.grad(lambda a: jnp.sum(f(a) * c))(x)
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(c))
+
+
+def test_linear_quantises_its_input_and_weight():
+    rng = np.random.default_rng(3)
+    x, w = rng.normal(size=(2, 9, 300)).astype(np.float32), rng.normal(size=(200, 300)).astype(np.float32)
+    got = linear(jnp.asarray(x), quant.Quantized(jnp.asarray(w), "fp8"))
+    want = ref_quantize(x.reshape(-1, 300), (1, 128), "fp8") @ ref_quantize(w, (128, 128), "fp8").T
+    assert rel(got.reshape(-1, 200), want) <= 1e-6
+    assert rel(linear(jnp.asarray(x), jnp.asarray(w)).reshape(-1, 200), want) > 1e-3  # quantisation shows
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "fp4"])
+def test_expert_matmuls_quantise_inputs_and_weights(fmt):
+    rng = np.random.default_rng(4)
+    e, f, d, m, limit = 3, 96, 160, 20, 7.0
+    p = {k: rng.normal(size=s).astype(np.float32) for k, s in (("w1", (e, f, d)), ("w3", (e, f, d)),
+                                                                 ("w2", (e, d, f)))}
+    xs = rng.normal(size=(m, d)).astype(np.float32)
+    sizes = np.array([7, 0, 13], np.int32)
+    wts = rng.uniform(size=m).astype(np.float32)
+    got, _ = expert_ffn(jnp.asarray(xs), jnp.asarray(sizes), jnp.asarray(wts),
+                        {k: quant.Quantized(jnp.asarray(v), fmt) for k, v in p.items()}, limit, "ragged_dot",
+                        every_row_grouped=True)
+    block = (128, 128) if fmt == "fp8" else (1, 32)
+    qw = {k: ref_quantize(v, block, fmt) for k, v in p.items()}
+    xq = ref_quantize(xs, (1, 128), "fp8")
+    want, start = np.zeros((m, d)), 0
+    for g, n in enumerate(sizes):
+        rows = slice(start, start + n)
+        h = np.asarray(swiglu(jnp.asarray(xq[rows] @ qw["w1"][g].T, jnp.float32),
+                              jnp.asarray(xq[rows] @ qw["w3"][g].T, jnp.float32), jnp.asarray(wts[rows]), limit))
+        want[rows] = ref_quantize(h, (1, 128), "fp8") @ qw["w2"][g].T
+        start += n
+    assert rel(got, want) <= 1e-6
+
+
+def test_for_training_wraps_the_release_formats():
+    config = CONFIGS["a"]
+    params = init_params(config, seed=0)
+    infos = tree_infos(config, params)
+    assert quant.for_training(params, infos, "bf16") is params
+    fp8 = quant.for_training(params, infos, "fp8")
+    qat = quant.for_training(params, infos, "fp8+fp4qat")
+    for tree, experts in ((fp8, "fp8"), (qat, "fp4")):
+        attn, ffn = tree["layers"][2]["attn"], tree["layers"][2]["ffn"]
+        assert all(isinstance(attn[k], quant.Quantized) and attn[k].fmt == "fp8" for k in ("wq_a", "wq_b", "wkv",
+                                                                                           "wo_b"))
+        assert not isinstance(attn["wo_a"], quant.Quantized)  # bf16 in V4: its weight only is quantised
+        assert {ffn["experts"][k].fmt for k in ("w1", "w2", "w3")} == {experts}
+        assert {ffn["shared_experts"][k].fmt for k in ("w1", "w2", "w3")} == {"fp8"}
+        assert not isinstance(tree["head"], quant.Quantized) and not isinstance(ffn["gate"]["weight"],
+                                                                                quant.Quantized)
+    with pytest.raises(ValueError, match=r"train.precision='fp16': one of bf16, fp8, fp8\+fp4qat"):
+        quant.for_training(params, infos, "fp16")
+
+
+@pytest.mark.parametrize("precision", ["fp8", "fp8+fp4qat"])
+def test_training_with_precision_keeps_fp32_master_weights(precision):
+    """A Muon/AdamW step on the quantised forward: the loss moves by the quantisation (not zero, not
+    much on this small model), the update is finite, and parameters and optimizer state stay fp32."""
+    config = CONFIGS["a"]
+    params = init_params(config, seed=0)
+    batch = {k: jnp.asarray(v) for k, v in packed_batch(config).items()}
+    cfg = TrainConfig(steps=10, warmup_steps=0, precision=precision, dtype="bfloat16")  # lr > 0 at step 0
+    plain = float(loss_fn(params, batch, config, TrainConfig(steps=10, dtype="bfloat16"), 0)[0])
+    quantised = float(loss_fn(params, batch, config, cfg, 0)[0])
+    assert 1e-5 < abs(quantised - plain) / plain < 0.05, (quantised, plain)
+    opt = make_optimizer(cfg, config)
+    state, metrics = make_train_step(config, cfg, opt)(init_state(jax.tree.map(jnp.copy, params), opt), batch)
+    assert np.isfinite(float(metrics["loss"])) and int(state["step"]) == 1
+    leaves = jax.tree.leaves((state["params"], state["opt_state"]))
+    floats = [x for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert floats and {x.dtype for x in floats} == {jnp.dtype(jnp.float32)}
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in floats)
+    moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state["params"]["layers"][2]["ffn"]["experts"],
+                         params["layers"][2]["ffn"]["experts"])
+    assert all(jax.tree.leaves(moved))  # the straight-through gradient reached the master weights
+
+
+def test_precision_is_checked_with_the_config():
+    with pytest.raises(ConfigError, match=r"train.precision='int8' is not allowed: bf16 \| fp8 \| fp8\+fp4qat"):
+        TrainConfig(precision="int8")
+
+
+def test_quantised_training_on_a_mesh_matches_one_device():
+    """fp8+fp4qat on fsdp 2 x expert 2 (the experts' FP4 blocks on sharded weights, the capacity
+    all_to_all) and on context 2 x expert 2: the loss and gradients of one device, fp32."""
+    config = CONFIGS["a"]
+    params = init_params(config, seed=0)
+    batch = {k: jnp.asarray(v) for k, v in packed_batch(config).items()}
+    cfg = TrainConfig(steps=10, precision="fp8+fp4qat")
+
+    def run(params, par=None, mesh=None):
+        f = jax.value_and_grad(lambda p, b: loss_fn(p, b, config, cfg, 0, par, mesh)[0], allow_int=True)
+        if mesh is not None:
+            params = jax.device_put(params, param_shardings(params, mesh, config))
+        return jax.jit(f)(params, batch)
+
+    want_loss, want_grads = run(params)
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(want_grads) if g.dtype == jnp.float32)
+    for shape in ((1, 2, 2, 1, 1), (1, 1, 2, 1, 2)):  # data, fsdp, expert, tensor, context
+        par = ParallelConfig(*shape[:4], context=shape[4], capacity_factor=8.0)
+        loss, grads = run(params, par, make_mesh(par, jax.devices()[:4]))
+        assert rel(loss, want_loss) <= 1e-5, shape
+        err = max(float(jnp.max(jnp.abs(g - w))) for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads))
+                  if w.dtype == jnp.float32)
+        assert err / scale <= 1e-5, (shape, err / scale)

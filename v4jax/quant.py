@@ -1,0 +1,142 @@
+"""V4's FP8 and FP4 block formats in JAX (spec §2.11, §3.3): quantisation for training with a
+straight-through backward (``train.precision``).
+
+* **FP8** (E4M3, largest code 448): weights in 128 x 128 blocks, activations in 1 x 128 blocks
+  along the contracted (last) axis. Every block's scale is the power of two
+  2^ceil(log2(amax / 448)) (a UE8M0 scale), amax floored at 1e-4.
+* **FP4** (E2M1, largest code 6; the routed experts in quantisation-aware training): 1 x 32 blocks
+  along the input (last) axis, scale 2^ceil(log2(amax / 6)), amax floored at 6 * 2^-126.
+
+A value is divided by its block's scale, clamped to the largest code, rounded to the nearest code
+(ties to even) and multiplied back. The result is a code times a power of two, exact in bf16 and
+fp32, so a matmul of quantised operands in bf16 or fp32 (fp32 accumulation) computes what an FP8
+GEMM with these scales computes, up to the order of the sums. A block that the axis length leaves
+partial shares its scale over the elements it has (the checkpoint's edge blocks).
+
+``Quantized`` marks a weight whose matmul quantises it (in its format) and the matmul's input (FP8,
+1 x 128): ``v4jax.layers.linear`` and the MoE's expert matmuls take it in place of an array.
+``for_training`` wraps the parameters the release stores in FP8/FP4 this way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+F32 = jnp.float32
+FP8_MAX, FP8_FLOOR, FP8_BLOCK = 448.0, 1e-4, 128
+FP4_MAX, FP4_FLOOR, FP4_BLOCK = 6.0, 6.0 * 2.0**-126, 32
+PRECISIONS = ("bf16", "fp8", "fp8+fp4qat")
+
+
+def pow2_scale(amax: jax.Array, qmax: float, floor: float) -> jax.Array:
+    """The smallest power of two s with s * qmax >= max(amax, floor), in fp32, exactly: with
+    a = m 2^E and qmax = mq 2^Eq (mantissas in [0.5, 1)), s = 2^(E - Eq), doubled when m > mq."""
+    m, e = jnp.frexp(jnp.maximum(amax.astype(F32), floor))
+    mq, eq = np.frexp(np.float32(qmax))
+    return jnp.ldexp(jnp.ones_like(m), e - int(eq) + (m > mq).astype(e.dtype))
+
+
+def _round_e2m1(y: jax.Array) -> jax.Array:
+    """|y| <= 6 to the nearest E2M1 value (0, 0.5, 1, 1.5, 2, 3, 4, 6 and negatives), ties to even:
+    steps of 0.5 below 2, of 1 below 4, of 2 above (jnp.round rounds half to even)."""
+    a = jnp.abs(y)
+    step = jnp.where(a < 2, 0.5, jnp.where(a < 4, 1.0, 2.0))
+    return jnp.sign(y) * jnp.round(a / step) * step
+
+
+def _round_e4m3(y: jax.Array) -> jax.Array:
+    """|y| <= 448 to the nearest E4M3 value, ties to even (the cast rounds so)."""
+    return y.astype(jnp.float8_e4m3fn).astype(F32)
+
+
+FORMATS = {"fp8": (FP8_MAX, FP8_FLOOR, _round_e4m3), "fp4": (FP4_MAX, FP4_FLOOR, _round_e2m1)}
+
+
+def quantize(x: jax.Array, block: tuple[int, int], fmt: str) -> jax.Array:
+    """x [..., R, C] in ``block`` = (rows, cols) blocks over its last two axes (leading axes apart),
+    quantised in ``fmt`` ("fp8", "fp4") and returned as values in x's dtype. A 1-D x is one row."""
+    qmax, floor, round_code = FORMATS[fmt]
+    if x.ndim == 1:
+        return quantize(x[None], block, fmt)[0]
+    br, bc = block
+    *lead, r, c = x.shape
+    pr, pc = -r % br, -c % bc
+    xf = jnp.pad(x.astype(F32), [(0, 0)] * len(lead) + [(0, pr), (0, pc)])
+    xb = xf.reshape(*lead, (r + pr) // br, br, (c + pc) // bc, bc)
+    s = pow2_scale(jnp.max(jnp.abs(xb), axis=(-3, -1), keepdims=True), qmax, floor)
+    q = round_code(jnp.clip(xb / s, -qmax, qmax)) * s
+    return q.reshape(xf.shape)[..., :r, :c].astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def fake_quant(x: jax.Array, block: tuple[int, int], fmt: str) -> jax.Array:
+    """``quantize`` whose gradient is the identity (straight-through)."""
+    return quantize(x, block, fmt)
+
+
+fake_quant.defvjp(lambda x, block, fmt: (quantize(x, block, fmt), None), lambda block, fmt, _, g: (g,))
+
+
+def activation(x: jax.Array) -> jax.Array:
+    """A matmul's input x [..., K] in FP8 with 1 x 128 blocks along K (straight-through)."""
+    return fake_quant(x.reshape(-1, x.shape[-1]), (1, FP8_BLOCK), "fp8").reshape(x.shape)
+
+
+def weight(w: jax.Array, fmt: str) -> jax.Array:
+    """A weight [..., out, in] in FP8 (128 x 128 blocks) or FP4 (1 x 32 along ``in``), straight-through."""
+    return fake_quant(w, (FP8_BLOCK, FP8_BLOCK) if fmt == "fp8" else (1, FP4_BLOCK), fmt)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["w"], meta_fields=["fmt"])
+@dataclasses.dataclass(frozen=True)
+class Quantized:
+    """A weight [..., out, in] that its matmul quantises in ``fmt`` ("fp8": 128 x 128 blocks;
+    "fp4": 1 x 32), together with the matmul's input (FP8, 1 x 128). A pytree with one leaf, so it
+    scans, shards and slices like the array it holds."""
+
+    w: jax.Array
+    fmt: str
+
+    @property
+    def shape(self):
+        return self.w.shape
+
+    def values(self) -> jax.Array:
+        """The quantised weight (straight-through to ``w``)."""
+        return weight(self.w, self.fmt)
+
+
+def operands(x: jax.Array, w) -> tuple[jax.Array, jax.Array]:
+    """A matmul's input and weight as it computes them: both quantised when w is ``Quantized``."""
+    if isinstance(w, Quantized):
+        return activation(x), w.values().astype(x.dtype)
+    return x, w.astype(x.dtype)
+
+
+def for_training(params, infos, precision: str):
+    """The parameters as a training step with ``precision`` uses them. ``infos``: their
+    declarations (``v4jax.params.tree_infos``). "bf16": unchanged. "fp8": every weight the release
+    stores in FP8 (export "fp8") and the routed experts become ``Quantized`` FP8; the attention's
+    ``wo_a``, stored in FP8 but multiplied in bf16 by V4, has only its weight quantised. "fp8+fp4qat":
+    the same with the routed experts in FP4 (quantisation-aware training)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"train.precision={precision!r}: one of {', '.join(PRECISIONS)}")
+    if precision == "bf16":
+        return params
+    experts = "fp4" if precision == "fp8+fp4qat" else "fp8"
+
+    def one(path, w, info):
+        if info.export == "experts":
+            return Quantized(w, experts)
+        if info.export != "fp8":
+            return w
+        if getattr(path[-1], "key", None) == "wo_a":
+            return weight(w, "fp8")
+        return Quantized(w, "fp8")
+
+    return jax.tree_util.tree_map_with_path(one, params, infos)
