@@ -232,3 +232,43 @@ def test_sharded_generation_equals_unsharded():
     assert cache["layers"][1]["entries"].sharding.spec[0] == ("data", "expert")  # split by rows
     kw = dict(temperature=0.0, stop_tokens=[])
     assert sharded.generate(prompts, 20, **kw) == plain.generate(prompts, 20, **kw)
+
+
+def test_fp8_entries_store_the_quantised_entries():
+    """``fp8_entries``: the compressed entries' non-RoPE channels as E4M3 codes with a power-of-two
+    scale per 64 channels (spec §2.11), the RoPE channels as they are. The first compressed layer's
+    stored entries decode to the fp32 cache's entries quantised by the numpy reference written from
+    the spec (tests/test_quant.py), after the prefill and after decode steps; later layers see the
+    quantised entries of earlier ones, so their logits are only close to the fp32 cache's."""
+    from tests.test_quant import ref_quantize
+    from v4jax.quant import decode_rows
+
+    config, params, tokens = _setup("a", 48)
+    i = next(j for j in range(config.num_hidden_layers) if config.layer_type(j) in (CSA, HCA))
+    m, r = config.layer_ratio(i), config.qk_rope_head_dim
+    c32, c8 = init_cache(config, 1, 64, F32), init_cache(config, 1, 64, F32, fp8_entries=True)
+    for a, b in ((0, 40), (40, 41), (41, 48)):  # a prefill, a decode step, a chunk
+        want, c32 = _extend(params, c32, tokens[:, a:b], config)
+        got, c8 = _extend(params, c8, tokens[:, a:b], config)
+        assert 0 < rel(got, want) <= 2e-2, (b, rel(got, want))
+        n = b // m  # the blocks complete so far
+        e32, st = np.asarray(c32["layers"][i]["entries"])[0, :n], c8["layers"][i]["entries"]
+        assert st["nope"].dtype == jnp.float8_e4m3fn and st["scale"].dtype == jnp.float8_e8m0fnu
+        np.testing.assert_array_equal(np.asarray(decode_rows(st["nope"], st["scale"], 64))[0, :n],
+                                      ref_quantize(e32[:, :-r], (1, 64), "fp8").astype(np.float32))
+        np.testing.assert_array_equal(np.asarray(st["rope"])[0, :n], e32[:, -r:])
+
+
+def test_fp8_entries_bytes_and_generation():
+    """The FP8 cache's growing part per compressed layer and token: c - r code bytes, one scale byte
+    per 64 of them and the RoPE channels in the cache dtype (the indexer's keys unchanged); greedy
+    generation runs on it through Model.generate."""
+    config = CONFIGS["c"]
+    c, r = config.head_dim, config.qk_rope_head_dim
+    got = cache_bytes(config, 1024, dtype=F32, fp8_entries=True)
+    assert got["total"] == sum(x.nbytes for x in jax.tree.leaves(init_cache(config, 1, 1024, F32, True)))
+    entry = (c - r) + -(-(c - r) // 64) + 4 * r
+    assert got["growing"] == 1024 // 4 * (entry + 4 * config.index_head_dim) + 1024 // 16 * entry  # CSA, HCA
+    model = v4jax.Model(config, sharpened(init_params(config, 0)), jnp.dtype(F32))
+    out = model.generate([[5, 6, 7]], 8, temperature=0.0, stop_tokens=[], fp8_cache=True)
+    assert len(out[0]) == 8

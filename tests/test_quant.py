@@ -58,6 +58,17 @@ def test_quantize_matches_the_spec_reference(shape, block, fmt):
     assert np.any(got != x)  # it did quantise
 
 
+def test_rows_stored_as_codes_and_scales_decode_to_the_quantised_values():
+    x = blocky(np.random.default_rng(5), (3, 4, 448), (1, 64))
+    codes, scales = quant.encode_rows(jnp.asarray(x), 64)
+    assert codes.dtype == jnp.float8_e4m3fn and scales.dtype == jnp.float8_e8m0fnu and scales.shape == (3, 4, 7)
+    want = ref_quantize(x.reshape(-1, 448), (1, 64), "fp8").reshape(x.shape)
+    np.testing.assert_array_equal(np.asarray(quant.decode_rows(codes, scales, 64)), want.astype(np.float32))
+    codes, scales = quant.encode_rows(jnp.asarray(x[..., :100]), 64)  # a partial last block
+    np.testing.assert_array_equal(np.asarray(quant.decode_rows(codes, scales, 64)),
+                                  ref_quantize(x[..., :100].reshape(-1, 100), (1, 64), "fp8").reshape(3, 4, 100))
+
+
 def test_ties_round_to_even_and_the_scale_is_the_smallest_power_of_two():
     # FP4, block max 6 (scale 1): 0.25 -> 0, 0.75 -> 1, 2.5 -> 2, 3.5 -> 4, 5 -> 4, 1.75 -> 2
     x = np.array([[6, .25, .75, 2.5, 3.5, 5, 1.75, -5] + [0] * 24], np.float32)

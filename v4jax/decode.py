@@ -11,7 +11,10 @@ dim, W window, m a layer's compression ratio, N = max_len // m entry slots, V vo
               x        [b, 2m, d]     compressed layers: the attention input of the last 2m
                                       positions, slot p % 2m (the compressors' input: the partial
                                       block and, for CSA's overlap, the block before it)
-              entries  [b, N, c]      compressed layers: block i's entry in slot i
+              entries  [b, N, c]      compressed layers: block i's entry in slot i; with an
+                                      FP8 cache a dict: nope [b, N, c - r] E4M3 codes of the
+                                      non-RoPE channels, scale [b, N, (c - r) / 64] their E8M0
+                                      scales (1 x 64 blocks, spec §2.11), rope [b, N, r]
               index    [b, N, c_I]    CSA layers: the indexer's entries
 
 Rows are independent: each has its own ``pos``, so rows of different lengths share a batch, and
@@ -46,16 +49,19 @@ from v4jax.index_list import QUERY_CHUNK, Entries, attend, from_chunks, pad_toke
 from v4jax.layers import apply_rope, linear_f32, rope_angles, rope_frequencies
 from v4jax.model import _final_hidden, block
 from v4jax.parallel import DEFAULT_RULES, batch_sharding
+from v4jax.quant import decode_rows, encode_rows
 from v4jax.scan import unstack_layers
 
 # --------------------------------------------------------------------------------------------------
 # The cache
 
 
-def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> dict:
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16, fp8_entries: bool = False) -> dict:
     """An empty cache for ``batch`` rows of up to ``max_len`` tokens: room for the entries of the
     blocks that complete within max_len (``extend`` drops any past it; ``v4jax.generate`` sizes the
-    cache for the prompt and the new tokens)."""
+    cache for the prompt and the new tokens). ``fp8_entries``: the compressed entries' non-RoPE
+    channels in FP8 (E4M3, a power-of-two scale per 64 channels), as the official inference keeps
+    them; the window, the compressors' input and the indexer's keys stay in ``dtype``."""
     if config.engram is not None:
         raise NotImplementedError("generation with Engram (model.engram) is not supported yet: its short "
                                   "convolution and n-gram ids need a decode state of their own")
@@ -66,11 +72,44 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16
         lc = {"window": jnp.zeros((b, w, c), dtype)}
         if kind != SWA:
             lc["x"] = jnp.zeros((b, 2 * m, d), dtype)
-            lc["entries"] = jnp.zeros((b, max_len // m, c), dtype)
+            lc["entries"] = _empty_entries(b, max_len // m, c, config.qk_rope_head_dim, dtype, fp8_entries)
         if kind == CSA:
             lc["index"] = jnp.zeros((b, max_len // m, config.index_head_dim), dtype)
         layers.append(lc)
     return {"pos": jnp.zeros((b,), jnp.int32), "layers": layers}
+
+
+FP8_ENTRY_BLOCK = 64  # channels per scale of an FP8 cache's entries (spec §2.11)
+
+
+def _empty_entries(b: int, n: int, c: int, r: int, dtype, fp8: bool):
+    if not fp8:
+        return jnp.zeros((b, n, c), dtype)
+    return {"nope": jnp.zeros((b, n, c - r), jnp.float8_e4m3fn),
+            "scale": jnp.ones((b, n, -(-(c - r) // FP8_ENTRY_BLOCK)), jnp.float8_e8m0fnu),
+            "rope": jnp.zeros((b, n, r), dtype)}
+
+
+def _write_entries(cached, slot: jax.Array, keys: jax.Array):
+    """keys [b, J, c] into the entries' slots [b, J] (a slot past the end drops its key); an FP8
+    cache stores the non-RoPE channels as codes and scales."""
+    def put(buf, rows):
+        return jax.vmap(lambda c, s, k: c.at[s].set(k.astype(c.dtype), mode="drop"))(buf, slot, rows)
+
+    if not isinstance(cached, dict):
+        return put(cached, keys)
+    r = cached["rope"].shape[-1]
+    codes, scales = encode_rows(keys[..., :-r], FP8_ENTRY_BLOCK)
+    return {"nope": put(cached["nope"], codes), "scale": put(cached["scale"], scales),
+            "rope": put(cached["rope"], keys[..., -r:])}
+
+
+def _entry_values(cached, dtype) -> jax.Array:
+    """The entries [b, N, c] in ``dtype`` (an FP8 cache's decoded)."""
+    if not isinstance(cached, dict):
+        return cached.astype(dtype)
+    nope = decode_rows(cached["nope"], cached["scale"], FP8_ENTRY_BLOCK)
+    return jnp.concatenate([nope.astype(dtype), cached["rope"].astype(dtype)], axis=-1)
 
 
 def cache_shardings(cache: dict, mesh: jax.sharding.Mesh) -> dict:
@@ -85,13 +124,14 @@ def _batch_ways(mesh) -> int:
     return int(np.prod([mesh.shape[a] for a in DEFAULT_RULES["batch"] if a in mesh.shape]))
 
 
-def cache_bytes(config: ModelConfig, tokens: int, batch: int = 1, dtype=jnp.bfloat16) -> dict[str, int]:
+def cache_bytes(config: ModelConfig, tokens: int, batch: int = 1, dtype=jnp.bfloat16,
+                fp8_entries: bool = False) -> dict[str, int]:
     """Bytes of the cache for ``batch`` rows of ``tokens`` tokens, computed from its shapes (nothing is
     allocated): ``total``, ``growing`` (the entries: what grows with the context) and ``fixed``."""
-    shapes = jax.eval_shape(lambda: init_cache(config, batch, tokens, dtype))
-    total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
-    growing = sum(lc[k].size * lc[k].dtype.itemsize for lc in shapes["layers"] for k in ("entries", "index")
-                  if k in lc)
+    shapes = jax.eval_shape(lambda: init_cache(config, batch, tokens, dtype, fp8_entries))
+    size = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
+    total = size(shapes)
+    growing = sum(size(lc[k]) for lc in shapes["layers"] for k in ("entries", "index") if k in lc)
     return {"total": total, "growing": growing, "fixed": total - growing}
 
 
@@ -123,8 +163,8 @@ def _new_entries(ext_x, ext_first, p, pos, end, m: int, overlap: bool, freqs, ep
     closes = (blk + 1) * m <= end[:, None]
     keys = compress(ext_x, p, blk * m - ext_first[:, None], blk == 0, m, overlap, eps)
     keys = apply_rope(keys, *rope_angles(freqs, blk * m))  # RoPE at the block's first position
-    slot = jnp.where(closes, blk, cached.shape[1])  # past the end: dropped
-    return jax.vmap(lambda c, s, k: c.at[s].set(k.astype(c.dtype), mode="drop"))(cached, slot, keys)
+    n = jax.tree.leaves(cached)[0].shape[1]
+    return _write_entries(cached, jnp.where(closes, blk, n), keys)  # a slot past the end: dropped
 
 
 def _cached_entries(keys, m: int, pos, end) -> Entries:
@@ -191,7 +231,7 @@ def attention_extend(x, p, lc: dict, config: ModelConfig, layer: int, pos, n_val
         new["x"] = _ring_update(lc["x"], x.astype(xs.dtype), pos, end)
         new["entries"] = _new_entries(ext_x, first, p["compressor"], pos, end, m, kind == CSA, freqs, eps,
                                       lc["entries"])
-        entries = _cached_entries(new["entries"].astype(x.dtype), m, pos, end)
+        entries = _cached_entries(_entry_values(new["entries"], x.dtype), m, pos, end)
         if kind == CSA:
             ip = p["indexer"]
             new["index"] = _new_entries(ext_x, first, ip["compressor"], pos, end, m, True, freqs, eps, lc["index"])

@@ -63,14 +63,16 @@ def decode_step(params, cache, logits, sampling, step, active, config: ModelConf
 
 def generate(params, config: ModelConfig, prompts, max_new_tokens: int, *, temperature=1.0, top_p=1.0, top_k=0,
              seed=0, stop_tokens: Sequence[int] | None = None, dtype=jnp.bfloat16, prefill_chunk: int = 2048,
-             on_tokens: Callable[[list[int | None]], None] | None = None, mesh=None) -> list[list[int]]:
+             on_tokens: Callable[[list[int | None]], None] | None = None, mesh=None,
+             fp8_cache: bool = False) -> list[list[int]]:
     """New tokens for each prompt (a list of token ids): a list of token lists.
 
     ``temperature`` (0: greedy), ``top_p``, ``top_k`` (0: off) and ``seed``: a value for every row
     or a list of one per row. ``stop_tokens``: the ids that end a row (default: EOS, id 1; ``[]``
     for none). ``on_tokens(tokens)``, if given, is called after each step with each row's new token
     (None for a row that has finished): for streaming. ``mesh``: the mesh ``params`` are sharded
-    on; the cache is then split by rows (``v4jax.decode.cache_shardings``).
+    on; the cache is then split by rows (``v4jax.decode.cache_shardings``). ``fp8_cache``: the
+    compressed entries' non-RoPE channels kept in FP8 (``v4jax.decode.init_cache``).
     """
     prompts = _check_prompts(prompts, config.vocab_size)
     if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
@@ -86,7 +88,7 @@ def generate(params, config: ModelConfig, prompts, max_new_tokens: int, *, tempe
     sp = sampling_params(b, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     lengths = np.array([len(p) for p in prompts])
     # +1: the last sampled token is appended too (it is never read)
-    cache = init_cache(config, b, _capacity(int(lengths.max()) + max_new_tokens + 1), dtype)
+    cache = init_cache(config, b, _capacity(int(lengths.max()) + max_new_tokens + 1), dtype, fp8_cache)
     if mesh is not None:
         cache = jax.device_put(cache, cache_shardings(cache, mesh))
 

@@ -73,6 +73,21 @@ def quantize(x: jax.Array, block: tuple[int, int], fmt: str) -> jax.Array:
     return q.reshape(xf.shape)[..., :r, :c].astype(x.dtype)
 
 
+def encode_rows(x: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+    """x [..., C] in FP8 with 1 x ``block`` blocks along C, as stored: (codes [..., C] E4M3, scales
+    [..., ceil(C / block)] E8M0). ``decode_rows`` gives ``quantize(x, (1, block), "fp8")``."""
+    c, pad = x.shape[-1], -x.shape[-1] % block
+    xb = jnp.pad(x.astype(F32), [(0, 0)] * (x.ndim - 1) + [(0, pad)]).reshape(*x.shape[:-1], -1, block)
+    s = pow2_scale(jnp.max(jnp.abs(xb), axis=-1, keepdims=True), FP8_MAX, FP8_FLOOR)
+    codes = jnp.clip(xb / s, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+    return codes.reshape(*x.shape[:-1], -1)[..., :c], s[..., 0].astype(jnp.float8_e8m0fnu)
+
+
+def decode_rows(codes: jax.Array, scales: jax.Array, block: int) -> jax.Array:
+    """``encode_rows``'s (codes, scales) -> the values [..., C] in fp32."""
+    return codes.astype(F32) * jnp.repeat(scales.astype(F32), block, axis=-1)[..., :codes.shape[-1]]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def fake_quant(x: jax.Array, block: tuple[int, int], fmt: str) -> jax.Array:
     """``quantize`` whose gradient is the identity (straight-through)."""

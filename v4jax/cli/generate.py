@@ -34,6 +34,8 @@ def parse_args(argv=None):
                    help="default: the one the checkpoint records (a run's), else deepseek")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                    help="default: a run's training dtype, else bfloat16")
+    p.add_argument("--fp8-cache", action="store_true",
+                   help="keep the compressed cache's non-RoPE channels in FP8 (as the official inference does)")
     return p.parse_args(argv)
 
 
@@ -65,7 +67,7 @@ def main(argv=None) -> int:
                 shown = text
 
         model.generate([prompt], args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed,
-                       on_tokens=stream)
+                       on_tokens=stream, fp8_cache=args.fp8_cache)
         sys.stdout.write(tok.decode(new)[len(shown):] + "\n")
     except (ValueError, OSError, NotImplementedError) as e:  # bad input, unreadable checkpoint: one line
         print(f"error: {e}", file=sys.stderr)
