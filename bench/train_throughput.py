@@ -60,12 +60,12 @@ def check_ragged(config, devices):
     return out
 
 
-def run(config, devices, backend, dispatch, b, s, steps, remat, scan=True):
+def run(config, devices, backend, dispatch, b, s, steps, remat, scan=True, precision="bf16"):
     n = len(devices)
     par = ParallelConfig(1, 1, n, 1, moe_dispatch=dispatch, moe_backend=backend, capacity_factor=2.0, remat=remat,
                          scan_layers=scan)
     mesh = make_mesh(par, devices)
-    cfg = TrainConfig(steps=1000, dtype="bfloat16", log_every=1)
+    cfg = TrainConfig(steps=1000, dtype="bfloat16", log_every=1, precision=precision)
     opt = make_optimizer(cfg, config)
     params = init_params(config, 0, scan=scan)
     params = jax.device_put(params, param_shardings(params, mesh, config))
@@ -90,7 +90,8 @@ def run(config, devices, backend, dispatch, b, s, steps, remat, scan=True):
     med = float(np.median(times))
     tps = b * s / med
     peak = PEAK_BF16.get(devices[0].device_kind, float("nan")) * n
-    return {"devices": n, "backend": backend, "dispatch": dispatch if n > 1 else "-", "batch": b, "seq": s,
+    return {"devices": n, "backend": backend, "dispatch": dispatch if n > 1 else "-", "precision": precision,
+            "batch": b, "seq": s,
             "remat": remat, "scan": scan, "step_s": med, "step_s_spread": float(np.max(times) - np.min(times)),
             "tokens_per_s": tps, "mfu": flops_per_token(config, s) * tps / peak, "compile_s": compile_s,
             "first_loss": first_loss, "loss": float(m["loss"]), "ok_steps": f"{sum(oks)}/{len(oks)}",
@@ -110,6 +111,7 @@ def main():
     ap.add_argument("--remat", default="none")
     ap.add_argument("--no-scan", action="store_true", help="unrolled layers instead of jax.lax.scan")
     ap.add_argument("--skip-check", action="store_true", help="skip the dispatch correctness check")
+    ap.add_argument("--precisions", default="bf16", help="train.precision values to run, e.g. bf16,fp8,fp8+fp4qat")
     ap.add_argument("--json", default=None, help="write every figure here (rewritten after each run)")
     args = ap.parse_args()
     config = model_config_from_yaml(args.config)
@@ -123,24 +125,26 @@ def main():
         for backend in args.backends.split(","):
             ragged = n > 1 and devs[0].platform != "cpu"
             dispatches = [d for d in args.dispatch.split(",") if ragged or d == "capacity"] if n > 1 else ["capacity"]
-            for dispatch in dispatches:
+            for dispatch, precision in ((d, p) for d in dispatches for p in args.precisions.split(",")):
                 try:
                     r = run(config, devs[:n], backend, dispatch, args.batch, args.seq, args.steps, args.remat,
-                            not args.no_scan)
+                            not args.no_scan, precision)
                 except Exception as e:  # keep measuring the other settings; report the failure
-                    r = {"devices": n, "backend": backend, "dispatch": dispatch, "error": repr(e)[:300]}
+                    r = {"devices": n, "backend": backend, "dispatch": dispatch, "precision": precision,
+                         "error": repr(e)[:300]}
                 results["runs"].append(r)
                 print(json.dumps(r), flush=True)
                 if args.json:
                     with open(args.json, "w") as f:
                         json.dump(results, f, indent=2)
-    print(f"\n{'gpus':>4} {'backend':>10} {'dispatch':>9} {'step s':>8} {'tok/s':>9} {'MFU':>6} {'mem GB':>7}")
+    print(f"\n{'gpus':>4} {'backend':>10} {'dispatch':>9} {'precision':>10} {'step s':>8} {'tok/s':>9} {'MFU':>6} "
+          f"{'mem GB':>7}")
     for r in results["runs"]:
+        head = f"{r['devices']:>4} {r['backend']:>10} {r['dispatch']:>9} {r['precision']:>10}"
         if "error" in r:
-            print(f"{r['devices']:>4} {r['backend']:>10} {r['dispatch']:>9}  error: {r['error'][:80]}")
+            print(f"{head}  error: {r['error'][:80]}")
         else:
-            print(f"{r['devices']:>4} {r['backend']:>10} {r['dispatch']:>9} {r['step_s']:8.3f} "
-                  f"{r['tokens_per_s']:9.0f} {r['mfu']:6.1%} {r['peak_mem_gb']:7.1f}")
+            print(f"{head} {r['step_s']:8.3f} {r['tokens_per_s']:9.0f} {r['mfu']:6.1%} {r['peak_mem_gb']:7.1f}")
 
 
 if __name__ == "__main__":
