@@ -197,3 +197,45 @@ def test_quantised_training_on_a_mesh_matches_one_device():
         err = max(float(jnp.max(jnp.abs(g - w))) for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads))
                   if w.dtype == jnp.float32)
         assert err / scale <= 1e-5, (shape, err / scale)
+
+
+def test_indexer_queries_and_keys_rotated_and_in_fp4():
+    """train.indexer_fp4 (spec §2.11): x times the orthonormal Hadamard matrix (Sylvester's order,
+    scipy's), then FP4 in 1 x 32 blocks; the rotation keeps dot products before the rounding."""
+    import scipy.linalg
+
+    h = scipy.linalg.hadamard(128) / np.sqrt(128)
+    np.testing.assert_allclose(quant.hadamard(128), h, atol=1e-7)
+    x = np.random.default_rng(6).normal(size=(2, 5, 3, 128)).astype(np.float32)
+    got = quant.indexer_qk(jnp.asarray(x), quant.IndexerQK("fp4"))
+    want = ref_quantize((x.reshape(-1, 128) @ h), (1, 32), "fp4").reshape(x.shape)
+    assert rel(got, want) <= 1e-6
+    with pytest.raises(ValueError, match="power-of-two width, got 48"):
+        quant.hadamard(48)
+
+
+def test_indexer_fp4_in_training():
+    """The marker reaches every indexer; the indexer's loss moves (its scores are quantised) and its
+    gradients stay finite; a head width the rotation cannot take is refused with the config."""
+    from v4jax.trainer import RunConfig, load_run_config
+
+    config = CONFIGS["a"]
+    params = init_params(config, seed=0)
+    marked = quant.for_training(params, tree_infos(config, params), "fp8+fp4qat", indexer_fp4=True)
+    with_indexer = [i for i, lp in enumerate(params["layers"]) if "indexer" in lp["attn"]]
+    assert with_indexer and all(marked["layers"][i]["attn"]["indexer"]["qk"] == quant.IndexerQK("fp4")
+                                for i in with_indexer)
+    batch = {k: jnp.asarray(v) for k, v in packed_batch(config).items()}
+    terms = {}
+    for fp4 in (False, True):
+        cfg = TrainConfig(steps=10, precision="fp8+fp4qat", indexer_fp4=fp4)
+        (_, (metrics, _)), grads = jax.value_and_grad(loss_fn, has_aux=True, allow_int=True)(
+            params, batch, config, cfg, 0)
+        terms[fp4] = float(metrics["indexer_loss"])
+        for i in with_indexer:
+            g = jax.tree.leaves(grads["layers"][i]["attn"]["indexer"])
+            assert all(bool(jnp.all(jnp.isfinite(a))) for a in g) and any(bool(jnp.any(a != 0)) for a in g)
+    assert terms[True] != terms[False] and np.isfinite(terms[True])
+    run = load_run_config("configs/tiny.yaml")
+    with pytest.raises(ConfigError, match="model.index_head_dim a power of two, got 48"):
+        RunConfig(run.model.replace(index_head_dim=48), run.train.__class__(indexer_fp4=True), run.data)

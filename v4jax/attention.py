@@ -46,6 +46,7 @@ from v4jax.index_list import (
 )
 from v4jax.layers import F32, apply_rope, linear, linear_f32, rms_norm, rope_angles, rope_frequencies
 from v4jax.params import Init, declare, matrix, pure, vector
+from v4jax.quant import indexer_qk
 
 KEY_CHUNK = 8192  # entries per step of the indexer's running top-k (``ParallelConfig`` sets it per run)
 
@@ -133,10 +134,14 @@ def _index_scores(w: jax.Array, dots: jax.Array) -> jax.Array:
 def indexer_inputs(x, cq, p, positions, segment_ids, config: ModelConfig, freqs, m: int):
     """The indexer's queries [b, s, h, c], per-head weights [b, s, h] (fp32) and keys (its own CSA
     compressor's entries). Its inputs x and cq are detached: the indexer's loss reaches only its
-    parameters, and the selection carries no gradient into the model."""
+    parameters, and the selection carries no gradient into the model. Parameters with the
+    ``v4jax.quant.IndexerQK`` marker (``train.indexer_fp4``) rotate and quantise queries and keys."""
     x, cq = jax.lax.stop_gradient(x), jax.lax.stop_gradient(cq)
     keys = make_entries(x, p["compressor"], positions, segment_ids, m, True, freqs, config.rms_norm_eps)
-    return (*indexer_queries(x, cq, p, config, rope_angles(freqs, positions)), keys)
+    q, w = indexer_queries(x, cq, p, config, rope_angles(freqs, positions))
+    if "qk" in p:  # train.indexer_fp4: V4's quantisation-aware indexer (v4jax.quant.IndexerQK)
+        q, keys = indexer_qk(q, p["qk"]), keys._replace(keys=indexer_qk(keys.keys, p["qk"]))
+    return q, w, keys
 
 
 def indexer_queries(x, cq, p, config: ModelConfig, angles):

@@ -126,6 +126,36 @@ class Quantized:
         return weight(self.w, self.fmt)
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=[], meta_fields=["fmt"])
+@dataclasses.dataclass(frozen=True)
+class IndexerQK:
+    """A marker in the lightning indexer's parameters (key ``qk``, added by ``for_training``): its
+    queries and keys are rotated by the orthonormal Hadamard matrix and quantised in ``fmt`` ("fp4":
+    1 x 32 blocks) before their scores, as in V4's quantisation-aware training (spec §2.11, §4). A
+    pytree without leaves: it scans and shards as nothing."""
+
+    fmt: str
+
+
+def hadamard(n: int) -> np.ndarray:
+    """The orthonormal Hadamard matrix of order n (a power of two) in Sylvester's order: H_1 = [1],
+    H_2k = [[H_k, H_k], [H_k, -H_k]], scaled by n^-1/2."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Hadamard rotation needs a power-of-two width, got {n}")
+    h = np.ones((1, 1), np.float32)
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h * np.float32(n**-0.5)
+
+
+def indexer_qk(x: jax.Array, marker: IndexerQK) -> jax.Array:
+    """The indexer's queries or keys x [..., c] rotated by the Hadamard matrix and quantised (1 x 32
+    blocks along c, straight-through), in x's dtype."""
+    c = x.shape[-1]
+    rotated = jnp.einsum("...i,ij->...j", x.astype(F32), jnp.asarray(hadamard(c)))
+    return fake_quant(rotated.reshape(-1, c), (1, FP4_BLOCK), marker.fmt).reshape(x.shape).astype(x.dtype)
+
+
 def operands(x: jax.Array, w) -> tuple[jax.Array, jax.Array]:
     """A matmul's input and weight as it computes them: both quantised when w is ``Quantized``."""
     if isinstance(w, Quantized):
@@ -133,25 +163,36 @@ def operands(x: jax.Array, w) -> tuple[jax.Array, jax.Array]:
     return x, w.astype(x.dtype)
 
 
-def for_training(params, infos, precision: str):
+def for_training(params, infos, precision: str, indexer_fp4: bool = False):
     """The parameters as a training step with ``precision`` uses them. ``infos``: their
     declarations (``v4jax.params.tree_infos``). "bf16": unchanged. "fp8": every weight the release
     stores in FP8 (export "fp8") and the routed experts become ``Quantized`` FP8; the attention's
     ``wo_a``, stored in FP8 but multiplied in bf16 by V4, has only its weight quantised. "fp8+fp4qat":
-    the same with the routed experts in FP4 (quantisation-aware training)."""
+    the same with the routed experts in FP4 (quantisation-aware training). ``indexer_fp4``: every
+    lightning indexer gets the ``IndexerQK`` marker (its queries and keys in FP4 after a Hadamard
+    rotation)."""
     if precision not in PRECISIONS:
         raise ValueError(f"train.precision={precision!r}: one of {', '.join(PRECISIONS)}")
-    if precision == "bf16":
-        return params
-    experts = "fp4" if precision == "fp8+fp4qat" else "fp8"
+    if precision != "bf16":
+        params = jax.tree_util.tree_map_with_path(functools.partial(_wrap, precision), params, infos)
+    return _mark_indexers(params) if indexer_fp4 else params
 
-    def one(path, w, info):
-        if info.export == "experts":
-            return Quantized(w, experts)
-        if info.export != "fp8":
-            return w
-        if getattr(path[-1], "key", None) == "wo_a":
-            return weight(w, "fp8")
-        return Quantized(w, "fp8")
 
-    return jax.tree_util.tree_map_with_path(one, params, infos)
+def _wrap(precision: str, path, w, info):
+    if info.export == "experts":
+        return Quantized(w, "fp4" if precision == "fp8+fp4qat" else "fp8")
+    if info.export != "fp8":
+        return w
+    if getattr(path[-1], "key", None) == "wo_a":
+        return weight(w, "fp8")
+    return Quantized(w, "fp8")
+
+
+def _mark_indexers(tree):
+    """A copy of the parameter dicts with ``qk: IndexerQK("fp4")`` in every ``indexer`` dict."""
+    if isinstance(tree, dict):
+        out = {k: _mark_indexers(v) for k, v in tree.items()}
+        return {**out, "qk": IndexerQK("fp4")} if "wq_b" in tree and "weights_proj" in tree else out
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_mark_indexers(v) for v in tree)
+    return tree

@@ -70,6 +70,7 @@ class TrainConfig:
     # release stores in FP8 and on their inputs | fp8+fp4qat: the same, the routed experts in FP4
     # (quantisation-aware training); straight-through gradients, fp32 master weights (v4jax.quant)
     precision: str = "bf16"
+    indexer_fp4: bool = False  # the indexer's queries and keys Hadamard-rotated and in FP4 (V4's QAT)
     attention: str = "sparse"  # sparse (indexer top-k) | dense (CSA uses all visible entries)
     mtp_weight: float = 0.3
     mtp_weight_after_decay: float = 0.1  # from decay_start on (spec §4)
@@ -113,6 +114,7 @@ class TrainConfig:
         need(self.warmup_steps <= self.decay_start, "warmup_steps", f"at most decay_start={self.decay_start}")
         need(self.dtype in ("float32", "bfloat16"), "dtype", "float32 or bfloat16")
         need(self.precision in PRECISIONS, "precision", " | ".join(PRECISIONS))
+        need(isinstance(self.indexer_fp4, bool), "indexer_fp4", "true or false")
         need(self.muon_ns_dtype in ("float32", "bfloat16"), "muon_ns_dtype", "float32 or bfloat16")
         need(self.attention in ("sparse", "dense"), "attention", "sparse or dense")
         need(self.peak_flops is None or (_finite_number(self.peak_flops) and self.peak_flops > 0), "peak_flops",
@@ -125,6 +127,12 @@ class RunConfig:
     train: TrainConfig
     data: DataConfig
     parallel: ParallelConfig = ParallelConfig()
+
+    def __post_init__(self):
+        c = self.model.index_head_dim
+        if self.train.indexer_fp4 and (c < 1 or c & (c - 1)):
+            raise ConfigError(f"train.indexer_fp4 rotates the indexer's heads by a Hadamard matrix: it needs "
+                              f"model.index_head_dim a power of two, got {c}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model.to_hf_dict(), "train": dataclasses.asdict(self.train),
@@ -239,7 +247,7 @@ def loss_fn(params, batch, config: ModelConfig, cfg: TrainConfig, step, parallel
     dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else F32
     has_mtp = "mtp" in params
     mask = batch["segment_ids"] > 0  # real tokens (padding has segment 0)
-    used = for_training(params, tree_infos(config, params), cfg.precision)  # quantised per train.precision
+    used = for_training(params, tree_infos(config, params), cfg.precision, cfg.indexer_fp4)  # as train.precision says
     out = forward(used, batch["tokens"], config, positions=batch["positions"], segment_ids=batch["segment_ids"],
                   dtype=dtype, sparse=cfg.attention == "sparse", mtp=has_mtp,
                   with_aux=cfg.indexer_loss_weight > 0, parallel=parallel, mesh=mesh,
@@ -380,15 +388,16 @@ def make_train_step(config: ModelConfig, cfg: TrainConfig, optimizer, parallel=N
     return jax.jit(step_fn, donate_argnums=(0,))
 
 
-def make_eval_step(config: ModelConfig, dtype=F32, parallel=None, mesh=None, precision: str = "bf16"):
-    """Jitted ``eval(params, batch) -> sums`` of main/MTP token losses and token counts, with the
-    weights quantised as ``precision`` (``train.precision``) has them in training."""
+def make_eval_step(config: ModelConfig, dtype=F32, parallel=None, mesh=None, precision: str = "bf16",
+                   indexer_fp4: bool = False):
+    """Jitted ``eval(params, batch) -> sums`` of main/MTP token losses and token counts, quantised as
+    ``precision`` and ``indexer_fp4`` (``train.precision``, ``train.indexer_fp4``) have it in training."""
 
     chunk = (parallel or ParallelConfig()).loss_chunk
 
     def eval_fn(params, batch):
         has_mtp = "mtp" in params
-        used = for_training(params, tree_infos(config, params), precision)
+        used = for_training(params, tree_infos(config, params), precision, indexer_fp4)
         out = forward(used, batch["tokens"], config, positions=batch["positions"],
                       segment_ids=batch["segment_ids"], dtype=dtype, mtp=has_mtp, parallel=parallel, mesh=mesh,
                       logits=False, engram_ids=batch.get("engram_ids"))

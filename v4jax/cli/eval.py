@@ -116,7 +116,9 @@ def _evaluate(args) -> int:
     dtype = jnp.bfloat16 if train_cfg.dtype == "bfloat16" else jnp.float32
     result = {"workdir": str(args.workdir), "step": int(state["step"]), "data": args.files or "held-out split"}
     if args.task == "ppl":
-        result.update(perplexity(config, state["params"], data_cfg, dtype, args.batches, not args.no_progress))
+        result.update(precision=train_cfg.precision, indexer_fp4=train_cfg.indexer_fp4)  # quantised as trained
+        result.update(perplexity(config, state["params"], data_cfg, dtype, args.batches, not args.no_progress,
+                                 train_cfg.precision, train_cfg.indexer_fp4))
     else:
         result.update(niah(config, state["params"], examples, dtype, args))
     text = json.dumps(result, indent=2)
@@ -126,9 +128,11 @@ def _evaluate(args) -> int:
     return 0
 
 
-def perplexity(config, params, data_cfg, dtype, batches, progress=True) -> dict:
+def perplexity(config, params, data_cfg, dtype, batches, progress=True, precision="bf16",
+               indexer_fp4=False) -> dict:
     """Main and MTP head losses over ``batches`` batches (None: one whole pass), with a progress bar
-    on stderr of the tokens scored (out of the split's, for a whole pass)."""
+    on stderr of the tokens scored (out of the split's, for a whole pass); quantised as
+    ``precision`` and ``indexer_fp4`` (``train.precision``, ``train.indexer_fp4``) have it."""
     import jax.numpy as jnp
     from tqdm import tqdm
 
@@ -136,7 +140,7 @@ def perplexity(config, params, data_cfg, dtype, batches, progress=True) -> dict:
     from v4jax.engram import hasher_for
     from v4jax.trainer import evaluate, make_eval_step
 
-    eval_fn = make_eval_step(config, dtype)
+    eval_fn = make_eval_step(config, dtype, precision=precision, indexer_fp4=indexer_fp4)
     data = make_dataset(data_cfg, hasher=hasher_for(config))
     # a whole pass scores every token of a document after its first
     total = data.num_tokens - data.num_documents if batches is None else None

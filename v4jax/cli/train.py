@@ -312,8 +312,8 @@ class Trainer:
         self.workdir, self.args = workdir, args
         optimizer = make_optimizer(self.cfg, run.model, mesh)  # Muon's work spread over the mesh
         self.step_fn = make_train_step(run.model, self.cfg, optimizer, run.parallel, mesh)
-        self.eval_fn = (make_eval_step(run.model, parallel=run.parallel, mesh=mesh, precision=self.cfg.precision)
-                        if self.cfg.eval_every else None)
+        self.eval_fn = (make_eval_step(run.model, parallel=run.parallel, mesh=mesh, precision=self.cfg.precision,
+                                       indexer_fp4=self.cfg.indexer_fp4) if self.cfg.eval_every else None)
         sharding = batch_sharding(mesh)
         self.to_global = lambda b: {k: jax.make_array_from_process_local_data(sharding, v) for k, v in b.items()}
         self.tokens_per_step = run.data.batch_size * run.data.seq_len
