@@ -15,7 +15,10 @@ partial shares its scale over the elements it has (the checkpoint's edge blocks)
 
 ``Quantized`` marks a weight whose matmul quantises it (in its format) and the matmul's input (FP8,
 1 x 128): ``v4jax.layers.linear`` and the MoE's expert matmuls take it in place of an array.
-``for_training`` wraps the parameters the release stores in FP8/FP4 this way.
+``for_training`` wraps the parameters the release stores in FP8/FP4 this way, and with
+``train.indexer_fp4`` puts an ``IndexerQK`` marker in each lightning indexer (its queries and keys
+Hadamard-rotated and in FP4). ``encode_rows``/``decode_rows`` store values as E4M3 codes and E8M0
+scales (the decode cache's FP8 entries).
 """
 
 from __future__ import annotations
