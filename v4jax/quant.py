@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from v4jax.params import tree_infos
+
 F32 = jnp.float32
 FP8_MAX, FP8_FLOOR, FP8_BLOCK = 448.0, 1e-4, 128
 FP4_MAX, FP4_FLOOR, FP4_BLOCK = 6.0, 6.0 * 2.0**-126, 32
@@ -166,18 +168,19 @@ def operands(x: jax.Array, w) -> tuple[jax.Array, jax.Array]:
     return x, w.astype(x.dtype)
 
 
-def for_training(params, infos, precision: str, indexer_fp4: bool = False):
-    """The parameters as a training step with ``precision`` uses them. ``infos``: their
-    declarations (``v4jax.params.tree_infos``). "bf16": unchanged. "fp8": every weight the release
-    stores in FP8 (export "fp8") and the routed experts become ``Quantized`` FP8; the attention's
-    ``wo_a``, stored in FP8 but multiplied in bf16 by V4, has only its weight quantised. "fp8+fp4qat":
-    the same with the routed experts in FP4 (quantisation-aware training). ``indexer_fp4``: every
-    lightning indexer gets the ``IndexerQK`` marker (its queries and keys in FP4 after a Hadamard
-    rotation)."""
+def for_training(params, config, precision: str, indexer_fp4: bool = False):
+    """The parameters of ``config`` as a training step with ``precision`` uses them, each weight's
+    format read from its declaration (``v4jax.params.tree_infos``, only when something is
+    quantised). "bf16": unchanged. "fp8": every weight the release stores in FP8 (export "fp8") and
+    the routed experts become ``Quantized`` FP8; the attention's ``wo_a``, stored in FP8 but
+    multiplied in bf16 by V4, has only its weight quantised. "fp8+fp4qat": the same with the routed
+    experts in FP4 (quantisation-aware training). ``indexer_fp4``: every lightning indexer gets the
+    ``IndexerQK`` marker (its queries and keys in FP4 after a Hadamard rotation)."""
     if precision not in PRECISIONS:
         raise ValueError(f"train.precision={precision!r}: one of {', '.join(PRECISIONS)}")
     if precision != "bf16":
-        params = jax.tree_util.tree_map_with_path(functools.partial(_wrap, precision), params, infos)
+        params = jax.tree_util.tree_map_with_path(functools.partial(_wrap, precision), params,
+                                                  tree_infos(config, params))
     return _mark_indexers(params) if indexer_fp4 else params
 
 

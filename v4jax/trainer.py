@@ -40,7 +40,6 @@ from v4jax.losses import layer_routing_stats, routing_losses, update_router_bias
 from v4jax.model import forward, param_count
 from v4jax.optim import v4_optimizer
 from v4jax.parallel import ParallelConfig, ShardingError, batch_shards, param_shardings, shard_like_params, whole_rows
-from v4jax.params import tree_infos
 from v4jax.quant import PRECISIONS, for_training
 from v4jax.scan import plan
 
@@ -247,7 +246,7 @@ def loss_fn(params, batch, config: ModelConfig, cfg: TrainConfig, step, parallel
     dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else F32
     has_mtp = "mtp" in params
     mask = batch["segment_ids"] > 0  # real tokens (padding has segment 0)
-    used = for_training(params, tree_infos(config, params), cfg.precision, cfg.indexer_fp4)  # as train.precision says
+    used = for_training(params, config, cfg.precision, cfg.indexer_fp4)  # quantised as train.precision says
     out = forward(used, batch["tokens"], config, positions=batch["positions"], segment_ids=batch["segment_ids"],
                   dtype=dtype, sparse=cfg.attention == "sparse", mtp=has_mtp,
                   with_aux=cfg.indexer_loss_weight > 0, parallel=parallel, mesh=mesh,
@@ -397,7 +396,7 @@ def make_eval_step(config: ModelConfig, dtype=F32, parallel=None, mesh=None, pre
 
     def eval_fn(params, batch):
         has_mtp = "mtp" in params
-        used = for_training(params, tree_infos(config, params), precision, indexer_fp4)
+        used = for_training(params, config, precision, indexer_fp4)
         out = forward(used, batch["tokens"], config, positions=batch["positions"],
                       segment_ids=batch["segment_ids"], dtype=dtype, mtp=has_mtp, parallel=parallel, mesh=mesh,
                       logits=False, engram_ids=batch.get("engram_ids"))
