@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import warnings
 from pathlib import Path
 
 import jax
@@ -12,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from v4jax.config import ModelConfig
-from v4jax.model import forward, init_params, param_specs
+from v4jax.model import forward, init_params, param_specs, stored_specs
 from v4jax.multihost import is_writer
 from v4jax.parallel import ParallelConfig, adopt_mesh, expert_axes, param_shardings
+from v4jax.quant import dequantized, is_block_scaled
 from v4jax.scan import unstack_layers
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -106,6 +108,11 @@ class Model:
     @property
     def has_mtp(self) -> bool:
         return "mtp" in self.params
+
+    @property
+    def quantized(self) -> bool:
+        """Whether some weights are kept as the checkpoint stores them, in FP8/FP4 (``BlockScaled``)."""
+        return any(is_block_scaled(w) for w in jax.tree.leaves(self.params, is_leaf=is_block_scaled))
 
     def _check(self, tokens, positions, segment_ids):
         """Shapes, dtypes and (outside jit) values of the inputs -> tokens as int32.
@@ -221,7 +228,8 @@ class Model:
         names): what ``from_pretrained`` loads and ``python -m v4jax.convert
         to-safetensors`` exports. The directory appears only when complete. In a multi-host job
         every process calls it, with a ``directory`` every host can reach (a shared filesystem):
-        each writes its parameter shards and process 0 the rest."""
+        each writes its parameter shards and process 0 the rest. Weights kept quantised
+        (``from_pretrained(..., quantized=True)``) are written as they are held, codes and scales."""
         import orbax.checkpoint as ocp  # noqa: PLC0415
 
         from v4jax.config import ConfigError  # noqa: PLC0415
@@ -241,7 +249,7 @@ class Model:
             if is_writer():
                 (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
                 write_marker(tmp, config_style=style, source_layout=OFFICIAL, dtype=jnp.dtype(self.dtype).name,
-                             has_mtp=self.has_mtp, tokenizer=self.tokenizer_name)
+                             has_mtp=self.has_mtp, tokenizer=self.tokenizer_name, quantized=self.quantized)
         return Path(directory)
 
 
@@ -270,7 +278,7 @@ def from_run(workdir, step: int | None = None, dtype=None, mesh: jax.sharding.Me
 
 
 def from_pretrained(path, dtype=None, mesh: jax.sharding.Mesh | None = None,
-                    parallel: ParallelConfig | None = None) -> Model:
+                    parallel: ParallelConfig | None = None, quantized: bool = False) -> Model:
     """Load a model from a directory: a safetensors checkpoint, a v4jax Orbax checkpoint, or a
     ``train.py`` run (its newest checkpoint) or one of its steps (``RUN/checkpoints/N``).
 
@@ -292,9 +300,21 @@ def from_pretrained(path, dtype=None, mesh: jax.sharding.Mesh | None = None,
     name have size 1) the parameters are sharded by ``v4jax.parallel``'s rules and the model runs on
     that mesh (see ``Model``). A checkpoint without ``mtp.*`` tensors loads without the MTP block, with a warning
     (safetensors) or silently (Orbax, where the conversion warned).
+
+    ``quantized``: keep the weights the checkpoint stores in FP8 or FP4 so in memory
+    (``v4jax.quant.BlockScaled``: codes and E8M0 block scales, decoded inside each matmul's fusion),
+    about a quarter (FP4) or half (FP8) of their bf16 bytes: the release's V4-Flash then takes about
+    its files' size. An Orbax directory written from such a model (``Model.save``, ``v4jax-convert
+    to-orbax --keep-quantized``) loads quantised as stored; without ``quantized`` it is decoded
+    to ``dtype`` on the devices.
     """
     from v4jax.convert.load import load_checkpoint  # noqa: PLC0415
-    from v4jax.convert.orbax_io import is_orbax_checkpoint, read_marker, restore_params  # noqa: PLC0415
+    from v4jax.convert.orbax_io import (  # noqa: PLC0415
+        is_orbax_checkpoint,
+        read_marker,
+        restore_params,
+        stored_formats,
+    )
     from v4jax.workdir import find_run  # noqa: PLC0415
 
     path = Path(path)
@@ -303,19 +323,35 @@ def from_pretrained(path, dtype=None, mesh: jax.sharding.Mesh | None = None,
                                 "Orbax checkpoint, nor a train.py run")
     run = find_run(path)
     if run is not None:
+        if quantized:
+            raise ValueError(f"{path} is a train.py run, whose weights are full precision: load it without "
+                             "quantized=True (quantized keeps a checkpoint's FP8/FP4 weights as stored)")
         return from_run(*run, dtype=dtype, mesh=mesh, parallel=parallel)
     config = ModelConfig.from_json(path / "config.json")
     dt = _dtype(dtype or "bfloat16")
     mesh = None if mesh is None else adopt_mesh(mesh)
     if is_orbax_checkpoint(path):
-        specs = param_specs(config, dt)
+        formats = stored_formats(path)
+        specs = stored_specs(config, dt, formats)
         marker = read_marker(path)
         if not marker.get("has_mtp", True):
             specs.pop("mtp", None)
         placement = None if mesh is None else param_shardings(specs, mesh, config)
-        return Model(config, restore_params(path, specs, placement), dt, mesh, parallel,
-                     tokenizer_name=marker.get("tokenizer"))
-    params, _ = load_checkpoint(path, config, dt)
+        params = restore_params(path, specs, placement)
+        if formats and not quantized:  # decoded on the devices, into the full-precision placement
+            decode = functools.partial(dequantized, dtype=dt)
+            dense = None if mesh is None else param_shardings(jax.eval_shape(decode, specs), mesh, config)
+            params = jax.jit(decode, out_shardings=dense)(params)
+        _check_kept(quantized, formats, path)
+        return Model(config, params, dt, mesh, parallel, tokenizer_name=marker.get("tokenizer"))
+    params, _ = load_checkpoint(path, config, dt, quantized=quantized)
+    _check_kept(quantized, any(is_block_scaled(w) for w in jax.tree.leaves(params, is_leaf=is_block_scaled)), path)
     if mesh is None:
         return Model(config, jax.tree.map(jnp.asarray, params), dt, None, parallel)
     return Model(config, jax.device_put(params, param_shardings(params, mesh, config)), dt, mesh, parallel)
+
+
+def _check_kept(quantized: bool, kept, path) -> None:
+    if quantized and not kept:
+        warnings.warn(f"{path} stores no FP8/FP4 weights: quantized=True keeps nothing quantised (export one "
+                      "with v4jax-convert to-safetensors --quantize)", stacklevel=3)

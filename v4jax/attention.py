@@ -46,7 +46,7 @@ from v4jax.index_list import (
 )
 from v4jax.layers import F32, apply_rope, linear, linear_f32, rms_norm, rope_angles, rope_frequencies
 from v4jax.params import Init, declare, matrix, pure, vector
-from v4jax.quant import indexer_qk
+from v4jax.quant import indexer_qk, weight_values
 
 KEY_CHUNK = 8192  # entries per step of the indexer's running top-k (``ParallelConfig`` sets it per run)
 
@@ -367,7 +367,7 @@ def output_projection(o, p, config: ModelConfig, angles):
     b, s = o.shape[:2]
     o = apply_rope(o, *angles, inverse=True)
     g = config.o_groups
-    wa = p["wo_a"].reshape(g, config.o_lora_rank, -1).astype(o.dtype)  # [g, d_g, h*c/g]
+    wa = weight_values(p["wo_a"], o.dtype).reshape(g, config.o_lora_rank, -1)  # [g, d_g, h*c/g]
     z = jnp.einsum("bsgi,gri->bsgr", o.reshape(b, s, g, -1), wa)
     return linear(z.reshape(b, s, -1), p["wo_b"])
 

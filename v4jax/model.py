@@ -34,7 +34,8 @@ from v4jax.layers import linear, linear_f32, rms_norm
 from v4jax.mhc import HyperConnection, hc_head, hc_post, hc_pre
 from v4jax.moe import MoE, moe
 from v4jax.parallel import REMAT_POLICIES, constrain_tokens
-from v4jax.params import ADAMW, Init, ParamInfo, declare, matrix, pure, vector
+from v4jax.params import ADAMW, Init, ParamInfo, declare, matrix, path_keys, pure, tree_infos, vector
+from v4jax.quant import BlockScaled, stored_shapes
 from v4jax.scan import run_stages, stack_layers
 
 # --------------------------------------------------------------------------------------------------
@@ -259,6 +260,27 @@ def param_specs(config: ModelConfig, dtype=jnp.float32, scan: bool = False) -> d
     layout (``v4jax.scan``)."""
     specs = pure(Transformer(config, None, dtype))
     return stack_layers(specs, config) if scan else specs
+
+
+def stored_specs(config: ModelConfig, dtype=jnp.bfloat16, formats: dict | None = None) -> dict:
+    """``param_specs`` with the weights kept quantised as ``v4jax.quant.BlockScaled`` specs.
+    ``formats``: {parameter path: "fp8" or "fp4"}; by default the release's (spec §3.3): the routed
+    experts in FP4, every other weight it stores in FP8 (declared ``export="fp8"``) in FP8."""
+    specs = param_specs(config, dtype)
+    if formats is None:
+        release = {"fp8": "fp8", "experts": "fp4"}
+        formats = {path_keys(p): release[i.export] for p, i in
+                   jax.tree_util.tree_flatten_with_path(tree_infos(config, specs))[0] if i.export in release}
+
+    def one(keypath, s):
+        fmt = formats.get(path_keys(keypath))
+        if fmt is None:
+            return s
+        codes, scales = stored_shapes(s.shape, fmt)
+        return BlockScaled(jax.ShapeDtypeStruct(codes, jnp.float8_e4m3fn if fmt == "fp8" else jnp.uint8),
+                           jax.ShapeDtypeStruct(scales, jnp.float8_e8m0fnu), fmt)
+
+    return jax.tree_util.tree_map_with_path(one, specs)
 
 
 def param_count(config: ModelConfig) -> dict[str, int]:

@@ -29,7 +29,7 @@ from v4jax.grouped_matmul_kernel import group_outer
 from v4jax.layers import F32, linear, linear_f32
 from v4jax.parallel import expert_axes, token_axes
 from v4jax.params import FROZEN, Init, ParamInfo, declare, matrix, pure
-from v4jax.quant import Quantized, activation
+from v4jax.quant import Quantized, activation, weight_values
 
 
 def router_scores(x: jax.Array, gate_weight: jax.Array) -> jax.Array:
@@ -231,13 +231,13 @@ def expert_ffn(xs: jax.Array, sizes: jax.Array, weights: jax.Array, p: dict, lim
 
     w1 and w3 run as one grouped matmul on [e, 2f, d] (one pass over the rows instead of two); the
     concatenation fuses with the cast of the fp32 weights to the compute dtype. ``v4jax.quant.Quantized``
-    weights (``train.precision``) are quantised in their format, and both matmuls' inputs in FP8.
+    weights (``train.precision``) are quantised in their format, and both matmuls' inputs in FP8;
+    ``v4jax.quant.BlockScaled`` ones (kept as stored) are decoded.
     """
     f = p["w1"].shape[1]
     quantized = isinstance(p["w1"], Quantized)
-    w1, w3, w2 = (p[k].values() if quantized else p[k] for k in ("w1", "w3", "w2"))
-    w13 = jnp.concatenate([w1, w3], axis=1).astype(xs.dtype)  # [e, 2f, d]
-    w2 = w2.astype(xs.dtype)  # [e, d, f]
+    w1, w3, w2 = (weight_values(p[k], xs.dtype) for k in ("w1", "w3", "w2"))
+    w13 = jnp.concatenate([w1, w3], axis=1)  # [e, 2f, d]
     mm = lambda a, w: grouped_matmul(a, w, sizes, backend, capacity_factor, every_row_grouped)  # noqa: E731
     gate_up = mm(activation(xs) if quantized else xs, w13)
     hidden = swiglu(gate_up[:, :f], gate_up[:, f:], weights, limit)

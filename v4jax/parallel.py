@@ -35,7 +35,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from v4jax.params import path_keys, tree_infos
+from v4jax.params import is_weight, path_keys, tree_infos
+from v4jax.quant import BlockScaled
 
 MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
 DEFAULT_RULES = {"batch": ("data", "fsdp", "expert"), "length": ("context",), "vocab": ("tensor",),
@@ -221,8 +222,14 @@ def param_shardings(params, mesh: jax.sharding.Mesh, config, rules=DEFAULT_RULES
     """NamedSharding of every parameter (arrays or ShapeDtypeStructs, either layout, or a subtree),
     from its declared logical axes (``v4jax.params``) under the rules."""
     validate_rules(rules, params, config)
-    return jax.tree.map(lambda info: NamedSharding(mesh, spec_for(info.axes, info.shape, mesh, rules)),
-                        tree_infos(config, params))
+
+    def one(w, info):
+        place = lambda shape: NamedSharding(mesh, spec_for(info.axes, shape, mesh, rules))  # noqa: E731
+        if isinstance(w, BlockScaled):  # codes and scales have the weight's axes (blocks of them)
+            return BlockScaled(place(w.codes.shape), place(w.scales.shape), w.fmt)
+        return place(info.shape)
+
+    return jax.tree.map(one, params, tree_infos(config, params), is_leaf=is_weight)
 
 
 def shard_like_params(tree, params, mesh, config, rules=DEFAULT_RULES):

@@ -207,9 +207,16 @@ def path_keys(keypath) -> tuple:
     return tuple(out)
 
 
+def is_weight(x) -> bool:
+    """A parameter's value: an array or anything shaped like one (``ShapeDtypeStruct``, ``ParamInfo``,
+    ``v4jax.quant``'s ``Quantized`` and ``BlockScaled``, which are pytrees of their parts)."""
+    return hasattr(x, "shape")
+
+
 def tree_infos(config, tree):
-    """The declaration of every leaf of a parameter-shaped tree (params, gradients, specs; either
-    layout; a subtree of the parameters too). A leaf that is no parameter raises, naming it."""
+    """The declaration of every weight (``is_weight``) of a parameter-shaped tree (params, gradients,
+    specs; either layout; a subtree of the parameters too). A weight that is no parameter raises,
+    naming it."""
 
     def one(keypath, leaf):
         info = info_at(config, path_keys(keypath))
@@ -219,4 +226,4 @@ def tree_infos(config, tree):
                              + ("" if info is None else f" (declared {info.shape})"))
         return info
 
-    return jax.tree_util.tree_map_with_path(one, tree)
+    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_weight)

@@ -19,6 +19,10 @@ partial shares its scale over the elements it has (the checkpoint's edge blocks)
 ``train.indexer_fp4`` puts an ``IndexerQK`` marker in each lightning indexer (its queries and keys
 Hadamard-rotated and in FP4). ``encode_rows``/``decode_rows`` store values as E4M3 codes and E8M0
 scales (the decode cache's FP8 entries).
+
+``BlockScaled`` is a weight kept in memory as the release stores it (``from_pretrained(...,
+quantized=True)``): its codes and block scales, decoded where a matmul reads it. ``weight_values``
+gives any of the three kinds of weight as the array a matmul multiplies.
 """
 
 from __future__ import annotations
@@ -161,11 +165,72 @@ def indexer_qk(x: jax.Array, marker: IndexerQK) -> jax.Array:
     return fake_quant(rotated.reshape(-1, c), (1, FP4_BLOCK), marker.fmt).reshape(x.shape).astype(x.dtype)
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["codes", "scales"], meta_fields=["fmt"])
+@dataclasses.dataclass(frozen=True)
+class BlockScaled:
+    """A weight [..., out, in] kept as the release stores it (spec §3.3), decoded where it is used.
+
+    * "fp8": ``codes`` E4M3 [..., out, in], ``scales`` E8M0 [..., ceil(out/128), ceil(in/128)].
+    * "fp4": ``codes`` uint8 [..., out, in/2], two E2M1 codes a byte (column 2j in the low nibble,
+      2j+1 in the high one), ``scales`` E8M0 [..., out, ceil(in/32)].
+
+    Value = code x its block's scale, exact in bf16 and fp32. A pytree of two leaves with the
+    weight's leading axes (layers, experts), so it stacks, slices, shards and saves like the array
+    it stands for; ``shape`` is that array's."""
+
+    codes: jax.Array
+    scales: jax.Array
+    fmt: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        *lead, r, c = self.codes.shape
+        return (*lead, r, 2 * c if self.fmt == "fp4" else c)
+
+    def values(self, dtype) -> jax.Array:
+        """The weight [..., out, in] in ``dtype``: codes times scales (one fusion with its reader)."""
+        *_, r, c = self.shape
+        s = self.scales.astype(F32)
+        if self.fmt == "fp4":
+            pairs = jax.lax.bitcast_convert_type(self.codes, jnp.float4_e2m1fn)  # [..., out, in/2, 2]
+            codes = pairs.reshape(self.shape).astype(F32)
+            s = jnp.repeat(s, FP4_BLOCK, axis=-1)
+        else:
+            codes = self.codes.astype(F32)
+            s = jnp.repeat(jnp.repeat(s, FP8_BLOCK, axis=-2)[..., :r, :], FP8_BLOCK, axis=-1)
+        return (codes * s[..., :c]).astype(dtype)
+
+
+def stored_shapes(shape: tuple, fmt: str) -> tuple[tuple, tuple]:
+    """(codes shape, scales shape) of a ``BlockScaled`` weight of ``shape`` [..., out, in]."""
+    *lead, r, c = shape
+    if fmt == "fp4":
+        return (*lead, r, c // 2), (*lead, r, -(-c // FP4_BLOCK))
+    return tuple(shape), (*lead, -(-r // FP8_BLOCK), -(-c // FP8_BLOCK))
+
+
+def is_block_scaled(x) -> bool:
+    return isinstance(x, BlockScaled)
+
+
+def dequantized(params, dtype):
+    """``params`` with every ``BlockScaled`` weight decoded to an array in ``dtype``."""
+    return jax.tree.map(lambda w: w.values(dtype) if is_block_scaled(w) else w, params, is_leaf=is_block_scaled)
+
+
+def weight_values(w, dtype) -> jax.Array:
+    """A weight as its matmul multiplies it, in ``dtype``: an array cast, a ``Quantized`` one
+    rounded to its format (straight-through), a ``BlockScaled`` one decoded."""
+    if isinstance(w, BlockScaled):
+        return w.values(dtype)
+    if isinstance(w, Quantized):
+        return w.values().astype(dtype)
+    return w.astype(dtype)
+
+
 def operands(x: jax.Array, w) -> tuple[jax.Array, jax.Array]:
     """A matmul's input and weight as it computes them: both quantised when w is ``Quantized``."""
-    if isinstance(w, Quantized):
-        return activation(x), w.values().astype(x.dtype)
-    return x, w.astype(x.dtype)
+    return (activation(x) if isinstance(w, Quantized) else x), weight_values(w, x.dtype)
 
 
 def for_training(params, config, precision: str, indexer_fp4: bool = False):

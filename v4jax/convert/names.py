@@ -24,11 +24,12 @@ _NO_SUFFIX = {"weight", "bias", "tid2eid", "attn_sink", "ape"}
 
 
 def tree_paths(tree) -> list[tuple[tuple, object]]:
-    """[(path, leaf)] with paths as tuples of str/int, in a stable order."""
+    """[(path, leaf)] with paths as tuples of str/int, in a stable order (a ``BlockScaled`` weight
+    is two leaves, its path + ("codes",) and + ("scales",), as Orbax stores it)."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     out = []
     for keypath, leaf in flat:
-        path = tuple(k.key if hasattr(k, "key") else k.idx for k in keypath)
+        path = tuple(k.key if hasattr(k, "key") else k.idx if hasattr(k, "idx") else k.name for k in keypath)
         out.append((path, leaf))
     return out
 

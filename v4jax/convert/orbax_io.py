@@ -43,6 +43,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+import ml_dtypes
 import numpy as np
 
 from v4jax.convert.checks import check_mesh, check_values, int_range
@@ -572,6 +573,14 @@ class TreeParams:
         return values
 
 
+def stored_formats(directory: str | Path) -> dict[tuple, str]:
+    """{parameter path: "fp8" or "fp4"} of the weights a v4jax Orbax checkpoint keeps quantised
+    (``v4jax.quant.BlockScaled``: stored as ``codes`` and ``scales``, the codes E4M3 or packed FP4)."""
+    leaves = OrbaxParams(Path(directory).absolute() / PARAMS).leaves
+    return {p[:-1]: "fp8" if dt == np.dtype(ml_dtypes.float8_e4m3fn) else "fp4"
+            for p, (_, dt) in leaves.items() if p[-1] == "codes"}
+
+
 def restore_params(directory: str | Path, specs, sharding=None):
     """Restore the params tree at ``directory/params`` (a converted directory) as jax Arrays shaped
     and typed like ``specs`` (a param_specs tree; stored dtypes are cast), placed with ``sharding``:
@@ -635,8 +644,8 @@ def _bad_leaves():
         for x, b in zip(leaves, bounds):
             if jnp.issubdtype(x.dtype, jnp.integer):
                 out.append(jnp.zeros((), bool) if b is None else jnp.any((x < b[0]) | (x >= b[1])))
-            else:
-                out.append(jnp.logical_not(jnp.all(jnp.isfinite(x))))
+            else:  # (1-byte floats, FP8 codes and E8M0 scales, widened: not every op takes them)
+                out.append(jnp.logical_not(jnp.all(jnp.isfinite(x.astype(jnp.float32) if x.dtype.itemsize == 1 else x))))
         return out
 
     return jax.jit(bad, static_argnums=1)

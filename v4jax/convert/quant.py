@@ -70,6 +70,18 @@ def scale_values(scale: np.ndarray) -> np.ndarray:
     raise ValueError(f"scales must be F8_E8M0 or F32, got {scale.dtype}")
 
 
+def e8m0_scales(scale: np.ndarray) -> np.ndarray | None:
+    """E8M0 or F32 scales -> E8M0 (as stored); None when an F32 scale is not a power of two that
+    E8M0 holds (2^-127 .. 2^127)."""
+    if scale.dtype == E8M0 or scale.dtype == np.uint8:
+        return scale.view(E8M0)
+    m, e = np.frexp(scale.astype(np.float32))
+    b = e.astype(np.int32) + 126  # s = 0.5 * 2^e = 2^(b - 127)
+    if not np.all((m == 0.5) & (b >= 0) & (b <= 254)):
+        return None
+    return b.astype(np.uint8).view(E8M0)
+
+
 def _expand_cols(s: np.ndarray, block: int, cols: int) -> np.ndarray:
     """[rows, ceil(cols/block)] -> [rows, cols], each scale repeated over its block of columns."""
     return np.repeat(s, block, axis=1)[:, :cols]

@@ -124,6 +124,47 @@ class LeafSource:
             return quant.dequant_fp4(self.ckpt.get_rows(t.key, r0, r1), scale, dtype=self.dtype), scale
         raise AssertionError(t.fmt)
 
+    @property
+    def stored_format(self) -> str | None:
+        """"fp8" or "fp4" when this leaf's tensors are stored in that format (they then load as
+        ``v4jax.quant.BlockScaled`` with ``quantized=True``), None for plain or integer ones."""
+        fmts = {t.fmt for t in self.tensors}
+        if not fmts & {FP8, FP4}:
+            return None
+        if len(fmts) > 1:
+            raise CheckpointError(f"{self.name}: its tensors mix formats ({', '.join(sorted(fmts))}), which cannot "
+                                  "be kept quantised as one array: load it without quantized=True")
+        return fmts.pop()
+
+    def stored_shape(self, part: str) -> tuple:
+        """The shape of this leaf's stored ``part`` ("codes" or "scales"), expert axis included."""
+        from v4jax.quant import stored_shapes  # noqa: PLC0415 (jax is imported by then)
+
+        return stored_shapes(self.shape, self.stored_format)[part == "scales"]
+
+    def read_stored(self, part: str, lead: tuple, r0: int, r1: int) -> np.ndarray:
+        """Rows r0..r1 (of axis -2) of the stored ``part`` at ``lead``, as the file holds them:
+        "codes" (E4M3, or FP4 pairs as uint8) or "scales" (E8M0; F32 scales, which must be powers
+        of two, converted). NaN codes or scales raise, naming the tensor."""
+        whole = len(self.tensors) == 1
+        t = self.tensors[0 if whole else lead[0]]
+        at = lead if whole else ()
+        key = t.key if part == "codes" else t.scale_key
+        try:
+            v = self.ckpt.get_rows(key, r0, r1, at)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{self._where(key)}: cannot read: {e}") from None
+        if part == "codes":
+            v = v.view(np.uint8) if t.fmt == FP4 else v
+            nan = t.fmt == FP8 and bool(np.any((v.view(np.uint8) & 0x7F) == 0x7F))
+        else:
+            v = quant.e8m0_scales(v)
+            nan = v is None or bool(np.any(v.view(np.uint8) == 0xFF))
+        if nan:
+            what = "NaN codes" if part == "codes" else "NaN scales or F32 scales that are not powers of two"
+            raise CheckpointError(f"{self._where(key)}: {what}, which cannot be kept quantised; {FIX}")
+        return v
+
     def release(self, lead: tuple = ()) -> None:
         """Forget cached scales (call when done with an expert or the leaf)."""
         self._scales.clear()
