@@ -2,6 +2,7 @@
 
     python bench/decode.py --config configs/small.yaml --contexts 8192,131072 --batches 1,32 --steps 32
     python bench/decode.py ... --peer-only      # transformers' generate, batch 1, same shapes (own process)
+    python bench/decode.py ... --weights bf16,kept   # also with the weights kept FP8/FP4 (quant.as_stored)
 
 For each context C: an empty cache for C + steps tokens (``v4jax.decode.init_cache``), the prompt of
 C random tokens prefilled through ``extend`` in chunks of ``--prefill-chunk`` (one compiled
@@ -62,6 +63,9 @@ def main():
                     help="run only the peer (in its own process: JAX's preallocated pool leaves it no memory)")
     ap.add_argument("--peer-max-context", type=int, default=8192,
                     help="run the peer only up to this context (its attention is dense: O(context^2))")
+    ap.add_argument("--weights", default="bf16",
+                    help="bf16 and/or kept: the release's FP8 matrices and FP4 experts held as stored "
+                    "(v4jax.quant.as_stored of the same random weights), decoded in each matmul")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import jax
@@ -77,7 +81,7 @@ def main():
     config = model_config_from_yaml(args.config)
     dev = jax.devices()[0]
     dt = jnp.bfloat16
-    params = None if args.peer_only else init_params(config, 0, dt)
+    dense = None if args.peer_only else init_params(config, 0, dt)
     in_use = lambda: (dev.memory_stats() or {}).get("bytes_in_use", 0)  # noqa: E731
     rows = []
 
@@ -90,9 +94,17 @@ def main():
 
     chunk = args.prefill_chunk
     rng = np.random.default_rng(0)
-    for context in sorted(int(c) for c in args.contexts.split(",")):
+    for context, weights in ((c, w) for c in sorted(int(c) for c in args.contexts.split(","))
+                             for w in args.weights.split(",")):
         max_len = context + args.steps + 128
-        base = {"device": dev.device_kind, "jax": jax.__version__, "config": args.config, "context": context}
+        base = {"device": dev.device_kind, "jax": jax.__version__, "config": args.config, "context": context,
+                "weights": weights}
+        params = dense
+        if weights == "kept" and not args.peer_only:
+            from v4jax.quant import as_stored
+
+            params = jax.jit(lambda p: as_stored(p, config))(dense)
+        base["weight_bytes"] = sum(a.nbytes for a in jax.tree.leaves(params))
         try:
             if args.peer_only:
                 raise StopIteration
@@ -143,7 +155,8 @@ def main():
             pass
         except Exception as e:  # noqa: BLE001  (an out-of-memory run is a result)
             emit(dict(base, error=repr(e)[:400]))
-        if args.peer_only and context <= args.peer_max_context:
+        del params
+        if args.peer_only and context <= args.peer_max_context and weights == "bf16":
             try:
                 emit(dict(base, what="peer transformers", batch=1, **hf_peer(config, context, args.steps)))
             except Exception as e:  # noqa: BLE001
@@ -154,7 +167,8 @@ def main():
         if "error" in r:
             print(f"{r['context']:>8} {r.get('what', ''):>18}  failed: {r['error'][:100]}")
         else:
-            print(f"{r['context']:>8} {r['what']:>18} batch {r['batch']:>3}: {r['tokens_per_s']:>10.0f} tok/s"
+            print(f"{r['context']:>8} {r['what']:>18} {r['weights']:>5} batch {r['batch']:>3}: "
+                  f"{r['tokens_per_s']:>10.0f} tok/s"
                   if "tokens_per_s" in r else
                   f"{r['context']:>8} {r['what']:>18} batch 1: prefill {r['prefill_tokens_per_s']:.0f} tok/s, "
                   f"decode {r['decode_tokens_per_s']:.1f} tok/s")

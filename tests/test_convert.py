@@ -447,3 +447,140 @@ def test_to_orbax_sharded_for_a_target_mesh(world, orbax_official):
     plain = _flat(v4jax.from_pretrained(orbax_official, dtype="float32").params)
     for p, v in _flat(jax.device_get(sharded)).items():
         np.testing.assert_array_equal(_bits(v), _bits(plain[p]), err_msg=str(p))
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights kept as stored: from_pretrained(quantized=True), Model.save, to-orbax --keep-quantized
+
+
+def _kept(params) -> dict:
+    """{path: BlockScaled} of a parameter tree's weights kept quantised."""
+    import jax
+
+    from v4jax.params import path_keys
+    from v4jax.quant import is_block_scaled
+
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_block_scaled)[0]
+    return {path_keys(p): w for p, w in flat if is_block_scaled(w)}
+
+
+def _tensors(directory) -> dict:
+    """Every tensor of a safetensors directory, through the safetensors library."""
+    out = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def _stored_bytes(tensors, name):
+    """The file's bytes of tensor ``name`` (as uint8) and its scale's E8M0 bytes (from F32 values too)."""
+    scale = tensors[name[:-len(".weight")] + ".scale"]
+    if scale.dtype == torch.float32:
+        scale_bytes = (np.log2(scale.numpy()).astype(np.int64) + 127).astype(np.uint8)
+    else:
+        scale_bytes = scale.view(torch.uint8).numpy()
+    return tensors[name].view(torch.uint8).numpy(), scale_bytes
+
+
+@pytest.fixture(scope="module")
+def kept_model(world):
+    return v4jax.from_pretrained(world["official"], dtype="float32", quantized=True)
+
+
+def test_quantized_weights_are_held_as_stored_and_give_the_dequantised_logits(world, kept_model):
+    """Every FP8/FP4 tensor of the release-layout checkpoint is held as its file's bytes (codes, E8M0
+    scales; the F32-scaled one converted); the logits equal transformers' on the dequantised weights
+    (1e-5) and the dequantised model's (1e-5, exactly in practice), MTP logits too."""
+    from v4jax.convert.names import official_name
+
+    tensors = _tensors(world["official"])
+    kept = _kept(kept_model.params)
+    quantised = {n for n in tensors if FP8_RE.search(n) or FP4_RE.search(n)}
+    assert sum(w.codes.shape[0] if "experts" in p else 1 for p, w in kept.items()) == len(quantised)
+    held = 0
+    for path, w in kept.items():
+        names = [official_name(path, e) for e in range(w.shape[0])] if "experts" in path else [official_name(path)]
+        assert w.fmt == ("fp4" if "experts" in path else "fp8"), path
+        for i, name in enumerate(names):
+            codes, scales = _stored_bytes(tensors, name)
+            at = (i,) if "experts" in path else ()
+            np.testing.assert_array_equal(np.asarray(w.codes[at]).view(np.uint8), codes, err_msg=name)
+            np.testing.assert_array_equal(np.asarray(w.scales[at]).view(np.uint8), scales, err_msg=name)
+            held += codes.nbytes + scales.nbytes
+    assert held == sum(w.codes.nbytes + w.scales.nbytes for w in kept.values())
+
+    dense = v4jax.from_pretrained(world["official"], dtype="float32")
+    got = kept_model.logits(world["tokens"])
+    err_hf, err_dense = rel(got, world["expected_deq"]), rel(got, dense.logits(world["tokens"]))
+    err_mtp = rel(kept_model.mtp_logits(world["tokens"]), dense.mtp_logits(world["tokens"]))
+    print(f"weights kept FP8/FP4: logits vs transformers {err_hf:.2e}, vs the dequantised model {err_dense:.2e}, "
+          f"MTP {err_mtp:.2e}")
+    assert err_hf <= TOLERANCE and err_dense <= TOLERANCE and err_mtp <= TOLERANCE
+
+
+def test_quantized_model_on_a_mesh_and_generating(world, kept_model):
+    """fsdp 2 x expert 2 x tensor 2: the codes are sharded, the logits equal one device's (1e-5) and
+    greedy generation equals the dequantised model's, sharded or not."""
+    from v4jax.parallel import ParallelConfig, make_mesh
+
+    mesh = make_mesh(ParallelConfig(data=1, fsdp=2, expert=2, tensor=2))
+    sharded = v4jax.from_pretrained(world["official"], dtype="float32", quantized=True, mesh=mesh)
+    w1 = sharded.params["layers"][1]["ffn"]["experts"]["w1"]
+    assert w1.codes.sharding.shard_shape(w1.codes.shape) == (2, 24, 40)  # [e, f, d/2] over expert, tensor, fsdp
+    err = rel(sharded.logits(world["tokens"]), kept_model.logits(world["tokens"]))
+    print(f"weights kept FP8/FP4 on 8 devices: logits vs one device {err:.2e}")
+    assert err <= TOLERANCE
+    prompts = [list(map(int, world["tokens"][0, :7])), list(map(int, world["tokens"][1, :4]))]
+    dense = v4jax.from_pretrained(world["official"], dtype="float32")
+    want = dense.generate(prompts, 10, temperature=0.0, stop_tokens=[])
+    assert kept_model.generate(prompts, 10, temperature=0.0, stop_tokens=[]) == want
+    assert sharded.generate(prompts, 10, temperature=0.0, stop_tokens=[]) == want
+
+
+def test_quantized_model_saves_restores_and_exports_as_stored(world, kept_model, tmp_path):
+    """Model.save writes the kept weights as codes and scales: restored with quantized=True they are
+    the same bytes, without it the dequantised model's values; to-safetensors re-quantises them to the
+    release's files (the same codes and scales)."""
+    kept_model.save(tmp_path / "kept")
+    assert json.loads((tmp_path / "kept" / "v4jax_checkpoint.json").read_text())["quantized"]
+    again = v4jax.from_pretrained(tmp_path / "kept", dtype="float32", quantized=True)
+    a, b = _flat(kept_model.params), _flat(again.params)
+    assert a.keys() == b.keys() and any(p[-1] == "codes" for p in a)
+    for p in a:
+        assert a[p].dtype == b[p].dtype, p
+        np.testing.assert_array_equal(a[p].view(np.uint8), b[p].view(np.uint8), err_msg=str(p))
+    decoded = _flat(v4jax.from_pretrained(tmp_path / "kept", dtype="float32").params)
+    direct = _flat(v4jax.from_pretrained(world["official"], dtype="float32").params)
+    assert decoded.keys() == direct.keys()
+    for p in direct:
+        np.testing.assert_array_equal(_bits(decoded[p]), _bits(direct[p]), err_msg=str(p))
+
+    out = tmp_path / "st"
+    assert cli(["to-safetensors", "--src", str(tmp_path / "kept"), "--dst", str(out), "--quantize", "fp8+fp4",
+                "--no-progress"]) == 0
+    written, original = _read_with_safetensors(out), _tensors(world["official"])
+    for name in original:
+        if FP8_RE.search(name) or FP4_RE.search(name):
+            for got, want in zip(_stored_bytes(written, name), _stored_bytes(original, name)):
+                np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def test_to_orbax_keep_quantized(world, kept_model):
+    """--keep-quantized (here with --mesh): the Orbax directory holds codes and scales, chunked per
+    device shard, a fraction of the dequantised directory's size; it loads as the safetensors did."""
+    from v4jax.convert.orbax_io import OrbaxParams
+
+    dst = world["root"] / "orbax_kept"
+    assert cli(["to-orbax", "--src", str(world["official"]), "--dst", str(dst), "--dtype", "float32",
+                "--keep-quantized", "--mesh", "expert=2,tensor=2", "--no-progress"]) == 0
+    assert json.loads((dst / "v4jax_checkpoint.json").read_text())["quantized"]
+    stored = OrbaxParams(dst / "params")
+    w1 = ("layers", 1, "ffn", "experts", "w1", "codes")
+    assert stored.leaves[w1] == ((4, 48, 80), np.dtype(np.uint8))
+    assert tuple(stored._store(w1).chunk_layout.read_chunk.shape) == (1, 24, 80)  # one device's rows
+    loaded = v4jax.from_pretrained(dst, dtype="float32", quantized=True)
+    a, b = _flat(kept_model.params), _flat(loaded.params)
+    assert a.keys() == b.keys()
+    for p in a:
+        np.testing.assert_array_equal(a[p].view(np.uint8), b[p].view(np.uint8), err_msg=str(p))

@@ -237,3 +237,71 @@ def test_indexer_fp4_in_training():
     run = load_run_config("configs/tiny.yaml")
     with pytest.raises(ConfigError, match="model.index_head_dim a power of two, got 48"):
         RunConfig(run.model.replace(index_head_dim=48), run.train.__class__(indexer_fp4=True), run.data)
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights kept as stored (quant.BlockScaled): decoding, and what V4-Flash then needs per device
+
+
+@pytest.mark.parametrize("fmt,shape", [("fp8", (2, 200, 300)), ("fp8", (128, 256)), ("fp4", (3, 5, 80)),
+                                       ("fp4", (7, 64))])
+def test_block_scaled_decodes_as_the_independent_decoder(fmt, shape):
+    """Random code bytes (NaN codes left out) and E8M0 scales, with partial edge blocks, against the
+    bit-layout decoder of test_convert_quant (float64): equal in fp32, and bf16 holds them exactly."""
+    from tests.test_convert_quant import ref_dequant_fp4, ref_dequant_fp8
+
+    rng = np.random.default_rng(1)
+    codes_shape, scales_shape = quant.stored_shapes(shape, fmt)
+    codes = rng.integers(0, 256, codes_shape, dtype=np.uint8)
+    if fmt == "fp8":
+        codes[(codes & 0x7F) == 0x7F] = 0x12  # e4m3fn's NaN codes
+    scales = rng.integers(100, 150, scales_shape, dtype=np.uint8)
+    w = quant.BlockScaled(jnp.asarray(codes.view(ml_dtypes.float8_e4m3fn) if fmt == "fp8" else codes),
+                          jnp.asarray(scales.view(ml_dtypes.float8_e8m0fnu)), fmt)
+    assert w.shape == shape
+    got = np.asarray(jax.jit(lambda w: w.values(jnp.float32))(w))
+    ref = ref_dequant_fp8 if fmt == "fp8" else ref_dequant_fp4
+    lead = shape[:-2]
+    for i in np.ndindex(*lead):
+        want = ref(codes[i], 2.0 ** (scales[i].astype(np.float64) - 127))
+        np.testing.assert_array_equal(got[i], want)
+    np.testing.assert_array_equal(np.asarray(w.values(jnp.bfloat16)).astype(np.float32), got)
+
+
+def test_v4_flash_kept_quantised_fits_8_h100s_and_a_v6e_8():
+    """V4-Flash's parameters as the release stores them (experts FP4, the FP8 matrices FP8, the rest
+    bf16 / fp32): the total equals the spec's byte count (§3.3: FP4 half a byte a weight plus one E8M0
+    scale per 32; FP8 one byte plus one scale per 128 x 128 block), and the bytes per device on 8
+    devices, abstract shapes on 8 fake devices: 8 H100s as expert 8: 25.92 GiB (bf16: 80.00 GiB, which
+    does not fit an 80 GB H100); a v6e-8 as tensor 8: 19.53 GiB (bf16: 68.95 GiB; a v6e chip has 32 GB)."""
+    from v4jax.model import param_specs, stored_specs
+    from v4jax.params import tree_infos
+    from v4jax.trainer import load_run_config
+
+    config = load_run_config("configs/v4-flash.yaml", []).model
+    kept, dense = stored_specs(config, jnp.bfloat16), param_specs(config, jnp.bfloat16)
+
+    def spec_bytes(info):
+        n = int(np.prod(info.shape))
+        if info.export not in ("experts", "fp8"):
+            return n * info.dtype(jnp.bfloat16).itemsize
+        *lead, o, i = info.shape
+        lead = int(np.prod(lead))
+        if info.export == "experts":
+            return n // 2 + lead * o * -(-i // 32)
+        return n + lead * -(-o // 128) * -(-i // 128)
+
+    nbytes = lambda tree: sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in jax.tree.leaves(tree))  # noqa: E731
+    want = sum(spec_bytes(i) for i in jax.tree.leaves(tree_infos(config, dense)))
+    assert nbytes(kept) == want
+    print(f"V4-Flash kept quantised: {want / 1e9:.2f} GB (bf16: {nbytes(dense) / 1e9:.2f} GB)")
+
+    def per_device(specs, axis):
+        mesh = jax.make_mesh((8,), (axis,), axis_types=(jax.sharding.AxisType.Auto,))
+        leaves, places = jax.tree.leaves(specs), jax.tree.leaves(param_shardings(specs, mesh, config))
+        return sum(int(np.prod(p.shard_shape(s.shape))) * s.dtype.itemsize for s, p in zip(leaves, places)) / 2**30
+
+    for axis, limit, name in (("expert", 80e9 / 2**30, "8 H100s"), ("tensor", 32e9 / 2**30, "a v6e-8")):
+        got, full = per_device(kept, axis), per_device(dense, axis)
+        print(f"{name} ({axis} 8): {got:.2f} GiB a device kept quantised, {full:.2f} GiB in bf16")
+        assert want / 8 / 2**30 <= got < 0.85 * limit < full

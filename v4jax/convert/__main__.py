@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="dtype of the ordinary weights (default: bfloat16; both hold FP8/FP4 weights exactly). "
                    "mHC, attention sinks, position and router biases stay float32 and tid2eid int32")
     _common(a)
+    a.add_argument("--keep-quantized", action="store_true",
+                   help="write the FP8/FP4 weights as stored (codes and E8M0 scales) instead of dequantising "
+                   "them: about the checkpoint's size on disk and in memory, loaded as such by "
+                   "v4jax.from_pretrained (with quantized=True; without it they are decoded on the devices)")
     a.add_argument("--compress", action="store_true",
                    help="zstd-compress the Orbax chunks (smaller, slower; default: uncompressed)")
     a.add_argument("--workers", type=int, default=2, metavar="N",
@@ -147,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             s = to_orbax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
                          progress=not args.no_progress, block_mb=32 if block_mb is None else block_mb,
                          compression=args.compress,
-                         workers=args.workers, window=args.window, mesh=_mesh(args.mesh))
+                         workers=args.workers, window=args.window, mesh=_mesh(args.mesh),
+                         keep_quantized=args.keep_quantized)
             formats = ", ".join(f"{v} {k}" for k, v in s["formats"].items() if v)
             print(f"wrote {args.dst}: {s['tensors']} tensors from the {s['layout']} layout"
                   + (f" ({formats})" if formats else "") + ", "

@@ -365,6 +365,7 @@ def _plain_error(e: BaseException, directory) -> BaseException:
 
 def stream_leaves(specs, sources: dict, block_bytes: int, mesh: dict[str, int] | None = None, config=None):
     """Tree of StreamLeaf with ``specs``' structure; ``sources[path]`` has ``read`` (a LeafSource).
+    A weight that ``specs`` holds as {"codes", "scales"} is read as stored (``read_stored``).
 
     Chunks are blocks of whole rows of about ``block_bytes``. With ``mesh`` (mesh axis -> size, e.g.
     {"fsdp": 4, "expert": 8}) and the ``config`` (whose declarations give the logical axes), chunks
@@ -377,18 +378,21 @@ def stream_leaves(specs, sources: dict, block_bytes: int, mesh: dict[str, int] |
 
     flat = {}
     for path, spec in tree_paths(specs):
-        src = sources[path]
+        src, weight = sources.get(path), path
+        if src is None:  # a weight kept quantised: specs has {"codes", "scales"} at its path
+            src, weight = sources[path[:-1]], path[:-1]
+        read = src.read if weight == path else functools.partial(src.read_stored, path[-1])
         dt = np.dtype(spec.dtype)
         shape = tuple(spec.shape)
         if mesh is None or len(shape) < 2:
-            flat[path] = StreamLeaf(shape, dt, src.read, rows_per_block(shape, dt.itemsize, block_bytes))
+            flat[path] = StreamLeaf(shape, dt, read, rows_per_block(shape, dt.itemsize, block_bytes))
             continue
-        shard = shard_shape(info_at(config, path).axes, shape, mesh)
+        shard = shard_shape(info_at(config, weight).axes, shape, mesh)
         cols = shard[-1]
         # rows per chunk: a divisor of the shard's rows, as large as the block size allows
         budget = max(1, block_bytes // max(1, shape[-1] * dt.itemsize))
         rows = max(d for d in _divisors(shard[-2]) if d <= budget) if budget < shard[-2] else shard[-2]
-        flat[path] = StreamLeaf(shape, dt, src.read, rows, None if cols == shape[-1] else cols)
+        flat[path] = StreamLeaf(shape, dt, read, rows, None if cols == shape[-1] else cols)
     return unflatten(specs, flat)
 
 
@@ -486,9 +490,11 @@ class OrbaxParams:
     ``leaves``: {tree path: (shape, dtype)}; ``read(path, lead, r0, r1)`` as StreamLeaf.read. Every
     block read is checked: NaN or inf in a float leaf, or (given the ``config``) a ``tid2eid``
     entry that names no expert, is a CheckpointError naming the leaf (``checks.check_values``).
+    ``decode``: a weight kept quantised (stored as ``codes`` and ``scales``) is one leaf, read as
+    its values (bfloat16 holds them exactly); else its two parts are leaves.
     """
 
-    def __init__(self, directory: str | Path, config=None):
+    def __init__(self, directory: str | Path, config=None, decode: bool = False):
         import orbax.checkpoint as ocp  # noqa: PLC0415
 
         self.directory = Path(directory).absolute()
@@ -513,6 +519,13 @@ class OrbaxParams:
         if not self.leaves:  # Orbax logs a warning and returns nothing when it cannot read the metadata
             raise CheckpointError(f"{self.directory}: no arrays found (_METADATA or the OCDBT index under d/ is "
                                   f"corrupt): {REDO}")
+        self.kept = {}  # {weight path: "fp8" | "fp4"} of the weights read decoded
+        for path, (shape, dt) in list(self.leaves.items()) if decode else ():
+            if path[-1] == "codes" and path[:-1] + ("scales",) in self.leaves:
+                fmt = self.kept[path[:-1]] = "fp8" if dt == np.dtype(ml_dtypes.float8_e4m3fn) else "fp4"
+                self.leaves[path[:-1]] = (shape[:-1] + (shape[-1] * (2 if fmt == "fp4" else 1),),
+                                          np.dtype(ml_dtypes.bfloat16))
+                del self.leaves[path], self.leaves[path[:-1] + ("scales",)]
         self._open: dict[tuple, object] = {}  # a few open leaves (blocks are read roughly in order)
         self._lock = threading.Lock()
         self._ctx = ocp.type_handlers.get_ts_context(use_ocdbt=True)
@@ -541,16 +554,39 @@ class OrbaxParams:
         return t
 
     def read(self, path: tuple, lead: tuple, r0: int, r1: int) -> np.ndarray:
+        fmt = self.kept.get(path)
+        if fmt is None:
+            values = self._read(path, lead + (slice(r0, r1),) if len(self.leaves[path][0]) >= 2 else ())
+        else:
+            from v4jax.convert.quant import FP8_BLOCK, dequant_fp4, dequant_fp8  # noqa: PLC0415
+
+            codes = self._read(path + ("codes",), lead + (slice(r0, r1),))
+            if fmt == "fp8":  # the scales of the block rows these rows lie in
+                b0 = r0 // FP8_BLOCK
+                scales = self._read(path + ("scales",), lead + (slice(b0, -(-r1 // FP8_BLOCK)),))
+                values = dequant_fp8(codes, scales, row0=r0 - b0 * FP8_BLOCK)
+            else:
+                values = dequant_fp4(codes, self._read(path + ("scales",), lead + (slice(r0, r1),)))
+        bounds = None if self.config is None else int_range(self.config, path)
+        check_values(values, f"{self.directory}: leaf {'.'.join(map(str, path))}", REDO, bounds, lead, r0)
+        return values
+
+    def read_stored(self, path: tuple, lead: tuple, part: str, r0: int, r1: int) -> np.ndarray:
+        """Rows r0..r1 of a kept weight's ``part`` ("codes", "scales") at ``lead``, as stored; NaN
+        codes (FP8) or scales (E8M0 byte 255) raise, naming the leaf."""
+        values = self._read(path + (part,), lead + (slice(r0, r1),))
+        nan = 0xFF if part == "scales" else 0x7F if self.kept[path] == "fp8" else None
+        if nan is not None and np.any((values.view(np.uint8) & nan) == nan):
+            raise CheckpointError(f"{self.directory}: leaf {'.'.join(map(str, path + (part,)))} holds NaN; {REDO}")
+        return values
+
+    def _read(self, path: tuple, index: tuple) -> np.ndarray:
         t = self._store(path)
-        index = lead + (slice(r0, r1),) if len(self.leaves[path][0]) >= 2 else ()
         try:
-            values = np.asarray(t[index].read().result())
+            return np.asarray(t[index].read().result())
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"{self.directory}: reading leaf {self._names[path]} failed: {_first_cause(e)[0]}; "
                                   f"{REDO}") from None
-        bounds = None if self.config is None else int_range(self.config, path)
-        check_values(values, f"{self.directory}: leaf {self._names[path]}", REDO, bounds, lead, r0)
-        return values
 
 
 class TreeParams:
@@ -644,8 +680,9 @@ def _bad_leaves():
         for x, b in zip(leaves, bounds):
             if jnp.issubdtype(x.dtype, jnp.integer):
                 out.append(jnp.zeros((), bool) if b is None else jnp.any((x < b[0]) | (x >= b[1])))
-            else:  # (1-byte floats, FP8 codes and E8M0 scales, widened: not every op takes them)
-                out.append(jnp.logical_not(jnp.all(jnp.isfinite(x.astype(jnp.float32) if x.dtype.itemsize == 1 else x))))
+            else:  # 1-byte floats (FP8 codes, E8M0 scales) widened: not every op takes them
+                x = x.astype(jnp.float32) if x.dtype.itemsize == 1 else x
+                out.append(jnp.logical_not(jnp.all(jnp.isfinite(x))))
         return out
 
     return jax.jit(bad, static_argnums=1)

@@ -201,6 +201,8 @@ class _Exporter:
             return [OutTensor(name, dtype, shape, plain_pieces)]
         if len(shape) != 2:
             raise AssertionError((path, shape))
+        if getattr(self.params, "kept", {}).get(path) == fmt:
+            return self._stored(path, lead, official, shape, fmt)
         if fmt == "fp8":
             scale = _ScaleBuffer(quant.fp8_scale_shape(shape))
 
@@ -229,6 +231,20 @@ class _Exporter:
                           lambda: [functools.partial(fp4_piece, *b) for b in blocks]),
                 OutTensor(self._name(scale_name(official)), quant.E8M0, scale.shape, lambda: [scale.take],
                           deferred=True)]
+
+    def _stored(self, path, lead, official, shape, fmt) -> list[OutTensor]:
+        """A weight the Orbax directory keeps in ``fmt`` already: its codes and scales copied as they
+        are (re-encoding its values could pick a smaller scale for a block whose largest code was
+        rounded down, giving other bytes for the same values)."""
+        read = functools.partial(self.params.read_stored, path, lead)
+        codes_shape, scales_shape, dtype = ((shape, quant.fp8_scale_shape(shape), quant.E4M3) if fmt == "fp8" else
+                                            (quant.fp4_packed_shape(shape), quant.fp4_scale_shape(shape),
+                                             np.dtype(np.int8)))
+        blocks = _row_blocks(shape[0], codes_shape[1], self.block_bytes)
+        return [OutTensor(self._name(official), dtype, codes_shape,
+                          lambda: [functools.partial(lambda a, b: read("codes", a, b).view(dtype), *b) for b in blocks]),
+                OutTensor(self._name(scale_name(official)), quant.E8M0, scales_shape,
+                          lambda: [lambda: read("scales", 0, scales_shape[0]).view(quant.E8M0)])]
 
 
 def plan_shards(tensors: list[OutTensor], max_shard_bytes: int) -> list[list[OutTensor]]:
@@ -337,7 +353,7 @@ def to_safetensors(src: str | Path, dst: str | Path, *, layout: str | None = Non
         raise ValueError(f"--layout {layout!r}: use official or hf")
     check_output_dir(dst, overwrite)
 
-    params = TreeParams(model.params, str(src)) if run is not None else OrbaxParams(params_dir, config)
+    params = TreeParams(model.params, str(src)) if run is not None else OrbaxParams(params_dir, config, decode=True)
     specs = param_specs(config, BF16)
     if "mtp" in specs and not any(p[0] == "mtp" for p in params.leaves):
         specs.pop("mtp")  # converted from a checkpoint without MTP: the stored tree has none

@@ -2,8 +2,9 @@
 
 ``to_orbax(src, dst, dtype)`` detects the layout, checks every tensor against config.json (all
 problems reported together, nothing written), then streams each leaf of the parameter tree into an
-Orbax checkpoint block by block (see ``orbax_io``), dequantising on the way. The output directory
-appears under its name only when complete.
+Orbax checkpoint block by block (see ``orbax_io``), dequantising on the way (or, with
+``keep_quantized``, copying FP8/FP4 weights as stored). The output directory appears under its name
+only when complete.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from v4jax.config import ConfigError, ModelConfig
+from v4jax.convert import quant
 from v4jax.convert.checks import check_mesh, check_separate, positive_int, positive_mb
 from v4jax.convert.names import HF_STYLE, RELEASE_STYLE, config_style
 from v4jax.convert.orbax_io import (
@@ -83,7 +85,7 @@ class Progress:
 
 def to_orbax(src: str | Path, dst: str | Path, *, dtype: str = "bfloat16", overwrite: bool = False,
              progress: bool = True, block_mb: float = 32, compression: bool = False, workers: int = 2,
-             window: int = 4, mesh: dict[str, int] | None = None) -> dict:
+             window: int = 4, mesh: dict[str, int] | None = None, keep_quantized: bool = False) -> dict:
     """Convert the safetensors checkpoint directory ``src`` into a v4jax Orbax directory ``dst``.
     ``src`` may also be a train.py run or one of its steps: its model is saved as with
     ``v4jax.from_run(src).save(dst)`` (there ``mesh`` and ``compression`` do not apply).
@@ -92,8 +94,10 @@ def to_orbax(src: str | Path, dst: str | Path, *, dtype: str = "bfloat16", overw
     int32). Host memory: about ``window`` blocks of ``block_mb`` MiB (plus the decoder's fp32
     temporaries for them) and a fixed margin, independent of the checkpoint's size. ``mesh``
     (mesh axis -> size) aligns the Orbax chunks with that mesh's per-device shards (see
-    ``orbax_io.stream_leaves``). Returns a summary. Every argument is checked before anything is
-    read; ``dst`` may not be, contain or lie inside ``src``.
+    ``orbax_io.stream_leaves``). ``keep_quantized``: the FP8/FP4 weights are written as stored (codes
+    and E8M0 scales, what ``from_pretrained(..., quantized=True)`` holds), not dequantised. Returns
+    a summary. Every argument is checked before anything is read; ``dst`` may not be, contain or
+    lie inside ``src``.
     """
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: use bfloat16 or float32")
@@ -105,17 +109,27 @@ def to_orbax(src: str | Path, dst: str | Path, *, dtype: str = "bfloat16", overw
     src = Path(src)
     run = find_run(src)
     if run is not None:
+        if keep_quantized:
+            raise ValueError(f"--keep-quantized keeps a checkpoint's FP8/FP4 weights as stored; {src} is a train.py "
+                             "run, whose weights are full precision: leave it out")
         return _run_to_orbax(run, dst, dtype, overwrite, mesh, compression)
     config, style = read_config(src)
     check_output_dir(dst, overwrite)
     start = time.time()
     with Checkpoint(src) as ckpt:
         plan = plan_checkpoint(ckpt, config, DTYPES[dtype], directory=src)
-        sources = {s.path: s for s in plan.sources}
-        tree = stream_leaves(plan.specs, sources, int(block_mb * 2**20), mesh, config)
-        prog = Progress(plan.nbytes, plan.n_tensors, "to-orbax", progress)
-        from v4jax.convert.names import tree_paths  # noqa: PLC0415
+        from v4jax.convert.names import tree_paths, unflatten  # noqa: PLC0415
         from v4jax.convert.source import blocks  # noqa: PLC0415
+
+        sources = {s.path: s for s in plan.sources}
+        specs, kept = plan.specs, {}
+        if keep_quantized:  # each kept weight as {"codes", "scales"}, the layout Orbax gives a BlockScaled
+            kept = {p: s for p, s in sources.items() if s.stored_format}
+            specs = unflatten(specs, {p: {part: _spec(kept[p], part) for part in ("codes", "scales")} if p in kept
+                                      else spec for p, spec in tree_paths(specs)})
+        tree = stream_leaves(specs, sources, int(block_mb * 2**20), mesh, config)
+        nbytes = sum(leaf.nbytes for _, leaf in tree_paths(tree))
+        prog = Progress(nbytes, plan.n_tensors, "to-orbax", progress)
 
         for _, leaf in tree_paths(tree):
             per_lead: dict = {}
@@ -130,13 +144,21 @@ def to_orbax(src: str | Path, dst: str | Path, *, dtype: str = "bfloat16", overw
                 (tmp / "config.json").write_text(json.dumps(config_dict(config, style), indent=2) + "\n")
                 write_marker(tmp, mesh=mesh, config_style=style, source_layout=plan.layout, dtype=dtype,
                              has_mtp=plan.has_mtp,
-                             tensors=plan.n_tensors, leaves=len(plan.sources), nbytes=plan.nbytes,
-                             source_nbytes=plan.source_nbytes, formats=plan.formats)
+                             tensors=plan.n_tensors, leaves=len(plan.sources), nbytes=nbytes,
+                             source_nbytes=plan.source_nbytes, formats=plan.formats, quantized=bool(kept))
         finally:
             prog.close()
     return {"layout": plan.layout, "config_style": style, "has_mtp": plan.has_mtp, "tensors": plan.n_tensors,
-            "leaves": len(plan.sources), "bytes": plan.nbytes, "source_bytes": plan.source_nbytes,
+            "leaves": len(plan.sources), "bytes": nbytes, "source_bytes": plan.source_nbytes,
             "formats": plan.formats, "seconds": time.time() - start}
+
+
+def _spec(src, part: str):
+    """The stored ``part`` ("codes", "scales") of a weight kept quantised, as a ShapeDtypeStruct-like."""
+    import jax  # noqa: PLC0415
+
+    dtype = {"fp8": quant.E4M3, "fp4": np.dtype(np.uint8)}[src.stored_format] if part == "codes" else quant.E8M0
+    return jax.ShapeDtypeStruct(src.stored_shape(part), dtype)
 
 
 def _run_to_orbax(run, dst, dtype: str, overwrite: bool, mesh, compression: bool) -> dict:
