@@ -511,6 +511,14 @@ def test_quantized_weights_are_held_as_stored_and_give_the_dequantised_logits(wo
     assert held == sum(w.codes.nbytes + w.scales.nbytes for w in kept.values())
 
     dense = v4jax.from_pretrained(world["official"], dtype="float32")
+    # quant.as_stored re-encodes the dequantised weights at the same paths, to the same values
+    from v4jax.quant import as_stored
+
+    encoded = _kept(as_stored(dense.params, CONFIG))
+    assert encoded.keys() == kept.keys()
+    for path, w in encoded.items():
+        assert w.fmt == kept[path].fmt, path
+        np.testing.assert_array_equal(np.asarray(w.values(np.float32)), np.asarray(kept[path].values(np.float32)))
     got = kept_model.logits(world["tokens"])
     err_hf, err_dense = rel(got, world["expected_deq"]), rel(got, dense.logits(world["tokens"]))
     err_mtp = rel(kept_model.mtp_logits(world["tokens"]), dense.mtp_logits(world["tokens"]))

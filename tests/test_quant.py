@@ -268,6 +268,27 @@ def test_block_scaled_decodes_as_the_independent_decoder(fmt, shape):
     np.testing.assert_array_equal(np.asarray(w.values(jnp.bfloat16)).astype(np.float32), got)
 
 
+@pytest.mark.parametrize("fmt,shape", [("fp8", (200, 300)), ("fp8", (2, 128, 256)), ("fp4", (5, 80)),
+                                       ("fp4", (3, 7, 64))])
+def test_block_scaled_encodes_as_the_converter(fmt, shape):
+    """``quant.block_scaled`` (on the devices) gives the codes and scales of the converter's numpy
+    encoder (``v4jax.convert.quant``, tested against an independent decoder), blocks of many
+    magnitudes and a zero block included (whose scale may differ: both decode to zeros)."""
+    from v4jax.convert import quant as host
+
+    x = blocky(np.random.default_rng(2), shape, (128, 128) if fmt == "fp8" else (1, 32))
+    got = jax.jit(lambda x: quant.block_scaled(x, fmt))(jnp.asarray(x))
+    encode = host.quant_fp8 if fmt == "fp8" else host.quant_fp4
+    for i in np.ndindex(*shape[:-2]):
+        codes, scales = encode(x[i])
+        np.testing.assert_array_equal(np.asarray(got.codes[i]).view(np.uint8), codes.view(np.uint8))
+        s = np.asarray(got.scales[i]).view(np.uint8)
+        zero = scales.view(np.uint8) == 0  # the converter's 2^-127 for a block of zeros
+        np.testing.assert_array_equal(s[~zero], scales.view(np.uint8)[~zero])
+        decode = host.dequant_fp8(codes, scales) if fmt == "fp8" else host.dequant_fp4(codes, scales)
+        np.testing.assert_array_equal(np.asarray(got.values(jnp.float32)[i]), decode)
+
+
 def test_v4_flash_kept_quantised_fits_8_h100s_and_a_v6e_8():
     """V4-Flash's parameters as the release stores them (experts FP4, the FP8 matrices FP8, the rest
     bf16 / fp32): the total equals the spec's byte count (§3.3: FP4 half a byte a weight plus one E8M0

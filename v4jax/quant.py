@@ -209,6 +209,36 @@ def stored_shapes(shape: tuple, fmt: str) -> tuple[tuple, tuple]:
     return tuple(shape), (*lead, -(-r // FP8_BLOCK), -(-c // FP8_BLOCK))
 
 
+def block_scaled(w: jax.Array, fmt: str) -> BlockScaled:
+    """w [..., out, in] encoded as the release stores weights: "fp8" in 128 x 128 blocks, "fp4" in
+    1 x 32 (in even). Each block's scale is the smallest power of two that keeps its largest
+    magnitude within the codes' range (2^-126 for a block of zeros, which decodes to zeros as the
+    converter's 2^-127 does); codes are rounded to nearest, ties to even. As
+    ``v4jax.convert.quant``'s encoders on the host, in one jitted pass on the devices."""
+    qmax, _, _ = FORMATS[fmt]
+    br, bc = (FP8_BLOCK, FP8_BLOCK) if fmt == "fp8" else (1, FP4_BLOCK)
+    *lead, r, c = w.shape
+    pr, pc = -r % br, -c % bc
+    xf = jnp.pad(w.astype(F32), [(0, 0)] * len(lead) + [(0, pr), (0, pc)])
+    xb = xf.reshape(*lead, (r + pr) // br, br, (c + pc) // bc, bc)
+    s = pow2_scale(jnp.max(jnp.abs(xb), axis=(-3, -1), keepdims=True), qmax, qmax * 2.0**-126)
+    y = jnp.clip(xb / s, -qmax, qmax).reshape(xf.shape)[..., :r, :c]
+    scales = s[..., 0, :, 0].astype(jnp.float8_e8m0fnu)
+    if fmt == "fp8":
+        return BlockScaled(y.astype(jnp.float8_e4m3fn), scales, fmt)
+    pairs = y.astype(jnp.float4_e2m1fn).reshape(*lead, r, c // 2, 2)
+    return BlockScaled(jax.lax.bitcast_convert_type(pairs, jnp.uint8), scales, fmt)
+
+
+def as_stored(params, config, experts: str = "fp4"):
+    """``params`` with the weights the release stores quantised held so (``BlockScaled``): every
+    weight declared ``export="fp8"`` in FP8, the routed experts in ``experts`` ("fp4" as released,
+    or "fp8"). For a model that was not loaded from such files (``block_scaled`` rounds its values)."""
+    formats = {"fp8": "fp8", "experts": experts}
+    return jax.tree.map(lambda w, info: block_scaled(w, formats[info.export]) if info.export in formats else w,
+                        params, tree_infos(config, params))
+
+
 def is_block_scaled(x) -> bool:
     return isinstance(x, BlockScaled)
 
