@@ -106,6 +106,12 @@ def test_moe(case):
             want = layer.mlp(x, input_ids=torch.as_tensor(ids)).numpy()
         got, _ = moe(jnp.asarray(x.numpy()), model.params["layers"][i]["ffn"], jnp.asarray(ids), config)
         assert rel(got, want) <= TOLERANCE, f"layer {i}"
+        # two tokens: fewer (token, choice) pairs than experts, the gathered path (moe.gathered_experts)
+        assert 2 * config.num_experts_per_tok < config.n_routed_experts
+        with torch.no_grad():
+            want = layer.mlp(x[:1, :2], input_ids=torch.as_tensor(ids[:1, :2])).numpy()
+        got, _ = moe(jnp.asarray(x[:1, :2].numpy()), model.params["layers"][i]["ffn"], jnp.asarray(ids[:1, :2]), config)
+        assert rel(got, want) <= TOLERANCE, f"layer {i}, two tokens"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -297,6 +297,8 @@ def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, p: dict, li
     x [t, d]; idx, weights [t, k]; p {w1 [e, f, d], w3 [e, f, d], w2 [e, d, f]}. Returns (y [t, d]
     fp32, dropped (token, choice) pairs: the ``padded`` backend's overflow).
     """
+    if idx.size < p["w1"].shape[0]:
+        return gathered_experts(x, idx, weights, p, limit), jnp.zeros((), jnp.int32)
     k = idx.shape[1]
     flat = idx.reshape(-1)
     order = jnp.argsort(flat, stable=True).astype(jnp.int32)
@@ -307,6 +309,22 @@ def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, p: dict, li
     ys, dropped = expert_ffn(dispatch(x, order, inverse, k), sizes, expert_weights, p, limit, backend,
                              capacity_factor, every_row_grouped=True)
     return combine(ys, order, inverse, k), dropped
+
+
+def gathered_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, p: dict, limit: float) -> jax.Array:
+    """Each (token, choice) pair through its own expert's weights, gathered: x [t, d], idx and
+    weights [t, k] -> y [t, d] fp32. ``routed_experts`` takes this path for fewer pairs than experts
+    (decoding a few rows), where it reads t*k experts' weights and a grouped matmul reads all e
+    (``BlockScaled`` ones are gathered as stored and decoded after). Same products as
+    ``expert_ffn``, whichever backend is set."""
+    quantized = isinstance(p["w1"], Quantized)
+    take = lambda w: weight_values(jax.tree.map(lambda a: a[idx], w), x.dtype)  # noqa: E731  [t, k, ...]
+    xin = activation(x) if quantized else x
+    gate, up = (jnp.einsum("td,tkfd->tkf", xin, take(p[w]), preferred_element_type=F32).astype(x.dtype)
+                for w in ("w1", "w3"))
+    hidden = swiglu(gate, up, weights, limit)
+    hidden = activation(hidden) if quantized else hidden
+    return jnp.einsum("tkf,tkdf->td", hidden, take(p["w2"]), preferred_element_type=F32)
 
 
 def routed_experts_per_shard(x, idx, weights, p, limit, mesh, backend="ragged_dot", capacity_factor=2.0,

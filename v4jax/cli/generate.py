@@ -2,7 +2,7 @@
 
     v4jax-generate --checkpoint DIR --prompt "Once upon a time" [--max-new-tokens 200]
         [--temperature 0.7 --top-p 0.95 --top-k 0 --seed 0] [--chat chat|think|think_max]
-        [--tokenizer deepseek|bytes] [--dtype bfloat16]
+        [--tokenizer deepseek|bytes] [--dtype bfloat16] [--quantized] [--fp8-cache]
 
 ``--checkpoint``: what ``v4jax.from_pretrained`` loads: safetensors in the release's or the
 transformers layout, a v4jax Orbax checkpoint, or a train.py run (its newest checkpoint) or one of
@@ -34,6 +34,9 @@ def parse_args(argv=None):
                    help="default: the one the checkpoint records (a run's), else deepseek")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                    help="default: a run's training dtype, else bfloat16")
+    p.add_argument("--quantized", action="store_true",
+                   help="keep the checkpoint's FP8/FP4 weights as stored in memory (about a third of bf16's bytes "
+                   "for the release; from_pretrained(quantized=True))")
     p.add_argument("--fp8-cache", action="store_true",
                    help="keep the compressed cache's non-RoPE channels in FP8 (as the official inference does)")
     return p.parse_args(argv)
@@ -45,7 +48,7 @@ def main(argv=None) -> int:
     from v4jax.chat import encode_chat_tokens  # noqa: PLC0415
 
     try:
-        model = v4jax.from_pretrained(args.checkpoint, dtype=args.dtype)
+        model = v4jax.from_pretrained(args.checkpoint, dtype=args.dtype, quantized=args.quantized)
         from v4jax.devices import describe  # noqa: PLC0415
 
         print(describe(model.parallel), file=sys.stderr)

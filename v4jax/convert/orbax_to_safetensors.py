@@ -242,7 +242,8 @@ class _Exporter:
                                              np.dtype(np.int8)))
         blocks = _row_blocks(shape[0], codes_shape[1], self.block_bytes)
         return [OutTensor(self._name(official), dtype, codes_shape,
-                          lambda: [functools.partial(lambda a, b: read("codes", a, b).view(dtype), *b) for b in blocks]),
+                          lambda: [functools.partial(lambda r0, r1: read("codes", r0, r1).view(dtype), *b)
+                                   for b in blocks]),
                 OutTensor(self._name(scale_name(official)), quant.E8M0, scales_shape,
                           lambda: [lambda: read("scales", 0, scales_shape[0]).view(quant.E8M0)])]
 
