@@ -592,3 +592,29 @@ def test_to_orbax_keep_quantized(world, kept_model):
     assert a.keys() == b.keys()
     for p in a:
         np.testing.assert_array_equal(a[p].view(np.uint8), b[p].view(np.uint8), err_msg=str(p))
+
+
+def test_quantized_refusals(world, tmp_path):
+    """quantized=True: a checkpoint without FP8/FP4 weights warns (nothing kept), a train.py run is
+    refused, and an F32 scale that is no power of two (not an E8M0 value) is refused naming it."""
+    import warnings
+
+    from safetensors.torch import load_file as load_torch
+
+    from v4jax.convert.safetensors_io import CheckpointError
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plain = v4jax.from_pretrained(world["hf"], dtype="float32", quantized=True)
+    assert not plain.quantized and any("stores no FP8/FP4 weights" in str(w.message) for w in caught)
+
+    bad = tmp_path / "bad"
+    shutil.copytree(world["official"], bad)
+    scale = F32_SCALE[:-len(".weight")] + ".scale"
+    file = bad / json.loads((bad / "model.safetensors.index.json").read_text())["weight_map"][scale]
+    tensors = load_torch(file)
+    tensors[scale] = tensors[scale] * 1.5
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=re.escape(scale) + ".*not powers of two"):
+        v4jax.from_pretrained(bad, dtype="float32", quantized=True)
+    v4jax.from_pretrained(bad, dtype="float32")  # dequantised, any F32 scale is fine

@@ -35,6 +35,8 @@ def test_from_pretrained_takes_a_run_and_a_step(run, reference):
         got = v4jax.from_pretrained(path)
         assert got.tokenizer_name == "bytes"
         np.testing.assert_array_equal(np.asarray(got.logits(TOKENS)), want)
+    with pytest.raises(ValueError, match="train.py run, whose weights are full precision"):
+        v4jax.from_pretrained(run, quantized=True)
 
 
 def test_the_tokenizer_travels_with_the_model(run, reference, tmp_path):
