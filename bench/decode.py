@@ -2,7 +2,7 @@
 
     python bench/decode.py --config configs/small.yaml --contexts 8192,131072 --batches 1,32 --steps 32
     python bench/decode.py ... --peer-only      # transformers' generate, batch 1, same shapes (own process)
-    python bench/decode.py ... --weights bf16,kept   # also with the weights kept FP8/FP4 (quant.as_stored)
+    python bench/decode.py ... --weights bf16,kept   # also with the weights kept FP8/FP4 (schema.as_stored)
 
 For each context C: an empty cache for C + steps tokens (``v4jax.decode.init_cache``), the prompt of
 C random tokens prefilled through ``extend`` in chunks of ``--prefill-chunk`` (one compiled
@@ -65,7 +65,7 @@ def main():
                     help="run the peer only up to this context (its attention is dense: O(context^2))")
     ap.add_argument("--weights", default="bf16",
                     help="bf16 and/or kept: the release's FP8 matrices and FP4 experts held as stored "
-                    "(v4jax.quant.as_stored of the same random weights), decoded in each matmul")
+                    "(v4jax.schema.as_stored of the same random weights), decoded in each matmul")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import jax
@@ -101,7 +101,7 @@ def main():
                 "weights": weights}
         params = dense
         if weights == "kept" and not args.peer_only:
-            from v4jax.quant import as_stored
+            from v4jax.schema import as_stored
 
             params = jax.jit(lambda p: as_stored(p, config))(dense)
         base["weight_bytes"] = sum(a.nbytes for a in jax.tree.leaves(params))

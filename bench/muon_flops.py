@@ -70,7 +70,7 @@ def ns_program(config, mesh, spread: bool, ns_dtype):
     import jax
 
     from v4jax.optim import scale_by_hybrid_newton_schulz
-    from v4jax.parallel import param_shardings
+    from v4jax.schema import param_shardings
 
     muon, blocks = muon_tree(config)
     if mesh is None:

@@ -23,7 +23,8 @@ import numpy as np
 from v4jax.config import model_config_from_yaml
 from v4jax.model import init_params
 from v4jax.moe import route, routed_experts, routed_experts_all_to_all, routed_experts_ragged
-from v4jax.parallel import ParallelConfig, batch_sharding, make_mesh, param_shardings, shard_like_params
+from v4jax.parallel import ParallelConfig, batch_sharding, make_mesh
+from v4jax.schema import param_shardings, shard_like_params
 from v4jax.trainer import TrainConfig, flops_per_token, init_state, make_optimizer, make_train_step
 
 PEAK_BF16 = {"NVIDIA H200": 989e12, "NVIDIA H100": 989e12}

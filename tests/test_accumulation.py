@@ -25,7 +25,8 @@ import train
 from tests.helpers import CONFIGS, rel, sharpened
 from tests.test_train import SMALL, losses
 from v4jax.model import init_params
-from v4jax.parallel import ParallelConfig, batch_sharding, make_mesh, param_shardings, shard_like_params
+from v4jax.parallel import ParallelConfig, batch_sharding, make_mesh
+from v4jax.schema import param_shardings, shard_like_params
 from v4jax.trainer import TrainConfig, init_state, loss_fn, make_optimizer, make_train_step, update_gradients
 
 CONFIG = CONFIGS["a"].replace(n_routed_experts=8)

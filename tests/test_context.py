@@ -23,7 +23,8 @@ from v4jax.cli.train import check_batch_split
 from v4jax.config import ConfigError
 from v4jax.memory import training_memory
 from v4jax.model import init_params
-from v4jax.parallel import ParallelConfig, ShardingError, expert_axes, make_mesh, param_shardings
+from v4jax.parallel import ParallelConfig, ShardingError, expert_axes, make_mesh
+from v4jax.schema import param_shardings
 from v4jax.trainer import TrainConfig, loss_fn
 
 # every kind of layer, MTP, two hash layers; a window and ratios that make slices of 512 tokens

@@ -416,8 +416,8 @@ def test_to_orbax_sharded_for_a_target_mesh(world, orbax_official):
 
     from v4jax.convert.orbax_io import OrbaxParams, shard_shape
     from v4jax.model import param_specs
-    from v4jax.parallel import ParallelConfig, make_mesh, param_shardings
-    from v4jax.params import info_at
+    from v4jax.parallel import ParallelConfig, make_mesh
+    from v4jax.schema import info_at, param_shardings
 
     dst = world["root"] / "orbax_mesh"
     assert cli(["to-orbax", "--src", str(world["official"]), "--dst", str(dst), "--dtype", "float32",
@@ -511,8 +511,8 @@ def test_quantized_weights_are_held_as_stored_and_give_the_dequantised_logits(wo
     assert held == sum(w.codes.nbytes + w.scales.nbytes for w in kept.values())
 
     dense = v4jax.from_pretrained(world["official"], dtype="float32")
-    # quant.as_stored re-encodes the dequantised weights at the same paths, to the same values
-    from v4jax.quant import as_stored
+    # schema.as_stored re-encodes the dequantised weights at the same paths, to the same values
+    from v4jax.schema import as_stored
 
     encoded = _kept(as_stored(dense.params, CONFIG))
     assert encoded.keys() == kept.keys()

@@ -210,7 +210,7 @@ def test_sharded_generation_equals_unsharded():
     """On 8 devices (data 2 x expert 2 x tensor 2: parameters by v4jax's rules, the cache split by
     rows) prefill logits and greedy tokens equal the single-device run."""
     from v4jax.decode import cache_shardings
-    from v4jax.parallel import param_shardings
+    from v4jax.schema import param_shardings
 
     config = CONFIGS["a"]
     mesh = jax.make_mesh((2, 2, 2), ("data", "expert", "tensor"))

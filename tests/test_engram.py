@@ -17,7 +17,8 @@ from v4jax import optim
 from v4jax.config import ConfigError, ModelConfig
 from v4jax.engram import PAD_TOKEN, Hasher, compression_map, table_primes, table_rows
 from v4jax.model import forward, init_params
-from v4jax.parallel import ParallelConfig, batch_sharding, make_mesh, param_shardings, shard_like_params
+from v4jax.parallel import ParallelConfig, batch_sharding, make_mesh
+from v4jax.schema import param_shardings, shard_like_params
 from v4jax.trainer import TrainConfig, init_state, make_optimizer, make_train_step
 
 ENGRAM = {"layers": [1, 2], "max_ngram": 3, "heads": 3, "head_dim": 8, "table_size": 53, "tokenizer": "bytes"}

@@ -21,7 +21,8 @@ import pytest
 from tests.helpers import CONFIGS, rel
 from v4jax import optim
 from v4jax.model import init_params
-from v4jax.parallel import ParallelConfig, make_mesh, param_shardings, shard_like_params
+from v4jax.parallel import ParallelConfig, make_mesh
+from v4jax.schema import param_shardings, shard_like_params
 
 ROOT = Path(__file__).resolve().parent.parent
 # data, fsdp, expert, tensor

@@ -20,11 +20,10 @@ from v4jax.parallel import (
     ShardingError,
     batch_sharding,
     make_mesh,
-    param_shardings,
-    shard_like_params,
     spec_for,
     validate_rules,
 )
+from v4jax.schema import check_rule_axes, param_shardings, shard_like_params
 from v4jax.trainer import TrainConfig, init_state, make_optimizer, make_train_step
 
 CONFIG = CONFIGS["a"].replace(n_routed_experts=8, num_hidden_layers=2, layer_types=("csa", "hca"), num_hash_layers=1)
@@ -89,7 +88,7 @@ def test_params_are_really_sharded(params):
 
 def test_rules_refuse_two_axes_on_one_mesh_axis(params):
     with pytest.raises(ShardingError, match="'mlp' and 'embed' both on mesh axis 'fsdp'"):
-        validate_rules({**DEFAULT_RULES, "mlp": ("fsdp",)}, params, CONFIG)
+        check_rule_axes({**DEFAULT_RULES, "mlp": ("fsdp",)}, params, CONFIG)
     with pytest.raises(ShardingError, match="at most once"):
         validate_rules({**DEFAULT_RULES, "embed": ("fsdp", "fsdp")})
     mesh = make_mesh(ParallelConfig(1, 2, 2, 2))

@@ -17,8 +17,9 @@ from v4jax.config import model_config_from_yaml
 from v4jax.convert.names import official_name
 from v4jax.convert.orbax_to_safetensors import _Exporter
 from v4jax.model import init_params, param_specs
-from v4jax.parallel import DEFAULT_RULES, ParallelConfig, make_mesh, param_shardings
-from v4jax.params import infos, path_keys, tree_infos
+from v4jax.parallel import DEFAULT_RULES, ParallelConfig, make_mesh
+from v4jax.params import path_keys
+from v4jax.schema import infos, param_shardings, tree_infos
 
 PRESETS = {name: model_config_from_yaml(f"configs/{name}.yaml") for name in ("tiny", "small", "v4-flash", "v4-pro")}
 ALL = {**PRESETS, **{f"test-{k}": v for k, v in CONFIGS.items()}}

@@ -11,12 +11,13 @@ import pytest
 
 from tests.helpers import CONFIGS, rel
 from tests.test_accumulation import packed_batch
-from v4jax import quant
+from v4jax import quant, schema
 from v4jax.config import ConfigError
 from v4jax.layers import linear
 from v4jax.model import init_params
 from v4jax.moe import expert_ffn, swiglu
-from v4jax.parallel import ParallelConfig, make_mesh, param_shardings
+from v4jax.parallel import ParallelConfig, make_mesh
+from v4jax.schema import param_shardings
 from v4jax.trainer import TrainConfig, init_state, loss_fn, make_optimizer, make_train_step
 
 REF = {"fp8": (448.0, 1e-4, ml_dtypes.float8_e4m3fn), "fp4": (6.0, 6.0 * 2.0**-126, ml_dtypes.float4_e2m1fn)}
@@ -128,9 +129,9 @@ def test_expert_matmuls_quantise_inputs_and_weights(fmt):
 def test_for_training_wraps_the_release_formats():
     config = CONFIGS["a"]
     params = init_params(config, seed=0)
-    assert quant.for_training(params, config, "bf16") is params
-    fp8 = quant.for_training(params, config, "fp8")
-    qat = quant.for_training(params, config, "fp8+fp4qat")
+    assert schema.for_training(params, config, "bf16") is params
+    fp8 = schema.for_training(params, config, "fp8")
+    qat = schema.for_training(params, config, "fp8+fp4qat")
     for tree, experts in ((fp8, "fp8"), (qat, "fp4")):
         attn, ffn = tree["layers"][2]["attn"], tree["layers"][2]["ffn"]
         assert all(isinstance(attn[k], quant.Quantized) and attn[k].fmt == "fp8" for k in ("wq_a", "wq_b", "wkv",
@@ -141,7 +142,7 @@ def test_for_training_wraps_the_release_formats():
         assert not isinstance(tree["head"], quant.Quantized) and not isinstance(ffn["gate"]["weight"],
                                                                                 quant.Quantized)
     with pytest.raises(ValueError, match=r"train.precision='fp16': one of bf16, fp8, fp8\+fp4qat"):
-        quant.for_training(params, config, "fp16")
+        schema.for_training(params, config, "fp16")
 
 
 @pytest.mark.parametrize("precision", ["fp8", "fp8+fp4qat"])
@@ -219,7 +220,7 @@ def test_indexer_fp4_in_training():
 
     config = CONFIGS["a"]
     params = init_params(config, seed=0)
-    marked = quant.for_training(params, config, "fp8+fp4qat", indexer_fp4=True)
+    marked = schema.for_training(params, config, "fp8+fp4qat", indexer_fp4=True)
     with_indexer = [i for i, lp in enumerate(params["layers"]) if "indexer" in lp["attn"]]
     assert with_indexer and all(marked["layers"][i]["attn"]["indexer"]["qk"] == quant.IndexerQK("fp4")
                                 for i in with_indexer)
@@ -296,7 +297,7 @@ def test_v4_flash_kept_quantised_fits_8_h100s_and_a_v6e_8():
     devices, abstract shapes on 8 fake devices: 8 H100s as expert 8: 25.92 GiB (bf16: 80.00 GiB, which
     does not fit an 80 GB H100); a v6e-8 as tensor 8: 19.53 GiB (bf16: 68.95 GiB; a v6e chip has 32 GB)."""
     from v4jax.model import param_specs, stored_specs
-    from v4jax.params import tree_infos
+    from v4jax.schema import tree_infos
     from v4jax.trainer import load_run_config
 
     config = load_run_config("configs/v4-flash.yaml", []).model

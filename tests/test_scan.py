@@ -14,8 +14,9 @@ import pytest
 from tests.helpers import CONFIGS, batch, rel
 from v4jax.config import model_config_from_yaml
 from v4jax.model import forward, init_params, param_specs
-from v4jax.parallel import ParallelConfig, batch_sharding, make_mesh, param_shardings, shard_like_params
+from v4jax.parallel import ParallelConfig, batch_sharding, make_mesh
 from v4jax.scan import Stage, layer_signature, plan, stack_layers, unstack_layers
+from v4jax.schema import param_shardings, shard_like_params
 from v4jax.trainer import TrainConfig, init_state, make_optimizer, make_train_step
 
 # 7 layers: two hash-routed SWA layers, then (CSA, HCA) x 2 and a last CSA

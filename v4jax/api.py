@@ -15,9 +15,10 @@ import numpy as np
 from v4jax.config import ModelConfig
 from v4jax.model import forward, init_params, param_specs, stored_specs
 from v4jax.multihost import is_writer
-from v4jax.parallel import ParallelConfig, adopt_mesh, expert_axes, param_shardings
+from v4jax.parallel import ParallelConfig, adopt_mesh, expert_axes
 from v4jax.quant import dequantized, is_block_scaled
 from v4jax.scan import unstack_layers
+from v4jax.schema import param_shardings
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 
 from v4jax.config import ModelConfig
 from v4jax.model import param_specs
-from v4jax.parallel import ParallelConfig, batch_sharding, param_shardings, shard_like_params
+from v4jax.parallel import ParallelConfig, batch_sharding
+from v4jax.schema import param_shardings, shard_like_params
 from v4jax.trainer import TrainConfig, init_state, make_optimizer, make_train_step
 
 BATCH_FIELDS = {"tokens": jnp.int32, "positions": jnp.int32, "segment_ids": jnp.int32, "targets": jnp.int32,

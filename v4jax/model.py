@@ -34,7 +34,7 @@ from v4jax.layers import linear, linear_f32, rms_norm
 from v4jax.mhc import HyperConnection, hc_head, hc_post, hc_pre
 from v4jax.moe import MoE, moe
 from v4jax.parallel import REMAT_POLICIES, constrain_tokens
-from v4jax.params import ADAMW, Init, ParamInfo, declare, matrix, path_keys, pure, tree_infos, vector
+from v4jax.params import ADAMW, Init, ParamInfo, declarations, declare, matrix, path_keys, pure, vector
 from v4jax.quant import BlockScaled, stored_shapes
 from v4jax.scan import run_stages, stack_layers
 
@@ -266,11 +266,12 @@ def stored_specs(config: ModelConfig, dtype=jnp.bfloat16, formats: dict | None =
     """``param_specs`` with the weights kept quantised as ``v4jax.quant.BlockScaled`` specs.
     ``formats``: {parameter path: "fp8" or "fp4"}; by default the release's (spec §3.3): the routed
     experts in FP4, every other weight it stores in FP8 (declared ``export="fp8"``) in FP8."""
-    specs = param_specs(config, dtype)
+    model = Transformer(config, None, dtype)
+    specs = pure(model)
     if formats is None:
         release = {"fp8": "fp8", "experts": "fp4"}
         formats = {path_keys(p): release[i.export] for p, i in
-                   jax.tree_util.tree_flatten_with_path(tree_infos(config, specs))[0] if i.export in release}
+                   jax.tree_util.tree_flatten_with_path(declarations(model))[0] if i.export in release}
 
     def one(keypath, s):
         fmt = formats.get(path_keys(keypath))

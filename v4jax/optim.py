@@ -96,8 +96,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from v4jax.parallel import param_shardings
-from v4jax.params import ADAMW, ADAMW_NO_DECAY, FROZEN, LABELS, MUON, TABLE, path_keys, tree_infos
+from v4jax.params import ADAMW, ADAMW_NO_DECAY, FROZEN, LABELS, MUON, TABLE, path_keys
+from v4jax.schema import param_shardings, tree_infos
 
 F32 = jnp.float32
 

@@ -35,9 +35,6 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from v4jax.params import is_weight, path_keys, tree_infos
-from v4jax.quant import BlockScaled
-
 MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
 DEFAULT_RULES = {"batch": ("data", "fsdp", "expert"), "length": ("context",), "vocab": ("tensor",),
                  "embed": ("fsdp", "context"), "heads": ("tensor",), "mlp": ("tensor",), "experts": ("expert",),
@@ -178,26 +175,12 @@ def adopt_mesh(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
 # Rules
 
 
-def validate_rules(rules: Mapping[str, tuple[str, ...]], params=None, config=None) -> None:
-    """Every target is a mesh axis, named once per rule; with ``params`` (and their ``config``), no
-    parameter's logical axes put one mesh axis on two of its dimensions (checked for every leaf,
-    all problems reported)."""
+def validate_rules(rules: Mapping[str, tuple[str, ...]]) -> None:
+    """Every target is a mesh axis, named once per rule (``v4jax.schema.check_rule_axes`` checks the
+    rules against a model's parameters)."""
     for logical, axes in rules.items():
         if len(set(axes)) != len(axes) or any(a not in MESH_AXES for a in axes):
             raise ShardingError(f"rule {logical!r} -> {axes!r}: name each mesh axis ({MESH_AXES}) at most once")
-    if params is None:
-        return
-    problems = []
-    for path, info in jax.tree_util.tree_flatten_with_path(tree_infos(config, params))[0]:
-        seen: dict[str, str] = {}
-        for name in info.axes:
-            for axis in rules.get(name, ()) if name else ():
-                if axis in seen and seen[axis] != name:
-                    problems.append(f"{jax.tree_util.keystr(path)} {info.axes}: {seen[axis]!r} and {name!r} "
-                                    f"both on mesh axis {axis!r}")
-                seen[axis] = name
-    if problems:
-        raise ShardingError("the rules put two logical axes on one mesh axis:\n  " + "\n  ".join(problems))
 
 
 def spec_for(logical: tuple, shape: tuple, mesh, rules=DEFAULT_RULES) -> PartitionSpec:
@@ -216,40 +199,6 @@ def spec_for(logical: tuple, shape: tuple, mesh, rules=DEFAULT_RULES) -> Partiti
         else:
             out.append(None)
     return PartitionSpec(*out)
-
-
-def param_shardings(params, mesh: jax.sharding.Mesh, config, rules=DEFAULT_RULES):
-    """NamedSharding of every parameter (arrays or ShapeDtypeStructs, either layout, or a subtree),
-    from its declared logical axes (``v4jax.params``) under the rules."""
-    validate_rules(rules, params, config)
-
-    def one(w, info):
-        place = lambda shape: NamedSharding(mesh, spec_for(info.axes, shape, mesh, rules))  # noqa: E731
-        if isinstance(w, BlockScaled):  # codes and scales have the weight's axes (blocks of them)
-            return BlockScaled(place(w.codes.shape), place(w.scales.shape), w.fmt)
-        return place(info.shape)
-
-    return jax.tree.map(one, params, tree_infos(config, params), is_leaf=is_weight)
-
-
-def shard_like_params(tree, params, mesh, config, rules=DEFAULT_RULES):
-    """Shardings for a tree that contains parameter-shaped leaves (e.g. optimizer state): a leaf
-    whose path ends like a parameter's path and has its shape gets that parameter's sharding;
-    everything else is replicated."""
-    by_path = {path_keys(p): sh for p, sh in jax.tree_util.tree_flatten_with_path(
-        param_shardings(params, mesh, config, rules))[0]}
-    shapes = {path_keys(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def one(path, leaf):
-        names = path_keys(path)
-        for k in range(len(names)):
-            key = names[k:]
-            if key in by_path and shapes[key] == tuple(getattr(leaf, "shape", ())):
-                return by_path[key]
-        return replicated
-
-    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES, ndim: int = 2) -> NamedSharding:

@@ -5,24 +5,24 @@ Every module (``v4jax.mhc``, ``attention``, ``moe``, ``model``) creates its para
 from nowhere else:
 
 * initial values and abstract shapes (``v4jax.model.init_params`` / ``param_specs``);
-* shardings: the logical axes through ``v4jax.parallel``'s rule table (``param_shardings``);
+* shardings: the logical axes through ``v4jax.parallel``'s rule table (``v4jax.schema.param_shardings``);
 * the optimizer group and Muon's row blocks (``v4jax.optim``);
-* the format ``to-safetensors`` writes (``v4jax.convert.orbax_to_safetensors``).
+* the format ``to-safetensors`` writes (``v4jax.convert.orbax_to_safetensors``), the one
+  ``train.precision`` quantises to and the one weights are kept in (``v4jax.schema``).
 
 The attribute names are the release's tensor names, so a parameter's tree path is its official
 name up to a rename (``v4jax.convert.names``).
 
 Modules are used functionally (flax NNX tree mode): a module is a pytree, and the training state
 holds its *pure* tree, ``pure(module)``: nested dicts (and lists for the layers) of arrays with
-the same names. ``infos(config)`` is the matching tree of ``ParamInfo``s, and ``info_at(config,
-path)`` the declaration at any path, in either parameter layout (``layers`` or the scan layout's
-``stages``, whose leading layer axis is added here).
+the same names; ``declarations(module)`` is the matching tree of ``ParamInfo``s. The whole model's
+declarations by path, in either layout, are ``v4jax.schema``'s (above the model, which this
+module lies below).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -122,13 +122,13 @@ def declare(init: Init, info: ParamInfo) -> nnx.Param:
 # Pure trees
 
 
-def _params(module: nnx.Module):
+def iter_params(module: nnx.Module):
     for path, node in nnx.iter_graph(module):
         if isinstance(node, nnx.Param):
             yield path, node
 
 
-def _nest(items: dict):
+def nest(items: dict):
     """{path: leaf} -> nested dicts, with lists where every key of a level is 0..n-1."""
     tree: dict = {}
     for path, leaf in items.items():
@@ -149,47 +149,12 @@ def _nest(items: dict):
 
 def pure(module: nnx.Module):
     """The module's parameters as a plain tree of arrays (or ShapeDtypeStructs), release names."""
-    return _nest({path: p.get_value() for path, p in _params(module)})
+    return nest({path: p.get_value() for path, p in iter_params(module)})
 
 
 def declarations(module: nnx.Module):
     """The module's ``ParamInfo``s, in the tree ``pure`` gives."""
-    return _nest({path: p.get_metadata()["info"] for path, p in _params(module)})
-
-
-@functools.lru_cache(maxsize=32)
-def _flat_infos(config) -> dict:
-    from v4jax.model import Transformer  # noqa: PLC0415  (the model imports this module)
-
-    return {path: p.get_metadata()["info"] for path, p in _params(Transformer(config, None))}
-
-
-def _stage_info(config, path: tuple) -> ParamInfo | None:
-    from v4jax.scan import plan  # noqa: PLC0415
-
-    stages = plan(config)
-    if len(path) < 3 or not isinstance(path[1], int) or path[1] >= len(stages):
-        return None
-    stage = stages[path[1]]
-    info = _flat_infos(config).get(("layers", stage.start + path[2]) + tuple(path[3:]))
-    return None if info is None else info.stacked(stage.repeats)
-
-
-def info_at(config, path: tuple) -> ParamInfo | None:
-    """The declaration of the parameter at ``path`` (str keys and int indices), in either layout;
-    None for a path that is no parameter of this config."""
-    path = tuple(path)
-    if path[:1] == ("stages",):
-        return _stage_info(config, path)
-    return _flat_infos(config).get(path)
-
-
-def infos(config, scan: bool = False):
-    """The tree of ``ParamInfo``s of a config's parameters (``scan``: in the scan layout)."""
-    from v4jax.scan import stack_layers  # noqa: PLC0415
-
-    tree = _nest(_flat_infos(config))
-    return stack_layers(tree, config) if scan else tree
+    return nest({path: p.get_metadata()["info"] for path, p in iter_params(module)})
 
 
 def path_keys(keypath) -> tuple:
@@ -211,19 +176,3 @@ def is_weight(x) -> bool:
     """A parameter's value: an array or anything shaped like one (``ShapeDtypeStruct``, ``ParamInfo``,
     ``v4jax.quant``'s ``Quantized`` and ``BlockScaled``, which are pytrees of their parts)."""
     return hasattr(x, "shape")
-
-
-def tree_infos(config, tree):
-    """The declaration of every weight (``is_weight``) of a parameter-shaped tree (params, gradients,
-    specs; either layout; a subtree of the parameters too). A weight that is no parameter raises,
-    naming it."""
-
-    def one(keypath, leaf):
-        info = info_at(config, path_keys(keypath))
-        shape = tuple(leaf.shape)
-        if info is None or info.shape != shape:
-            raise ValueError(f"{jax.tree_util.keystr(keypath)} {shape} is not a parameter of this config"
-                             + ("" if info is None else f" (declared {info.shape})"))
-        return info
-
-    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_weight)

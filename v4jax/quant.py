@@ -15,7 +15,7 @@ partial shares its scale over the elements it has (the checkpoint's edge blocks)
 
 ``Quantized`` marks a weight whose matmul quantises it (in its format) and the matmul's input (FP8,
 1 x 128): ``v4jax.layers.linear`` and the MoE's expert matmuls take it in place of an array.
-``for_training`` wraps the parameters the release stores in FP8/FP4 this way, and with
+``v4jax.schema.for_training`` wraps the parameters the release stores in FP8/FP4 this way, and with
 ``train.indexer_fp4`` puts an ``IndexerQK`` marker in each lightning indexer (its queries and keys
 Hadamard-rotated and in FP4). ``encode_rows``/``decode_rows`` store values as E4M3 codes and E8M0
 scales (the decode cache's FP8 entries).
@@ -33,8 +33,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from v4jax.params import tree_infos
 
 F32 = jnp.float32
 FP8_MAX, FP8_FLOOR, FP8_BLOCK = 448.0, 1e-4, 128
@@ -138,7 +136,7 @@ class Quantized:
 @functools.partial(jax.tree_util.register_dataclass, data_fields=[], meta_fields=["fmt"])
 @dataclasses.dataclass(frozen=True)
 class IndexerQK:
-    """A marker in the lightning indexer's parameters (key ``qk``, added by ``for_training``): its
+    """A marker in the lightning indexer's parameters (key ``qk``, added by ``v4jax.schema.for_training``): its
     queries and keys are rotated by the orthonormal Hadamard matrix and quantised in ``fmt`` ("fp4":
     1 x 32 blocks) before their scores, as in V4's quantisation-aware training (spec §2.11, §4). A
     pytree without leaves: it scans and shards as nothing."""
@@ -230,15 +228,6 @@ def block_scaled(w: jax.Array, fmt: str) -> BlockScaled:
     return BlockScaled(jax.lax.bitcast_convert_type(pairs, jnp.uint8), scales, fmt)
 
 
-def as_stored(params, config, experts: str = "fp4"):
-    """``params`` with the weights the release stores quantised held so (``BlockScaled``): every
-    weight declared ``export="fp8"`` in FP8, the routed experts in ``experts`` ("fp4" as released,
-    or "fp8"). For a model that was not loaded from such files (``block_scaled`` rounds its values)."""
-    formats = {"fp8": "fp8", "experts": experts}
-    return jax.tree.map(lambda w, info: block_scaled(w, formats[info.export]) if info.export in formats else w,
-                        params, tree_infos(config, params))
-
-
 def is_block_scaled(x) -> bool:
     return isinstance(x, BlockScaled)
 
@@ -261,39 +250,3 @@ def weight_values(w, dtype) -> jax.Array:
 def operands(x: jax.Array, w) -> tuple[jax.Array, jax.Array]:
     """A matmul's input and weight as it computes them: both quantised when w is ``Quantized``."""
     return (activation(x) if isinstance(w, Quantized) else x), weight_values(w, x.dtype)
-
-
-def for_training(params, config, precision: str, indexer_fp4: bool = False):
-    """The parameters of ``config`` as a training step with ``precision`` uses them, each weight's
-    format read from its declaration (``v4jax.params.tree_infos``, only when something is
-    quantised). "bf16": unchanged. "fp8": every weight the release stores in FP8 (export "fp8") and
-    the routed experts become ``Quantized`` FP8; the attention's ``wo_a``, stored in FP8 but
-    multiplied in bf16 by V4, has only its weight quantised. "fp8+fp4qat": the same with the routed
-    experts in FP4 (quantisation-aware training). ``indexer_fp4``: every lightning indexer gets the
-    ``IndexerQK`` marker (its queries and keys in FP4 after a Hadamard rotation)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"train.precision={precision!r}: one of {', '.join(PRECISIONS)}")
-    if precision != "bf16":
-        params = jax.tree_util.tree_map_with_path(functools.partial(_wrap, precision), params,
-                                                  tree_infos(config, params))
-    return _mark_indexers(params) if indexer_fp4 else params
-
-
-def _wrap(precision: str, path, w, info):
-    if info.export == "experts":
-        return Quantized(w, "fp4" if precision == "fp8+fp4qat" else "fp8")
-    if info.export != "fp8":
-        return w
-    if getattr(path[-1], "key", None) == "wo_a":
-        return weight(w, "fp8")
-    return Quantized(w, "fp8")
-
-
-def _mark_indexers(tree):
-    """A copy of the parameter dicts with ``qk: IndexerQK("fp4")`` in every ``indexer`` dict."""
-    if isinstance(tree, dict):
-        out = {k: _mark_indexers(v) for k, v in tree.items()}
-        return {**out, "qk": IndexerQK("fp4")} if "wq_b" in tree and "weights_proj" in tree else out
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_mark_indexers(v) for v in tree)
-    return tree

@@ -39,9 +39,10 @@ from v4jax.data import DataConfig
 from v4jax.losses import layer_routing_stats, routing_losses, update_router_bias, weighted_nll
 from v4jax.model import forward, param_count
 from v4jax.optim import v4_optimizer
-from v4jax.parallel import ParallelConfig, ShardingError, batch_shards, param_shardings, shard_like_params, whole_rows
-from v4jax.quant import PRECISIONS, for_training
+from v4jax.parallel import ParallelConfig, ShardingError, batch_shards, whole_rows
+from v4jax.quant import PRECISIONS
 from v4jax.scan import plan
+from v4jax.schema import for_training, param_shardings, shard_like_params
 
 SECTIONS = ("model", "train", "data", "parallel")
 
@@ -476,7 +477,7 @@ def restore_run(workdir, step: int | None = None, mesh: jax.sharding.Mesh | None
     device: whatever the devices and processes of the run that saved it."""
     from v4jax.checkpoint import Checkpointer, model_config_from_meta, scan_layers_from_meta  # noqa: PLC0415
     from v4jax.model import param_specs  # noqa: PLC0415
-    from v4jax.parallel import shard_like_params  # noqa: PLC0415
+    from v4jax.schema import shard_like_params  # noqa: PLC0415
 
     def target(meta):
         config, train_cfg = model_config_from_meta(meta), TrainConfig(**meta["train"])

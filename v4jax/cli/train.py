@@ -257,7 +257,7 @@ def fresh_state(run, mesh) -> dict:
     import jax
 
     from v4jax.model import init_params
-    from v4jax.parallel import param_shardings, shard_like_params
+    from v4jax.schema import param_shardings, shard_like_params
     from v4jax.trainer import init_state, make_optimizer
 
     params = init_params(run.model, run.train.seed, scan=run.parallel.scan_layers)

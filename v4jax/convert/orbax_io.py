@@ -374,7 +374,7 @@ def stream_leaves(specs, sources: dict, block_bytes: int, mesh: dict[str, int] |
     restoring onto that mesh reads only each device's own chunks.
     """
     from v4jax.convert.names import tree_paths  # noqa: PLC0415
-    from v4jax.params import info_at  # noqa: PLC0415
+    from v4jax.schema import info_at  # noqa: PLC0415
 
     flat = {}
     for path, spec in tree_paths(specs):

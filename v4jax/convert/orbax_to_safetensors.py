@@ -61,7 +61,7 @@ from v4jax.convert.orbax_io import (
 )
 from v4jax.convert.safetensors_io import Checkpoint, CheckpointError, SafetensorsWriter
 from v4jax.convert.source import summarise
-from v4jax.params import info_at
+from v4jax.schema import info_at
 from v4jax.workdir import find_run
 
 QUANTIZE = ("none", "fp8", "fp8+fp4")
