@@ -252,7 +252,8 @@ def test_block_scaled_decodes_as_the_independent_decoder(fmt, shape):
     from tests.test_convert_quant import ref_dequant_fp4, ref_dequant_fp8
 
     rng = np.random.default_rng(1)
-    codes_shape, scales_shape = quant.stored_shapes(shape, fmt)
+    spec = quant.block_scaled_spec(shape, fmt)
+    codes_shape, scales_shape = spec.codes.shape, spec.scales.shape
     codes = rng.integers(0, 256, codes_shape, dtype=np.uint8)
     if fmt == "fp8":
         codes[(codes & 0x7F) == 0x7F] = 0x12  # e4m3fn's NaN codes

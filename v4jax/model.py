@@ -35,7 +35,7 @@ from v4jax.mhc import HyperConnection, hc_head, hc_post, hc_pre
 from v4jax.moe import MoE, moe
 from v4jax.parallel import REMAT_POLICIES, constrain_tokens
 from v4jax.params import ADAMW, Init, ParamInfo, declarations, declare, matrix, path_keys, pure, vector
-from v4jax.quant import BlockScaled, stored_shapes
+from v4jax.quant import block_scaled_spec
 from v4jax.scan import run_stages, stack_layers
 
 # --------------------------------------------------------------------------------------------------
@@ -275,11 +275,7 @@ def stored_specs(config: ModelConfig, dtype=jnp.bfloat16, formats: dict | None =
 
     def one(keypath, s):
         fmt = formats.get(path_keys(keypath))
-        if fmt is None:
-            return s
-        codes, scales = stored_shapes(s.shape, fmt)
-        return BlockScaled(jax.ShapeDtypeStruct(codes, jnp.float8_e4m3fn if fmt == "fp8" else jnp.uint8),
-                           jax.ShapeDtypeStruct(scales, jnp.float8_e8m0fnu), fmt)
+        return s if fmt is None else block_scaled_spec(s.shape, fmt)
 
     return jax.tree_util.tree_map_with_path(one, specs)
 

@@ -199,12 +199,16 @@ class BlockScaled:
         return (codes * s[..., :c]).astype(dtype)
 
 
-def stored_shapes(shape: tuple, fmt: str) -> tuple[tuple, tuple]:
-    """(codes shape, scales shape) of a ``BlockScaled`` weight of ``shape`` [..., out, in]."""
+def block_scaled_spec(shape: tuple, fmt: str) -> BlockScaled:
+    """The ``BlockScaled`` of a weight of ``shape`` [..., out, in] in ``fmt`` as ShapeDtypeStructs."""
     *lead, r, c = shape
     if fmt == "fp4":
-        return (*lead, r, c // 2), (*lead, r, -(-c // FP4_BLOCK))
-    return tuple(shape), (*lead, -(-r // FP8_BLOCK), -(-c // FP8_BLOCK))
+        codes = jax.ShapeDtypeStruct((*lead, r, c // 2), jnp.uint8)
+        scales = (*lead, r, -(-c // FP4_BLOCK))
+    else:
+        codes = jax.ShapeDtypeStruct(tuple(shape), jnp.float8_e4m3fn)
+        scales = (*lead, -(-r // FP8_BLOCK), -(-c // FP8_BLOCK))
+    return BlockScaled(codes, jax.ShapeDtypeStruct(scales, jnp.float8_e8m0fnu), fmt)
 
 
 def block_scaled(w: jax.Array, fmt: str) -> BlockScaled:

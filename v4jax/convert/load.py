@@ -67,7 +67,7 @@ def load_checkpoint(directory: str | Path, config: ModelConfig, dtype=jnp.float3
 def _read_stored(src, bar) -> BlockScaled:
     parts = []
     for part in ("codes", "scales"):
-        shape = src.stored_shape(part)
+        shape = src.stored_spec(part).shape
         out = None
         for lead in np.ndindex(*shape[:-2]):  # each expert of an expert leaf (its own tensor)
             block = src.read_stored(part, lead, 0, shape[-2])

@@ -17,7 +17,6 @@ import ml_dtypes
 import numpy as np
 
 from v4jax.config import ConfigError, ModelConfig
-from v4jax.convert import quant
 from v4jax.convert.checks import check_mesh, check_separate, positive_int, positive_mb
 from v4jax.convert.names import HF_STYLE, RELEASE_STYLE, config_style
 from v4jax.convert.orbax_io import (
@@ -125,8 +124,8 @@ def to_orbax(src: str | Path, dst: str | Path, *, dtype: str = "bfloat16", overw
         specs, kept = plan.specs, {}
         if keep_quantized:  # each kept weight as {"codes", "scales"}, the layout Orbax gives a BlockScaled
             kept = {p: s for p, s in sources.items() if s.stored_format}
-            specs = unflatten(specs, {p: {part: _spec(kept[p], part) for part in ("codes", "scales")} if p in kept
-                                      else spec for p, spec in tree_paths(specs)})
+            specs = unflatten(specs, {p: {part: kept[p].stored_spec(part) for part in ("codes", "scales")}
+                                      if p in kept else spec for p, spec in tree_paths(specs)})
         tree = stream_leaves(specs, sources, int(block_mb * 2**20), mesh, config)
         nbytes = sum(leaf.nbytes for _, leaf in tree_paths(tree))
         prog = Progress(nbytes, plan.n_tensors, "to-orbax", progress)
@@ -151,14 +150,6 @@ def to_orbax(src: str | Path, dst: str | Path, *, dtype: str = "bfloat16", overw
     return {"layout": plan.layout, "config_style": style, "has_mtp": plan.has_mtp, "tensors": plan.n_tensors,
             "leaves": len(plan.sources), "bytes": nbytes, "source_bytes": plan.source_nbytes,
             "formats": plan.formats, "seconds": time.time() - start}
-
-
-def _spec(src, part: str):
-    """The stored ``part`` ("codes", "scales") of a weight kept quantised, as a ShapeDtypeStruct-like."""
-    import jax  # noqa: PLC0415
-
-    dtype = {"fp8": quant.E4M3, "fp4": np.dtype(np.uint8)}[src.stored_format] if part == "codes" else quant.E8M0
-    return jax.ShapeDtypeStruct(src.stored_shape(part), dtype)
 
 
 def _run_to_orbax(run, dst, dtype: str, overwrite: bool, mesh, compression: bool) -> dict:

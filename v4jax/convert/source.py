@@ -136,11 +136,12 @@ class LeafSource:
                                   "be kept quantised as one array: load it without quantized=True")
         return fmts.pop()
 
-    def stored_shape(self, part: str) -> tuple:
-        """The shape of this leaf's stored ``part`` ("codes" or "scales"), expert axis included."""
-        from v4jax.quant import stored_shapes  # noqa: PLC0415 (jax is imported by then)
+    def stored_spec(self, part: str):
+        """The shape and dtype of this leaf's stored ``part`` ("codes" or "scales"), expert axis
+        included, as a ShapeDtypeStruct."""
+        from v4jax.quant import block_scaled_spec  # noqa: PLC0415 (jax is imported by then)
 
-        return stored_shapes(self.shape, self.stored_format)[part == "scales"]
+        return getattr(block_scaled_spec(self.shape, self.stored_format), part)
 
     def read_stored(self, part: str, lead: tuple, r0: int, r1: int) -> np.ndarray:
         """Rows r0..r1 (of axis -2) of the stored ``part`` at ``lead``, as the file holds them:
