@@ -612,9 +612,7 @@ class TreeParams:
 def stored_formats(directory: str | Path) -> dict[tuple, str]:
     """{parameter path: "fp8" or "fp4"} of the weights a v4jax Orbax checkpoint keeps quantised
     (``v4jax.quant.BlockScaled``: stored as ``codes`` and ``scales``, the codes E4M3 or packed FP4)."""
-    leaves = OrbaxParams(Path(directory).absolute() / PARAMS).leaves
-    return {p[:-1]: "fp8" if dt == np.dtype(ml_dtypes.float8_e4m3fn) else "fp4"
-            for p, (_, dt) in leaves.items() if p[-1] == "codes"}
+    return OrbaxParams(Path(directory).absolute() / PARAMS, decode=True).kept
 
 
 def restore_params(directory: str | Path, specs, sharding=None):
