@@ -16,7 +16,7 @@ from v4jax.config import ModelConfig
 from v4jax.model import forward, init_params, param_specs, stored_specs
 from v4jax.multihost import is_writer
 from v4jax.parallel import ParallelConfig, adopt_mesh, expert_axes
-from v4jax.quant import dequantized, is_block_scaled
+from v4jax.quant import dequantized, holds_block_scaled
 from v4jax.scan import unstack_layers
 from v4jax.schema import param_shardings
 
@@ -113,7 +113,7 @@ class Model:
     @property
     def quantized(self) -> bool:
         """Whether some weights are kept as the checkpoint stores them, in FP8/FP4 (``BlockScaled``)."""
-        return any(is_block_scaled(w) for w in jax.tree.leaves(self.params, is_leaf=is_block_scaled))
+        return holds_block_scaled(self.params)
 
     def _check(self, tokens, positions, segment_ids):
         """Shapes, dtypes and (outside jit) values of the inputs -> tokens as int32.
@@ -346,7 +346,7 @@ def from_pretrained(path, dtype=None, mesh: jax.sharding.Mesh | None = None,
         _check_kept(quantized, formats, path)
         return Model(config, params, dt, mesh, parallel, tokenizer_name=marker.get("tokenizer"))
     params, _ = load_checkpoint(path, config, dt, quantized=quantized)
-    _check_kept(quantized, any(is_block_scaled(w) for w in jax.tree.leaves(params, is_leaf=is_block_scaled)), path)
+    _check_kept(quantized, holds_block_scaled(params), path)
     if mesh is None:
         return Model(config, jax.tree.map(jnp.asarray, params), dt, None, parallel)
     return Model(config, jax.device_put(params, param_shardings(params, mesh, config)), dt, mesh, parallel)

@@ -236,6 +236,11 @@ def is_block_scaled(x) -> bool:
     return isinstance(x, BlockScaled)
 
 
+def holds_block_scaled(params) -> bool:
+    """Whether some weight of ``params`` is ``BlockScaled``."""
+    return any(is_block_scaled(w) for w in jax.tree.leaves(params, is_leaf=is_block_scaled))
+
+
 def dequantized(params, dtype):
     """``params`` with every ``BlockScaled`` weight decoded to an array in ``dtype``."""
     return jax.tree.map(lambda w: w.values(dtype) if is_block_scaled(w) else w, params, is_leaf=is_block_scaled)

@@ -48,6 +48,7 @@ import numpy as np
 
 from v4jax.convert.checks import check_mesh, check_values, int_range
 from v4jax.convert.names import unflatten
+from v4jax.convert.quant import FP8_BLOCK, dequant_fp4, dequant_fp8, stored_nan
 from v4jax.convert.safetensors_io import CheckpointError
 from v4jax.convert.source import blocks, rows_per_block
 from v4jax.multihost import barrier, is_writer, on_process_0
@@ -558,8 +559,6 @@ class OrbaxParams:
         if fmt is None:
             values = self._read(path, lead + (slice(r0, r1),) if len(self.leaves[path][0]) >= 2 else ())
         else:
-            from v4jax.convert.quant import FP8_BLOCK, dequant_fp4, dequant_fp8  # noqa: PLC0415
-
             codes = self._read(path + ("codes",), lead + (slice(r0, r1),))
             if fmt == "fp8":  # the scales of the block rows these rows lie in
                 b0 = r0 // FP8_BLOCK
@@ -575,8 +574,7 @@ class OrbaxParams:
         """Rows r0..r1 of a kept weight's ``part`` ("codes", "scales") at ``lead``, as stored; NaN
         codes (FP8) or scales (E8M0 byte 255) raise, naming the leaf."""
         values = self._read(path + (part,), lead + (slice(r0, r1),))
-        nan = 0xFF if part == "scales" else 0x7F if self.kept[path] == "fp8" else None
-        if nan is not None and np.any((values.view(np.uint8) & nan) == nan):
+        if stored_nan(values, part, self.kept[path]):
             raise CheckpointError(f"{self.directory}: leaf {'.'.join(map(str, path + (part,)))} holds NaN; {REDO}")
         return values
 

@@ -82,6 +82,15 @@ def e8m0_scales(scale: np.ndarray) -> np.ndarray | None:
     return b.astype(np.uint8).view(E8M0)
 
 
+def stored_nan(values: np.ndarray, part: str, fmt: str) -> bool:
+    """Whether stored ``part`` bytes ("codes" of ``fmt`` "fp8"/"fp4", or E8M0 "scales") hold a NaN:
+    E4M3 codes S.1111.111, E8M0 byte 255 (E2M1 has no NaN)."""
+    b = values.view(np.uint8)
+    if part == "scales":
+        return bool(np.any(b == 0xFF))
+    return fmt == "fp8" and bool(np.any((b & 0x7F) == 0x7F))
+
+
 def _expand_cols(s: np.ndarray, block: int, cols: int) -> np.ndarray:
     """[rows, ceil(cols/block)] -> [rows, cols], each scale repeated over its block of columns."""
     return np.repeat(s, block, axis=1)[:, :cols]

@@ -157,11 +157,9 @@ class LeafSource:
             raise CheckpointError(f"{self._where(key)}: cannot read: {e}") from None
         if part == "codes":
             v = v.view(np.uint8) if t.fmt == FP4 else v
-            nan = t.fmt == FP8 and bool(np.any((v.view(np.uint8) & 0x7F) == 0x7F))
         else:
             v = quant.e8m0_scales(v)
-            nan = v is None or bool(np.any(v.view(np.uint8) == 0xFF))
-        if nan:
+        if v is None or quant.stored_nan(v, part, t.fmt):
             what = "NaN codes" if part == "codes" else "NaN scales or F32 scales that are not powers of two"
             raise CheckpointError(f"{self._where(key)}: {what}, which cannot be kept quantised; {FIX}")
         return v
