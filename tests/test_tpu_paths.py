@@ -36,9 +36,22 @@ def test_tpu_defaults(monkeypatch, tokamax):
     ((100, 256), (8, 256, 256), "xla"),  # fewer rows than a tile
 ])
 def test_mosaic_tpu_takes_only_products_it_implements(a, b, want):
+    a, b = (jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in (a, b))
     assert moe.product_kernel("mosaic", a, b, TPU) == want
     assert moe.product_kernel("mosaic", a, b, H200) == "mosaic"  # the GPU kernel has no such limit
     assert moe.product_kernel("xla", a, b, TPU) == "xla"
+
+
+def test_mosaic_gpu_takes_only_16_bit_products():
+    """tokamax's sm90 kernel raises NotImplementedError for fp32 operands (train.dtype float32, the
+    default, with tokamax installed on an H100 failed at the first step): those take XLA's."""
+    s = lambda dt: jax.ShapeDtypeStruct((4096, 2048), dt)  # noqa: E731
+    w = lambda dt: jax.ShapeDtypeStruct((16, 1024, 2048), dt)  # noqa: E731
+    assert moe.product_kernel("mosaic", s(jnp.bfloat16), w(jnp.bfloat16), H200) == "mosaic"
+    assert moe.product_kernel("mosaic", s(jnp.float16), w(jnp.float16), H200) == "mosaic"
+    assert moe.product_kernel("mosaic", s(jnp.float32), w(jnp.float32), H200) == "xla"
+    assert moe.product_kernel("mosaic", s(jnp.bfloat16), w(jnp.float32), H200) == "xla"
+    assert moe.product_kernel("triton", s(jnp.float32), w(jnp.float32), H200) == "triton"
 
 
 def test_tiny_products_fall_back_to_xla_on_tpu(monkeypatch):

@@ -116,24 +116,28 @@ def resolve_backend(backend: str, acc: devices.Accelerator | None = None) -> str
 # tokamax 0.0.17's Mosaic TPU kernel raises NotImplementedError unless the two minor dimensions of
 # both operands are at least this (tiny.yaml's d = 64 and f = 64 are not).
 MOSAIC_TPU_MIN_DIM = 128
+# Its Mosaic GPU (sm90) kernel takes bf16 x bf16 or f16 x f16 only (train.dtype float32 is neither).
+MOSAIC_GPU_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
-def product_kernel(kernel: str, a_shape, b_shape, acc: devices.Accelerator | None = None) -> str:
-    """The kernel that takes a product of operands ``a_shape`` and ``b_shape``: ``kernel``, except
-    "mosaic" on a TPU for operands with a minor dimension under ``MOSAIC_TPU_MIN_DIM``, which take
-    XLA's ragged product ("xla")."""
-    if kernel == "mosaic" and (acc or devices.current()).platform == "tpu" and \
-            min(tuple(a_shape[-2:]) + tuple(b_shape[-2:])) < MOSAIC_TPU_MIN_DIM:
-        return "xla"
-    return kernel
+def product_kernel(kernel: str, a, b, acc: devices.Accelerator | None = None) -> str:
+    """The kernel that takes the product of operands ``a`` and ``b`` (arrays or ShapeDtypeStructs):
+    ``kernel``, except "mosaic" where tokamax's Mosaic kernel does not implement it, which takes
+    XLA's ragged product ("xla"): on a TPU a minor dimension under ``MOSAIC_TPU_MIN_DIM``, on a GPU
+    operands outside ``MOSAIC_GPU_DTYPES`` or of two dtypes."""
+    if kernel != "mosaic":
+        return kernel
+    if (acc or devices.current()).platform == "tpu":
+        return "xla" if min(a.shape[-2:] + b.shape[-2:]) < MOSAIC_TPU_MIN_DIM else kernel
+    return kernel if a.dtype == b.dtype and a.dtype in MOSAIC_GPU_DTYPES else "xla"
 
 
 def ragged_product(a: jax.Array, b: jax.Array, sizes: jax.Array, dims, kernel: str) -> jax.Array:
     """One product of the grouped matmul (``dims``: FWD, DLHS or DRHS) with ``kernel``: "xla"
     (jax.lax.ragged_dot_general), "pallas" (``group_outer``; DRHS only) or a tokamax implementation
-    ("mosaic", "triton"; ``product_kernel`` sends what the Mosaic TPU kernel does not take to
-    "xla"). Output in a's dtype."""
-    kernel = product_kernel(kernel, a.shape, b.shape)
+    ("mosaic", "triton"; ``product_kernel`` sends what the Mosaic kernels do not take to "xla").
+    Output in a's dtype."""
+    kernel = product_kernel(kernel, a, b)
     if kernel == "xla":
         return jax.lax.ragged_dot_general(a, b, sizes, dims, preferred_element_type=F32).astype(a.dtype)
     if kernel == "pallas":
