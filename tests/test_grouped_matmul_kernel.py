@@ -56,3 +56,16 @@ def test_group_outer_rejects_bad_shapes():
         group_outer(jnp.zeros((8, 24)), jnp.zeros((8, 32)), jnp.array([8]))
     with pytest.raises(ValueError, match="same rows"):
         group_outer(jnp.zeros((8, 32)), jnp.zeros((9, 32)), jnp.array([8]))
+
+
+def test_blocks_fit_the_shared_memory_for_the_operand_width():
+    """Triton keeps ``num_stages`` copies of a [rows, p] and a [rows, q] operand tile in shared
+    memory: the blocks chosen for bf16 and for fp32 operands fit what a thread block gets (fp32 with
+    three stages asked 256 KB on an H100 and failed to compile)."""
+    from v4jax import devices  # noqa: PLC0415
+
+    for acc in (devices.Accelerator("gpu", "NVIDIA H100", (9, 0)), devices.Accelerator("gpu", "RTX", (8, 9))):
+        for itemsize in (2, 4):
+            bl = Blocks.for_device(acc, itemsize)
+            tiles = bl.num_stages * bl.rows * (bl.p + bl.q) * itemsize
+            assert tiles <= devices.shared_memory_kb(acc) * 1024 * 0.9, (acc, itemsize, bl)

@@ -42,12 +42,14 @@ class Blocks:
     num_stages: int = 3
 
     @classmethod
-    def for_device(cls, acc: devices.Accelerator) -> Blocks:
+    def for_device(cls, acc: devices.Accelerator, itemsize: int = 2) -> Blocks:
         """The defaults, whose 3 stages of [64, 128] and [64, 256] bf16 operand tiles take 144 KB of
         shared memory, except on GPUs that give a thread block less than 160 KB (99 KB on sm86,
-        sm89, sm120): there tiles a sixth of that size, so Triton's compile fits; not timed."""
+        sm89, sm120): there tiles a sixth of that size, so Triton's compile fits; not timed.
+        Operands of ``itemsize`` 4 (fp32) take two stages: three asked 256 KB on an H100, which
+        gives a block 227 KB."""
         if acc.platform != "gpu" or devices.shared_memory_kb(acc) >= 160:
-            return cls()
+            return cls() if itemsize <= 2 else cls(num_stages=2)
         return cls(rows=32, p=64, q=128, num_warps=4, num_stages=2)
 
 
@@ -57,11 +59,11 @@ def group_outer(a: jax.Array, b: jax.Array, sizes: jax.Array, out_dtype=F32, blo
     (int) -> [g, p, q] in ``out_dtype``, fp32 accumulation. A tile side is the block's or, where that
     does not divide the columns, their largest common power of two (at least 16: Triton's dot).
 
-    ``blocks``: default ``Blocks.for_device`` of this process's accelerator. ``interpret``: run the
+    ``blocks``: default ``Blocks.for_device`` of this process's accelerator and the operands' width. ``interpret``: run the
     Pallas interpreter (default: on the CPU backend)."""
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    blocks = blocks or Blocks.for_device(devices.current())
+    blocks = blocks or Blocks.for_device(devices.current(), max(a.dtype.itemsize, b.dtype.itemsize))
     (m, p), q, g = a.shape, b.shape[1], sizes.shape[0]
     blocks = dataclasses.replace(blocks, p=math.gcd(p, blocks.p), q=math.gcd(q, blocks.q))
     if b.shape[0] != m or min(blocks.p, blocks.q) < 16:
