@@ -1,29 +1,57 @@
-"""Inference on one device: prefill and decode speed, and the cache's memory, against the context.
+"""Inference on one device: prefill and decode speed against the memory-bandwidth floor, and the cache.
 
-    python bench/decode.py --config configs/small.yaml --contexts 8192,131072 --batches 1,32 --steps 32
+    python bench/decode.py --config configs/bench-flash-8l.yaml --contexts 8192 --batches 1,32 --steps 64
     python bench/decode.py ... --peer-only      # transformers' generate, batch 1, same shapes (own process)
     python bench/decode.py ... --weights bf16,kept   # also with the weights kept FP8/FP4 (schema.as_stored)
+    python bench/decode.py ... --speculative     # also MTP self-speculative decoding
+    python bench/decode.py ... --profile         # also a traced decode: device time by op
 
-For each context C: an empty cache for C + steps tokens (``v4jax.decode.init_cache``), the prompt of
-C random tokens prefilled through ``extend`` in chunks of ``--prefill-chunk`` (one compiled
-program; timed after a warm-up on a throwaway cache), then for each batch size the cache tiled to
-that many rows and ``--steps`` decode steps (``v4jax.generate.decode_step``: sample, then extend
-by one token), each step synchronised as generation reads every token on the host. bf16 parameters
-and cache, random weights drawn on the device. The cache's device memory is read from the
-allocator (bytes in use after allocating it, minus before) next to ``cache_bytes``.
+For each context C, a prompt of C random tokens is prefilled (``v4jax.generate.prefill``, chunks of
+``--prefill-chunk``) twice on fresh caches: the first prefill in the process includes compiling
+(what a user's first request waits for; ``first_prefill_s``, with the programs compiled during it),
+the second is the steady state. Then for each batch size the cache is tiled to that many rows and
+decoded greedily:
+
+* ``device loop``: ``--steps`` tokens in one ``v4jax.generate.decode_tokens`` call (the token loop
+  inside a jax.lax.while_loop, as ``generate`` runs it), timed after a compiling call;
+* ``host loop``: the same program one step per call, reading each step's tokens on the host (how
+  generation ran before the loop moved onto the device);
+* with ``--speculative``: ``speculate_tokens`` (each step drafts with the MTP block and verifies with
+  the main model) on a cache prefilled with the MTP block; random weights make the MTP block's
+  drafts random, so the row gives the step time, the measured acceptance rate, and the acceptance
+  rate at which speculation would break even with the device loop.
+
+The **floor** of a decode step is the bytes it must read over the HBM bandwidth (``--hbm-tbps``,
+default the device's nominal): every weight but the routed experts and the embedding, the routed
+experts a step touches (expected distinct experts per MoE layer for b rows routed uniformly:
+E (1 - (1 - k/E)^b); hash layers alike), b embedding rows, and the cache (window and compressor
+rings, and the compressed entries and indexer keys of the context). ``floor_fraction`` = floor /
+measured step time. bf16 parameters and cache, random weights drawn on the device; the cache's
+device memory is read from the allocator next to ``cache_bytes``.
+
+``--profile``: after the timings, one device-loop decode per batch is traced (``jax.profiler``) and
+the device ops are summed by name: time and launches per token, and the trace's idle share. Run it
+with ``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` so kernels are seen one by one.
 
 ``--peer-only``: ``transformers``' DeepSeek-V4 (PyTorch eager, bf16, its dynamic cache) on the same
 config, batch 1: prefill time (generate with one new token) and decode tokens/s ((generate with
 steps + 1 new tokens - prefill) / steps). transformers cannot batch rows of different lengths for
-this model (no left padding), so only batch 1, and only up to ``--peer-max-context``. Prints JSON lines and a table; ``--json`` writes them.
+this model (no left padding), so only batch 1, and only up to ``--peer-max-context``. Prints JSON
+lines and a table; ``--json`` writes them.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
 import json
+import os
 import sys
+import tempfile
 import time
+
+NOMINAL_TBPS = {"H100": 3.35, "H200": 4.8, "B200": 8.0}  # HBM bandwidth, TB/s (SXM parts)
 
 
 def hf_peer(config, context, steps):
@@ -52,12 +80,56 @@ def hf_peer(config, context, steps):
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
+def step_bytes(params, cache, config, batch: int, speculative: bool = False) -> dict:
+    """Bytes one decode step of ``batch`` rows must read (module docstring): weights and cache."""
+    import jax
+
+    k, e = config.num_experts_per_tok, config.n_routed_experts
+    touched = 1 - (1 - k / e) ** batch  # expected share of a layer's experts a step reads
+    weights = 0.0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        keys = jax.tree_util.keystr(path)
+        if "['mtp']" in keys and not speculative:
+            continue
+        n = sum(x.nbytes for x in jax.tree.leaves(leaf))
+        if "['embed']" in keys:
+            n = n * batch / config.vocab_size
+        elif "['experts']" in keys:
+            n = n * touched
+        weights += n
+    cache_b = sum(x.nbytes for x in jax.tree.leaves(cache))  # its rows hold the context (entries past it unread)
+    return {"weights": weights, "cache": cache_b, "total": weights + cache_b}
+
+
+def profile_ops(fn, platform: str, per: int) -> dict:
+    """Run ``fn`` under jax.profiler and sum the device ops by name -> the top ops (time and launches
+    per token, ``per`` tokens), the device-busy time per token and the trace's span."""
+    import jax
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from profile_step import device_events
+
+    trace_dir = tempfile.mkdtemp()
+    with jax.profiler.trace(trace_dir):
+        fn()
+    path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1]
+    time_ns, calls = collections.Counter(), collections.Counter()
+    for name, ns, _ in device_events(path, platform):
+        time_ns[name] += ns
+        calls[name] += 1
+    busy = sum(time_ns.values())
+    top = [{"op": n, "us_per_token": t / per / 1e3, "launches_per_token": calls[n] / per}
+           for n, t in time_ns.most_common(25)]
+    return {"device_busy_us_per_token": busy / per / 1e3, "launches_per_token": sum(calls.values()) / per,
+            "top_ops": top}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/small.yaml")
     ap.add_argument("--contexts", default="8192,131072")
     ap.add_argument("--batches", default="1,32")
-    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--prefill-chunk", type=int, default=8192)
     ap.add_argument("--peer-only", action="store_true",
                     help="run only the peer (in its own process: JAX's preallocated pool leaves it no memory)")
@@ -66,6 +138,10 @@ def main():
     ap.add_argument("--weights", default="bf16",
                     help="bf16 and/or kept: the release's FP8 matrices and FP4 experts held as stored "
                     "(v4jax.schema.as_stored of the same random weights), decoded in each matmul")
+    ap.add_argument("--speculative", action="store_true", help="also time MTP self-speculative decoding")
+    ap.add_argument("--host-loop", action="store_true", help="also time one step per call from the host")
+    ap.add_argument("--profile", action="store_true", help="trace a device-loop decode per batch")
+    ap.add_argument("--hbm-tbps", type=float, default=None, help="HBM bandwidth for the floor (default: nominal)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import jax
@@ -74,16 +150,18 @@ def main():
 
     from v4jax.config import model_config_from_yaml
     from v4jax.decode import cache_bytes, extend, init_cache
-    from v4jax.generate import decode_step
+    from v4jax.generate import decode_tokens, prefill, speculate_tokens, start_speculation
     from v4jax.model import init_params
     from v4jax.sampling import sampling_params
 
     config = model_config_from_yaml(args.config)
     dev = jax.devices()[0]
+    tbps = args.hbm_tbps or next((v for k, v in NOMINAL_TBPS.items() if k in dev.device_kind), None)
     dt = jnp.bfloat16
     dense = None if args.peer_only else init_params(config, 0, dt)
     in_use = lambda: (dev.memory_stats() or {}).get("bytes_in_use", 0)  # noqa: E731
     rows = []
+    no_stops = jnp.zeros((0,), jnp.int32)
 
     def emit(row):
         rows.append(row)
@@ -92,11 +170,25 @@ def main():
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=2)
 
+    def floor(params, cache, b, step_s, speculative=False):
+        nbytes = step_bytes(params, cache, config, b, speculative)
+        out = {"step_bytes": nbytes["total"], "weight_bytes_read": nbytes["weights"]}
+        if tbps:
+            out.update(floor_s=nbytes["total"] / (tbps * 1e12), floor_fraction=nbytes["total"] / (tbps * 1e12) / step_s,
+                       hbm_tbps=tbps)
+        return out
+
+    def timed(fn):
+        t0 = time.perf_counter()
+        out = fn()
+        jax.block_until_ready(out)
+        return out, time.perf_counter() - t0
+
     chunk = args.prefill_chunk
     rng = np.random.default_rng(0)
     for context, weights in ((c, w) for c in sorted(int(c) for c in args.contexts.split(","))
                              for w in args.weights.split(",")):
-        max_len = context + args.steps + 128
+        max_len = context + 2 * args.steps + 128
         base = {"device": dev.device_kind, "jax": jax.__version__, "config": args.config, "context": context,
                 "weights": weights}
         params = dense
@@ -108,49 +200,83 @@ def main():
         try:
             if args.peer_only:
                 raise StopIteration
-            prompt = rng.integers(3, config.vocab_size, (1, context)).astype(np.int32)
-            t0 = time.perf_counter()
-            warm = init_cache(config, 1, max_len, dt)
-            _, warm = extend(params, warm, jnp.asarray(prompt[:, :chunk]), jnp.array([chunk], jnp.int32), config, dt)
-            jax.block_until_ready(warm)
-            compile_s = time.perf_counter() - t0
-            del warm
+            jax.block_until_ready(params)
+            prompt = [list(rng.integers(3, config.vocab_size, context))]
+            lengths = np.array([context])
+
+            def run_prefill(mtp=False):
+                cache = init_cache(config, 1, max_len, dt, mtp=mtp)
+                return prefill(params, cache, prompt, lengths, chunk, config, dt, mtp)
+
+            compiled = extend._cache_size()
+            (logits, _, cache), first_s = timed(run_prefill)
+            first_compiles = extend._cache_size() - compiled
             before = in_use()
-            cache = init_cache(config, 1, max_len, dt)
-            jax.block_until_ready(cache)
+            del cache
+            (logits, _, cache), prefill_s = timed(run_prefill)
             cache_mem = in_use() - before
-            t0 = time.perf_counter()
-            for s in range(0, context, chunk):
-                n = min(chunk, context - s)
-                tokens = np.zeros((1, chunk), np.int32)
-                tokens[:, :n] = prompt[:, s:s + n]
-                logits, cache = extend(params, cache, jnp.asarray(tokens), jnp.array([n], jnp.int32), config, dt)
-            jax.block_until_ready(logits)
-            prefill_s = time.perf_counter() - t0
             emit(dict(base, what="prefill", batch=1, time_s=prefill_s, tokens_per_s=context / prefill_s,
-                      compile_s=compile_s, cache_bytes_measured=cache_mem,
+                      first_prefill_s=first_s, first_prefill_compiles=first_compiles, cache_bytes_measured=cache_mem,
                       cache_bytes_formula=cache_bytes(config, max_len, 1, dt)["total"]))
             for b in sorted(int(x) for x in args.batches.split(",")):
                 cb = jax.tree.map(lambda a, b=b: jnp.repeat(a, b, axis=0), cache)
                 lb = jnp.repeat(logits, b, axis=0)
                 sp = sampling_params(b, temperature=0.0)
                 active = jnp.ones((b,), bool)
-                t0 = time.perf_counter()
-                tok, lb, cb = decode_step(params, cb, lb, sp, jnp.int32(0), active, config, dt)
-                np.asarray(tok)
-                compile_s = time.perf_counter() - t0
-                times = []
-                for i in range(args.steps):
-                    t0 = time.perf_counter()
-                    tok, lb, cb = decode_step(params, cb, lb, sp, jnp.int32(i + 1), active, config, dt)
-                    np.asarray(tok)  # generation reads each step's tokens on the host
-                    times.append(time.perf_counter() - t0)
-                step = float(np.median(times))
-                emit(dict(base, what="decode", batch=b, step_s=step, tokens_per_s=b / step, compile_s=compile_s,
-                          cache_bytes_formula=cache_bytes(config, max_len, b, dt)["total"],
+
+                def loop(cb, lb, n, chunk_len):
+                    return decode_tokens(params, cb, lb, sp, jnp.int32(0), active, jnp.int32(n), no_stops, config,
+                                         dt, chunk_len)
+
+                (_, _, lb, cb, _), compile_s = timed(lambda: loop(cb, lb, args.steps, args.steps))
+                (_, n, lb, cb, _), loop_s = timed(lambda: loop(cb, lb, args.steps, args.steps))
+                step = loop_s / int(n)
+                emit(dict(base, what="decode, device loop", batch=b, step_s=step, tokens_per_s=b / step,
+                          compile_s=compile_s, cache_bytes_formula=cache_bytes(config, max_len, b, dt)["total"],
+                          **floor(params, cb, b, step),
                           peak_gib=(dev.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30))
+                if args.host_loop:
+                    _, _, lb, cb, _ = loop(cb, lb, 1, 1)  # compile the one-step program
+                    times = []
+                    for _ in range(args.steps):
+                        t0 = time.perf_counter()
+                        out, _, lb, cb, _ = loop(cb, lb, 1, 1)
+                        np.asarray(out)  # the host reads each step's tokens
+                        times.append(time.perf_counter() - t0)
+                    step = float(np.median(times))
+                    emit(dict(base, what="decode, host loop", batch=b, step_s=step, tokens_per_s=b / step,
+                              **floor(params, cb, b, step)))
+                if args.profile:
+                    prof = profile_ops(lambda: jax.block_until_ready(loop(cb, lb, args.steps, args.steps)),
+                                       dev.platform, args.steps)
+                    emit(dict(base, what="decode profile", batch=b, **prof))
                 del cb, lb
             del cache
+            if args.speculative:
+                run_mtp = lambda: run_prefill(mtp=True)  # noqa: E731
+                (logits, x_last, cache), _ = timed(run_mtp)
+                for b in sorted(int(x) for x in args.batches.split(",")):
+                    cb = jax.tree.map(lambda a, b=b: jnp.repeat(a, b, axis=0), cache)
+                    sp = sampling_params(b, temperature=0.0)
+                    lb, xb = jnp.repeat(logits, b, axis=0), jnp.repeat(x_last, b, axis=0)
+                    rounds = args.steps // 2
+
+                    def spec(cb):
+                        _, state = start_speculation(lb, xb, sp, no_stops, jnp.int32(10**9))
+                        return speculate_tokens(params, cb, state, sp, jnp.int32(10**9), no_stops, config, dt, rounds)
+
+                    (_, _, cb, _), compile_s = timed(lambda: spec(cb))
+                    (_, n, cb, state), loop_s = timed(lambda: spec(cb))
+                    step = loop_s / rounds
+                    rate = int(state["accepted"]) / max(int(state["drafted"]), 1)
+                    plain = next(r["step_s"] for r in rows if r.get("what") == "decode, device loop"
+                                 and r["batch"] == b and r["context"] == context and r["weights"] == weights)
+                    emit(dict(base, what="decode, speculative mtp", batch=b, step_s=step,
+                              tokens_per_s=float(np.sum(np.asarray(n))) / loop_s, acceptance_rate=rate,
+                              break_even_acceptance=step / plain - 1, compile_s=compile_s,
+                              **floor(params, cb, b, step, speculative=True)))
+                    del cb
+                del cache
         except StopIteration:
             pass
         except Exception as e:  # noqa: BLE001  (an out-of-memory run is a result)
@@ -165,12 +291,18 @@ def main():
     print(f"\n{args.config} on {dev.device_kind}")
     for r in rows:
         if "error" in r:
-            print(f"{r['context']:>8} {r.get('what', ''):>18}  failed: {r['error'][:100]}")
+            print(f"{r['context']:>8} {r.get('what', ''):>24}  failed: {r['error'][:100]}")
+        elif "tokens_per_s" in r:
+            extra = f", {r['floor_fraction']:.1%} of the floor" if "floor_fraction" in r else ""
+            extra += f", first prefill {r['first_prefill_s']:.2f} s" if "first_prefill_s" in r else ""
+            extra += f", acceptance {r['acceptance_rate']:.2f}" if "acceptance_rate" in r else ""
+            print(f"{r['context']:>8} {r['what']:>24} {r['weights']:>5} batch {r['batch']:>3}: "
+                  f"{r['tokens_per_s']:>10.0f} tok/s{extra}")
+        elif "top_ops" in r:
+            print(f"{r['context']:>8} {r['what']:>24} batch {r['batch']:>3}: device busy "
+                  f"{r['device_busy_us_per_token']:.0f} us/token, {r['launches_per_token']:.0f} launches/token")
         else:
-            print(f"{r['context']:>8} {r['what']:>18} {r['weights']:>5} batch {r['batch']:>3}: "
-                  f"{r['tokens_per_s']:>10.0f} tok/s"
-                  if "tokens_per_s" in r else
-                  f"{r['context']:>8} {r['what']:>18} batch 1: prefill {r['prefill_tokens_per_s']:.0f} tok/s, "
+            print(f"{r['context']:>8} {r['what']:>24} batch 1: prefill {r['prefill_tokens_per_s']:.0f} tok/s, "
                   f"decode {r['decode_tokens_per_s']:.1f} tok/s")
 
 

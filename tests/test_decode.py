@@ -15,7 +15,8 @@ from tests import hf_oracle
 from tests.helpers import CONFIGS, rel, sharpened
 from v4jax.config import CSA, HCA
 from v4jax.decode import cache_bytes, extend, init_cache
-from v4jax.generate import decode_step, generate
+from v4jax.generate import decode_tokens, generate
+from v4jax.sampling import sample, sampling_params
 from v4jax.model import forward, init_params
 
 TOLERANCE = 1e-5
@@ -132,17 +133,60 @@ def test_stop_tokens_end_rows_independently():
     assert got[1] == (free[1][:free[1].index(stop)] if stop in free[1] else free[1])
 
 
-def test_decode_step_compiles_once():
-    """One compiled decode step across steps, rows' states and sampling settings (a batch of 3 rows,
-    which no other test compiles)."""
+def test_decode_loop_compiles_once():
+    """One compiled decode loop across steps, rows' states, sampling settings and lengths (a batch of
+    3 rows, which no other test compiles)."""
     config, params, _ = _setup("b", 1)
-    before = decode_step._cache_size()
+    before = decode_tokens._cache_size()
     generate(params, config, [[1, 2, 3], [4], [5, 6]], 9, temperature=[0.0, 0.8, 1.0], top_k=[0, 5, 2],
              seed=[1, 2, 3], dtype=F32, stop_tokens=[])
-    assert decode_step._cache_size() - before == 1
-    generate(params, config, [[9, 8], [7, 6, 5, 4], [3]], 9, temperature=[1.3, 0.5, 0.0], top_p=[0.9, 0.5, 1.0],
+    assert decode_tokens._cache_size() - before == 1
+    generate(params, config, [[9, 8], [7, 6, 5, 4], [3]], 21, temperature=[1.3, 0.5, 0.0], top_p=[0.9, 0.5, 1.0],
              dtype=F32, stop_tokens=[])
-    assert decode_step._cache_size() - before == 1
+    assert decode_tokens._cache_size() - before == 1
+
+
+def _host_loop(params, config, prompts, n_new, stops, **sampling):
+    """The reference: generation one step at a time from the host (how v4jax generated before the loop
+    moved onto the device): prefill in one chunk, then per step sample with the step's key, append
+    the tokens of the rows still running, and end a row at a stop token."""
+    b = len(prompts)
+    sp = sampling_params(b, **sampling)
+    chunk = np.zeros((b, max(map(len, prompts))), np.int32)
+    for i, p in enumerate(prompts):
+        chunk[i, :len(p)] = p
+    n = jnp.asarray([len(p) for p in prompts], jnp.int32)
+    logits, cache = extend(params, init_cache(config, b, 256, F32), jnp.asarray(chunk), n, config, F32)
+    out, active = [[] for _ in range(b)], np.ones(b, bool)
+    for step in range(n_new):
+        tokens = np.asarray(sample(logits, sp, jnp.int32(step)))
+        active &= ~np.isin(tokens, stops)
+        for i in np.flatnonzero(active):
+            out[i].append(int(tokens[i]))
+        logits, cache = extend(params, cache, jnp.asarray(tokens[:, None]), jnp.asarray(active, jnp.int32), config,
+                               F32)
+    return out
+
+
+@pytest.mark.parametrize("stream_every", [1, 5, 64])
+def test_the_device_loop_equals_one_step_at_a_time(stream_every):
+    """``generate`` (its steps in a jax.lax.while_loop, back on the host every ``stream_every`` steps)
+    gives the host loop's tokens, greedy and seeded sampling, rows of different lengths, a stop
+    token that ends rows at different steps; ``on_tokens`` sees each position's tokens in order."""
+    config, params, _ = _setup("a", 1)
+    rng = np.random.default_rng(11)
+    prompts = [list(rng.integers(0, config.vocab_size, n)) for n in (1, 6, 13)]
+    free = _host_loop(params, config, prompts, 24, [], temperature=0.0)
+    stop = free[1][9]  # ends row 1 at step 9 at the latest, the others where it comes up
+    for sampling in (dict(temperature=0.0), dict(temperature=[1.0, 0.0, 0.7], top_k=[0, 0, 20], seed=[4, 5, 6])):
+        want = _host_loop(params, config, prompts, 24, [stop], **sampling)
+        seen = []
+        got = generate(params, config, prompts, 24, stop_tokens=[stop], dtype=F32, stream_every=stream_every,
+                       on_tokens=seen.append, **sampling)
+        assert got == want, sampling
+        assert [[t for t in row if t is not None] for row in zip(*seen)] == want
+        assert len(seen) == max(map(len, want))
+    assert len(want[1]) <= 9  # the stop token did end a row early
 
 
 def test_sampling_reproducible_by_seed():
@@ -196,6 +240,15 @@ def test_model_generate_chat_and_the_cli(tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "Hello", "--max-new-tokens", "6",
                  "--temperature", "0", "--tokenizer", "bytes", "--dtype", "float32"]) == 0
     assert capsys.readouterr().out == tok.decode(want) + "\n"
+    # speculative decoding through the same doors (greedy: the same tokens), its acceptance rate reported
+    stats = {}
+    assert model.generate(["Hello"], 6, temperature=0.0, tokenizer="bytes", speculative="mtp", stats=stats)[0] == want
+    assert stats["drafted"] > 0
+    assert main(["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "Hello", "--max-new-tokens", "6",
+                 "--temperature", "0", "--tokenizer", "bytes", "--dtype", "float32", "--speculative", "mtp",
+                 "--stream-every", "2"]) == 0
+    out = capsys.readouterr()
+    assert out.out == tok.decode(want) + "\n" and "acceptance rate" in out.err
 
     big = CONFIGS["b"].replace(vocab_size=129280)
     chat_model = v4jax.Model.init(big, seed=0)
@@ -204,6 +257,8 @@ def test_model_generate_chat_and_the_cli(tmp_path, capsys):
     prompt = encode_chat_tokens(messages, load_tokenizer("deepseek"), "think")
     new = chat_model.generate([prompt], 4, temperature=0.0)[0]
     assert reply["tokens"][:len(new)] == new and set(reply) >= {"content", "reasoning_content", "finished"}
+    fast = chat_model.chat(messages, mode="think", max_new_tokens=4, temperature=0.0, speculative="mtp")
+    assert fast["tokens"] == reply["tokens"] and 0 <= fast["acceptance_rate"] <= 1
 
 
 def test_sharded_generation_equals_unsharded():

@@ -168,16 +168,20 @@ class Model:
         return self._logits(tokens, positions, segment_ids, engram_ids, mtp=True)[:, :-1]
 
     def generate(self, prompts, max_new_tokens: int, temperature=1.0, top_p=1.0, top_k=0, seed=0,
-                 stop_tokens=None, tokenizer=None, on_tokens=None, fp8_cache: bool = False) -> list[list[int]]:
+                 stop_tokens=None, tokenizer=None, on_tokens=None, fp8_cache: bool = False, speculative=None,
+                 stats: dict | None = None, stream_every: int = 16) -> list[list[int]]:
         """New tokens for each prompt: a list of token lists (``v4jax.generate.generate``).
 
         ``prompts``: a list of token-id lists, or of strings (encoded with ``tokenizer``: a name,
         "deepseek" or "bytes", or an object with ``encode``; default: the DeepSeek-V4 tokenizer for
         a model with its vocabulary). ``temperature`` 0 is greedy; ``top_k`` 0 is off; each sampling
         setting is one value or a list of one per prompt. ``stop_tokens`` default to EOS (1) and are
-        not included. ``on_tokens(tokens)`` streams each step's tokens (None for finished rows).
+        not included. ``on_tokens(tokens)`` streams each position's tokens (None for rows without
+        one), in bursts each ``stream_every`` steps (the steps between run on the device).
         ``fp8_cache``: the compressed cache's non-RoPE channels in FP8, as the official inference
-        keeps them (about 0.6 x its bytes; ``v4jax.decode.init_cache``).
+        keeps them (about 0.6 x its bytes; ``v4jax.decode.init_cache``). ``speculative="mtp"``: the
+        MTP block drafts a token each step and the main model verifies it (same greedy output, the
+        same distribution when sampling); ``stats`` (a dict) then receives the acceptance rate.
         """
         from v4jax.generate import generate  # noqa: PLC0415
 
@@ -189,23 +193,28 @@ class Model:
             prompts = [tok.encode(p) if isinstance(p, str) else p for p in prompts]
         return generate(self.params, self.config, prompts, max_new_tokens, temperature=temperature,
                         top_p=top_p, top_k=top_k, seed=seed, stop_tokens=stop_tokens, dtype=self.dtype,
-                        on_tokens=on_tokens, mesh=self.mesh, fp8_cache=fp8_cache)
+                        on_tokens=on_tokens, mesh=self.mesh, fp8_cache=fp8_cache, speculative=speculative,
+                        stats=stats, stream_every=stream_every)
 
     def chat(self, messages, mode: str = "chat", max_new_tokens: int = 512, temperature=1.0, top_p=1.0, top_k=0,
-             seed=0, tokenizer=None, fp8_cache: bool = False) -> dict:
+             seed=0, tokenizer=None, fp8_cache: bool = False, speculative=None, on_tokens=None) -> dict:
         """One reply to a conversation in the V4 chat format (``v4jax.chat``): ``messages`` are dicts
         with ``role`` (system, user, assistant) and ``content``; ``mode`` is "chat", "think" or
         "think_max". Returns ``content``, ``reasoning_content`` (None in chat mode), ``finished``
         (the reply ended with EOS rather than at ``max_new_tokens``) and the reply's ``tokens``.
-        ``fp8_cache`` as in ``generate``."""
+        ``fp8_cache``, ``speculative`` and ``on_tokens`` as in ``generate``; with ``speculative`` the
+        reply also has ``acceptance_rate``."""
         from v4jax.chat import EOS_ID, encode_chat_tokens, parse_completion_tokens  # noqa: PLC0415
 
         tok = self.tokenizer(tokenizer)
         prompt = encode_chat_tokens(messages, tok, mode)
-        new = self.generate([prompt], max_new_tokens, temperature, top_p, top_k, seed, fp8_cache=fp8_cache)[0]
+        stats: dict = {}
+        new = self.generate([prompt], max_new_tokens, temperature, top_p, top_k, seed, fp8_cache=fp8_cache,
+                            speculative=speculative, stats=stats, on_tokens=on_tokens)[0]
         if len(new) < max_new_tokens:  # it stopped at EOS (which generate leaves out)
             new = new + [EOS_ID]
-        return {**parse_completion_tokens(new, tok, mode), "tokens": new}
+        reply = {**parse_completion_tokens(new, tok, mode), "tokens": new}
+        return reply | ({"acceptance_rate": stats["acceptance_rate"]} if speculative else {})
 
     def tokenizer(self, tokenizer=None):
         """A tokenizer object: the named one ("deepseek" or "bytes"), ``tokenizer`` itself if it is

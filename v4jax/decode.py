@@ -47,7 +47,7 @@ from v4jax.attention import compress, indexer_queries, indexer_topk, output_proj
 from v4jax.config import CSA, SWA, ModelConfig
 from v4jax.index_list import QUERY_CHUNK, Entries, attend, from_chunks, pad_tokens
 from v4jax.layers import apply_rope, linear_f32, rope_angles, rope_frequencies
-from v4jax.model import _final_hidden, block
+from v4jax.model import block, final_hidden, mtp_input
 from v4jax.parallel import DEFAULT_RULES, batch_sharding
 from v4jax.quant import decode_rows, encode_rows
 from v4jax.scan import unstack_layers
@@ -56,27 +56,39 @@ from v4jax.scan import unstack_layers
 # The cache
 
 
-def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16, fp8_entries: bool = False) -> dict:
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16, fp8_entries: bool = False,
+               mtp: bool = False) -> dict:
     """An empty cache for ``batch`` rows of up to ``max_len`` tokens: room for the entries of the
     blocks that complete within max_len (``extend`` drops any past it; ``v4jax.generate`` sizes the
     cache for the prompt and the new tokens). ``fp8_entries``: the compressed entries' non-RoPE
     channels in FP8 (E4M3, a power-of-two scale per 64 channels), as the official inference keeps
-    them; the window, the compressors' input and the indexer's keys stay in ``dtype``."""
+    them; the window, the compressors' input and the indexer's keys stay in ``dtype``. ``mtp``: also
+    the MTP block's cache (``mtp`` and its own ``mtp_pos``, see ``mtp_extend``)."""
     if config.engram is not None:
         raise NotImplementedError("generation with Engram (model.engram) is not supported yet: its short "
                                   "convolution and n-gram ids need a decode state of their own")
-    b, d, c, w = batch, config.hidden_size, config.head_dim, config.sliding_window
-    layers = []
-    for i in range(config.num_hidden_layers):
-        kind, m = config.layer_type(i), config.layer_ratio(i)
-        lc = {"window": jnp.zeros((b, w, c), dtype)}
-        if kind != SWA:
-            lc["x"] = jnp.zeros((b, 2 * m, d), dtype)
-            lc["entries"] = _empty_entries(b, max_len // m, c, config.qk_rope_head_dim, dtype, fp8_entries)
-        if kind == CSA:
-            lc["index"] = jnp.zeros((b, max_len // m, config.index_head_dim), dtype)
-        layers.append(lc)
-    return {"pos": jnp.zeros((b,), jnp.int32), "layers": layers}
+    layers = [_layer_cache(config, i, batch, max_len, dtype, fp8_entries) for i in range(config.num_hidden_layers)]
+    cache = {"pos": jnp.zeros((batch,), jnp.int32), "layers": layers}
+    if mtp:
+        if config.num_nextn_predict_layers != 1:
+            raise ValueError("this model has no MTP block (num_nextn_predict_layers = 0)")
+        cache["mtp"] = _layer_cache(config, config.num_hidden_layers, batch, max_len, dtype, fp8_entries)
+        cache["mtp_pos"] = jnp.zeros((batch,), jnp.int32)
+    return cache
+
+
+def _layer_cache(config: ModelConfig, layer: int, b: int, max_len: int, dtype, fp8_entries: bool) -> dict:
+    """One layer's cache (layer L: the MTP block's): the window ring, and for compressed layers the
+    compressors' input ring and the entries (CSA: and the indexer's)."""
+    d, c, w = config.hidden_size, config.head_dim, config.sliding_window
+    kind, m = config.layer_type(layer), config.layer_ratio(layer)
+    lc = {"window": jnp.zeros((b, w, c), dtype)}
+    if kind != SWA:
+        lc["x"] = jnp.zeros((b, 2 * m, d), dtype)
+        lc["entries"] = _empty_entries(b, max_len // m, c, config.qk_rope_head_dim, dtype, fp8_entries)
+    if kind == CSA:
+        lc["index"] = jnp.zeros((b, max_len // m, config.index_head_dim), dtype)
+    return lc
 
 
 FP8_ENTRY_BLOCK = 64  # channels per scale of an FP8 cache's entries (spec §2.11)
@@ -248,6 +260,63 @@ def attention_extend(x, p, lc: dict, config: ModelConfig, layer: int, pos, n_val
 # The model on a chunk
 
 
+def run_chunk(params, cache: dict, tokens, n_valid, config: ModelConfig, dtype, query_chunk: int = QUERY_CHUNK):
+    """The main layers on tokens [b, t] appended at ``cache["pos"]`` (each row's first ``n_valid``
+    [b]) -> (the final streams [b, t, n, d], before hc_head; the cache with the layers and ``pos``
+    advanced). For use inside a jitted function; ``params`` in the layer-list layout."""
+    pos = cache["pos"]
+    b, t = tokens.shape
+    positions = pos[:, None] + jnp.arange(t, dtype=jnp.int32)
+    segments = jnp.zeros((b, t), jnp.int32)
+    e = params["embed"][tokens].astype(dtype)
+    x = jnp.broadcast_to(e[:, :, None, :], e.shape[:2] + (config.hc_mult, e.shape[-1]))
+    layers = []
+    for i, p in enumerate(params["layers"]):
+        x, new = _block_extend(x, p, cache["layers"][i], config, i, positions, segments, tokens, pos, n_valid,
+                               query_chunk)
+        layers.append(new)
+    return x, {**cache, "pos": pos + n_valid, "layers": layers}
+
+
+def mtp_chunk(params, cache: dict, x_main, next_tokens, n_valid, config: ModelConfig, dtype,
+              query_chunk: int = QUERY_CHUNK):
+    """The MTP block on t positions appended at ``cache["mtp_pos"]`` (each row's first ``n_valid``):
+    position p takes the main streams at p (x_main [b, t, n, d]) and token p + 1 (next_tokens [b, t]),
+    as ``v4jax.model.mtp_forward`` -> (its final streams [b, t, n, d], the cache with ``mtp`` and
+    ``mtp_pos`` advanced). Its head's logits at p predict token p + 2 (``logits_at(..., mtp=True)``)."""
+    pos = cache["mtp_pos"]
+    b, t = next_tokens.shape
+    p = params["mtp"]
+    positions = pos[:, None] + jnp.arange(t, dtype=jnp.int32)
+    x = mtp_input(p, params["embed"][next_tokens], x_main, config, dtype)
+    x, new = _block_extend(x, p, cache["mtp"], config, config.num_hidden_layers, positions,
+                           jnp.zeros((b, t), jnp.int32), next_tokens, pos, n_valid, query_chunk)
+    return x, {**cache, "mtp_pos": pos + n_valid, "mtp": new}
+
+
+def _block_extend(x, p, lc, config, layer, positions, segments, tokens, pos, n_valid, query_chunk):
+    """``v4jax.model.block`` with its attention run on the layer's cache -> (x, the layer's new cache)."""
+    def attend_chunk(h, p_attn):
+        a, new = attention_extend(h, p_attn, lc, config, layer, pos, n_valid, query_chunk)
+        return a, {"cache": new}
+
+    x, info = block(x, p, config, layer, positions, segments, tokens, with_aux=True, attend=attend_chunk)
+    return x, info["attn"]["cache"]
+
+
+def logits_at(params, x, at, config: ModelConfig, mtp: bool = False):
+    """fp32 logits [b, k, V] of the streams x [b, t, n, d] at chunk indices ``at`` [b, k]: the main
+    head's (hc_head, norm, head), or with ``mtp`` the MTP block's (its hc_head and norm, the shared head)."""
+    x = jnp.take_along_axis(x, at[:, :, None, None], axis=1)
+    p = params["mtp"] if mtp else params
+    return linear_f32(final_hidden(x, p["hc_head"], p["norm"], config), params["head"])
+
+
+def last_index(n_valid, t: int):
+    """Each row's last valid chunk index [b, 1] (0 for a row with none)."""
+    return jnp.clip(n_valid - 1, 0, t - 1)[:, None]
+
+
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "query_chunk"), donate_argnames=("cache",))
 def extend(params, cache: dict, tokens, n_valid, config: ModelConfig, dtype=jnp.bfloat16,
            query_chunk: int = QUERY_CHUNK):
@@ -258,23 +327,24 @@ def extend(params, cache: dict, tokens, n_valid, config: ModelConfig, dtype=jnp.
     """
     if "stages" in params:
         params = unstack_layers(params, config)
-    pos = cache["pos"]
     n_valid = jnp.asarray(n_valid, jnp.int32)
-    b, t = tokens.shape
-    positions = pos[:, None] + jnp.arange(t, dtype=jnp.int32)
-    segments = jnp.zeros((b, t), jnp.int32)
-    e = params["embed"][tokens].astype(dtype)
-    x = jnp.broadcast_to(e[:, :, None, :], e.shape[:2] + (config.hc_mult, e.shape[-1]))
-    layers = []
-    for i, p in enumerate(params["layers"]):
-        def attend_chunk(h, p_attn, i=i):
-            a, new = attention_extend(h, p_attn, cache["layers"][i], config, i, pos, n_valid, query_chunk)
-            return a, {"cache": new}
+    x, cache = run_chunk(params, cache, tokens, n_valid, config, dtype, query_chunk)
+    return logits_at(params, x, last_index(n_valid, tokens.shape[1]), config)[:, 0], cache
 
-        x, info = block(x, p, config, i, positions, segments, tokens, with_aux=True, attend=attend_chunk)
-        layers.append(info["attn"]["cache"])
-    last = jnp.clip(n_valid - 1, 0, t - 1)
-    x_last = jnp.take_along_axis(x, last[:, None, None, None], axis=1)  # [b, 1, n, d]
-    logits = linear_f32(_final_hidden(x_last, params["hc_head"], params["norm"], config), params["head"])[:, 0]
-    return logits, {"pos": pos + n_valid, "layers": layers}
 
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "query_chunk"), donate_argnames=("cache",))
+def extend_with_mtp(params, cache: dict, tokens, n_valid, next_tokens, mtp_valid, config: ModelConfig,
+                    dtype=jnp.bfloat16, query_chunk: int = QUERY_CHUNK):
+    """``extend``, then the MTP block on the chunk's first ``mtp_valid`` [b] positions, whose next
+    tokens (next_tokens [b, t]) are known: a prompt's chunk, all of whose positions but the prompt's
+    last have one. -> (logits [b, V] at each row's last new token, the final streams there
+    [b, n, d], the cache)."""
+    if "stages" in params:
+        params = unstack_layers(params, config)
+    n_valid = jnp.asarray(n_valid, jnp.int32)
+    x, cache = run_chunk(params, cache, tokens, n_valid, config, dtype, query_chunk)
+    _, cache = mtp_chunk(params, cache, x, next_tokens, jnp.asarray(mtp_valid, jnp.int32), config, dtype,
+                         query_chunk)
+    last = last_index(n_valid, tokens.shape[1])
+    x_last = jnp.take_along_axis(x, last[:, :, None, None], axis=1)[:, 0]
+    return logits_at(params, x, last, config)[:, 0], x_last, cache

@@ -94,7 +94,7 @@ def _default_layout(tokens):
     return jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)), jnp.zeros((b, s), jnp.int32)
 
 
-def _final_hidden(x, p_hc, norm_w, config: ModelConfig):
+def final_hidden(x, p_hc, norm_w, config: ModelConfig):
     """Streams [b, s, n, d] -> the head's input [b, s, d]: hc_head collapse, then the final norm."""
     y = hc_head(x, p_hc, hc_eps=config.hc_eps, norm_eps=config.rms_norm_eps)
     return rms_norm(y, norm_w, config.rms_norm_eps)
@@ -149,7 +149,7 @@ def forward(params, tokens, config: ModelConfig, *, positions=None, segment_ids=
             routing.append(info)
     x = constrain_tokens(x, mesh)
     out = {"routing": routing}
-    hidden = {"": _final_hidden(x, params["hc_head"], params["norm"], config)}
+    hidden = {"": final_hidden(x, params["hc_head"], params["norm"], config)}
     if mtp:
         hidden["mtp_"], out["mtp_routing"] = mtp_forward(
             params, x, tokens, config, positions, segment_ids, dtype, sparse, with_aux, parallel, mesh, layer_stats)
@@ -166,20 +166,27 @@ def mtp_forward(params, x_main, tokens, config: ModelConfig, positions, segment_
     """The depth-1 MTP block on the main model's final streams x_main [b, s, n, d] (before hc_head).
     Returns the MTP head's input [b, s, d] and the block's routing info."""
     p = params["mtp"]
-    eps = config.rms_norm_eps
     nxt = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))  # position t carries token t+1
-    e = params["embed"][nxt].astype(dtype)
+    e = params["embed"][nxt]
     if context.ways(mesh) > 1 and nxt.shape[1] % context.ways(mesh) == 0:
         # split like the streams: left to XLA, the shifted row's embedding was whole on every device
         # (a 1M row on each chip). Only then: with the tokens not split, XLA:CPU's partitioner
         # miscompiled this constraint on a table split over context (an HLO verifier error).
-        e = constrain_tokens(e, mesh)
-    e = rms_norm(e, p["enorm"], eps)
-    h = rms_norm(x_main, p["hnorm"], eps)  # per stream, over d
-    x = (linear(e, p["e_proj"])[:, :, None, :] + linear(h, p["h_proj"])).astype(dtype)
+        e = constrain_tokens(e.astype(dtype), mesh)
+    x = mtp_input(p, e, x_main, config, dtype)
     x, info = layer_fn(config, config.num_hidden_layers, positions, segment_ids, nxt, sparse, with_aux, parallel,
                        mesh, layer_stats)(x, p)
-    return _final_hidden(x, p["hc_head"], p["norm"], config), info
+    return final_hidden(x, p["hc_head"], p["norm"], config), info
+
+
+def mtp_input(p, embedded, x_main, config: ModelConfig, dtype):
+    """The MTP block's input streams [b, s, n, d] at position t: e_proj(enorm(the embedding of token
+    t+1, ``embedded`` [b, s, d])) added to every stream of h_proj(hnorm(x_main [b, s, n, d], the main
+    model's final streams at t)). ``p``: params["mtp"]."""
+    eps = config.rms_norm_eps
+    e = rms_norm(embedded.astype(dtype), p["enorm"], eps)
+    h = rms_norm(x_main, p["hnorm"], eps)  # per stream, over d
+    return (linear(e, p["e_proj"])[:, :, None, :] + linear(h, p["h_proj"])).astype(dtype)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -178,11 +178,54 @@ def sample(logits, params: SamplingParams, step, row_ids=None):
     docstring. When every row is greedy the sort is skipped (``lax.cond``).
     """
     _check_shapes(logits, params, step, row_ids)
+    return sample_with_keys(logits, params, row_keys(params.seed, step, row_ids))
+
+
+def sample_with_keys(logits, params: SamplingParams, keys):
+    """``sample`` with the rows' keys [B] given (greedy rows ignore theirs)."""
     greedy = params.temperature <= 0
     g_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    keys = row_keys(params.seed, step, row_ids)
     tok = jax.lax.cond(jnp.all(greedy), lambda: g_tok, lambda: _draw(logits, params, keys)[0])
     return jnp.where(greedy, g_tok, tok)
+
+
+def probabilities(logits, params: SamplingParams):
+    """The distribution each row draws from, f32 [B, V] in token order: softmax of logits /
+    temperature after top-k and top-p (filtered tokens 0); a greedy row's is one-hot at its argmax."""
+    s, ids = _sorted_filtered(logits, params)
+    b, v = logits.shape
+    probs = jnp.zeros((b, v), F32).at[jnp.arange(b)[:, None], ids].set(jax.nn.softmax(s, axis=-1))
+    onehot = jax.nn.one_hot(jnp.argmax(logits, axis=-1), v, dtype=F32)
+    return jnp.where((params.temperature <= 0)[:, None], onehot, probs)
+
+
+def speculative_accept(target_logits, draft_logits, draft, params: SamplingParams, keys):
+    """Speculative sampling of one token per row (Leviathan et al. 2023, Chen et al. 2023): with p and
+    q the distributions ``sample`` draws from for target_logits and draft_logits [B, V] (same
+    ``params``), and ``draft`` [B] drawn from q, keep the draft with probability min(1, p(d) / q(d)),
+    else draw from max(p - q, 0) renormalised. The token is then distributed exactly as p, whatever q.
+
+    A greedy row's p and q are one-hot at their argmax, so its draft is kept iff it is p's argmax,
+    and the replacement is p's argmax. keys [B]: each row's key (two draws are folded from it).
+    -> (kept [B] bool, token [B] int32: the draft where kept, else the replacement).
+    """
+    greedy = params.temperature <= 0
+    g_tok = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)
+
+    def sampled():
+        p, q = probabilities(target_logits, params), probabilities(draft_logits, params)
+        pd = jnp.take_along_axis(p, draft[:, None], axis=1)[:, 0]
+        qd = jnp.take_along_axis(q, draft[:, None], axis=1)[:, 0]
+        u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 0), (), F32))(keys)
+        kept = u * qd < pd  # u < p(d) / q(d), with q(d) > 0 for a drawn d
+        rest = jnp.maximum(p - q, 0.0)
+        rest = jnp.where(rest.sum(-1, keepdims=True) > 0, rest, p)  # p == q: never needed (always kept)
+        fix = jax.vmap(lambda k, r: jax.random.categorical(jax.random.fold_in(k, 1), jnp.log(r)))(keys, rest)
+        return kept, fix.astype(jnp.int32)
+
+    kept, fix = jax.lax.cond(jnp.all(greedy), lambda: (draft == g_tok, g_tok), sampled)
+    kept = jnp.where(greedy, draft == g_tok, kept)
+    return kept, jnp.where(kept, draft, jnp.where(greedy, g_tok, fix))
 
 
 def log_probs(logits, params: SamplingParams, tokens):

@@ -2,14 +2,16 @@
 
     v4jax-generate --checkpoint DIR --prompt "Once upon a time" [--max-new-tokens 200]
         [--temperature 0.7 --top-p 0.95 --top-k 0 --seed 0] [--chat chat|think|think_max]
-        [--tokenizer deepseek|bytes] [--dtype bfloat16] [--quantized] [--fp8-cache]
+        [--tokenizer deepseek|bytes] [--dtype bfloat16] [--quantized] [--fp8-cache] [--speculative mtp]
 
 ``--checkpoint``: what ``v4jax.from_pretrained`` loads: safetensors in the release's or the
 transformers layout, a v4jax Orbax checkpoint, or a train.py run (its newest checkpoint) or one of
 its steps (``RUN/checkpoints/N``). The tokenizer is the model's own where the checkpoint records it
 (a run, ``Model.save``), else DeepSeek-V4's. ``--chat MODE`` wraps the prompt as one user
 turn in the V4 chat format (``v4jax.chat``); without it the prompt is plain text. The reply is
-printed as it is generated.
+printed as it is generated (in bursts of ``--stream-every`` tokens: the steps between run on the
+device). ``--speculative mtp``: the MTP block drafts a token each step and the main model verifies
+it (the same greedy output, the same distribution when sampling); the acceptance rate goes to stderr.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ def parse_args(argv=None):
                    "for the release; from_pretrained(quantized=True))")
     p.add_argument("--fp8-cache", action="store_true",
                    help="keep the compressed cache's non-RoPE channels in FP8 (as the official inference does)")
+    p.add_argument("--speculative", choices=("mtp",), default=None,
+                   help="self-speculative decoding: the MTP block drafts, the main model verifies")
+    p.add_argument("--stream-every", type=int, default=16, help="tokens generated on the device between prints")
     return p.parse_args(argv)
 
 
@@ -69,9 +74,14 @@ def main(argv=None) -> int:
                 sys.stdout.flush()
                 shown = text
 
+        stats: dict = {}
         model.generate([prompt], args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed,
-                       on_tokens=stream, fp8_cache=args.fp8_cache)
+                       on_tokens=stream, fp8_cache=args.fp8_cache, speculative=args.speculative, stats=stats,
+                       stream_every=args.stream_every)
         sys.stdout.write(tok.decode(new)[len(shown):] + "\n")
+        if args.speculative:
+            print(f"speculative (mtp): {stats['accepted']} of {stats['drafted']} drafts kept "
+                  f"(acceptance rate {stats['acceptance_rate']:.1%})", file=sys.stderr)
     except (ValueError, OSError, NotImplementedError) as e:  # bad input, unreadable checkpoint: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
