@@ -281,7 +281,7 @@ def main():
             pass
         except Exception as e:  # noqa: BLE001  (an out-of-memory run is a result)
             emit(dict(base, error=repr(e)[:400]))
-        del params
+        params = None  # (the kept copy freed before the next)
         if args.peer_only and context <= args.peer_max_context and weights == "bf16":
             try:
                 emit(dict(base, what="peer transformers", batch=1, **hf_peer(config, context, args.steps)))

@@ -16,8 +16,8 @@ from tests.helpers import CONFIGS, rel, sharpened
 from v4jax.config import CSA, HCA
 from v4jax.decode import cache_bytes, extend, init_cache
 from v4jax.generate import decode_tokens, generate
-from v4jax.sampling import sample, sampling_params
 from v4jax.model import forward, init_params
+from v4jax.sampling import sample, sampling_params
 
 TOLERANCE = 1e-5
 F32 = jnp.float32

@@ -37,8 +37,16 @@ import numpy as np
 
 from v4jax.chat import EOS_ID  # the DeepSeek-V4 tokenizer's end of sentence: the default stop token
 from v4jax.config import ModelConfig
-from v4jax.decode import (cache_shardings, extend, extend_with_mtp, init_cache, last_index, logits_at, mtp_chunk,
-                          run_chunk)
+from v4jax.decode import (
+    cache_shardings,
+    extend,
+    extend_with_mtp,
+    init_cache,
+    last_index,
+    logits_at,
+    mtp_chunk,
+    run_chunk,
+)
 from v4jax.sampling import SamplingParams, row_keys, sample, sample_with_keys, sampling_params, speculative_accept
 from v4jax.scan import unstack_layers
 
