@@ -9,6 +9,9 @@ and its gradients, the Sinkhorn projection, the opt-in attention kernel's fallba
 model's loss and gradients on a forced L4.
 """
 
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -193,3 +196,26 @@ def test_gpu_and_tpu_requirements_pin_the_jax_of_requirements_txt():
     assert cpu == {'python_version < "3.12"': ("jax", "0.10.2"), 'python_version >= "3.12"': ("jax", "0.11.2")}
     for name, extra in (("requirements-gpu.txt", "jax[cuda12]"), ("requirements-tpu.txt", "jax[tpu]")):
         assert jax_pins(name) == {marker: (extra, version) for marker, (_, version) in cpu.items()}
+
+
+def test_tokamax_is_imported_with_the_moe_module(tmp_path):
+    """Where tokamax is installed, ``import v4jax.moe`` imports it, before anything is jitted: its
+    config options are jax user contexts, part of every jit cache key, so an import at the first
+    traced MoE made everything jitted earlier compile a second time (an 8K prefill on an H100
+    compiled again on its second call, 30 s). First the jax behaviour that makes it matter, then
+    the import, with a stand-in tokamax package that only creates a user context."""
+    f = jax.jit(lambda x: x + 1)
+    f(jnp.ones(3))
+    before = f._cache_size()
+    jax.make_user_context(None)  # what importing tokamax does, once per option
+    f(jnp.ones(3))
+    assert f._cache_size() == before + 1  # the same call compiled again
+
+    fake = tmp_path / "tokamax"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("import jax\nOPTION = jax.make_user_context(None)\n")
+    code = ("import sys; import v4jax.moe as m; "
+            "print('tokamax' in sys.modules, m.tokamax_installed(), m._TOKAMAX.__name__)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd()]), "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.stdout.split() == ["True", "True", "tokamax"], out.stderr[-2000:]

@@ -81,8 +81,26 @@ DLHS = jax.lax.RaggedDotDimensionNumbers((([1], [1]), ([], [])), [0], [0])  # dy
 DRHS = jax.lax.RaggedDotDimensionNumbers((([0], [0]), ([], [])), [0], [])  # dy [m, n] . x [m, k] -> [g, n, k]
 
 
+def _import_tokamax():
+    """tokamax where it is installed, imported with this module: its config options are jax user
+    contexts, which join every jit cache key, so importing it at the first traced MoE (as v4jax did)
+    changed the key of everything jitted before and compiled each once more. An 8K prefill of
+    bench-flash-8l on an H100 took 30 s on its second call, compiling again (docs/benchmarks.md,
+    Part 12). A broken install counts as absent."""
+    if importlib.util.find_spec("tokamax") is None:
+        return None
+    try:
+        import tokamax  # noqa: PLC0415
+    except Exception:  # noqa: BLE001
+        return None
+    return tokamax
+
+
+_TOKAMAX = _import_tokamax()
+
+
 def tokamax_installed() -> bool:
-    return importlib.util.find_spec("tokamax") is not None
+    return _TOKAMAX is not None
 
 
 def tokamax_kernels(acc: devices.Accelerator | None = None) -> tuple[str, str, str]:
@@ -144,9 +162,7 @@ def ragged_product(a: jax.Array, b: jax.Array, sizes: jax.Array, dims, kernel: s
         if dims != DRHS:
             raise ValueError("the pallas grouped-matmul kernel computes the weight gradient (DRHS) only")
         return group_outer(a, b, sizes, out_dtype=a.dtype)
-    import tokamax  # noqa: PLC0415
-
-    return tokamax.ragged_dot_general(a, b, sizes, dims, preferred_element_type=a.dtype, implementation=kernel)
+    return _TOKAMAX.ragged_dot_general(a, b, sizes, dims, preferred_element_type=a.dtype, implementation=kernel)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
