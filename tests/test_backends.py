@@ -219,3 +219,24 @@ def test_tokamax_is_imported_with_the_moe_module(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd()]), "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.stdout.split() == ["True", "True", "tokamax"], out.stderr[-2000:]
+
+
+def test_expert_ffn_without_a_conversion_takes_two_products():
+    """bf16 weights with bf16 compute (a bf16 model decoding) run w1 and w3 as two grouped matmuls,
+    fp32 master weights (training) as one on their concatenation, cast on the way: the same
+    products, so the same output (bf16 rounding of the same sums: 1e-2 relative)."""
+    rng = np.random.default_rng(0)
+    e, f, d, m = 4, 16, 32, 24
+    p32 = {k: jnp.asarray(rng.normal(size=s) * 0.2, jnp.float32)
+           for k, s in (("w1", (e, f, d)), ("w3", (e, f, d)), ("w2", (e, d, f)))}
+    p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), p32)
+    xs = jnp.asarray(rng.normal(size=(m, d)), jnp.bfloat16)
+    sizes, w = jnp.asarray([5, 0, 12, 7], jnp.int32), jnp.asarray(rng.uniform(size=m), jnp.float32)
+    def lowered(p):
+        return jax.jit(lambda p: moe.expert_ffn(xs, sizes, w, p, 10.0, "ragged_dot")[0]).lower(p).as_text()
+
+    w13 = "tensor<4x32x32xbf16>"  # [e, 2f, d]: w1 and w3 concatenated
+    assert w13 not in lowered(p16) and w13 in lowered(p32)
+    got = moe.expert_ffn(xs, sizes, w, p16, 10.0, "ragged_dot")[0]
+    want = moe.expert_ffn(xs, sizes, w, p32, 10.0, "ragged_dot")[0]
+    assert rel(got.astype(jnp.float32), want.astype(jnp.float32)) <= 1e-2
