@@ -19,7 +19,8 @@ decoded greedily:
 * with ``--speculative``: ``speculate_tokens`` (each step drafts with the MTP block and verifies with
   the main model) on a cache prefilled with the MTP block; random weights make the MTP block's
   drafts random, so the row gives the step time, the measured acceptance rate, and the acceptance
-  rate at which speculation would break even with the device loop.
+  rate at which speculation would break even with the device loop. A config without an MTP block
+  gets one (random, like the rest; the plain rows do not read it).
 
 The **floor** of a decode step is the bytes it must read over the HBM bandwidth (``--hbm-tbps``,
 default the device's nominal): every weight but the routed experts and the embedding, the routed
@@ -155,6 +156,8 @@ def main():
     from v4jax.sampling import sampling_params
 
     config = model_config_from_yaml(args.config)
+    if args.speculative and config.num_nextn_predict_layers == 0:  # bench-flash-8l has none: add the block
+        config = config.replace(num_nextn_predict_layers=1)
     dev = jax.devices()[0]
     tbps = args.hbm_tbps or next((v for k, v in NOMINAL_TBPS.items() if k in dev.device_kind), None)
     dt = jnp.bfloat16
