@@ -116,25 +116,18 @@ def decode_tokens(params, cache, logits, sampling: SamplingParams, step, active,
     return out, i, logits, cache, active
 
 
-class SpecState(dict):
-    """The state ``speculate_tokens`` carries between calls (a pytree: a dict of arrays).
-
-    pending [b]: the last token chosen (kept, not yet in the main cache); mtp_x [b, 2, n, d] and
-    mtp_next [b, 2]: the MTP block's positions not yet run (the main streams at p and token p + 1),
-    the first ``mtp_n`` [b] of them; count [b]: tokens kept so far; active [b]; drafted, accepted:
-    drafts made and kept (scalars, over all rows)."""
-
-
-jax.tree_util.register_pytree_node(SpecState, lambda s: (tuple(s.values()), tuple(s.keys())),
-                                   lambda keys, values: SpecState(zip(keys, values)))
-
-
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "chunk"), donate_argnames=("cache",))
-def speculate_tokens(params, cache, state: SpecState, sampling: SamplingParams, max_new, stops,
+def speculate_tokens(params, cache, state: dict, sampling: SamplingParams, max_new, stops,
                      config: ModelConfig, dtype, chunk: int):
     """Up to ``chunk`` self-speculative steps (module docstring) in one ``jax.lax.while_loop``, ending
     early when no row is active; each keeps one or two tokens per active row. A row stops at a token
     in ``stops`` [S] (not kept) or when it has kept ``max_new`` tokens.
+
+    ``state`` (``start_speculation`` makes the first): ``pending`` [b], the last token chosen (kept,
+    not yet in the main cache); ``mtp_x`` [b, 2, n, d] and ``mtp_next`` [b, 2], the MTP block's
+    positions not yet run (the main streams at p and token p + 1), the first ``mtp_n`` [b] of them;
+    ``count`` [b], tokens kept so far; ``active`` [b]; ``drafted``, ``accepted``: drafts made and
+    kept, over all rows.
 
     Randomness: a row's step that starts with k kept tokens draws with the key of (seed, row, k),
     folded with 0 (the draft), 1 (the verification, two draws) and 2 (the token after a kept draft).
@@ -171,13 +164,13 @@ def speculate_tokens(params, cache, state: SpecState, sampling: SamplingParams, 
         cache = {**cache, "pos": pos + jnp.where(active, 1 + kept, 0)}  # a rejected draft rolled back
 
         # keep `token`, then `after` where the draft was kept, each until a stop token or max_new
-        first_ok = active & ~jnp.isin(token, stops) & (st["count"] < max_new)
+        first_ok = active & ~jnp.isin(token, stops)  # (an active row has kept fewer than max_new)
         second_ok = first_ok & kept & ~jnp.isin(after, stops) & (st["count"] + 1 < max_new)
         n_new = first_ok.astype(jnp.int32) + second_ok.astype(jnp.int32)
         out = out.at[rows, jnp.where(first_ok, n_out, 2 * chunk)].set(token, mode="drop")
         out = out.at[rows, jnp.where(second_ok, n_out + 1, 2 * chunk)].set(after, mode="drop")
         count = st["count"] + n_new
-        new = SpecState(
+        new = dict(
             pending=jnp.where(kept, after, token),
             mtp_x=x.astype(st["mtp_x"].dtype),  # a rejected draft's row runs only position 0 (mtp_n 1)
             mtp_next=jnp.stack([token, after], 1),
@@ -280,9 +273,9 @@ def start_speculation(logits, x_last, sampling: SamplingParams, stops, max_new):
     first = sample(logits, sampling, jnp.int32(0))
     kept = ~jnp.isin(first, stops)
     x = jnp.repeat(x_last[:, None], 2, axis=1)
-    state = SpecState(pending=first, mtp_x=x, mtp_next=jnp.stack([first, first], 1),
-                      mtp_n=jnp.ones(first.shape, jnp.int32), count=kept.astype(jnp.int32),
-                      active=kept & (max_new > 1), drafted=jnp.int32(0), accepted=jnp.int32(0))
+    state = dict(pending=first, mtp_x=x, mtp_next=jnp.stack([first, first], 1),
+                 mtp_n=jnp.ones(first.shape, jnp.int32), count=kept.astype(jnp.int32),
+                 active=kept & (max_new > 1), drafted=jnp.int32(0), accepted=jnp.int32(0))
     return first, state
 
 
