@@ -16,6 +16,8 @@ dim, W window, m a layer's compression ratio, N = max_len // m entry slots, V vo
                                       non-RoPE channels, scale [b, N, (c - r) / 64] their E8M0
                                       scales (1 x 64 blocks, spec §2.11), rope [b, N, r]
               index    [b, N, c_I]    CSA layers: the indexer's entries
+    mtp, mtp_pos                      with ``init_cache(..., mtp=True)``: the MTP block's layer
+                                      cache (as above) and its positions, for speculative decoding
 
 Rows are independent: each has its own ``pos``, so rows of different lengths share a batch, and
 which window keys and entries a query sees follows from positions alone. The official code keeps
@@ -63,7 +65,7 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16
     cache for the prompt and the new tokens). ``fp8_entries``: the compressed entries' non-RoPE
     channels in FP8 (E4M3, a power-of-two scale per 64 channels), as the official inference keeps
     them; the window, the compressors' input and the indexer's keys stay in ``dtype``. ``mtp``: also
-    the MTP block's cache (``mtp`` and its own ``mtp_pos``, see ``mtp_extend``)."""
+    the MTP block's cache (``mtp`` and its own ``mtp_pos``, see ``mtp_chunk``)."""
     if config.engram is not None:
         raise NotImplementedError("generation with Engram (model.engram) is not supported yet: its short "
                                   "convolution and n-gram ids need a decode state of their own")
