@@ -73,3 +73,65 @@ def test_read_conversations(tmp_path):
             read_conversations(path)
     with pytest.raises(ValueError, match="mode must be one of"):
         read_conversations(path, mode="fast")
+
+
+def _conversations(n):
+    out = []
+    for i in range(n):
+        a, b = i + 2, 3 * i + 1
+        out.append({"messages": [{"role": "user", "content": f"What is {a}+{b}? Answer with the number only."},
+                                 {"role": "assistant", "content": str(a + b),
+                                  "reasoning_content": f"{a} plus {b} makes {a + b}."}],
+                    **({"mode": "think"} if i % 2 else {})})
+    return out
+
+
+@pytest.mark.parametrize("seq_len", [512, 24])
+def test_chat_batches_count_only_the_reply_tokens(tmp_path, tok, seq_len):
+    """``data.format: chat``: packed rows whose ``loss_mask`` is 1 exactly where the target is a token
+    an assistant turn writes. With whole conversations in a row (seq_len 512) every segment is
+    checked against ``encode_conversation``; cut into pieces (24) the counted targets still total
+    the conversations' trained tokens (every next-token pair once per epoch)."""
+    from v4jax.data import DataConfig, make_dataset
+
+    convs = _conversations(7)
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in convs))
+    cfg = DataConfig(path=str(path), format="chat", seq_len=seq_len, batch_size=2, shuffle=False, num_epochs=1,
+                     heldout_fraction=0.0)
+    encoded = [encode_conversation(c["messages"], tok, c.get("mode", "chat")) for c in convs]
+    counted = 0
+    for batch in make_dataset(cfg, 0, 1):
+        counted += int(batch["loss_mask"].sum())
+        if seq_len < 512:
+            continue
+        for row in range(batch["tokens"].shape[0]):
+            for s in set(batch["segment_ids"][row].tolist()) - {0}:
+                at = batch["segment_ids"][row] == s
+                tokens = batch["tokens"][row][at].tolist()
+                flags = next(f for t, f in encoded if t == tokens)  # a whole conversation
+                assert batch["loss_mask"][row][at].tolist() == [float(x) for x in flags[1:] + [False]]
+                assert batch["mtp_mask"][row][at].tolist() == [float(x) for x in flags[2:] + [False, False]]
+    assert counted == sum(sum(f[1:]) for _, f in encoded)
+
+
+def test_chat_format_settings_are_checked(tmp_path):
+    from v4jax.config import ConfigError
+    from v4jax.data import DataConfig, DataError, make_dataset
+
+    with pytest.raises(ConfigError, match="data.format"):
+        DataConfig(format="sft")
+    with pytest.raises(ConfigError, match="data.chat_mode"):
+        DataConfig(path="x.jsonl", format="chat", chat_mode="fast")
+    with pytest.raises(ConfigError, match="tokenizer='deepseek'"):
+        DataConfig(path="x.jsonl", format="chat", tokenizer="bytes")
+    with pytest.raises(ConfigError, match="data.path"):
+        DataConfig(format="chat")
+    text = tmp_path / "a.txt"
+    text.write_text("plain text")
+    with pytest.raises(DataError, match="reads .jsonl files"):
+        make_dataset(DataConfig(path=str(text), format="chat", heldout_fraction=0.0), 0, 1)
+    bad = tmp_path / "b.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "Hi"}]}\n')
+    with pytest.raises(DataError, match="line 1: no assistant"):
+        make_dataset(DataConfig(path=str(bad), format="chat", heldout_fraction=0.0), 0, 1)

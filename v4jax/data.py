@@ -42,6 +42,10 @@ How rows are made
    * ``.jsonl``: one JSON object per line, the text in ``text_field`` (default ``"text"``).
    * ``.parquet``: the column ``text_field``, read with pyarrow.
 
+   * ``format: chat`` (SFT): ``.jsonl`` conversations, ``{"messages": [...]}`` per line
+     (``v4jax.sft``); each is a document whose tokens are its chat rendering, and ``loss_mask`` and
+     ``mtp_mask`` count only the targets an assistant turn writes (docs/data.md).
+
    Files are taken in sorted path order, records in file order; empty documents are skipped. A
    local corpus is one split when ``heldout_fraction`` is 0 or None (not set). With a fraction > 0
    a document goes to ``heldout`` when the SHA-256 of its text, read as a number in [0, 1), is
@@ -106,6 +110,7 @@ from v4jax.config import ConfigError
 
 BOS_ID, EOS_ID, PAD_ID = 0, 1, 2
 TOKENIZERS = ("deepseek", "bytes")
+FORMATS = ("text", "chat")
 SPLITS = ("train", "heldout")
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 HELDOUT_SHARE = 0.05  # of a local corpus's documents, held out when heldout_fraction is not set
@@ -140,12 +145,26 @@ class DataConfig:
     heldout_fraction: float | None = None
     add_bos: bool = True
     packing_bins: int = 64  # open rows of the first-fit packer
+    # "chat": .jsonl conversations for SFT ({"messages": [...]}, v4jax.sft), the loss on the tokens
+    # the assistant turns write; chat_mode: their reasoning mode where a line sets none
+    format: str = "text"
+    chat_mode: str = "chat"
 
     def __post_init__(self):
         if self.split not in SPLITS:
             raise ConfigError(f"data.split={self.split!r}: allowed values are {', '.join(SPLITS)}")
         if self.tokenizer not in TOKENIZERS:
             raise ConfigError(f"data.tokenizer={self.tokenizer!r}: allowed values are {', '.join(TOKENIZERS)}")
+        if self.format not in FORMATS:
+            raise ConfigError(f"data.format={self.format!r}: allowed values are {', '.join(FORMATS)}")
+        if self.format == "chat":
+            from v4jax.chat import MODES  # noqa: PLC0415
+
+            if self.chat_mode not in MODES:
+                raise ConfigError(f"data.chat_mode={self.chat_mode!r}: allowed values are {', '.join(MODES)}")
+            if self.path is None or self.tokenizer != "deepseek":
+                raise ConfigError("data.format='chat' reads conversations from data.path (.jsonl files, one "
+                                  "{'messages': [...]} per line) with tokenizer='deepseek' (the chat markers' ids)")
         for name, low in (("seq_len", 2), ("batch_size", 1), ("packing_bins", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -314,6 +333,19 @@ def _read_parquet(f: Path, field: str) -> list[str]:
     return [t for t in pq.read_table(f, columns=[field]).column(field).to_pylist() if t is not None]
 
 
+def _read_conversations(f: Path, mode: str) -> list[str]:
+    """A .jsonl file's conversations (``v4jax.sft.read_conversations``), each as its canonical JSON
+    text: a document like any other for the held-out split and the host sharding."""
+    from v4jax.sft import read_conversations  # noqa: PLC0415
+
+    if f.suffix != ".jsonl":
+        raise DataError(f"{f}: data.format='chat' reads .jsonl files (one {{'messages': [...]}} per line)")
+    try:
+        return [json.dumps(c, sort_keys=True, ensure_ascii=False) for c in read_conversations(f, mode)]
+    except ValueError as e:
+        raise DataError(str(e)) from None
+
+
 def _hash_value(text: str) -> float:
     """The SHA-256 of a document's text read as a number in [0, 1): its place in the held-out split."""
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64
@@ -329,7 +361,9 @@ def load_documents(cfg: DataConfig) -> list[str]:
         return [t for f in sorted(root.glob("*.txt")) for t in _read_txt(f) if t.strip()]
     docs = []
     for f in find_files(cfg.path):
-        if f.suffix == ".txt":
+        if cfg.format == "chat":
+            docs += _read_conversations(f, cfg.chat_mode)
+        elif f.suffix == ".txt":
             docs += _read_txt(f)
         elif f.suffix == ".jsonl":
             docs += _read_jsonl(f, cfg.text_field)
@@ -389,35 +423,47 @@ def resolve_heldout_fraction(cfg: DataConfig, saved: float | None = None) -> Dat
 
 
 @functools.lru_cache(maxsize=8)
-def _encoded(path, split, text_field, heldout_fraction, tokenizer, add_bos, process_index, process_count, stamp):
-    """Token ids of this host's documents, concatenated: (ids [T] int32, doc_starts [D + 1] int64).
+def _encoded(path, split, text_field, heldout_fraction, tokenizer, add_bos, fmt, chat_mode, process_index,
+             process_count, stamp):
+    """Token ids of this host's documents, concatenated: (ids [T] int32, doc_starts [D + 1] int64,
+    trained [T] bool or None). ``trained`` (chat format): the tokens the assistant turns write
+    (``v4jax.sft.encode_conversation``); a conversation's tokens carry their own BOS and EOS.
 
     ``stamp`` (the files' names, sizes and modification times) only keys the cache, so that an
     edited corpus is read again.
     """
     cfg = DataConfig(path=path, split=split, text_field=text_field, heldout_fraction=heldout_fraction,
-                     tokenizer=tokenizer, add_bos=add_bos)
+                     tokenizer=tokenizer, add_bos=add_bos, format=fmt, chat_mode=chat_mode)
     docs = load_documents(cfg)[process_index::process_count]
     if not docs:
         raise DataError(f"host {process_index} of {process_count} gets no document: split {split!r} of "
                         f"{path or 'the bundled corpus'} has fewer documents than hosts")
     tok = load_tokenizer(tokenizer)
-    head = [tok.bos_id] if add_bos else []
-    encoded = [np.concatenate([np.asarray(head, np.int32), e, np.asarray([tok.eos_id], np.int32)])
-               for e in tok.encode_batch(docs)]
+    trained = None
+    if fmt == "chat":
+        from v4jax.sft import encode_conversation  # noqa: PLC0415
+
+        pairs = [encode_conversation(c["messages"], tok, c["mode"]) for c in map(json.loads, docs)]
+        encoded = [np.asarray(t, np.int32) for t, _ in pairs]
+        trained = np.concatenate([np.asarray(f, bool) for _, f in pairs])
+        trained.flags.writeable = False
+    else:
+        head = [tok.bos_id] if add_bos else []
+        encoded = [np.concatenate([np.asarray(head, np.int32), e, np.asarray([tok.eos_id], np.int32)])
+                   for e in tok.encode_batch(docs)]
     starts = np.zeros(len(encoded) + 1, np.int64)
     np.cumsum([len(e) for e in encoded], out=starts[1:])
     ids = np.concatenate(encoded)
     ids.flags.writeable = False
     starts.flags.writeable = False
-    return ids, starts
+    return ids, starts, trained
 
 
 def _cfg_encoded(cfg: DataConfig, process_index: int, process_count: int):
     files = sorted((BUNDLED_DIR / cfg.split).glob("*.txt")) if cfg.path is None else find_files(cfg.path)
     stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     return _encoded(cfg.path, cfg.split, cfg.text_field, cfg.heldout_fraction, cfg.tokenizer, cfg.add_bos,
-                    process_index, process_count, stamp)
+                    cfg.format, cfg.chat_mode, process_index, process_count, stamp)
 
 
 def piece_table(doc_starts: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -433,17 +479,21 @@ def piece_table(doc_starts: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.nd
 
 
 class _Pieces(Sequence):
-    """Random access to pieces: item i is ``{"tokens": int32 [length_i]}``."""
+    """Random access to pieces: item i is ``{"tokens": int32 [length_i]}`` (and ``trained`` int32
+    [length_i] where the corpus flags the tokens the loss counts)."""
 
-    def __init__(self, ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray):
-        self._ids, self._starts, self._lengths = ids, starts, lengths
+    def __init__(self, ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray, trained: np.ndarray | None):
+        self._ids, self._starts, self._lengths, self._trained = ids, starts, lengths, trained
 
     def __len__(self) -> int:
         return len(self._starts)
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        s = int(self._starts[i])
-        return {"tokens": np.array(self._ids[s:s + int(self._lengths[i])])}
+        s, n = int(self._starts[i]), int(self._lengths[i])
+        piece = {"tokens": np.array(self._ids[s:s + n])}
+        if self._trained is not None:
+            piece["trained"] = self._trained[s:s + n].astype(np.int32)
+        return piece
 
 
 # --------------------------------------------------------------------------------------------------
@@ -464,12 +514,17 @@ def _finish(batch: dict[str, np.ndarray], *, rows: int, pad_id: int, hasher=None
     tokens = batch["tokens"].astype(np.int32)
     seg = batch["tokens_segment_ids"].astype(np.int32)
     pos = batch["tokens_positions"].astype(np.int32)
+    trained = batch.get("trained")
     if tokens.shape[0] < rows:  # the last batch of a finite pass
         extra = ((0, rows - tokens.shape[0]), (0, 0))
         tokens = np.pad(tokens, extra, constant_values=pad_id)
         seg, pos = np.pad(seg, extra), np.pad(pos, extra)
+        trained = None if trained is None else np.pad(trained, extra)
     targets, loss_mask = _shift(tokens, seg, 1, pad_id)
     mtp_targets, mtp_mask = _shift(tokens, seg, 2, pad_id)
+    if trained is not None:  # chat format: only the targets an assistant turn writes count
+        loss_mask[:, :-1] *= trained[:, 1:]
+        mtp_mask[:, :-2] *= trained[:, 2:]
     out = {"tokens": tokens, "positions": pos, "segment_ids": seg, "targets": targets, "loss_mask": loss_mask,
            "mtp_targets": mtp_targets, "mtp_mask": mtp_mask}
     if hasher is not None:  # Engram's rows, computed here on the host, never on the device
@@ -503,17 +558,18 @@ def build_dataset(cfg: DataConfig, process_index: int | None = None, process_cou
 
     pi, pc = _host(process_index, process_count)
     rows = _local_rows(cfg, pc)
-    ids, doc_starts = _cfg_encoded(cfg, pi, pc)
+    ids, doc_starts, trained = _cfg_encoded(cfg, pi, pc)
     tok = load_tokenizer(cfg.tokenizer)
-    ds = grain.MapDataset.source(_Pieces(ids, *piece_table(doc_starts, cfg.seq_len)))
+    ds = grain.MapDataset.source(_Pieces(ids, *piece_table(doc_starts, cfg.seq_len), trained))
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)
     ds = ds.repeat(cfg.num_epochs)
     # Pieces are array slices: reading them in threads ahead of time would cost more than it saves.
     pieces = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    padding = {"tokens": tok.pad_id} if trained is None else {"tokens": tok.pad_id, "trained": 0}
     packed = grain.experimental.FirstFitPackIterDataset(
-        pieces, length_struct={"tokens": cfg.seq_len}, num_packing_bins=cfg.packing_bins, seed=cfg.seed,
-        shuffle_bins=cfg.shuffle, padding_struct={"tokens": tok.pad_id})
+        pieces, length_struct={f: cfg.seq_len for f in padding}, num_packing_bins=cfg.packing_bins, seed=cfg.seed,
+        shuffle_bins=cfg.shuffle, padding_struct=padding)
     finish = functools.partial(_finish, rows=rows, pad_id=tok.pad_id, hasher=hasher)
     return packed.batch(rows, drop_remainder=False).map(finish)
 
@@ -527,7 +583,7 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
         self.process_index, self.process_count = _host(process_index, process_count)
         self.rows = _local_rows(cfg, self.process_count)
         self.tokenizer = load_tokenizer(cfg.tokenizer)
-        ids, doc_starts = _cfg_encoded(cfg, self.process_index, self.process_count)
+        ids, doc_starts, _ = _cfg_encoded(cfg, self.process_index, self.process_count)
         self.num_documents, self.num_tokens = len(doc_starts) - 1, len(ids)
         self._it = iter(build_dataset(cfg, self.process_index, self.process_count, hasher))
 
@@ -575,9 +631,11 @@ def unigram_entropy(data: DataConfig | np.ndarray | Sequence[int]) -> float:
     (so eos counts and a leading bos does not), over all hosts' documents.
     """
     if isinstance(data, DataConfig):
-        ids, doc_starts = _cfg_encoded(data, 0, 1)
+        ids, doc_starts, trained = _cfg_encoded(data, 0, 1)
         keep = np.ones(len(ids), bool)
         keep[doc_starts[:-1]] = False
+        if trained is not None:  # chat format: the tokens the loss sees
+            keep &= trained
         ids = ids[keep]
     else:
         ids = np.asarray(data, np.int64).ravel()
