@@ -268,6 +268,23 @@ def test_state_from_other_settings_is_refused(corpus):
         it.set_state({"next_index": 3})
 
 
+def test_state_saved_before_the_chat_format_resumes(corpus):
+    """A state saved before ``format``/``chat_mode`` existed (their keys absent) resumes a text run;
+    with the chat format it is refused by name."""
+    _, path = corpus
+    it = D.make_dataset(cfg_for(path, seed=1), 0, 1)
+    next(it)
+    state = it.get_state()
+    for key in D.SETTINGS_ADDED:
+        del state["settings"][key]
+    fresh = D.make_dataset(cfg_for(path, seed=1), 0, 1)
+    fresh.set_state(state)
+    np.testing.assert_array_equal(next(fresh)["tokens"], next(it)["tokens"])
+    state["settings"]["format"] = "chat"
+    with pytest.raises(ValueError, match="format"):
+        D.make_dataset(cfg_for(path, seed=1), 0, 1).set_state(state)
+
+
 # --------------------------------------------------------------------------------------------------
 # Files
 

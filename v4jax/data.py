@@ -116,6 +116,8 @@ SUFFIXES = (".txt", ".jsonl", ".parquet")
 HELDOUT_SHARE = 0.05  # of a local corpus's documents, held out when heldout_fraction is not set
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "data" / "shakespeare"
 STATE_FORMAT = 1
+# settings added since STATE_FORMAT 1, with the value a state saved before them implies
+SETTINGS_ADDED = {"format": "text", "chat_mode": "chat"}
 BATCH_FIELDS = ("tokens", "positions", "segment_ids", "targets", "loss_mask", "mtp_targets", "mtp_mask")
 
 
@@ -602,7 +604,7 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
     def set_state(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or "grain" not in state:
             raise ValueError(f"not a v4jax data iterator state (format {STATE_FORMAT}): {state!r:.200}")
-        mine, saved = self._settings(), state.get("settings", {})
+        mine, saved = self._settings(), {**SETTINGS_ADDED, **state.get("settings", {})}
         diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
         if diff:
             raise ValueError("data iterator state was saved under other settings (field: saved, now): "
