@@ -231,19 +231,19 @@ def main():
                     return decode_tokens(params, cb, lb, sp, jnp.int32(0), active, jnp.int32(n), no_stops, config,
                                          dt, chunk_len)
 
-                (_, _, lb, cb, _), compile_s = timed(lambda: loop(cb, lb, args.steps, args.steps))
-                (_, n, lb, cb, _), loop_s = timed(lambda: loop(cb, lb, args.steps, args.steps))
+                (_, _, _, lb, cb, _), compile_s = timed(lambda: loop(cb, lb, args.steps, args.steps))
+                (_, _, n, lb, cb, _), loop_s = timed(lambda: loop(cb, lb, args.steps, args.steps))
                 step = loop_s / int(n)
                 emit(dict(base, what="decode, device loop", batch=b, step_s=step, tokens_per_s=b / step,
                           compile_s=compile_s, cache_bytes_formula=cache_bytes(config, max_len, b, dt)["total"],
                           **floor(params, cb, b, step),
                           peak_gib=(dev.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30))
                 if args.host_loop:
-                    _, _, lb, cb, _ = loop(cb, lb, 1, 1)  # compile the one-step program
+                    _, _, _, lb, cb, _ = loop(cb, lb, 1, 1)  # compile the one-step program
                     times = []
                     for _ in range(args.steps):
                         t0 = time.perf_counter()
-                        out, _, lb, cb, _ = loop(cb, lb, 1, 1)
+                        out, _, _, lb, cb, _ = loop(cb, lb, 1, 1)
                         np.asarray(out)  # the host reads each step's tokens
                         times.append(time.perf_counter() - t0)
                     step = float(np.median(times))

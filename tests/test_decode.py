@@ -17,7 +17,7 @@ from v4jax.config import CSA, HCA
 from v4jax.decode import cache_bytes, extend, init_cache
 from v4jax.generate import decode_tokens, generate
 from v4jax.model import forward, init_params
-from v4jax.sampling import sample, sampling_params
+from v4jax.sampling import log_probs, sample, sampling_params
 
 TOLERANCE = 1e-5
 F32 = jnp.float32
@@ -157,33 +157,38 @@ def _host_loop(params, config, prompts, n_new, stops, **sampling):
         chunk[i, :len(p)] = p
     n = jnp.asarray([len(p) for p in prompts], jnp.int32)
     logits, cache = extend(params, init_cache(config, b, 256, F32), jnp.asarray(chunk), n, config, F32)
-    out, active = [[] for _ in range(b)], np.ones(b, bool)
+    out, logps, active = [[] for _ in range(b)], [[] for _ in range(b)], np.ones(b, bool)
     for step in range(n_new):
         tokens = np.asarray(sample(logits, sp, jnp.int32(step)))
+        logp = np.asarray(log_probs(logits, sp, jnp.asarray(tokens)))
         active &= ~np.isin(tokens, stops)
         for i in np.flatnonzero(active):
             out[i].append(int(tokens[i]))
+            logps[i].append(float(logp[i]))
         logits, cache = extend(params, cache, jnp.asarray(tokens[:, None]), jnp.asarray(active, jnp.int32), config,
                                F32)
-    return out
+    return out, logps
 
 
 @pytest.mark.parametrize("stream_every", [1, 5, 64])
 def test_the_device_loop_equals_one_step_at_a_time(stream_every):
     """``generate`` (its steps in a jax.lax.while_loop, back on the host every ``stream_every`` steps)
     gives the host loop's tokens, greedy and seeded sampling, rows of different lengths, a stop
-    token that ends rows at different steps; ``on_tokens`` sees each position's tokens in order."""
+    token that ends rows at different steps; ``on_tokens`` sees each position's tokens in order, and
+    ``log_probs`` are ``sampling.log_probs`` of each drawn token (1e-5; 0 for greedy rows)."""
     config, params, _ = _setup("a", 1)
     rng = np.random.default_rng(11)
     prompts = [list(rng.integers(0, config.vocab_size, n)) for n in (1, 6, 13)]
-    free = _host_loop(params, config, prompts, 24, [], temperature=0.0)
+    free = _host_loop(params, config, prompts, 24, [], temperature=0.0)[0]
     stop = free[1][9]  # ends row 1 at step 9 at the latest, the others where it comes up
     for sampling in (dict(temperature=0.0), dict(temperature=[1.0, 0.0, 0.7], top_k=[0, 0, 20], seed=[4, 5, 6])):
-        want = _host_loop(params, config, prompts, 24, [stop], **sampling)
-        seen = []
+        want, want_logp = _host_loop(params, config, prompts, 24, [stop], **sampling)
+        seen, got_logp = [], []
         got = generate(params, config, prompts, 24, stop_tokens=[stop], dtype=F32, stream_every=stream_every,
-                       on_tokens=seen.append, **sampling)
+                       on_tokens=seen.append, log_probs=got_logp, **sampling)
         assert got == want, sampling
+        for g, w in zip(got_logp, want_logp):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
         assert [[t for t in row if t is not None] for row in zip(*seen)] == want
         assert len(seen) == max(map(len, want))
     assert len(want[1]) <= 9  # the stop token did end a row early

@@ -192,6 +192,8 @@ def test_speculative_refused_by_name():
         generate(no_mtp, config, [[1, 2]], 4, speculative="mtp")
     with pytest.raises(ValueError, match="speculative must be None or 'mtp'"):
         generate(params, config, [[1, 2]], 4, speculative="medusa")
+    with pytest.raises(ValueError, match="log_probs come from plain decoding"):
+        generate(params, config, [[1, 2]], 4, speculative="mtp", log_probs=[])
     with pytest.raises(ValueError, match="stream_every"):
         generate(params, config, [[1, 2]], 4, stream_every=0)
     assert last_index(jnp.asarray([0, 1, 2]), 2).tolist() == [[0], [0], [1]]

@@ -47,7 +47,15 @@ from v4jax.decode import (
     mtp_chunk,
     run_chunk,
 )
-from v4jax.sampling import SamplingParams, row_keys, sample, sample_with_keys, sampling_params, speculative_accept
+from v4jax.sampling import (
+    SamplingParams,
+    row_keys,
+    sample,
+    sample_with_keys,
+    sample_with_log_probs,
+    sampling_params,
+    speculative_accept,
+)
 from v4jax.scan import unstack_layers
 
 SPECULATIVE = (None, "mtp")
@@ -93,27 +101,30 @@ def decode_tokens(params, cache, logits, sampling: SamplingParams, step, active,
     ``step + i``; a row whose token is in ``stops`` [S] stops (the token is neither kept nor
     appended); the others' tokens are appended to the cache (donated).
 
-    -> (tokens [b, chunk] int32, -1 where a row kept none; the steps run; the logits after the last
-    appended tokens; the cache; active [b])."""
+    -> (tokens [b, chunk] int32, -1 where a row kept none; their log-probabilities under the
+    distribution they were drawn from [b, chunk] f32 (``v4jax.sampling.log_probs``; 0 for greedy
+    rows); the steps run; the logits after the last appended tokens; the cache; active [b])."""
     if "stages" in params:
         params = unstack_layers(params, config)
     b = logits.shape[0]
 
     def cond(carry):
-        i, _, _, _, active = carry
+        i, _, _, _, _, active = carry
         return (i < jnp.minimum(limit, chunk)) & active.any()
 
     def body(carry):
-        i, out, logits, cache, active = carry
-        tokens = sample(logits, sampling, step + i)
+        i, out, out_logp, logits, cache, active = carry
+        tokens, logp = sample_with_log_probs(logits, sampling, step + i)
         active = active & ~jnp.isin(tokens, stops)
         out = out.at[:, i].set(jnp.where(active, tokens, -1))
+        out_logp = out_logp.at[:, i].set(jnp.where(active, logp, 0.0))
         new_logits, cache = extend(params, cache, tokens[:, None], active.astype(jnp.int32), config, dtype)
-        return i + 1, out, jnp.where(active[:, None], new_logits, logits), cache, active
+        return i + 1, out, out_logp, jnp.where(active[:, None], new_logits, logits), cache, active
 
-    init = (jnp.int32(0), jnp.full((b, chunk), -1, jnp.int32), logits, cache, active)
-    i, out, logits, cache, active = jax.lax.while_loop(cond, body, init)
-    return out, i, logits, cache, active
+    init = (jnp.int32(0), jnp.full((b, chunk), -1, jnp.int32), jnp.zeros((b, chunk), jnp.float32), logits, cache,
+            active)
+    i, out, out_logp, logits, cache, active = jax.lax.while_loop(cond, body, init)
+    return out, out_logp, i, logits, cache, active
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "chunk"), donate_argnames=("cache",))
@@ -190,7 +201,7 @@ def generate(params, config: ModelConfig, prompts, max_new_tokens: int, *, tempe
              seed=0, stop_tokens: Sequence[int] | None = None, dtype=jnp.bfloat16, prefill_chunk: int = 2048,
              on_tokens: Callable[[list[int | None]], None] | None = None, mesh=None,
              fp8_cache: bool = False, stream_every: int = 16, speculative: str | None = None,
-             stats: dict | None = None) -> list[list[int]]:
+             stats: dict | None = None, log_probs: list | None = None) -> list[list[int]]:
     """New tokens for each prompt (a list of token ids): a list of token lists.
 
     ``temperature`` (0: greedy), ``top_p``, ``top_k`` (0: off) and ``seed``: a value for every row
@@ -201,7 +212,9 @@ def generate(params, config: ModelConfig, prompts, max_new_tokens: int, *, tempe
     sharded on; the cache is then split by rows (``v4jax.decode.cache_shardings``). ``fp8_cache``:
     the compressed entries' non-RoPE channels kept in FP8 (``v4jax.decode.init_cache``).
     ``speculative="mtp"``: draft with the MTP block (module docstring); then ``stats``, if given a
-    dict, receives ``drafted``, ``accepted`` and ``acceptance_rate``.
+    dict, receives ``drafted``, ``accepted`` and ``acceptance_rate``. ``log_probs``, if given a list,
+    receives one list per row: each new token's log-probability under the distribution it was drawn
+    from (after temperature, top-k and top-p; 0 for greedy rows), as GRPO's old policy needs.
     """
     prompts = _check_prompts(prompts, config.vocab_size)
     _positive_int("max_new_tokens", max_new_tokens)
@@ -209,6 +222,8 @@ def generate(params, config: ModelConfig, prompts, max_new_tokens: int, *, tempe
     _positive_int("stream_every", stream_every)
     if speculative not in SPECULATIVE:
         raise ValueError(f"speculative must be None or 'mtp', got {speculative!r}")
+    if speculative is not None and log_probs is not None:
+        raise ValueError("log_probs come from plain decoding: leave speculative unset to record them")
     if speculative == "mtp" and "mtp" not in params:
         raise ValueError("speculative='mtp' needs the model's MTP block, and this checkpoint has none "
                          "(num_nextn_predict_layers = 0, or its mtp.* tensors were not loaded): generate without it")
@@ -242,12 +257,17 @@ def generate(params, config: ModelConfig, prompts, max_new_tokens: int, *, tempe
 
     if speculative is None:
         active, step = jnp.ones((b,), bool), 0
+        if log_probs is not None:
+            log_probs[:] = [[] for _ in range(b)]
         while step < max_new_tokens:
-            tokens, n, logits, cache, active = decode_tokens(params, cache, logits, sp, jnp.int32(step), active,
-                                                             jnp.int32(max_new_tokens - step), stops, config,
-                                                             dtype, stream_every)
-            tokens, n = np.asarray(tokens)[:, :int(n)], int(n)
+            tokens, logp, n, logits, cache, active = decode_tokens(
+                params, cache, logits, sp, jnp.int32(step), active, jnp.int32(max_new_tokens - step), stops, config,
+                dtype, stream_every)
+            tokens, logp, n = np.asarray(tokens)[:, :int(n)], np.asarray(logp)[:, :int(n)], int(n)
             stream(tokens, (tokens >= 0).sum(1))
+            if log_probs is not None:
+                for r in range(b):
+                    log_probs[r] += [float(x) for x in logp[r][tokens[r] >= 0]]
             step += n
             if not bool(np.asarray(active).any()):
                 break
