@@ -44,12 +44,9 @@ lines and a table; ``--json`` writes them.
 from __future__ import annotations
 
 import argparse
-import collections
-import glob
 import json
 import os
 import sys
-import tempfile
 import time
 
 NOMINAL_TBPS = {"H100": 3.35, "H200": 4.8, "B200": 8.0}  # HBM bandwidth, TB/s (SXM parts)
@@ -105,19 +102,10 @@ def step_bytes(params, cache, config, batch: int, speculative: bool = False) -> 
 def profile_ops(fn, platform: str, per: int) -> dict:
     """Run ``fn`` under jax.profiler and sum the device ops by name -> the top ops (time and launches
     per token, ``per`` tokens), the device-busy time per token and the trace's span."""
-    import jax
-
     sys.path.insert(0, os.path.dirname(__file__))
-    from profile_step import device_events
+    from profile_step import time_by_op, traced
 
-    trace_dir = tempfile.mkdtemp()
-    with jax.profiler.trace(trace_dir):
-        fn()
-    path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1]
-    time_ns, calls = collections.Counter(), collections.Counter()
-    for name, ns, _ in device_events(path, platform):
-        time_ns[name] += ns
-        calls[name] += 1
+    time_ns, calls = time_by_op(traced(fn)[1], platform)
     busy = sum(time_ns.values())
     top = [{"op": n, "us_per_token": t / per / 1e3, "launches_per_token": calls[n] / per}
            for n, t in time_ns.most_common(25)]

@@ -9,12 +9,9 @@ steady prefill is traced and its costliest device ops printed.
 from __future__ import annotations
 
 import argparse
-import collections
-import glob
 import json
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -30,7 +27,7 @@ def main():
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from profile_step import device_events
+    from profile_step import time_by_op, traced
 
     from v4jax import moe
     from v4jax.config import model_config_from_yaml
@@ -58,14 +55,8 @@ def main():
         first = run()
         row = {"backend": backend, "capacity": int(capacity), "first_s": first}
         if i == 0:
-            trace_dir = tempfile.mkdtemp()
-            with jax.profiler.trace(trace_dir):
-                row["steady_s"] = run()
-            path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1]
-            t, n = collections.Counter(), collections.Counter()
-            for name, ns, _ in device_events(path, "gpu"):
-                t[name] += ns
-                n[name] += 1
+            row["steady_s"], path = traced(run)
+            t, n = time_by_op(path, "gpu")
             row["device_busy_s"] = sum(t.values()) / 1e9
             row["top_ops"] = [(k, v / 1e9, n[k]) for k, v in t.most_common(12)]
         else:

@@ -54,6 +54,25 @@ def device_events(path: str, platform: str):
                 yield ev.name, ev.duration_ns, scope
 
 
+def traced(fn, trace_dir: str | None = None):
+    """Run ``fn`` under ``jax.profiler.trace`` -> (its result, the trace's xplane file)."""
+    import jax
+
+    trace_dir = trace_dir or tempfile.mkdtemp()
+    with jax.profiler.trace(trace_dir):
+        out = fn()
+    return out, sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1]
+
+
+def time_by_op(path: str, platform: str) -> tuple[collections.Counter, collections.Counter]:
+    """Device time (ns) and launches of each op name in an xplane file."""
+    time_ns, calls = collections.Counter(), collections.Counter()
+    for name, ns, _ in device_events(path, platform):
+        time_ns[name] += ns
+        calls[name] += 1
+    return time_ns, calls
+
+
 def op_paths(hlo_text: str) -> dict[str, str]:
     """HLO instruction name -> its op path (the jax name scopes), from the compiled module's text."""
     pat = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"')
@@ -156,13 +175,9 @@ def main():
     mfu = v4jax.trainer.flops_per_token(config, args.seq) * tps / 989e12
     print(f"step {step_s:.3f} s (spread {max(times[2:]) - min(times[2:]):.3f}), {tps:,.0f} tokens/s, MFU {mfu:.1%}; "
           f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, {sum(oks)}/{len(oks)} steps applied", flush=True)
-    trace_dir = args.trace_dir or tempfile.mkdtemp()
     t0 = time.perf_counter()
-    with jax.profiler.trace(trace_dir):
-        state, m = compiled(state, data)
-        jax.block_until_ready(m["loss"])
+    (state, m), path = traced(lambda: jax.block_until_ready(compiled(state, data)), args.trace_dir)
     wall = time.perf_counter() - t0
-    path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1]
     platform = jax.devices()[0].platform
     by_scope, by_op, paths, counts = (collections.Counter(), collections.Counter(), {}, collections.Counter())
     unscoped, unscoped_calls = collections.Counter(), collections.Counter()  # "other" by HLO instruction

@@ -58,6 +58,28 @@ def flat(tree) -> dict:
     return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+# chi-square critical values at p = 1e-6 for dof = 1..7 (scipy.stats.chi2.isf(1e-6, dof))
+CHI2_1E6 = {1: 23.93, 2: 27.63, 3: 30.66, 4: 33.38, 5: 35.89, 6: 38.26, 7: 40.52}
+
+
+def np_filtered(z, t, top_k, top_p):
+    """The distribution ``v4jax.sampling`` draws from, in float64 numpy written from its docstring:
+    softmax(z/t), keep the top-k, renormalise, keep the smallest prefix (by decreasing probability)
+    with mass >= top_p, renormalise."""
+    p = np.exp(z / t - (z / t).max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    keep = np.zeros(len(z), bool)
+    keep[order[: top_k or len(z)]] = True
+    q = np.where(keep, p, 0.0) / p[keep].sum()
+    cum = np.cumsum(q[order])
+    n = int(np.searchsorted(cum, top_p) + 1) if top_p < 1 else len(z)
+    keep2 = np.zeros(len(z), bool)
+    keep2[order[: min(n, keep.sum())]] = True
+    r = np.where(keep2, q, 0.0)
+    return r / r.sum()
+
+
 def sharpened(params):
     """Matrices scaled up 8x from the default init, so that softmaxes, indexer picks and clamps are far
     from their uniform / inactive regime and every path is exercised."""

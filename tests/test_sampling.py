@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.helpers import CHI2_1E6, np_filtered
 from v4jax.sampling import SamplingParams, log_probs, row_keys, sample, sample_with_log_probs, sampling_params
 
 rng = np.random.default_rng(0)
@@ -145,26 +146,8 @@ N = 20_000
 # top_p=0.8 keeps {1, 6, 3}; top-4 then top_p=0.89 keeps {1, 6, 3} where top-p on the unfiltered
 # probabilities would keep four (so the order of the filters is tested).
 CASES = [(0, 1.0, {0, 1, 2, 3, 4, 5, 6, 7}), (5, 1.0, {1, 6, 3, 4, 0}), (0, 0.8, {1, 6, 3}), (4, 0.89, {1, 6, 3})]
-# chi-square critical values at p = 1e-6 for dof = 1..7 (scipy.stats.chi2.isf(1e-6, dof)); with the
-# fixed seeds the test is deterministic, and a change of RNG would fail it with probability 1e-6 per case.
-CHI2_1E6 = {1: 23.93, 2: 27.63, 3: 30.66, 4: 33.38, 5: 35.89, 6: 38.26, 7: 40.52}
-
-
-def _np_filtered(z, t, top_k, top_p):
-    """The filtered distribution in float64: softmax(z/t), keep the top-k, renormalise, keep the smallest
-    prefix (by decreasing probability) with mass >= top_p, renormalise."""
-    p = np.exp(z / t - (z / t).max())
-    p /= p.sum()
-    order = np.argsort(-p, kind="stable")
-    keep = np.zeros(len(z), bool)
-    keep[order[: top_k or len(z)]] = True
-    q = np.where(keep, p, 0.0) / p[keep].sum()
-    cum = np.cumsum(q[order])
-    n = int(np.searchsorted(cum, top_p) + 1) if top_p < 1 else len(z)
-    keep2 = np.zeros(len(z), bool)
-    keep2[order[: min(n, keep.sum())]] = True
-    r = np.where(keep2, q, 0.0)
-    return r / r.sum()
+# With the fixed seeds the chi-square tests are deterministic; a change of RNG would fail one with
+# probability 1e-6 per case (CHI2_1E6).
 
 
 def test_chi_square_against_the_filtered_distribution():
@@ -176,7 +159,7 @@ def test_chi_square_against_the_filtered_distribution():
     np.testing.assert_array_equal(toks, sample_jit(logits, p, jnp.int32(0)))
     toks, logp = np.asarray(toks).reshape(len(CASES), N), np.asarray(logp).reshape(len(CASES), N)
     for (top_k, top_p, kept), t, lp in zip(CASES, toks, logp):
-        want = _np_filtered(Z, T, top_k, top_p)
+        want = np_filtered(Z, T, top_k, top_p)
         assert set(np.flatnonzero(want > 0).tolist()) == kept  # the reference agrees with the hand-written set
         counts = np.bincount(t, minlength=len(Z))
         assert set(np.flatnonzero(counts).tolist()) <= kept  # nothing outside the kept set, ever
@@ -191,7 +174,7 @@ def test_chi_square_against_the_filtered_distribution():
 def test_log_probs():
     logits = jnp.asarray(np.stack([Z, Z, Z]), jnp.float32)
     p = sampling_params(3, temperature=[T, T, 0.0], top_k=[5, 0, 0], top_p=[1.0, 0.8, 1.0])
-    want0, want1 = _np_filtered(Z, T, 5, 1.0), _np_filtered(Z, T, 0, 0.8)
+    want0, want1 = np_filtered(Z, T, 5, 1.0), np_filtered(Z, T, 0, 0.8)
     with np.errstate(divide="ignore"):
         for tok in range(len(Z)):
             got = log_probs_jit(logits, p, jnp.full((3,), tok, jnp.int32))

@@ -14,15 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.helpers import CONFIGS, rel, sharpened
+from tests.helpers import CHI2_1E6, CONFIGS, np_filtered, rel, sharpened
 from v4jax.decode import init_cache, last_index, logits_at, mtp_chunk, run_chunk
 from v4jax.generate import generate
 from v4jax.model import forward, init_params
 from v4jax.sampling import row_keys, sample, sampling_params, speculative_accept
 
 F32 = jnp.float32
-# chi-square critical values at p = 1e-6 (scipy.stats.chi2.isf(1e-6, dof)), for the dof the tests have
-CHI2_1E6 = {4: 33.38, 5: 35.89, 6: 38.26, 7: 40.52}
 
 
 def _chi2_ok(counts, probs, n):
@@ -50,7 +48,7 @@ def test_rejection_step_gives_the_target_distribution():
         keys = row_keys(sp.seed, jnp.int32(5))
         draft = sample(q_logits, sp, jnp.int32(9))
         kept, token = jax.jit(speculative_accept)(p_logits, q_logits, draft, sp, keys)
-        p, q = (_np_filtered(z, temperature, top_k, top_p) for z in (zp, zq))
+        p, q = (np_filtered(z, temperature, top_k, top_p) for z in (zp, zq))
         chi2, dof = _chi2_ok(np.bincount(np.asarray(token), minlength=8), p, n)
         assert chi2 < CHI2_1E6[dof], (temperature, top_k, top_p, chi2)
         assert set(np.asarray(token)[~np.asarray(kept)].tolist()) <= set(np.flatnonzero(p > q).tolist())
@@ -67,22 +65,6 @@ def test_rejection_step_greedy_rows():
                                      row_keys(sp.seed, jnp.int32(0)))
     assert kept.tolist()[:2] == [True, False] and token.tolist()[:2] == [1, 0]
     assert kept.tolist()[2]  # p == q: a draft is always kept
-
-
-def _np_filtered(z, t, top_k, top_p):
-    """softmax(z / t), then top-k, then top-p (the smallest prefix by decreasing probability with mass
-    >= top_p), renormalised each time: float64."""
-    p = np.exp(z / t - (z / t).max())
-    p /= p.sum()
-    order = np.argsort(-p, kind="stable")
-    keep = np.zeros(len(z), bool)
-    keep[order[: top_k or len(z)]] = True
-    q = np.where(keep, p, 0.0) / p[keep].sum()
-    if top_p < 1:
-        n = int(np.searchsorted(np.cumsum(q[order]), top_p) + 1)
-        keep[order[n:]] = False
-    r = np.where(keep, q, 0.0)
-    return r / r.sum()
 
 
 # an MTP block of each kind: its cache is a window (swa), or also compressed entries (hca, csa:
@@ -163,9 +145,9 @@ def test_speculative_sampling_is_exactly_distributed():
     L = len(prompt)
     probs = {}
     for (x1, x2), row in zip(itertools.product(range(v), repeat=2), logits):
-        p1 = _np_filtered(row[L - 1], t, k, 1.0)
-        p2 = _np_filtered(row[L], t, k, 1.0)
-        p3 = _np_filtered(row[L + 1], t, k, 1.0)
+        p1 = np_filtered(row[L - 1], t, k, 1.0)
+        p2 = np_filtered(row[L], t, k, 1.0)
+        p3 = np_filtered(row[L + 1], t, k, 1.0)
         for x3 in range(v):
             probs[(x1, x2, x3)] = p1[x1] * p2[x2] * p3[x3]
     cells = sorted(probs)

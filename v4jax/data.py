@@ -106,6 +106,7 @@ from typing import Any
 
 import numpy as np
 
+from v4jax.chat import MODES
 from v4jax.config import ConfigError
 
 BOS_ID, EOS_ID, PAD_ID = 0, 1, 2
@@ -160,8 +161,6 @@ class DataConfig:
         if self.format not in FORMATS:
             raise ConfigError(f"data.format={self.format!r}: allowed values are {', '.join(FORMATS)}")
         if self.format == "chat":
-            from v4jax.chat import MODES  # noqa: PLC0415
-
             if self.chat_mode not in MODES:
                 raise ConfigError(f"data.chat_mode={self.chat_mode!r}: allowed values are {', '.join(MODES)}")
             if self.path is None or self.tokenizer != "deepseek":

@@ -160,9 +160,14 @@ def _draw(logits, params, keys):
 def sample_with_log_probs(logits, params: SamplingParams, step, row_ids=None):
     """``sample`` and ``log_probs`` of its tokens from one sort: -> (tokens [B] int32, logp [B] f32)."""
     _check_shapes(logits, params, step, row_ids)
+    return _sample(logits, params, row_keys(params.seed, step, row_ids))
+
+
+def _sample(logits, params: SamplingParams, keys):
+    """Tokens [B] and their log-probabilities [B] (0 for greedy rows), the rows' keys given; the
+    sort is skipped when every row is greedy (``lax.cond``)."""
     greedy = params.temperature <= 0
     g_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    keys = row_keys(params.seed, step, row_ids)
     tok, logp = jax.lax.cond(jnp.all(greedy), lambda: (g_tok, jnp.zeros(g_tok.shape, F32)),
                              lambda: _draw(logits, params, keys))
     return jnp.where(greedy, g_tok, tok), jnp.where(greedy, 0.0, logp)
@@ -183,10 +188,7 @@ def sample(logits, params: SamplingParams, step, row_ids=None):
 
 def sample_with_keys(logits, params: SamplingParams, keys):
     """``sample`` with the rows' keys [B] given (greedy rows ignore theirs)."""
-    greedy = params.temperature <= 0
-    g_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    tok = jax.lax.cond(jnp.all(greedy), lambda: g_tok, lambda: _draw(logits, params, keys)[0])
-    return jnp.where(greedy, g_tok, tok)
+    return _sample(logits, params, keys)[0]
 
 
 def probabilities(logits, params: SamplingParams):

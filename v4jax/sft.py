@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from v4jax.chat import MODES, encode_chat_tokens
+from v4jax.chat import MODES, encode_chat_tokens, encode_messages
 
 
 def encode_conversation(messages, tokenizer: Any, mode: str = "chat") -> tuple[list[int], list[bool]]:
@@ -48,8 +48,6 @@ def read_conversations(path: str | Path, mode: str = "chat") -> list[dict[str, A
     ``mode``), each checked by encoding its text layout (``v4jax.chat.encode_messages``); blank
     lines are skipped. A bad line raises ``ValueError`` naming the file, the line and the problem.
     -> [{"messages": [...], "mode": str}]."""
-    from v4jax.chat import encode_messages  # noqa: PLC0415
-
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     out = []
