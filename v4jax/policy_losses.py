@@ -45,48 +45,61 @@ def group_advantages(rewards: jax.Array, eps: float = 1e-4) -> jax.Array:
     return (r - mean) / (std + eps)
 
 
-def _per_sequence_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean over each sequence's masked tokens, then over the sequences that have any."""
+def _per_sequence_mean(values: jax.Array, mask: jax.Array, sequences=None) -> jax.Array:
+    """Mean over each sequence's masked tokens, then over the sequences that have any (or, given
+    ``sequences``, summed and divided by it: a micro-batch's share of its update's mean)."""
     m = mask.astype(F32)
     n = m.sum(axis=-1)
     per_seq = (values * m).sum(axis=-1) / jnp.maximum(n, 1.0)
     has = (n > 0).astype(F32)
-    return (per_seq * has).sum() / jnp.maximum(has.sum(), 1.0)
+    return (per_seq * has).sum() / jnp.maximum(has.sum() if sequences is None else sequences, 1.0)
+
+
+def count_sequences(mask: jax.Array) -> jax.Array:
+    """How many sequences of mask [B, T] have a masked token: the objectives' outer denominator."""
+    return jnp.sum(jnp.any(mask > 0, axis=-1)).astype(F32)
 
 
 def grpo_loss(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array, advantages: jax.Array,
-              mask: jax.Array, clip_eps: float = 0.2, kl_coef: float = 0.04) -> tuple[jax.Array, dict]:
+              mask: jax.Array, clip_eps: float = 0.2, kl_coef: float = 0.04, sequences=None, tokens=None
+              ) -> tuple[jax.Array, dict]:
     """The negative GRPO objective (module docstring).
 
     logp [B, T]: the completion tokens' log-probabilities under the policy being trained;
     old_logp, ref_logp [B, T]: under the sampling policy and the frozen reference (no gradient
-    flows into either); advantages [B]; mask [B, T]: 1 on completion tokens. -> (loss, metrics:
-    ``kl`` (the k3 mean), ``clip_fraction`` (tokens whose ratio was clipped and counted), ``ratio``).
+    flows into either); advantages [B] (or [B, T], one per token); mask [B, T]: 1 on completion
+    tokens. ``sequences``, ``tokens``: for a micro-batch, its update's count of sequences with
+    completion tokens and of those tokens (the denominators; by default this batch's). -> (loss,
+    metrics: ``kl`` (the k3 mean), ``clip_fraction`` (tokens whose ratio was clipped and counted),
+    ``ratio``).
     """
     old_logp, ref_logp = jax.lax.stop_gradient(old_logp), jax.lax.stop_gradient(ref_logp)
-    a = advantages.astype(F32)[:, None]
+    a = advantages.astype(F32)
+    a = a[:, None] if a.ndim == 1 else a
     ratio = jnp.exp(logp - old_logp)
     surrogate = jnp.minimum(ratio * a, jnp.clip(ratio, 1 - clip_eps, 1 + clip_eps) * a)
     log_ref_over = ref_logp - logp
     k3 = jnp.exp(log_ref_over) - log_ref_over - 1
-    objective = _per_sequence_mean(surrogate - kl_coef * k3, mask)
+    objective = _per_sequence_mean(surrogate - kl_coef * k3, mask, sequences)
     clipped = (ratio * a > jnp.clip(ratio, 1 - clip_eps, 1 + clip_eps) * a).astype(F32)
     m = mask.astype(F32)
-    count = jnp.maximum(m.sum(), 1.0)
-    metrics = {"kl": _per_sequence_mean(k3, mask), "clip_fraction": (clipped * m).sum() / count,
+    count = jnp.maximum(m.sum() if tokens is None else tokens, 1.0)
+    metrics = {"kl": _per_sequence_mean(k3, mask, sequences), "clip_fraction": (clipped * m).sum() / count,
                "ratio": (ratio * m).sum() / count}
     return -objective, jax.tree.map(jax.lax.stop_gradient, metrics)
 
 
-def reverse_kl_loss(student_logits: jax.Array, teacher_logits: list[jax.Array], weights, mask: jax.Array
-                    ) -> jax.Array:
+def reverse_kl_loss(student_logits: jax.Array, teacher_logits: list[jax.Array], weights, mask: jax.Array,
+                    sequences=None) -> jax.Array:
     """Multi-teacher full-vocabulary reverse KL, sum_i w_i KL(pi_student || pi_teacher_i) per token,
     averaged over each sequence's masked tokens, then over sequences (module docstring).
-    student_logits and each teacher's [B, T, V]; weights: one per teacher; mask [B, T]."""
+    student_logits and each teacher's [B, T, V] (log-probabilities serve as well: log-softmax
+    leaves them as they are); weights: one per teacher; mask [B, T]; ``sequences`` as in
+    ``grpo_loss``."""
     ls = jax.nn.log_softmax(student_logits.astype(F32), axis=-1)
     ps = jnp.exp(ls)
     per_token = jnp.zeros(ls.shape[:-1], F32)
     for w, t in zip(weights, teacher_logits):
         lt = jax.lax.stop_gradient(jax.nn.log_softmax(t.astype(F32), axis=-1))
         per_token = per_token + w * jnp.sum(ps * (ls - lt), axis=-1)
-    return _per_sequence_mean(per_token, mask)
+    return _per_sequence_mean(per_token, mask, sequences)

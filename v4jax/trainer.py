@@ -40,11 +40,13 @@ from v4jax.losses import layer_routing_stats, routing_losses, update_router_bias
 from v4jax.model import forward, param_count
 from v4jax.optim import v4_optimizer
 from v4jax.parallel import ParallelConfig, ShardingError, batch_shards, whole_rows
+from v4jax.policy_losses import count_sequences
+from v4jax.post_training import PostConfig
 from v4jax.quant import PRECISIONS
 from v4jax.scan import plan
 from v4jax.schema import for_training, param_shardings, shard_like_params
 
-SECTIONS = ("model", "train", "data", "parallel")
+SECTIONS = ("model", "train", "data", "parallel", "post")
 
 F32 = jnp.float32
 FLOAT32_MAX = float(jnp.finfo(F32).max)
@@ -127,6 +129,7 @@ class RunConfig:
     train: TrainConfig
     data: DataConfig
     parallel: ParallelConfig = ParallelConfig()
+    post: PostConfig | None = None  # post-training (v4jax.post_training); None: pre-training or SFT
 
     def __post_init__(self):
         c = self.model.index_head_dim
@@ -135,8 +138,9 @@ class RunConfig:
                               f"model.index_head_dim a power of two, got {c}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model.to_hf_dict(), "train": dataclasses.asdict(self.train),
-                "data": dataclasses.asdict(self.data), "parallel": dataclasses.asdict(self.parallel)}
+        out = {"model": self.model.to_hf_dict(), "train": dataclasses.asdict(self.train),
+               "data": dataclasses.asdict(self.data), "parallel": dataclasses.asdict(self.parallel)}
+        return out if self.post is None else {**out, "post": dataclasses.asdict(self.post)}
 
 
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
@@ -153,7 +157,8 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     unknown = set(raw) - set(SECTIONS)
     if unknown:
         raise ConfigError(f"{path}: unknown sections {sorted(unknown)} (allowed: {', '.join(SECTIONS)})")
-    for section, cls in (("train", TrainConfig), ("data", DataConfig), ("parallel", ParallelConfig)):
+    for section, cls in (("train", TrainConfig), ("data", DataConfig), ("parallel", ParallelConfig),
+                         ("post", PostConfig)):
         fields = {f.name for f in dataclasses.fields(cls)}
         bad = set(raw.get(section) or {}) - fields
         if bad:
@@ -161,30 +166,38 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     model = ModelConfig.from_dict(raw["model"])
     train = TrainConfig(**(raw.get("train") or {}))
     data = DataConfig(**(raw.get("data") or {}))
+    post = PostConfig(**raw["post"]) if raw.get("post") is not None else None
     try:
         parallel = ParallelConfig(**(raw.get("parallel") or {}))
     except ShardingError as e:
         raise ConfigError(str(e)) from None
-    return RunConfig(model, train, data, parallel)
+    return RunConfig(model, train, data, parallel, post)
 
 
 # --------------------------------------------------------------------------------------------------
 # Schedule and optimizer
 
 
-def learning_rate(cfg: TrainConfig) -> optax.Schedule:
-    """Linear warm-up to ``lr``, constant, then cosine decay to ``lr_min`` from ``decay_start`` to ``steps``."""
+def learning_rate(cfg: TrainConfig, post: PostConfig | None = None) -> optax.Schedule:
+    """Linear warm-up to ``lr``, constant, then cosine decay to ``lr_min`` from ``decay_start`` to
+    ``steps``. With ``post``: that schedule for the ``post.sft_steps`` supervised steps, then
+    ``post.lr`` for the policy steps."""
     warm = optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1))
     const = optax.constant_schedule(cfg.lr)
     decay = optax.cosine_decay_schedule(cfg.lr, max(cfg.steps - cfg.decay_start, 1), alpha=cfg.lr_min / cfg.lr)
-    return optax.join_schedules([warm, const, decay], [cfg.warmup_steps, cfg.decay_start])
+    schedule = optax.join_schedules([warm, const, decay], [cfg.warmup_steps, cfg.decay_start])
+    if post is None:
+        return schedule
+    return optax.join_schedules([schedule, optax.constant_schedule(post.lr)], [post.sft_steps])
 
 
-def make_optimizer(cfg: TrainConfig, config: ModelConfig, mesh=None) -> optax.GradientTransformation:
-    """Gradient clipping, then Muon/AdamW; with ``mesh`` (the parameters' device mesh) Muon's
-    Newton-Schulz work is spread over all its devices (``v4jax.optim.orthogonalize_on_mesh``)."""
+def make_optimizer(cfg: TrainConfig, config: ModelConfig, mesh=None, post: PostConfig | None = None
+                   ) -> optax.GradientTransformation:
+    """Gradient clipping, then Muon/AdamW at ``learning_rate(cfg, post)``; with ``mesh`` (the
+    parameters' device mesh) Muon's Newton-Schulz work is spread over all its devices
+    (``v4jax.optim.orthogonalize_on_mesh``)."""
     ns = jnp.bfloat16 if cfg.muon_ns_dtype == "bfloat16" else F32
-    opt = v4_optimizer(learning_rate(cfg), config, ns_dtype=ns, table_lr_multiplier=cfg.engram_lr_multiplier,
+    opt = v4_optimizer(learning_rate(cfg, post), config, ns_dtype=ns, table_lr_multiplier=cfg.engram_lr_multiplier,
                        mesh=mesh)
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt) if cfg.clip_norm > 0 else opt
 
@@ -221,9 +234,10 @@ def _indexers(config: ModelConfig, tree) -> list[tuple[dict, list[str]]]:
 
 
 def _update_counts(batch) -> dict:
-    """What weights a batch's losses as one update: its masked tokens (main and MTP) and rows."""
+    """What weights a batch's losses as one update: its masked tokens (main and MTP), rows, and
+    rows with a masked token (the policy objectives' sequences)."""
     return {"tokens": jnp.sum(batch["loss_mask"]), "mtp_tokens": jnp.sum(batch["mtp_mask"]),
-            "rows": batch["tokens"].shape[0]}
+            "rows": batch["tokens"].shape[0], "sequences": count_sequences(batch["loss_mask"])}
 
 
 def _total_loss(cfg: TrainConfig, step, lm, mtp, balance, indexer):
@@ -234,8 +248,13 @@ def _total_loss(cfg: TrainConfig, step, lm, mtp, balance, indexer):
     return loss + cfg.balance_weight * balance + cfg.indexer_loss_weight * indexer
 
 
-def loss_fn(params, batch, config: ModelConfig, cfg: TrainConfig, step, parallel=None, mesh=None, update=None):
+def loss_fn(params, batch, config: ModelConfig, cfg: TrainConfig, step, parallel=None, mesh=None, update=None,
+            objective=None):
     """The training loss of ``batch`` and (metrics, per-layer statistics).
+
+    objective: None for the language-model loss (main and MTP cross-entropy). Post-training passes
+    its own (``v4jax.post_training``): ``objective(hidden, head, batch, update) -> (loss, metrics)``
+    replaces the cross-entropy terms (the MTP block is not run); the routing and indexer terms stay.
 
     update: None when the batch is the whole update. For a micro-batch of a larger update, its
     {"tokens", "mtp_tokens", "rows"}: the cross-entropies are divided by the update's token counts
@@ -245,7 +264,7 @@ def loss_fn(params, batch, config: ModelConfig, cfg: TrainConfig, step, parallel
     The statistics, by routing key (str(layer), "mtp"): ``load`` [E], ``kl_sum`` and ``kl_count``.
     """
     dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else F32
-    has_mtp = "mtp" in params
+    has_mtp = "mtp" in params and objective is None
     mask = batch["segment_ids"] > 0  # real tokens (padding has segment 0)
     used = for_training(params, config, cfg.precision, cfg.indexer_fp4)  # quantised as train.precision says
     out = forward(used, batch["tokens"], config, positions=batch["positions"], segment_ids=batch["segment_ids"],
@@ -265,14 +284,20 @@ def loss_fn(params, batch, config: ModelConfig, cfg: TrainConfig, step, parallel
         return weighted_nll(hidden, whole_rows(params["head"], mesh), targets, weights, chunk,
                             batch_shards(mesh, hidden.shape[0]), context.ways(mesh))
 
-    lm = ce(out["hidden"], batch["targets"], batch["loss_mask"], update["tokens"])
+    if objective is None:
+        lm = ce(out["hidden"], batch["targets"], batch["loss_mask"], update["tokens"])
+        metrics = {"lm_loss": lm}
+    else:
+        lm, metrics = objective(out["hidden"], whole_rows(params["head"], mesh), batch, update)
+        metrics = {"policy_loss": lm, **metrics}
     balance, kl_sums, kl_counts = routing_losses(list(stats.values()))
     balance = balance * (batch["tokens"].shape[0] / update["rows"])
     kl_norm = [jnp.maximum(c, 1.0) if whole else 1.0 for c in kl_counts]
     indexer = jnp.mean(jnp.stack([s / n for s, n in zip(kl_sums, kl_norm)])) if kl_sums else jnp.zeros((), F32)
     mtp = ce(out["mtp_hidden"], batch["mtp_targets"], batch["mtp_mask"], update["mtp_tokens"]) if has_mtp else None
     loss = _total_loss(cfg, step, lm, mtp, balance, indexer)
-    metrics = {"lm_loss": lm, **({"mtp_loss": mtp} if has_mtp else {})}
+    if has_mtp:
+        metrics["mtp_loss"] = mtp
     metrics.update(balance_loss=balance, dropped_tokens=sum(s["dropped"] for s in stats.values()))
     if whole:
         metrics["indexer_loss"] = indexer
@@ -294,13 +319,14 @@ def _scale_indexers(grads, config: ModelConfig, kl_counts: dict) -> dict:
     return grads
 
 
-def update_gradients(params, batch, config: ModelConfig, cfg: TrainConfig, step, parallel=None, mesh=None):
+def update_gradients(params, batch, config: ModelConfig, cfg: TrainConfig, step, parallel=None, mesh=None,
+                     objective=None):
     """Loss, gradients and statistics of one optimizer update over ``batch`` [B, ...]: the batch at
     once, or (``cfg.grad_accum_steps`` = k > 1) as k micro-batches of B/k rows in a scan, summing
     fp32 gradients, losses and expert loads so that the result is the whole batch's (up to float
     rounding) with one micro-batch's activations in memory. Micro-batch j takes rows j, j+k, ...,
     so each is split over the batch's devices like the batch. Returns (loss, grads, metrics,
-    {routing key: load [E]}); integer leaves get zero gradients."""
+    {routing key: load [E]}); integer leaves get zero gradients. ``objective`` as in ``loss_fn``."""
     k = cfg.grad_accum_steps
 
     def zero_ints(g, p):  # integer leaves (hash tables) get float0 "gradients"
@@ -308,7 +334,7 @@ def update_gradients(params, batch, config: ModelConfig, cfg: TrainConfig, step,
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True, allow_int=True)
     if k == 1:
-        (loss, (metrics, layer)), grads = grad_fn(params, batch, config, cfg, step, parallel, mesh)
+        (loss, (metrics, layer)), grads = grad_fn(params, batch, config, cfg, step, parallel, mesh, None, objective)
         return loss, jax.tree.map(zero_ints, grads, params), metrics, {key: s["load"] for key, s in layer.items()}
     rows = batch["tokens"].shape[0]
     if rows % k:
@@ -318,7 +344,7 @@ def update_gradients(params, batch, config: ModelConfig, cfg: TrainConfig, step,
     shapes_of_one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), micro)
 
     def micro_update(mb):
-        (_, (metrics, layer)), grads = grad_fn(params, mb, config, cfg, step, parallel, mesh, update)
+        (_, (metrics, layer)), grads = grad_fn(params, mb, config, cfg, step, parallel, mesh, update, objective)
         grads = jax.tree.map(zero_ints, grads, params)
         if mesh is not None:  # reduce-scattered to the parameters' layout before they are summed
             grads = jax.lax.with_sharding_constraint(grads, param_shardings(grads, mesh, config))
@@ -334,19 +360,22 @@ def update_gradients(params, batch, config: ModelConfig, cfg: TrainConfig, step,
     kl = {key: s["kl_sum"] / jnp.maximum(s["kl_count"], 1.0) for key, s in layer.items() if "kl_sum" in s}
     grads = _scale_indexers(grads, config, {key: s["kl_count"] for key, s in layer.items() if "kl_count" in s})
     metrics["indexer_loss"] = jnp.mean(jnp.stack(list(kl.values()))) if kl else jnp.zeros((), F32)
-    loss = _total_loss(cfg, step, metrics["lm_loss"], metrics.get("mtp_loss"), metrics["balance_loss"],
-                       metrics["indexer_loss"])
+    main = metrics["lm_loss" if objective is None else "policy_loss"]
+    loss = _total_loss(cfg, step, main, metrics.get("mtp_loss"), metrics["balance_loss"], metrics["indexer_loss"])
     return loss, grads, metrics, {key: s["load"] for key, s in layer.items()}
 
 
-def make_train_step(config: ModelConfig, cfg: TrainConfig, optimizer, parallel=None, mesh=None):
+def make_train_step(config: ModelConfig, cfg: TrainConfig, optimizer, parallel=None, mesh=None, objective=None,
+                    post: PostConfig | None = None):
     """A jitted ``step(state, batch) -> (state, metrics)``; see the module docstring. With ``mesh``
-    the state keeps the shardings it was placed with and the batch is split over the batch axes."""
+    the state keeps the shardings it was placed with and the batch is split over the batch axes.
+    ``objective``: a post-training objective in place of the language-model loss (``loss_fn``);
+    ``post``: the run's post-training section (for the learning rate it logs)."""
 
     def step_fn(state, batch):
         params = state["params"]
         loss, grads, metrics, loads_by_layer = update_gradients(params, batch, config, cfg, state["step"], parallel,
-                                                                mesh)
+                                                                mesh, objective)
         if mesh is not None:  # gradients sharded like their parameters: reduce-scattered, not all-reduced
             grads = jax.lax.with_sharding_constraint(grads, param_shardings(grads, mesh, config))
         grad_norm = optax.tree.norm(grads)
@@ -359,6 +388,8 @@ def make_train_step(config: ModelConfig, cfg: TrainConfig, optimizer, parallel=N
             updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
             new_params = optax.apply_updates(state["params"], updates)
             for gate, keys in _biased_gates(config, new_params):
+                if not all(key in loads_by_layer for key in keys):  # not run: MTP under a post-training objective
+                    continue
                 load = [loads_by_layer[key] for key in keys]
                 load = load[0] if gate["bias"].ndim == 1 else jnp.stack(load)
                 gate["bias"] = update_router_bias(gate["bias"], load, cfg.bias_update_speed)
@@ -377,11 +408,12 @@ def make_train_step(config: ModelConfig, cfg: TrainConfig, optimizer, parallel=N
             # V4-Flash (mock multi-host topology) returned the whole state replicated on every device.
             new_state = jax.lax.with_sharding_constraint(
                 new_state, shard_like_params(new_state, new_state["params"], mesh, config))
-        loads = [loads_by_layer[key] for _, keys in _biased_gates(config, params) for key in keys]
+        loads = [loads_by_layer[key] for _, keys in _biased_gates(config, params) for key in keys
+                 if key in loads_by_layer]
         imbalance = (jnp.mean(jnp.stack([jnp.max(ld) / jnp.maximum(jnp.mean(ld), 1e-9) for ld in loads]))
                      if loads else jnp.zeros(()))
         metrics.update(loss=loss, grad_norm=grad_norm, ok=ok & state_finite, state_finite=state_finite,
-                       lr=learning_rate(cfg)(state["step"]),
+                       lr=learning_rate(cfg, post)(state["step"]),
                        max_load_over_mean=imbalance, tokens=jnp.sum(batch["segment_ids"] > 0))
         return new_state, metrics
 

@@ -144,8 +144,17 @@ def check_local_paths(workdir: str | None, data_path: str | None) -> None:
 
 def check_config(run) -> None:
     """The config is self-consistent: Engram's tokenizer is the data's, the vocabulary holds the
-    tokenizer's, the rows fit the model's positions."""
+    tokenizer's, the rows fit the model's positions; a post-training run takes its prompts from
+    ``post.prompts`` and runs its supervised steps before train.steps ends."""
     from v4jax.config import ConfigError
+
+    if run.post is not None:
+        if run.data.path is not None:
+            raise ConfigError(f"data.path={run.data.path!r} is for pre-training and SFT; a post-training run takes its "
+                              "prompts from post.prompts: leave data.path unset")
+        if run.post.sft_steps >= run.train.steps:
+            raise ConfigError(f"post.sft_steps={run.post.sft_steps} leaves no policy steps in train.steps="
+                              f"{run.train.steps}: raise train.steps")
 
     engram = run.model.engram
     if engram is not None and engram.tokenizer not in (run.data.tokenizer, "none"):
@@ -226,7 +235,7 @@ def initial_state(run, mesh, workdir: Path):
     try:
         if checkpointer.latest_step() is None:
             run = dataclasses.replace(run, data=resolve_heldout_fraction(run.data))
-            data = open_data(run)
+            data = open_data(run, mesh, workdir)
             return run, data, fresh_state(run, mesh), checkpointer
         fresh = abstract(fresh_state(run, mesh))
         resumed = {}
@@ -235,7 +244,7 @@ def initial_state(run, mesh, workdir: Path):
             saved = meta["data"].get("heldout_fraction", 0.0)
             this = dataclasses.replace(run, data=resolve_heldout_fraction(run.data, saved))
             check_saved(this, meta, workdir)
-            resumed.update(run=this, data=open_data(this))
+            resumed.update(run=this, data=open_data(this, mesh, workdir))
             return fresh
 
         state, data_state, _ = checkpointer.restore(target)
@@ -260,19 +269,57 @@ def fresh_state(run, mesh) -> dict:
     from v4jax.schema import param_shardings, shard_like_params
     from v4jax.trainer import init_state, make_optimizer
 
-    params = init_params(run.model, run.train.seed, scan=run.parallel.scan_layers)
+    if run.post is not None and run.post.init is not None:
+        params = initial_policy(run)
+    else:
+        params = init_params(run.model, run.train.seed, scan=run.parallel.scan_layers)
     params = jax.device_put(params, param_shardings(params, mesh, run.model))
     state = init_state(params, make_optimizer(run.train, run.model))
     return jax.device_put(state, shard_like_params(state, params, mesh, run.model))
 
 
-def open_data(run):
+def initial_policy(run) -> dict:
+    """A post-training run's starting parameters (fp32, the run's layout) from ``post.init``, whose
+    model must be the config's."""
+    from v4jax.api import from_pretrained
+    from v4jax.config import ConfigError
+    from v4jax.scan import stack_layers
+
+    try:
+        model = from_pretrained(run.post.init, dtype="float32")
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"post.init={run.post.init!r}: {e}") from None
+    differ = [f"model.{f.name}: checkpoint {getattr(model.config, f.name)!r}, config {getattr(run.model, f.name)!r}"
+              for f in dataclasses.fields(model.config)
+              if getattr(model.config, f.name) != getattr(run.model, f.name)]
+    if differ:
+        raise ConfigError(f"post.init={run.post.init!r} is another model ({'; '.join(differ)}): make the model "
+                          "section the checkpoint's")
+    return stack_layers(model.params, run.model) if run.parallel.scan_layers else model.params
+
+
+def global_batch(mesh):
+    """This host's rows of a batch (numpy) -> global arrays split over the mesh's batch axes."""
+    import jax
+
+    from v4jax.parallel import batch_sharding
+
+    sharding = batch_sharding(mesh)
+    return lambda b: {k: jax.make_array_from_process_local_data(sharding, v) for k, v in b.items()}
+
+
+def open_data(run, mesh, workdir: Path):
     """This host's training iterator. When the run evaluates, its held-out split is opened too (read,
     tokenized and shared out over the hosts), so that what would fail at the first evaluation fails
-    now, before any step."""
+    now, before any step. A post-training run's data is its ``v4jax.post_training.Rollouts``
+    (prompts, rewards and teachers loaded and checked)."""
     from v4jax.config import ConfigError
     from v4jax.data import make_dataset
     from v4jax.engram import hasher_for
+    from v4jax.post_training import Rollouts
+
+    if run.post is not None:
+        return Rollouts(run, mesh, global_batch(mesh), workdir, hasher=hasher_for(run.model))
 
     data = make_dataset(run.data, hasher=hasher_for(run.model))
     if run.train.eval_every:
@@ -305,17 +352,21 @@ class Trainer:
     def __init__(self, run, mesh, data, checkpointer, workdir: Path, args):
         import jax
 
-        from v4jax.parallel import batch_sharding
+        from v4jax.post_training import objective_for
         from v4jax.trainer import flops_per_token, make_eval_step, make_optimizer, make_train_step, peak_flops
 
         self.run_cfg, self.cfg, self.data, self.checkpointer = run, run.train, data, checkpointer
         self.workdir, self.args = workdir, args
-        optimizer = make_optimizer(self.cfg, run.model, mesh)  # Muon's work spread over the mesh
-        self.step_fn = make_train_step(run.model, self.cfg, optimizer, run.parallel, mesh)
+        optimizer = make_optimizer(self.cfg, run.model, mesh, run.post)  # Muon's work spread over the mesh
+        self.step_fn = make_train_step(run.model, self.cfg, optimizer, run.parallel, mesh, post=run.post)
+        self.post = run.post
+        # post-training: the same step with the policy objective, after post.sft_steps supervised ones
+        self.policy_step_fn = (make_train_step(run.model, self.cfg, optimizer, run.parallel, mesh,
+                                               objective_for(run.post), run.post) if run.post is not None else None)
         self.eval_fn = (make_eval_step(run.model, parallel=run.parallel, mesh=mesh, precision=self.cfg.precision,
-                                       indexer_fp4=self.cfg.indexer_fp4) if self.cfg.eval_every else None)
-        sharding = batch_sharding(mesh)
-        self.to_global = lambda b: {k: jax.make_array_from_process_local_data(sharding, v) for k, v in b.items()}
+                                       indexer_fp4=self.cfg.indexer_fp4)
+                        if self.cfg.eval_every and run.post is None else None)
+        self.to_global = global_batch(mesh)
         self.tokens_per_step = run.data.batch_size * run.data.seq_len
         self.flops_per_token = flops_per_token(run.model, run.data.seq_len)
         self.peak = peak_flops(self.cfg)
@@ -339,7 +390,7 @@ class Trainer:
         with self._signals(), self._logs(self.start) as (log, writer):
             try:
                 for step in range(self.start, self.cfg.steps):
-                    state, metrics = self.step_fn(state, self.to_global(next(self.data)))
+                    state, metrics = self._step(step, state)
                     window["tokens"] += self.tokens_per_step
                     done = self.done = step + 1
                     self.last_metrics = metrics
@@ -372,6 +423,18 @@ class Trainer:
                 bar.close()
         return 0
 
+    def _step(self, step: int, state):
+        """One optimizer update: a pre-training or SFT batch, a post-training run's supervised batch
+        (its first post.sft_steps), or its rollout with the policy objective."""
+        if self.post is None:
+            return self.step_fn(state, self.to_global(next(self.data)))
+        if step < self.post.sft_steps:
+            return self.step_fn(state, self.data.sft_batch(step))
+        self.data.start_policy_steps(state["params"])
+        batch, rollout = self.data.policy_batch(state["params"], step)
+        state, metrics = self.policy_step_fn(state, batch)
+        return state, {**metrics, **rollout}
+
     def _stop(self, done: int) -> str:
         """Why to stop after step ``done`` ('' to go on): this process got a signal or reached
         --stop-after-step, or, in a multi-host job, another process did. The processes agree after
@@ -395,11 +458,14 @@ class Trainer:
         if self.last_metrics is None:
             trained = f"trained: nothing, the run is at step {self.done} of train.steps={self.cfg.steps}"
         else:
+            name, key = ("training loss (main head)", "lm_loss") if "lm_loss" in self.last_metrics else \
+                ("mean reward", "reward")  # a post-training run's policy step
             trained = (f"trained: steps {self.start + 1}-{self.done} of {self.cfg.steps} in "
-                       f"{time.perf_counter() - self.t0:.0f} s; training loss (main head) "
-                       f"{float(self.last_metrics['lm_loss']):.4f} at step {self.done}")
+                       f"{time.perf_counter() - self.t0:.0f} s; {name} {float(self.last_metrics[key]):.4f} at step "
+                       f"{self.done}")
         if self.evaluated is not None:
-            trained += f"; held-out loss (main head) {self.evaluated[1]:.4f} at step {self.evaluated[0]}"
+            step, name, value = self.evaluated
+            trained += f"; {name} {value:.4f} at step {step}"
         newest = self.checkpointer.latest_step()
         lines = [trained,
                  f"checkpoint: step {newest}, {w / 'checkpoints' / str(newest)}" if newest is not None
@@ -409,6 +475,8 @@ class Trainer:
             q = shlex.quote(str(w))
             deepseek = self.run_cfg.data.tokenizer == "deepseek"
             prompt = "--chat chat --prompt 'Hello!'" if deepseek else "--prompt 'To be'"
+            if self.post is not None and self.post.prompts == "arithmetic":
+                prompt = "--prompt '12+34=' --temperature 0"
             lines.append(f"next: v4jax-eval --workdir {q}  |  v4jax-generate --checkpoint {q} {prompt}  |  "
                          f"python -m v4jax.cli.plot --workdir {q}")
         return "\n".join(lines)
@@ -441,9 +509,13 @@ class Trainer:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         tps = window["tokens"] / (time.perf_counter() - window["t0"])
         m.update(step=done, tokens_per_s=tps, mfu=self.flops_per_token * tps / self.peak, time=time.time())
-        if self.eval_fn is not None and done % self.cfg.eval_every == 0:
-            m.update(self._evaluate(state["params"]))
-            self.evaluated = (done, m["eval_main_loss"])
+        if self.cfg.eval_every and done % self.cfg.eval_every == 0:
+            if self.post is None:
+                m.update(self._evaluate(state["params"]))
+                self.evaluated = (done, "held-out loss (main head)", m["eval_main_loss"])
+            else:
+                m.update(self.data.evaluate(state["params"]))
+                self.evaluated = (done, "held-out reward", m["eval_reward"])
         window.update(t0=time.perf_counter(), tokens=0)
         if not self.writes:
             return
@@ -452,7 +524,10 @@ class Trainer:
         for k, v in m.items():
             if isinstance(v, float) and math.isfinite(v) and k not in ("step", "time"):
                 writer.add_scalar(k, v, done)
-        bar.set_postfix(lm_loss=f"{m['lm_loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{m['mfu']:.1%}")
+        if "lm_loss" in m:
+            bar.set_postfix(lm_loss=f"{m['lm_loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{m['mfu']:.1%}")
+        else:
+            bar.set_postfix(reward=f"{m['reward']:.3f}", tok_s=f"{tps:,.0f}")
 
     def _evaluate(self, params) -> dict:
         """Held-out losses over a fixed number of batches (the same count on every host)."""
