@@ -235,9 +235,10 @@ def test_model_generate_chat_and_the_cli(tmp_path, capsys):
     config = CONFIGS["b"].replace(vocab_size=259)  # the byte tokenizer's ids
     model = v4jax.Model(config, sharpened(init_params(config, 0)), jnp.dtype(F32))
     tok = load_tokenizer("bytes")
-    want = generate(model.params, config, [tok.encode("Hello")], 6, temperature=0.0, dtype=F32)[0]
+    ids = [tok.bos_id, *tok.encode("Hello")]  # a text prompt begins with BOS, as training documents do
+    want = generate(model.params, config, [ids], 6, temperature=0.0, dtype=F32)[0]
     assert model.generate(["Hello"], 6, temperature=0.0, tokenizer="bytes")[0] == want
-    assert model.generate([tok.encode("Hello")], 6, temperature=0.0)[0] == want
+    assert model.generate([ids], 6, temperature=0.0)[0] == want
     with pytest.raises(ValueError, match="tokenizer"):
         model.generate(["Hello"], 6)  # the DeepSeek tokenizer's ids do not fit this vocabulary
 

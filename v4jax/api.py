@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from v4jax.config import ModelConfig
+from v4jax.data import text_prompt
 from v4jax.model import forward, init_params, param_specs, stored_specs
 from v4jax.multihost import is_writer
 from v4jax.parallel import ParallelConfig, adopt_mesh, expert_axes
@@ -190,7 +191,7 @@ class Model:
                              "pass [prompt]")
         if any(isinstance(p, str) for p in prompts):
             tok = self.tokenizer(tokenizer)
-            prompts = [tok.encode(p) if isinstance(p, str) else p for p in prompts]
+            prompts = [text_prompt(tok, p) if isinstance(p, str) else p for p in prompts]
         return generate(self.params, self.config, prompts, max_new_tokens, temperature=temperature,
                         top_p=top_p, top_k=top_k, seed=seed, stop_tokens=stop_tokens, dtype=self.dtype,
                         on_tokens=on_tokens, mesh=self.mesh, fp8_cache=fp8_cache, speculative=speculative,

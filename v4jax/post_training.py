@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from v4jax.config import ConfigError, ModelConfig
-from v4jax.data import _finish, load_tokenizer
+from v4jax.data import PAD_ID, finish_batch, load_tokenizer
 from v4jax.generate import generate
 from v4jax.layers import linear_f32
 from v4jax.model import forward
@@ -158,14 +158,14 @@ def rows_batch(sequences: list[list[int]], trained: list[list[bool]], width: int
                ) -> dict[str, np.ndarray]:
     """Token sequences (one document per row, padded to ``width``) as a training batch
     (``v4jax.data``'s layout), the loss counting only the targets whose token is ``trained``."""
-    tokens = np.full((rows, width), 2, np.int32)  # pad
+    tokens = np.full((rows, width), PAD_ID, np.int32)
     seg = np.zeros((rows, width), np.int32)
     flags = np.zeros((rows, width), np.float32)
     for r, (ids, tr) in enumerate(zip(sequences, trained, strict=True)):
         tokens[r, :len(ids)], seg[r, :len(ids)], flags[r, :len(ids)] = ids, 1, tr
     pos = np.broadcast_to(np.arange(width, dtype=np.int32), (rows, width)) * (seg > 0)
-    return _finish({"tokens": tokens, "tokens_segment_ids": seg, "tokens_positions": pos, "trained": flags},
-                   rows=rows, pad_id=2, hasher=hasher)
+    return finish_batch({"tokens": tokens, "tokens_segment_ids": seg, "tokens_positions": pos, "trained": flags},
+                        rows=rows, pad_id=PAD_ID, hasher=hasher)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,11 +258,10 @@ class Rollouts:
         self.rewards = {name: (load_reward(name), float(w)) for name, w in post.rewards.items()}
         self.train_prompts, self.heldout = split_prompts(load_prompts(post.prompts), post.heldout_fraction)
         self.heldout = self.heldout[:post.eval_prompts]
-        if "exact_match" in post.rewards or run.train.eval_every:
-            missing = [p.text for p in self.train_prompts + self.heldout if p.answer is None]
-            if missing and ("exact_match" in post.rewards or post.sft_steps):
-                raise ConfigError(f"post.prompts={post.prompts!r}: {len(missing)} prompts have no answer (e.g. "
-                                  f"{missing[0]!r:.60}), and exact_match or post.sft_steps needs one")
+        missing = [p.text for p in self.train_prompts + self.heldout if p.answer is None]
+        if missing and ("exact_match" in post.rewards or post.sft_steps):
+            raise ConfigError(f"post.prompts={post.prompts!r}: {len(missing)} prompts have no answer (e.g. "
+                              f"{missing[0]!r:.60}), and exact_match or post.sft_steps needs one")
         self._ids = {}
         longest = max(len(self._prompt(p.text)) for p in self.train_prompts + self.heldout)
         if longest + post.max_new_tokens > data.seq_len:

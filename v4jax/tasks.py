@@ -36,7 +36,7 @@ import numpy as np
 
 from v4jax.chat import EOS_ID, encode_chat_tokens, parse_completion_tokens
 from v4jax.config import ConfigError
-from v4jax.data import _hash_value
+from v4jax.data import hash_value, text_prompt
 
 BUILTIN_PROMPTS = ("arithmetic",)
 
@@ -89,8 +89,8 @@ def load_prompts(spec: str) -> list[Prompt]:
 
 def split_prompts(prompts: Sequence[Prompt], heldout_fraction: float) -> tuple[list[Prompt], list[Prompt]]:
     """(training, held-out) by the hash of each prompt's text; both must be non-empty."""
-    held = [p for p in prompts if _hash_value(p.text) < heldout_fraction]
-    train = [p for p in prompts if _hash_value(p.text) >= heldout_fraction]
+    held = [p for p in prompts if hash_value(p.text) < heldout_fraction]
+    train = [p for p in prompts if hash_value(p.text) >= heldout_fraction]
     if not train or (heldout_fraction > 0 and not held):
         raise ConfigError(f"post.heldout_fraction={heldout_fraction} leaves {len(train)} training and {len(held)} "
                           f"held-out prompts of {len(prompts)}: both need some")
@@ -115,7 +115,7 @@ class PromptSampler:
 def prompt_tokens(text: str, tokenizer, chat_mode: str) -> list[int]:
     """A prompt's ids: BOS and its text (bytes), or a user turn with the reply's opener (deepseek)."""
     if tokenizer.name == "bytes":
-        return [tokenizer.bos_id] + [int(i) for i in tokenizer.encode(text)]
+        return text_prompt(tokenizer, text)
     return encode_chat_tokens([{"role": "user", "content": text}], tokenizer, chat_mode)
 
 

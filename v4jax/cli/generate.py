@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import v4jax  # noqa: PLC0415  (after argparse, so --help is fast)
     from v4jax.chat import encode_chat_tokens  # noqa: PLC0415
+    from v4jax.data import text_prompt  # noqa: PLC0415
 
     try:
         model = v4jax.from_pretrained(args.checkpoint, dtype=args.dtype, quantized=args.quantized)
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
         print(describe(model.parallel), file=sys.stderr)
         tok = model.tokenizer(args.tokenizer)
         prompt = (encode_chat_tokens([{"role": "user", "content": args.prompt}], tok, args.chat) if args.chat
-                  else tok.encode(args.prompt))
+                  else text_prompt(tok, args.prompt))
         new: list[int] = []
         shown = ""
 
