@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.multihost_utils import process_allgather
 
 from v4jax.chat import EOS_ID  # the DeepSeek-V4 tokenizer's end of sentence: the default stop token
 from v4jax.config import ModelConfig
@@ -86,6 +87,15 @@ def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
             raise ValueError(f"prompts[{i}][{j}] = {int(ids[j])} is outside the vocabulary [0, {vocab_size})")
         out.append([int(t) for t in ids])
     return out
+
+
+def _to_host(x) -> np.ndarray:
+    """A device array's value on this host. On a mesh over several processes (a multi-host job) the
+    rows are split over hosts, and every process gathers them (a collective: each one reads the same
+    values in the same order, as the loop runs the same on all)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        return np.asarray(process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 def _positive_int(name: str, value) -> None:
@@ -263,24 +273,25 @@ def generate(params, config: ModelConfig, prompts, max_new_tokens: int, *, tempe
             tokens, logp, n, logits, cache, active = decode_tokens(
                 params, cache, logits, sp, jnp.int32(step), active, jnp.int32(max_new_tokens - step), stops, config,
                 dtype, stream_every)
-            tokens, logp, n = np.asarray(tokens)[:, :int(n)], np.asarray(logp)[:, :int(n)], int(n)
+            n = int(_to_host(n))
+            tokens, logp = _to_host(tokens)[:, :n], _to_host(logp)[:, :n]
             stream(tokens, (tokens >= 0).sum(1))
             if log_probs is not None:
                 for r in range(b):
                     log_probs[r] += [float(x) for x in logp[r][tokens[r] >= 0]]
             step += n
-            if not bool(np.asarray(active).any()):
+            if not bool(_to_host(active).any()):
                 break
         return out
 
     first, state = start_speculation(logits, x_last, sp, stops, jnp.int32(max_new_tokens))
-    stream(np.asarray(first)[:, None], np.asarray(state["count"]))
-    while bool(np.asarray(state["active"]).any()):
+    stream(_to_host(first)[:, None], _to_host(state["count"]))
+    while bool(_to_host(state["active"]).any()):
         tokens, n, cache, state = speculate_tokens(params, cache, state, sp, jnp.int32(max_new_tokens), stops,
                                                    config, dtype, stream_every)
-        stream(np.asarray(tokens), np.asarray(n))
+        stream(_to_host(tokens), _to_host(n))
     if stats is not None:
-        drafted, accepted = int(state["drafted"]), int(state["accepted"])
+        drafted, accepted = int(_to_host(state["drafted"])), int(_to_host(state["accepted"]))
         stats.update(drafted=drafted, accepted=accepted, acceptance_rate=accepted / max(drafted, 1))
     return out
 
