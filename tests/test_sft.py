@@ -86,12 +86,13 @@ def _conversations(n):
     return out
 
 
-@pytest.mark.parametrize("seq_len", [512, 24])
-def test_chat_batches_count_only_the_reply_tokens(tmp_path, tok, seq_len):
+@pytest.mark.parametrize("seq_len, hosts", [(512, 1), (24, 1), (512, 2)])
+def test_chat_batches_count_only_the_reply_tokens(tmp_path, tok, seq_len, hosts):
     """``data.format: chat``: packed rows whose ``loss_mask`` is 1 exactly where the target is a token
     an assistant turn writes. With whole conversations in a row (seq_len 512) every segment is
     checked against ``encode_conversation``; cut into pieces (24) the counted targets still total
-    the conversations' trained tokens (every next-token pair once per epoch)."""
+    the conversations' trained tokens (every next-token pair once per epoch). Over 2 hosts each
+    conversation is read by exactly one, with its flags."""
     from v4jax.data import DataConfig, make_dataset
 
     convs = _conversations(7)
@@ -100,19 +101,24 @@ def test_chat_batches_count_only_the_reply_tokens(tmp_path, tok, seq_len):
     cfg = DataConfig(path=str(path), format="chat", seq_len=seq_len, batch_size=2, shuffle=False, num_epochs=1,
                      heldout_fraction=0.0)
     encoded = [encode_conversation(c["messages"], tok, c.get("mode", "chat")) for c in convs]
-    counted = 0
-    for batch in make_dataset(cfg, 0, 1):
-        counted += int(batch["loss_mask"].sum())
-        if seq_len < 512:
-            continue
-        for row in range(batch["tokens"].shape[0]):
-            for s in set(batch["segment_ids"][row].tolist()) - {0}:
-                at = batch["segment_ids"][row] == s
-                tokens = batch["tokens"][row][at].tolist()
-                flags = next(f for t, f in encoded if t == tokens)  # a whole conversation
-                assert batch["loss_mask"][row][at].tolist() == [float(x) for x in flags[1:] + [False]]
-                assert batch["mtp_mask"][row][at].tolist() == [float(x) for x in flags[2:] + [False, False]]
+    counted, seen = 0, []
+    for host in range(hosts):
+        for batch in make_dataset(cfg, host, hosts):
+            counted += int(batch["loss_mask"].sum())
+            if seq_len < 512:
+                continue
+            for row in range(batch["tokens"].shape[0]):
+                for s in set(batch["segment_ids"][row].tolist()) - {0}:
+                    at = batch["segment_ids"][row] == s
+                    tokens = batch["tokens"][row][at].tolist()
+                    flags = next(f for t, f in encoded if t == tokens)  # a whole conversation
+                    assert batch["loss_mask"][row][at].tolist() == [float(x) for x in flags[1:] + [False]]
+                    assert batch["mtp_mask"][row][at].tolist() == [float(x) for x in flags[2:] + [False, False]]
+                    seen.append((host, tuple(tokens)))
     assert counted == sum(sum(f[1:]) for _, f in encoded)
+    if seq_len == 512:  # every conversation once, on one host
+        assert sorted(t for _, t in seen) == sorted(tuple(t) for t, _ in encoded)
+        assert len({h for h, _ in seen}) == hosts
 
 
 def test_chat_format_settings_are_checked(tmp_path):
