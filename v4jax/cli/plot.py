@@ -10,7 +10,12 @@ One figure, three panels, against the training step:
   ``train.decay_start``;
 * learning rate ``lr``;
 * expert load balance ``max_load_over_mean``: the busiest expert's share of the routed tokens over
-  the mean share, averaged over the MoE layers (1 is a perfect balance).
+  the mean share, averaged over the MoE layers (1 is a perfect balance);
+* and for a post-training run (README "Post-training") a fourth, the policy: the mean reward of each
+  step's samples ``reward`` and of the greedy held-out answers ``eval_reward``, the share of
+  completion tokens whose most likely token is the teachers' ``agreement`` and of held-out answers
+  equal to the teacher's ``eval_agreement``; its KL to the reference (``kl``) or the teachers
+  (``reverse_kl``) goes in the loss panel.
 
 Written to ``--out`` (default ``WORKDIR/curves.png``) under a temporary name and renamed when
 complete. A missing, empty or garbled metrics file is one ``error:`` line and exit status 2; a
@@ -29,10 +34,20 @@ from pathlib import Path
 PANELS = (  # (title, y label, [(metrics key, legend label)])
     ("loss", "nats per token", [("lm_loss", "main head (train)"), ("mtp_loss", "MTP head (train)"),
                                 ("eval_main_loss", "main head (held-out)"),
-                                ("eval_mtp_loss", "MTP head (held-out)")]),
+                                ("eval_mtp_loss", "MTP head (held-out)"), ("kl", "KL to the reference (k3)"),
+                                ("reverse_kl", "reverse KL to the teachers")]),
     ("learning rate", "lr", [("lr", "lr")]),
     ("expert load balance", "max load / mean load", [("max_load_over_mean", "max / mean over experts")]),
 )
+POLICY = ("policy", "mean reward / share", [("reward", "reward (samples)"),
+                                            ("eval_reward", "reward (held-out, greedy)"),
+                                            ("agreement", "token agreement with the teachers"),
+                                            ("eval_agreement", "held-out answers as the teacher's")])
+
+
+def panels(rows: list[dict]) -> tuple:
+    """PANELS, and the policy panel for a run that logged any of its metrics."""
+    return PANELS + ((POLICY,) if any(series(rows, key)[0] for key, _ in POLICY[2]) else ())
 
 
 def parse_args(argv=None):
@@ -94,13 +109,14 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def figure(rows: list[dict], title: str):
-    """A matplotlib Figure (no pyplot state) with the panels of ``PANELS``; each line's label is its
+    """A matplotlib Figure (no pyplot state) with the run's ``panels``; each line's label is its
     legend label and its ``gid`` the metrics key it draws."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(15, 4), layout="constrained")
+    shown = panels(rows)
+    fig = Figure(figsize=(5 * len(shown), 4), layout="constrained")
     fig.suptitle(title)
-    for ax, (name, ylabel, keys) in zip(fig.subplots(1, len(PANELS)), PANELS, strict=True):
+    for ax, (name, ylabel, keys) in zip(fig.subplots(1, len(shown)), shown, strict=True):
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
@@ -124,7 +140,7 @@ def plot(workdir, out=None):
     """Read ``WORKDIR/metrics.jsonl``, draw it, write the PNG. Returns (the PNG's path, the Figure)."""
     workdir = Path(workdir)
     rows = read_metrics(workdir / "metrics.jsonl")
-    if not any(series(rows, key)[0] for _, _, keys in PANELS for key, _ in keys):
+    if not any(series(rows, key)[0] for _, _, keys in PANELS + (POLICY,) for key, _ in keys):
         raise ValueError(f"{workdir / 'metrics.jsonl'} holds none of the metrics plotted "
                          f"({', '.join(key for _, _, keys in PANELS for key, _ in keys)})")
     fig = figure(rows, f"{workdir.resolve().name}: step {max(r['step'] for r in rows)}")

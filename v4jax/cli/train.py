@@ -475,9 +475,12 @@ class Trainer:
             q = shlex.quote(str(w))
             deepseek = self.run_cfg.data.tokenizer == "deepseek"
             prompt = "--chat chat --prompt 'Hello!'" if deepseek else "--prompt 'To be'"
-            if self.post is not None and self.post.prompts == "arithmetic":
-                prompt = "--prompt '12+34=' --temperature 0"
-            lines.append(f"next: v4jax-eval --workdir {q}  |  v4jax-generate --checkpoint {q} {prompt}  |  "
+            evaluate = f"v4jax-eval --workdir {q}  |  "  # perplexity: not what a post-training run is judged by
+            if self.post is not None:
+                evaluate = ""
+                if self.post.prompts == "arithmetic":
+                    prompt = "--prompt '12+34=' --temperature 0"
+            lines.append(f"next: {evaluate}v4jax-generate --checkpoint {q} {prompt}  |  "
                          f"python -m v4jax.cli.plot --workdir {q}")
         return "\n".join(lines)
 
