@@ -349,3 +349,22 @@ def test_rewards_and_completions():
     assert load_reward("tests.test_post_training:text_length")(completion="a1b22") == 5
     with pytest.raises(ValueError, match="needs an answer"):
         exact_match(completion="1", answer=None)
+
+
+def test_chat_format_prompts_answers_and_completions():
+    """With the DeepSeek-V4 tokenizer a prompt is a user turn with the reply's opener, a supervised
+    answer is what the reply writes after it, and a reward sees the reply's content (after
+    ``</think>`` in the think modes); token lists built by hand from the release's format."""
+    from v4jax.chat import ASSISTANT_ID, BOS_ID, END_THINK_ID, EOS_ID, THINK_ID, USER_ID
+    from v4jax.tasks import answer_tokens, prompt_tokens
+
+    tok = load_tokenizer("deepseek")
+    q, a = list(tok.encode("2+2=")), list(tok.encode("4"))
+    assert prompt_tokens("2+2=", tok, "chat") == [BOS_ID, USER_ID, *q, ASSISTANT_ID, END_THINK_ID]
+    assert prompt_tokens("2+2=", tok, "think") == [BOS_ID, USER_ID, *q, ASSISTANT_ID, THINK_ID]
+    assert answer_tokens("4", tok, "chat") == [*a, EOS_ID]
+    assert answer_tokens("4", tok, "think") == [END_THINK_ID, *a, EOS_ID]
+    reasoning = list(tok.encode("two and two"))
+    assert completion([*reasoning, END_THINK_ID, *a, EOS_ID, 7], tok, "think") == (
+        [*reasoning, END_THINK_ID, *a, EOS_ID], "4", True)
+    assert completion([*a, EOS_ID], tok, "chat")[1:] == ("4", True)

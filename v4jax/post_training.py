@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from v4jax.chat import MODES
 from v4jax.config import ConfigError, ModelConfig
 from v4jax.data import PAD_ID, finish_batch, load_tokenizer
 from v4jax.generate import generate
@@ -66,7 +67,6 @@ from v4jax.tasks import (
 F32 = jnp.float32
 METHODS = ("grpo", "distill")
 STATE_FORMAT = "v4jax-post-1"
-CHAT_MODES = ("chat", "think_high", "think_max")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +121,7 @@ class PostConfig:
         need(self.init is None or (isinstance(self.init, str) and self.init), "init", "a checkpoint path or null")
         need(isinstance(self.teachers, list) and all(isinstance(t, str) and t for t in self.teachers), "teachers",
              "a list of checkpoint paths")
-        need(self.chat_mode in CHAT_MODES, "chat_mode", " | ".join(CHAT_MODES))
+        need(self.chat_mode in MODES, "chat_mode", " | ".join(MODES))
         if self.method == "grpo":
             need(bool(self.rewards), "rewards", "at least one reward for GRPO")
             need(self.samples_per_prompt >= 2, "samples_per_prompt",
