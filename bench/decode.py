@@ -5,6 +5,7 @@
     python bench/decode.py ... --weights bf16,kept   # also with the weights kept FP8/FP4 (schema.as_stored)
     python bench/decode.py ... --speculative     # also MTP self-speculative decoding
     python bench/decode.py ... --profile         # also a traced decode: device time by op
+    python bench/decode.py ... --grouped-decode  # also batch 1 with the grouped matmul for the experts
 
 For each context C, a prompt of C random tokens is prefilled (``v4jax.generate.prefill``, chunks of
 ``--prefill-chunk``) twice on fresh caches: the first prefill in the process includes compiling
@@ -29,6 +30,10 @@ E (1 - (1 - k/E)^b); hash layers alike), b embedding rows, and the cache (window
 rings, and the compressed entries and indexer keys of the context). ``floor_fraction`` = floor /
 measured step time. bf16 parameters and cache, random weights drawn on the device; the cache's
 device memory is read from the allocator next to ``cache_bytes``.
+
+``--grouped-decode``: after the rest, the smallest batch's device loop again with the routed
+experts through the grouped matmul (``v4jax.moe.GATHER_FEW_PAIRS`` off) instead of gathering the
+chosen experts' weights (a copy of them every step), with ``--profile`` traced too.
 
 ``--profile``: after the timings, one device-loop decode per batch is traced (``jax.profiler``) and
 the device ops are summed by name: time and launches per token, and the trace's idle share. Run it
@@ -130,6 +135,8 @@ def main():
     ap.add_argument("--speculative", action="store_true", help="also time MTP self-speculative decoding")
     ap.add_argument("--host-loop", action="store_true", help="also time one step per call from the host")
     ap.add_argument("--profile", action="store_true", help="trace a device-loop decode per batch")
+    ap.add_argument("--grouped-decode", action="store_true",
+                    help="also the smallest batch with the experts' grouped matmul instead of gathered weights")
     ap.add_argument("--hbm-tbps", type=float, default=None, help="HBM bandwidth for the floor (default: nominal)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -241,6 +248,22 @@ def main():
                     prof = profile_ops(lambda: jax.block_until_ready(loop(cb, lb, args.steps, args.steps)),
                                        dev.platform, args.steps)
                     emit(dict(base, what="decode profile", batch=b, **prof))
+                if args.grouped_decode and b == min(int(x) for x in args.batches.split(",")):
+                    from v4jax import moe
+
+                    moe.GATHER_FEW_PAIRS = False
+                    jax.clear_caches()  # the flag is read when tracing
+                    (_, _, _, lb, cb, _), compile_s = timed(lambda: loop(cb, lb, args.steps, args.steps))
+                    (_, _, n, lb, cb, _), loop_s = timed(lambda: loop(cb, lb, args.steps, args.steps))
+                    step = loop_s / int(n)
+                    emit(dict(base, what="decode, device loop, grouped experts", batch=b, step_s=step,
+                              tokens_per_s=b / step, compile_s=compile_s, **floor(params, cb, b, step)))
+                    if args.profile:
+                        prof = profile_ops(lambda: jax.block_until_ready(loop(cb, lb, args.steps, args.steps)),
+                                           dev.platform, args.steps)
+                        emit(dict(base, what="decode profile, grouped experts", batch=b, **prof))
+                    moe.GATHER_FEW_PAIRS = True
+                    jax.clear_caches()
                 del cb, lb
             del cache
             if args.speculative:

@@ -9,6 +9,6 @@ source bench/device_setup.sh
 export PYTHONPATH=$SITE:.
 SUMMARY_LINES=14 SUMMARY="tok/s|busy|failed|rror" XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
   run decode 480 python3 bench/decode.py --config configs/bench-flash-8l.yaml --contexts 8192 --batches 1,32 \
-  --steps 64 --weights bf16,kept --speculative --host-loop --profile --json "$OUT/decode.json"
+  --steps 64 --weights bf16,kept --speculative --host-loop --profile --grouped-decode --json "$OUT/decode.json"
 SUMMARY="tok/s|failed|rror" run peer 100 python3 bench/decode.py --config configs/bench-flash-8l.yaml \
   --contexts 8192 --steps 64 --peer-only --json "$OUT/peer.json"

@@ -317,6 +317,12 @@ dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
 combine.defvjp(_combine_fwd, _combine_bwd)
 
 
+# Fewer (token, choice) pairs than experts (decoding a few rows) take ``gathered_experts``, which
+# reads only the chosen experts' weights but copies them first. bench/decode.py --grouped-decode
+# turns this off to time the grouped matmul (which skips empty groups) in its place.
+GATHER_FEW_PAIRS = True
+
+
 def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, p: dict, limit: float,
                    backend: str = "ragged_dot", capacity_factor: float = 2.0) -> tuple[jax.Array, jax.Array]:
     """Single-device path: sort token copies by expert, one grouped matmul per projection.
@@ -324,7 +330,7 @@ def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, p: dict, li
     x [t, d]; idx, weights [t, k]; p {w1 [e, f, d], w3 [e, f, d], w2 [e, d, f]}. Returns (y [t, d]
     fp32, dropped (token, choice) pairs: the ``padded`` backend's overflow).
     """
-    if idx.size < p["w1"].shape[0]:
+    if GATHER_FEW_PAIRS and idx.size < p["w1"].shape[0]:
         return gathered_experts(x, idx, weights, p, limit), jnp.zeros((), jnp.int32)
     k = idx.shape[1]
     flat = idx.reshape(-1)
