@@ -357,7 +357,11 @@ def gathered_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, p: dict, 
                 for w in ("w1", "w3"))
     hidden = swiglu(gate, up, weights, limit)
     hidden = activation(hidden) if quantized else hidden
-    return jnp.einsum("tkf,tkdf->td", hidden, take(p["w2"]), preferred_element_type=F32)
+    # Each pair's product first, then the sum over its k experts: written as one contraction over
+    # (k, f), XLA on an H100 made it a multiply writing a [k, f, d] fp32 buffer and a reduction of
+    # it (at batch 1 the largest kernel of a decode step, 0.3 of 2.2 ms); per pair it is a
+    # reduction over f, w2's minor axis, in one fusion with the gather, as w1's and w3's are.
+    return jnp.einsum("tkf,tkdf->tkd", hidden, take(p["w2"]), preferred_element_type=F32).sum(axis=1)
 
 
 def routed_experts_per_shard(x, idx, weights, p, limit, mesh, backend="ragged_dot", capacity_factor=2.0,
