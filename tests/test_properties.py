@@ -75,3 +75,18 @@ def test_packed_rows_are_not_one_document(run):
     joined, _ = run("a", np.concatenate([a, b])[None])
     alone, _ = run("a", b[None])
     assert rel(joined[:, 12:], alone) > 1e-3
+
+
+def test_linear_f32_of_bf16_operands_is_the_fp32_product():
+    """bf16 x bf16 with fp32 accumulation (the path without an fp32 copy of the weight) against the
+    float64 product of the same bf16 values: within fp32 summation rounding, as the upcast path is."""
+    from v4jax.layers import linear_f32
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 5, 256)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(64, 256)), jnp.bfloat16)
+    want = np.einsum("bsi,oi->bso", np.asarray(x, np.float64), np.asarray(w, np.float64))
+    got = linear_f32(x, w)
+    assert got.dtype == jnp.float32 and np.abs(np.asarray(got, np.float64) - want).max() <= 1e-6 * np.abs(want).max()
+    upcast = linear_f32(x.astype(jnp.float32), w)  # mixed dtypes: both upcast
+    assert np.abs(np.asarray(upcast, np.float64) - want).max() <= 1e-6 * np.abs(want).max()

@@ -42,7 +42,13 @@ def linear(x: jax.Array, w) -> jax.Array:
 
 
 def linear_f32(x: jax.Array, w: jax.Array) -> jax.Array:
-    """The same with both sides upcast to fp32 (router, compressor, mHC and the head run in fp32)."""
+    """The same in fp32 (router, compressor, mHC and the head run in fp32): both sides upcast, or,
+    when both are bf16, taken as they are with fp32 accumulation. The products of bf16 numbers are
+    exact in fp32, so that is the same sum, and it runs on bf16 tensor cores without an fp32 copy of
+    the weight: decoding at batch 32 on an H100 spent 0.38 ms of 3.1 in the compressors' weight
+    converts and fp32 GEMMs."""
+    if x.dtype == w.dtype == jnp.bfloat16:
+        return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=F32)
     return jnp.einsum("...i,oi->...o", x.astype(F32), w.astype(F32))
 
 
