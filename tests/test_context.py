@@ -6,6 +6,12 @@ slices and cross slice boundaries, and blocks of the compressors straddle them. 
 the split reorders sums (the entries' gradients are reduce-scattered, the loss is summed per
 slice), so values agree to rounding: relative error <= 1e-5 on the loss terms and logits, and on
 every gradient leaf relative to the largest gradient of the model.
+
+The gradients are compared in the dense attention stage (``train.attention: dense``), the loss
+terms in both. The sparse stage's top-k is discontinuous: on one CPU (XLA's XNNPACK kernels) the
+split's rounding-level changes to the indexer's scores picked other entries at near-ties, which
+moved gradients by 1.4e-3 of the largest while every loss term still agreed to 1e-5; in the dense
+stage the same split moves them by 1.9e-6.
 """
 
 import types
@@ -31,6 +37,7 @@ from v4jax.trainer import TrainConfig, loss_fn
 # see halos from one slice back and HCA blocks that straddle slices
 CONFIG = CONFIGS["a"].replace(sliding_window=32, compress_rates={"csa": 4, "hca": 64}, index_topk=16)
 TRAIN = TrainConfig(steps=10)
+DENSE = TrainConfig(steps=10, attention="dense")
 
 
 def packed(b: int, s: int, seed: int = 0, mean_doc: int = 300) -> dict:
@@ -48,12 +55,15 @@ def packed(b: int, s: int, seed: int = 0, mean_doc: int = 300) -> dict:
             "mtp_mask": (~last & ~np.roll(last, -1, 1)).astype(np.float32)}
 
 
-def run(params, batch, mesh=None, par=None):
-    """The training loss, its terms and the gradients (jitted; on ``mesh`` if given)."""
+def run(params, batch, mesh=None, par=None, train=TRAIN, grads=True):
+    """The training loss, its terms and (``grads``) the gradients (jitted; on ``mesh`` if given)."""
     def f(p, bt):
-        (loss, (metrics, _)), grads = jax.value_and_grad(loss_fn, has_aux=True, allow_int=True)(
-            p, bt, CONFIG, TRAIN, 0, par, mesh)
-        return loss, metrics, grads
+        if not grads:
+            loss, (metrics, _) = loss_fn(p, bt, CONFIG, train, 0, par, mesh)
+            return loss, metrics, None
+        (loss, (metrics, _)), g = jax.value_and_grad(loss_fn, has_aux=True, allow_int=True)(
+            p, bt, CONFIG, train, 0, par, mesh)
+        return loss, metrics, g
     if mesh is not None:
         params = jax.device_put(params, param_shardings(params, mesh, CONFIG))
     return jax.jit(f)(params, batch)
@@ -81,7 +91,8 @@ def batch():
 
 @pytest.fixture(scope="module")
 def single(params, batch):
-    return run(params, batch)
+    """The one-device numbers: the sparse stage's loss terms, the dense stage's and its gradients."""
+    return run(params, batch, grads=False), run(params, batch, train=DENSE)
 
 
 # (data, fsdp, expert, tensor, context): context 8 alone, 4 with fsdp, 2 with fsdp and expert; "+ec":
@@ -96,14 +107,15 @@ def test_training_loss_and_gradients_match_one_device(name, params, batch, singl
     par = ParallelConfig(*shape[:4], context=shape[4], capacity_factor=8.0,  # nothing can drop
                          expert_over_context=name.endswith("+ec"))
     mesh = make_mesh(par, jax.devices()[:int(np.prod(shape))])
-    loss, metrics, grads = run(params, batch, mesh, par)
-    want_loss, want_metrics, want_grads = single
-    assert int(metrics["dropped_tokens"]) == 0
-    assert rel(loss, want_loss) <= 1e-5
-    for k in ("lm_loss", "mtp_loss", "balance_loss", "indexer_loss"):
-        assert rel(metrics[k], want_metrics[k]) <= 1e-5, k
-    assert float(want_metrics["indexer_loss"]) > 0
-    assert grads_rel(grads, want_grads) <= 1e-5
+    for stage, (want_loss, want_metrics, want_grads) in zip((TRAIN, DENSE), single):
+        loss, metrics, grads = run(params, batch, mesh, par, stage, grads=want_grads is not None)
+        assert int(metrics["dropped_tokens"]) == 0
+        assert rel(loss, want_loss) <= 1e-5, stage.attention
+        for k in ("lm_loss", "mtp_loss", "balance_loss", "indexer_loss"):
+            assert rel(metrics[k], want_metrics[k]) <= 1e-5, (stage.attention, k)
+        assert float(want_metrics["indexer_loss"]) > 0
+        if want_grads is not None:
+            assert grads_rel(grads, want_grads) <= 1e-5
 
 
 def test_from_pretrained_on_a_context_mesh_gives_the_unsharded_logits(tmp_path):
