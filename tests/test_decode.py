@@ -81,7 +81,7 @@ def test_chunked_prefill_equals_one_prefill(name):
         m = config.layer_ratio(i)
         for key in lc:
             live = slice(None) if key in ("window", "x") else slice(0, 37 // m)
-            assert rel(lc[key][:, live], lw[key][:, live]) <= 1e-6, (i, key)
+            assert rel(lc[key][:, live], lw[key][:, live]) <= 4e-6, (i, key)
 
 
 def test_ragged_rows_equal_each_row_alone():
