@@ -138,7 +138,7 @@ def completion(ids: Sequence[int], tokenizer, chat_mode: str) -> tuple[list[int]
     finished = EOS_ID in ids
     kept = ids[:ids.index(EOS_ID) + 1] if finished else ids
     if tokenizer.name == "bytes":
-        return kept, tokenizer.decode([i for i in kept if i > 2]), finished
+        return kept, tokenizer.decode(kept), finished  # (the byte tokenizer's decode drops EOS)
     return kept, parse_completion_tokens(kept, tokenizer, chat_mode)["content"], finished
 
 
