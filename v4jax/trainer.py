@@ -259,9 +259,9 @@ def loss_fn(params, batch, config: ModelConfig, cfg: TrainConfig, step, parallel
     update: None when the batch is the whole update. For a micro-batch of a larger update, its
     {"tokens", "mtp_tokens", "rows", "sequences"} (``_update_counts``): the cross-entropies are
     divided by the update's token counts and the balance loss (a mean over rows) weighted by rows /
-    update rows, so that the
-    micro-batches' losses and gradients add up to the update's; each layer's indexer KL is left as
-    its sum over queries (the update's query count divides its gradient later: ``_scale_indexers``).
+    update rows, so that the micro-batches' losses and gradients add up to the update's; each
+    layer's indexer KL is left as its sum over queries (the update's query count divides its
+    gradient later: ``_scale_indexers``).
     The statistics, by routing key (str(layer), "mtp"): ``load`` [E], ``kl_sum`` and ``kl_count``.
     """
     dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else F32
