@@ -164,6 +164,6 @@ def test_grpo_on_two_processes_resumes_and_matches_one_process(tmp_path):
     assert [m["step"] for m in got] == [m["step"] for m in want] == [1, 2, 3, 4]
     for a, b in zip(got, want):
         assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL), a["step"]
-        for key in ("reward", "completion_tokens", "eval_reward"):
+        for key in ("reward_mean", "completion_tokens", "eval_reward"):
             assert a.get(key) == b.get(key), (a["step"], key)
-    assert "reward" in got[2] and "eval_reward" in got[3]
+    assert "reward_mean" in got[2] and "eval_reward" in got[3]

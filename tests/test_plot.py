@@ -57,11 +57,11 @@ def test_curves_of_a_run(tmp_path, capsys):
     assert "policy" not in drawn
 
     # post-training: a supervised step, then policy steps with rewards and a held-out evaluation
-    rows = [{"step": 1, "lm_loss": 2.0}, {"step": 2, "reward": 0.25, "kl": 0.01},
-            {"step": 3, "reward": 0.5, "kl": 0.02, "eval_reward": 0.4}]
+    rows = [{"step": 1, "lm_loss": 2.0}, {"step": 2, "reward_mean": 0.25, "kl": 0.01},
+            {"step": 3, "reward_mean": 0.5, "kl": 0.02, "eval_reward": 0.4}]
     write_metrics(tmp_path / "grpo", rows)
     drawn = lines_by_key(plot.plot(tmp_path / "grpo")[1])
-    assert drawn["policy"] == {"reward": ([2, 3], [0.25, 0.5]), "eval_reward": ([3], [0.4])}
+    assert drawn["policy"] == {"reward_mean": ([2, 3], [0.25, 0.5]), "eval_reward": ([3], [0.4])}
     assert drawn["loss"] == {"lm_loss": ([1], [2.0]), "kl": ([2, 3], [0.01, 0.02])}
 
 

@@ -237,7 +237,7 @@ def test_rollout_batch(tmp_path):
     r = np.array(rewards, np.float64).reshape(2, 4)
     adv = ((r - r.mean(1, keepdims=True)) / (r.std(1, keepdims=True) + 1e-4)).ravel()
     np.testing.assert_allclose(got["advantages"][:, 0], adv, rtol=1e-5, atol=1e-5)
-    assert abs(metrics["reward"] - r.mean()) < 1e-5 and 0 < metrics["completion_tokens"] <= 4
+    assert abs(metrics["reward_mean"] - r.mean()) < 1e-5 and 0 < metrics["completion_tokens"] <= 4
     assert len(set(rewards)) > 1
     again, _ = rollouts.policy_batch(params, step=7)  # a step's rollout depends on (seed, step) alone
     np.testing.assert_array_equal(np.asarray(again["tokens"]), got["tokens"])
@@ -264,11 +264,11 @@ def test_grpo_and_distillation_runs(tmp_path, capsys):
     assert train.main(["--workdir", str(split), *args]) == 0
     a, b = metrics_of(straight), metrics_of(split)
     assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3, 4]
-    keys = ("loss", "reward", "kl", "policy_loss", "eval_reward")
+    keys = ("loss", "reward_mean", "kl", "policy_loss", "eval_reward")
     for x, y in zip(a, b):
         assert {k: x.get(k) for k in keys} == {k: y.get(k) for k in keys}, (x, y)
-    assert "lm_loss" in a[1] and "reward" not in a[1]  # step 2: supervised
-    for k in ("reward", "reward_exact_match", "reward_format", "kl", "ratio", "clip_fraction", "completion_tokens"):
+    assert "lm_loss" in a[1] and "reward_mean" not in a[1]  # step 2: supervised
+    for k in ("reward_mean", "reward_exact_match", "reward_format", "kl", "ratio", "clip_fraction", "completion_tokens"):
         assert k in a[2], k
     assert abs(a[2]["ratio"] - 1) < 1e-3  # one update per rollout: the old policy is the policy
     assert abs(a[2]["lr"] - 1e-4) < 1e-9 and abs(a[1]["lr"] - 3e-3 / 20) < 1e-9  # post.lr after sft_steps
@@ -281,7 +281,7 @@ def test_grpo_and_distillation_runs(tmp_path, capsys):
                        "post.samples_per_prompt=1", "post.prompts_per_step=8", "train.steps=3",
                        "post.sft_steps=1"]) == 0
     m = metrics_of(student)
-    assert all(k in m[2] for k in ("reverse_kl", "agreement", "policy_loss", "reward"))
+    assert all(k in m[2] for k in ("reverse_kl", "agreement", "policy_loss", "reward_mean"))
     assert m[2]["reverse_kl"] >= 0 and 0 <= m[2]["agreement"] <= 1 and "eval_agreement" in m[1]
 
 

@@ -355,7 +355,8 @@ class Rollouts:
 
     def policy_batch(self, params, step: int) -> tuple[dict, dict[str, float]]:
         """Step ``step``'s rollout as a global batch for the policy step, and its metrics:
-        ``reward`` (mean), ``reward_std``, each reward's mean, ``completion_tokens``, ``finished``."""
+        ``reward_mean``, ``reward_std`` (within prompts), each reward's mean (``reward_<name>``),
+        ``completion_tokens``, ``finished``."""
         post = self.post
         prompts = self.sampler(step)
         rows = self._sample(params, prompts, post.samples_per_prompt, post.temperature,
@@ -379,7 +380,7 @@ class Rollouts:
                                  if self.reference is not None else batch["old_logp"])
         else:
             batch["teacher_logp"] = jnp.stack([vocab_log_probs(p, batch, c, self.dtype) for c, p in self.teachers], 2)
-        metrics = {"reward": float(reward.mean()), "reward_std": float(reward.std(-1).mean()),
+        metrics = {"reward_mean": float(reward.mean()), "reward_std": float(reward.std(-1).mean()),
                    "completion_tokens": float(np.mean([len(k) for _, k, *_ in rows])),
                    "finished": float(np.mean([fin for *_, fin in rows]))}
         metrics.update({f"reward_{name}": float(np.mean([s[name] for s in scores])) for name in self.rewards})

@@ -12,7 +12,7 @@ One figure, three panels, against the training step:
 * expert load balance ``max_load_over_mean``: the busiest expert's share of the routed tokens over
   the mean share, averaged over the MoE layers (1 is a perfect balance);
 * and for a post-training run (README "Post-training") a fourth, the policy: the mean reward of each
-  step's samples ``reward`` and of the greedy held-out answers ``eval_reward``, the share of
+  step's samples ``reward_mean`` and of the greedy held-out answers ``eval_reward``, the share of
   completion tokens whose most likely token is the teachers' ``agreement`` and of held-out answers
   equal to the teacher's ``eval_agreement``; its KL to the reference (``kl``) or the teachers
   (``reverse_kl``) goes in the loss panel.
@@ -39,7 +39,7 @@ PANELS = (  # (title, y label, [(metrics key, legend label)])
     ("learning rate", "lr", [("lr", "lr")]),
     ("expert load balance", "max load / mean load", [("max_load_over_mean", "max / mean over experts")]),
 )
-POLICY = ("policy", "mean reward / share", [("reward", "reward (samples)"),
+POLICY = ("policy", "mean reward / share", [("reward_mean", "reward (samples)"),
                                             ("eval_reward", "reward (held-out, greedy)"),
                                             ("agreement", "token agreement with the teachers"),
                                             ("eval_agreement", "held-out answers as the teacher's")])

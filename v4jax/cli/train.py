@@ -459,7 +459,7 @@ class Trainer:
             trained = f"trained: nothing, the run is at step {self.done} of train.steps={self.cfg.steps}"
         else:
             name, key = ("training loss (main head)", "lm_loss") if "lm_loss" in self.last_metrics else \
-                ("mean reward", "reward")  # a post-training run's policy step
+                ("mean reward", "reward_mean")  # a post-training run's policy step
             trained = (f"trained: steps {self.start + 1}-{self.done} of {self.cfg.steps} in "
                        f"{time.perf_counter() - self.t0:.0f} s; {name} {float(self.last_metrics[key]):.4f} at step "
                        f"{self.done}")
@@ -530,7 +530,7 @@ class Trainer:
         if "lm_loss" in m:
             bar.set_postfix(lm_loss=f"{m['lm_loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{m['mfu']:.1%}")
         else:
-            bar.set_postfix(reward=f"{m['reward']:.3f}", tok_s=f"{tps:,.0f}")
+            bar.set_postfix(reward=f"{m['reward_mean']:.3f}", tok_s=f"{tps:,.0f}")
 
     def _evaluate(self, params) -> dict:
         """Held-out losses over a fixed number of batches (the same count on every host)."""
