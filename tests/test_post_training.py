@@ -268,7 +268,8 @@ def test_grpo_and_distillation_runs(tmp_path, capsys):
     for x, y in zip(a, b):
         assert {k: x.get(k) for k in keys} == {k: y.get(k) for k in keys}, (x, y)
     assert "lm_loss" in a[1] and "reward_mean" not in a[1]  # step 2: supervised
-    for k in ("reward_mean", "reward_exact_match", "reward_format", "kl", "ratio", "clip_fraction", "completion_tokens"):
+    for k in ("reward_mean", "reward_exact_match", "reward_format", "kl", "ratio", "clip_fraction",
+              "completion_tokens"):
         assert k in a[2], k
     assert abs(a[2]["ratio"] - 1) < 1e-3  # one update per rollout: the old policy is the policy
     assert abs(a[2]["lr"] - 1e-4) < 1e-9 and abs(a[1]["lr"] - 3e-3 / 20) < 1e-9  # post.lr after sft_steps
