@@ -226,13 +226,24 @@ def main():
                     return decode_tokens(params, cb, lb, sp, jnp.int32(0), active, jnp.int32(n), no_stops, config,
                                          dt, chunk_len)
 
-                (_, _, _, lb, cb, _), compile_s = timed(lambda: loop(cb, lb, args.steps, args.steps))
-                (_, _, n, lb, cb, _), loop_s = timed(lambda: loop(cb, lb, args.steps, args.steps))
-                step = loop_s / int(n)
-                emit(dict(base, what="decode, device loop", batch=b, step_s=step, tokens_per_s=b / step,
-                          compile_s=compile_s, cache_bytes_formula=cache_bytes(config, max_len, b, dt)["total"],
-                          **floor(params, cb, b, step),
-                          peak_gib=(dev.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30))
+                def time_loop(cb, lb, what):
+                    """--steps tokens in one call, timed after a compiling call; its row emitted. -> (cb, lb)"""
+                    (_, _, _, lb, cb, _), compile_s = timed(lambda: loop(cb, lb, args.steps, args.steps))
+                    (_, _, n, lb, cb, _), loop_s = timed(lambda: loop(cb, lb, args.steps, args.steps))
+                    step = loop_s / int(n)
+                    emit(dict(base, what=what, batch=b, step_s=step, tokens_per_s=b / step, compile_s=compile_s,
+                              cache_bytes_formula=cache_bytes(config, max_len, b, dt)["total"],
+                              **floor(params, cb, b, step),
+                              peak_gib=(dev.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30))
+                    return cb, lb
+
+                def trace_loop(cb, lb, what):
+                    """--steps tokens in one call, traced; its row emitted (cb is donated)."""
+                    prof = profile_ops(lambda: jax.block_until_ready(loop(cb, lb, args.steps, args.steps)),
+                                       dev.platform, args.steps)
+                    emit(dict(base, what=what, batch=b, **prof))
+
+                cb, lb = time_loop(cb, lb, "decode, device loop")
                 if args.host_loop:
                     _, _, _, lb, cb, _ = loop(cb, lb, 1, 1)  # compile the one-step program
                     times = []
@@ -245,25 +256,16 @@ def main():
                     emit(dict(base, what="decode, host loop", batch=b, step_s=step, tokens_per_s=b / step,
                               **floor(params, cb, b, step)))
                 if args.profile:
-                    prof = profile_ops(lambda: jax.block_until_ready(loop(cb, lb, args.steps, args.steps)),
-                                       dev.platform, args.steps)
-                    emit(dict(base, what="decode profile", batch=b, **prof))
+                    trace_loop(cb, lb, "decode profile")
                 if args.grouped_decode and b == min(int(x) for x in args.batches.split(",")):
                     from v4jax import moe
 
                     moe.GATHER_FEW_PAIRS = False
                     jax.clear_caches()  # the flag is read when tracing
                     cb = jax.tree.map(lambda a, b=b: jnp.repeat(a, b, axis=0), cache)  # the last cb was donated
-                    lb = jnp.repeat(logits, b, axis=0)
-                    (_, _, _, lb, cb, _), compile_s = timed(lambda: loop(cb, lb, args.steps, args.steps))
-                    (_, _, n, lb, cb, _), loop_s = timed(lambda: loop(cb, lb, args.steps, args.steps))
-                    step = loop_s / int(n)
-                    emit(dict(base, what="decode, device loop, grouped experts", batch=b, step_s=step,
-                              tokens_per_s=b / step, compile_s=compile_s, **floor(params, cb, b, step)))
+                    cb, lb = time_loop(cb, jnp.repeat(logits, b, axis=0), "decode, device loop, grouped experts")
                     if args.profile:
-                        prof = profile_ops(lambda: jax.block_until_ready(loop(cb, lb, args.steps, args.steps)),
-                                           dev.platform, args.steps)
-                        emit(dict(base, what="decode profile, grouped experts", batch=b, **prof))
+                        trace_loop(cb, lb, "decode profile, grouped experts")
                     moe.GATHER_FEW_PAIRS = True
                     jax.clear_caches()
                 del cb, lb
