@@ -52,7 +52,7 @@ from v4jax.data import PAD_ID, finish_batch, load_tokenizer
 from v4jax.generate import generate
 from v4jax.layers import linear_f32
 from v4jax.model import forward
-from v4jax.policy_losses import grpo_loss, reverse_kl_loss, token_log_probs
+from v4jax.policy_losses import group_advantages, grpo_loss, reverse_kl_loss, token_log_probs
 from v4jax.tasks import (
     PromptSampler,
     answer_tokens,
@@ -364,7 +364,7 @@ class Rollouts:
         scores = [score(self.rewards, prompts[r // post.samples_per_prompt], text, fin)
                   for r, (_, _, _, text, fin) in enumerate(rows)]
         reward = np.array([s["reward"] for s in scores], np.float32).reshape(post.prompts_per_step, -1)
-        advantages = ((reward - reward.mean(-1, keepdims=True)) / (reward.std(-1, keepdims=True) + 1e-4)).ravel()
+        advantages = np.asarray(group_advantages(reward)).ravel()
         width, b = self.run.data.seq_len, post.rows
         batch = rows_batch([h + k for h, k, *_ in rows], [[False] * len(h) + [True] * len(k) for h, k, *_ in rows],
                            width, b, self.hasher)
