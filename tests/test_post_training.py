@@ -285,6 +285,13 @@ def test_grpo_and_distillation_runs(tmp_path, capsys):
     assert all(k in m[2] for k in ("reverse_kl", "agreement", "policy_loss", "reward_mean"))
     assert m[2]["reverse_kl"] >= 0 and 0 <= m[2]["agreement"] <= 1 and "eval_agreement" in m[1]
 
+    # GRPO from that run's checkpoint (post.init): the policy and the reference start as it, so the
+    # first step's KL to the reference is 0 up to rounding
+    assert train.main(["--workdir", str(tmp_path / "from_init"), *args, f"post.init={straight}", "post.sft_steps=0",
+                       "train.steps=1"]) == 0
+    m = metrics_of(tmp_path / "from_init")
+    assert "reward_mean" in m[0] and abs(m[0]["kl"]) < 1e-5
+
 
 @pytest.mark.parametrize("override, message", [
     (["data.batch_size=16"], "data.batch_size=16 must be post.prompts_per_step x post.samples_per_prompt = 8"),

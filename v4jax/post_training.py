@@ -226,14 +226,16 @@ def objective_for(post: PostConfig) -> Callable:
 # The run's data: prompts, rollouts, evaluation
 
 
-def _load_policy(path: str, dtype, mesh):
-    """A checkpoint's (config, parameters, tokenizer name) as a frozen policy or teacher."""
+def load_policy(path: str, dtype, mesh, what: str | None = None):
+    """A checkpoint's (config, parameters, tokenizer name): the starting policy, the reference or a
+    teacher. A checkpoint that cannot be read is a ``ConfigError`` beginning with ``what`` (default
+    "cannot load PATH")."""
     from v4jax.api import from_pretrained  # noqa: PLC0415 (the API layer sits above this one)
 
     try:
         model = from_pretrained(path, dtype=dtype, mesh=mesh)
     except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"cannot load {path}: {e}") from None
+        raise ConfigError(f"{what or f'cannot load {path}'}: {e}") from None
     return model.config, model.params, model.tokenizer_name
 
 
@@ -277,7 +279,7 @@ class Rollouts:
         self.sft_sampler = PromptSampler(self.train_prompts, data.batch_size, data.seed + 1)
         self.teachers = []
         for path in post.teachers:
-            config, params, tok = _load_policy(path, self.dtype, mesh)
+            config, params, tok = load_policy(path, self.dtype, mesh)
             if config.vocab_size != run.model.vocab_size or tok not in (None, data.tokenizer):
                 raise ConfigError(f"post.teachers: {path} has vocab_size={config.vocab_size} and tokenizer {tok}, the "
                                   f"student {run.model.vocab_size} and {data.tokenizer}: they must be the same")
@@ -330,7 +332,7 @@ class Rollouts:
         if not self.post.uses_reference or self.reference is not None:
             return
         if self.post.init is not None:
-            self.reference = _load_policy(self.post.init, self.dtype, self.mesh)[:2]
+            self.reference = load_policy(self.post.init, self.dtype, self.mesh)[:2]
             return
         saved = self.workdir / "reference"
         if not saved.exists():  # the policy after the supervised steps
@@ -339,7 +341,7 @@ class Rollouts:
 
             plain = unstack_layers(params, self.run.model) if "stages" in params else params
             Model(self.run.model, plain, jnp.dtype(F32), tokenizer_name=self.run.data.tokenizer).save(saved)
-        self.reference = _load_policy(str(saved), self.dtype, self.mesh)[:2]
+        self.reference = load_policy(str(saved), self.dtype, self.mesh)[:2]
 
     def _sample(self, params, prompts, samples: int, temperature: float, seed: int):
         """Each prompt ``samples`` times -> per row: (prompt ids, kept ids, their log-probs, text, finished)."""

@@ -173,9 +173,7 @@ def check_saved(run, meta: dict, workdir: Path) -> None:
     from v4jax.checkpoint import model_config_from_meta, scan_layers_from_meta
     from v4jax.config import ConfigError
 
-    saved = model_config_from_meta(meta)
-    differ = [(f"model.{f.name}", getattr(saved, f.name), getattr(run.model, f.name))
-              for f in dataclasses.fields(saved) if getattr(saved, f.name) != getattr(run.model, f.name)]
+    differ = model_differences(model_config_from_meta(meta), run.model)
     differ.append(("parallel.scan_layers", scan_layers_from_meta(meta), run.parallel.scan_layers))
     differ += [(f"data.{key}", meta["data"].get(key), getattr(run.data, key))
                for key in ("tokenizer", "seq_len", "batch_size", "path", "seed", "heldout_fraction")]
@@ -183,6 +181,12 @@ def check_saved(run, meta: dict, workdir: Path) -> None:
     if differ:
         raise ConfigError(f"{workdir} holds a checkpoint of another run ({'; '.join(differ)}): set these as "
                           "saved or use another --workdir")
+
+
+def model_differences(a, b) -> list[tuple[str, object, object]]:
+    """("model.<field>", a's value, b's value) for each field where two model configs differ."""
+    return [(f"model.{f.name}", getattr(a, f.name), getattr(b, f.name))
+            for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]
 
 
 def check_batch_split(run, mesh) -> None:
@@ -281,21 +285,18 @@ def fresh_state(run, mesh) -> dict:
 def initial_policy(run) -> dict:
     """A post-training run's starting parameters (fp32, the run's layout) from ``post.init``, whose
     model must be the config's."""
-    from v4jax.api import from_pretrained
+    import jax.numpy as jnp
+
     from v4jax.config import ConfigError
+    from v4jax.post_training import load_policy
     from v4jax.scan import stack_layers
 
-    try:
-        model = from_pretrained(run.post.init, dtype="float32")
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"post.init={run.post.init!r}: {e}") from None
-    differ = [f"model.{f.name}: checkpoint {getattr(model.config, f.name)!r}, config {getattr(run.model, f.name)!r}"
-              for f in dataclasses.fields(model.config)
-              if getattr(model.config, f.name) != getattr(run.model, f.name)]
+    what = f"post.init={run.post.init!r}"
+    config, params, _ = load_policy(run.post.init, jnp.float32, None, what)
+    differ = [f"{name}: checkpoint {a!r}, config {b!r}" for name, a, b in model_differences(config, run.model)]
     if differ:
-        raise ConfigError(f"post.init={run.post.init!r} is another model ({'; '.join(differ)}): make the model "
-                          "section the checkpoint's")
-    return stack_layers(model.params, run.model) if run.parallel.scan_layers else model.params
+        raise ConfigError(f"{what} is another model ({'; '.join(differ)}): make the model section the checkpoint's")
+    return stack_layers(params, run.model) if run.parallel.scan_layers else params
 
 
 def global_batch(mesh):
