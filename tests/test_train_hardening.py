@@ -92,17 +92,19 @@ try:
         sync_global_devices("both hold it")  # then look, before either lets go
         held = Path(sys.argv[1], "train.lock").exists()
         sync_global_devices("both looked")
-        print("held", jax.process_index(), held, flush=True)
+        result = f"held {jax.process_index()} {held}"
 except LockError as e:
-    print("refused", jax.process_index(), e, flush=True)
+    result = f"refused {jax.process_index()} {e}"
+Path(sys.argv[2], f"process{jax.process_index()}").write_text(result)  # not stdout: gloo's lines land in it
 """
 
 
 def run_two_processes(workdir: Path) -> list[str]:
     """Both processes of a 2-process jax.distributed job take the workdir lock; their outputs."""
-    outs = launch(["-c", TWO_PROCESSES, str(workdir)], timeout=120, devices_each=2)
-    return [[line for line in out.splitlines() if line.startswith(("held", "refused"))][0]  # not gloo's lines
-            for out in outs]
+    results = workdir.parent / "results"
+    results.mkdir(exist_ok=True)
+    launch(["-c", TWO_PROCESSES, str(workdir), str(results)], timeout=120, devices_each=2)
+    return [(results / f"process{i}").read_text() for i in range(2)]
 
 
 def test_the_processes_of_a_multi_host_run_share_one_lock(tmp_path):
