@@ -18,7 +18,7 @@ import pytest
 import train
 from tests.helpers import launch
 from tests.test_train import ROOT, SMALL
-from v4jax.checkpoint import CheckpointError, Checkpointer, abstract
+from v4jax.checkpoint import Checkpointer, CheckpointError, abstract
 from v4jax.config import ConfigError
 from v4jax.workdir import LockError, trim_metrics, workdir_lock
 
