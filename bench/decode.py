@@ -262,12 +262,14 @@ def main():
 
                     moe.GATHER_FEW_PAIRS = False
                     jax.clear_caches()  # the flag is read when tracing
-                    cb = jax.tree.map(lambda a, b=b: jnp.repeat(a, b, axis=0), cache)  # the last cb was donated
-                    cb, lb = time_loop(cb, jnp.repeat(logits, b, axis=0), "decode, device loop, grouped experts")
-                    if args.profile:
-                        trace_loop(cb, lb, "decode profile, grouped experts")
-                    moe.GATHER_FEW_PAIRS = True
-                    jax.clear_caches()
+                    try:
+                        cb = jax.tree.map(lambda a, b=b: jnp.repeat(a, b, axis=0), cache)  # the last cb was donated
+                        cb, lb = time_loop(cb, jnp.repeat(logits, b, axis=0), "decode, device loop, grouped experts")
+                        if args.profile:
+                            trace_loop(cb, lb, "decode profile, grouped experts")
+                    finally:  # a failure here must not leave the rows after it on the grouped path
+                        moe.GATHER_FEW_PAIRS = True
+                        jax.clear_caches()
                 del cb, lb
             del cache
             if args.speculative:

@@ -24,6 +24,7 @@ from tests.helpers import CONFIGS, rel
 from v4jax import attention_kernel, devices, mhc, moe, sinkhorn_kernel
 from v4jax.devices import Accelerator
 from v4jax.grouped_matmul_kernel import group_outer
+from v4jax.quant import BlockScaled, block_scaled
 
 H100 = Accelerator("gpu", "NVIDIA H100 80GB HBM3", (9, 0))
 A100 = Accelerator("gpu", "NVIDIA A100-SXM4-40GB", (8, 0))
@@ -221,10 +222,11 @@ def test_tokamax_is_imported_with_the_moe_module(tmp_path):
     assert out.stdout.split() == ["True", "True", "tokamax"], out.stderr[-2000:]
 
 
-def test_expert_ffn_without_a_conversion_takes_two_products():
-    """bf16 weights with bf16 compute (a bf16 model decoding) run w1 and w3 as two grouped matmuls,
-    fp32 master weights (training) as one on their concatenation, cast on the way: the same
-    products, so the same output (bf16 rounding of the same sums: 1e-2 relative)."""
+def test_expert_ffn_concatenates_w1_and_w3_only_for_training():
+    """bf16 weights with bf16 compute (a bf16 model decoding) and weights kept FP4 as stored run w1
+    and w3 as two grouped matmuls, fp32 master weights (training) as one on their concatenation,
+    cast on the way: the same products, so the same output (bf16 rounding of the same sums: 1e-2
+    relative)."""
     rng = np.random.default_rng(0)
     e, f, d, m = 4, 16, 32, 24
     p32 = {k: jnp.asarray(rng.normal(size=s) * 0.2, jnp.float32)
@@ -235,8 +237,13 @@ def test_expert_ffn_without_a_conversion_takes_two_products():
     def lowered(p):
         return jax.jit(lambda p: moe.expert_ffn(xs, sizes, w, p, 10.0, "ragged_dot")[0]).lower(p).as_text()
 
+    kept = jax.tree.map(lambda a: block_scaled(a, "fp4"), p32)
     w13 = "tensor<4x32x32xbf16>"  # [e, 2f, d]: w1 and w3 concatenated
-    assert w13 not in lowered(p16) and w13 in lowered(p32)
-    got = moe.expert_ffn(xs, sizes, w, p16, 10.0, "ragged_dot")[0]
+    assert w13 not in lowered(p16) and w13 not in lowered(kept) and w13 in lowered(p32)
     want = moe.expert_ffn(xs, sizes, w, p32, 10.0, "ragged_dot")[0]
+    got = moe.expert_ffn(xs, sizes, w, p16, 10.0, "ragged_dot")[0]
+    assert rel(got.astype(jnp.float32), want.astype(jnp.float32)) <= 1e-2
+    decoded = jax.tree.map(lambda b: b.values(jnp.float32), kept, is_leaf=lambda x: isinstance(x, BlockScaled))
+    got = moe.expert_ffn(xs, sizes, w, kept, 10.0, "ragged_dot")[0]
+    want = moe.expert_ffn(xs, sizes, w, decoded, 10.0, "ragged_dot")[0]
     assert rel(got.astype(jnp.float32), want.astype(jnp.float32)) <= 1e-2

@@ -29,7 +29,7 @@ from v4jax.grouped_matmul_kernel import group_outer
 from v4jax.layers import F32, linear, linear_f32
 from v4jax.parallel import expert_axes, token_axes
 from v4jax.params import FROZEN, Init, ParamInfo, declare, matrix, pure
-from v4jax.quant import Quantized, activation, weight_values
+from v4jax.quant import BlockScaled, Quantized, activation, weight_values
 
 
 def router_scores(x: jax.Array, gate_weight: jax.Array) -> jax.Array:
@@ -250,19 +250,20 @@ def expert_ffn(xs: jax.Array, sizes: jax.Array, weights: jax.Array, p: dict, lim
     those past an expert's capacity in the ``padded`` backend (0 otherwise).
 
     Where the weights are converted on the way (fp32 master weights cast to the compute dtype,
-    ``v4jax.quant.Quantized`` ones quantised in their format with both matmuls' inputs in FP8,
-    ``v4jax.quant.BlockScaled`` ones decoded), w1 and w3 run as one grouped matmul on [e, 2f, d]:
-    one pass over the rows, and the concatenation fuses with the conversion. Weights already in
-    the compute dtype (a bf16 model decoding) take two matmuls instead: concatenating them would
-    copy every expert's w1 and w3 each step (on an H100 at batch 32, 1.4 ms of a 4.7 ms decode
-    step; docs/benchmarks.md Part 12).
+    and ``v4jax.quant.Quantized`` ones quantised in their format with both matmuls' inputs in
+    FP8: training), w1 and w3 run as one grouped matmul on [e, 2f, d]: one pass over the rows, and
+    the concatenation fuses with the conversion. Weights already in the compute dtype (a bf16
+    model decoding) take two matmuls instead: concatenating them would copy every expert's w1 and
+    w3 each step (on an H100 at batch 32, 1.4 ms of a 4.7 ms decode step; docs/benchmarks.md Part
+    12). So do ``v4jax.quant.BlockScaled`` ones (kept as stored, decoding): on an H100 their
+    concatenation did not fuse with the decode, and copied every expert again (1.4 ms a step).
     """
     f = p["w1"].shape[1]
     quantized = isinstance(p["w1"], Quantized)
     w1, w3, w2 = (weight_values(p[k], xs.dtype) for k in ("w1", "w3", "w2"))
     mm = lambda a, w: grouped_matmul(a, w, sizes, backend, capacity_factor, every_row_grouped)  # noqa: E731
     xin = activation(xs) if quantized else xs
-    if isinstance(p["w1"], jax.Array) and p["w1"].dtype == xs.dtype:
+    if isinstance(p["w1"], BlockScaled) or (isinstance(p["w1"], jax.Array) and p["w1"].dtype == xs.dtype):
         gate, up = mm(xin, w1), mm(xin, w3)
     else:
         gate_up = mm(xin, jnp.concatenate([w1, w3], axis=1))  # [e, 2f, d]
