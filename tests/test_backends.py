@@ -22,6 +22,7 @@ import pytest
 
 from tests.helpers import CONFIGS, rel
 from v4jax import attention_kernel, devices, mhc, moe, sinkhorn_kernel
+from v4jax.cli.environment import describe
 from v4jax.devices import Accelerator
 from v4jax.grouped_matmul_kernel import group_outer
 from v4jax.quant import BlockScaled, block_scaled
@@ -67,7 +68,7 @@ def test_each_accelerator_gets_the_paths_it_can_run(name, force):
     if large_tiles is not None:  # the weight-gradient kernel runs: its tiles fit the shared memory
         tiles = group_outer_tiles(acc)
         assert tiles == ((128, 256) if large_tiles else (64, 128))
-    line = devices.describe()
+    line = describe()
     assert f"backend {acc.platform}: {jax.device_count()} x {acc.kind}" in line
     assert f"MoE grouped matmul: {auto}" in line and f"mHC Sinkhorn: {'pallas' if sinkhorn else 'xla'}" in line
     force(acc, tokamax=False)
@@ -88,14 +89,14 @@ def group_outer_tiles(acc):
 
 def test_describe_names_the_device_and_its_kernels(force):
     force(H100, tokamax=True)
-    line = devices.describe()
+    line = describe()
     assert line.startswith(f"jax {jax.__version__}, backend gpu: ")
     assert "x NVIDIA H100 80GB HBM3 (sm90); MoE grouped matmul: tokamax (forward mosaic, input gradient mosaic, " \
            "weight gradient pallas); mHC Sinkhorn: pallas; attention: xla" in line
     from v4jax.parallel import ParallelConfig
 
     force(T4)
-    line = devices.describe(ParallelConfig(moe_backend="padded", attention_kernel="pallas"))
+    line = describe(ParallelConfig(moe_backend="padded", attention_kernel="pallas"))
     assert "Tesla T4 (sm75); MoE grouped matmul: padded; mHC Sinkhorn: xla; attention: xla (the pallas" in line
 
 

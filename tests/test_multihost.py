@@ -115,16 +115,27 @@ plain = process_allgather(model.logits(tokens), tiled=True)
 jitted = process_allgather(jax.jit(v4jax.Model.logits)(model, tokens), tiled=True)
 model.save(out / "saved")
 again = process_allgather(v4jax.from_pretrained(out / "saved", dtype="float32", mesh=mesh).logits(tokens), tiled=True)
+kept = v4jax.from_pretrained(out / "kept", dtype="float32", quantized=True, mesh=mesh)  # FP8/FP4 as stored
+kept_logits = process_allgather(jax.jit(v4jax.Model.logits)(kept, tokens), tiled=True)
+kept.save(out / "kept_saved")
 if jax.process_index() == 0:
-    np.savez(out / "logits.npz", plain=plain, jitted=jitted, again=again)
+    np.savez(out / "logits.npz", plain=plain, jitted=jitted, again=again, kept=kept_logits)
 """
 
 
 def test_from_pretrained_jit_and_save_on_two_processes(run_dir, tmp_path):
+    """Also with the weights kept FP8/FP4 (the run's weights encoded by ``schema.as_stored`` and saved
+    in one process): loaded on the two processes their logits equal one process's, and their
+    collective save writes the same codes and scales."""
     import v4jax
+    from v4jax.quant import is_block_scaled
+    from v4jax.schema import as_stored
 
     tokens = np.random.default_rng(0).integers(0, 256, (2, 32)).astype(np.int32)
     np.save(tmp_path / "tokens.npy", tokens)
+    dense = v4jax.from_pretrained(run_dir, dtype="float32")
+    kept = dataclasses.replace(dense, params=as_stored(dense.params, dense.config))
+    kept.save(tmp_path / "kept")
     launch(["-c", MODEL_ON_TWO_PROCESSES, str(run_dir), str(tmp_path)], timeout=420, processes=PROCESSES,
            devices_each=DEVICES_EACH)
     got = np.load(tmp_path / "logits.npz")
@@ -135,6 +146,15 @@ def test_from_pretrained_jit_and_save_on_two_processes(run_dir, tmp_path):
     assert {p.name for p in saved.iterdir()} == {"config.json", "v4jax_checkpoint.json", "params"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".saved")]  # no temporary left behind
     assert rel(v4jax.from_pretrained(saved, dtype="float32").logits(tokens), want) <= LOGITS_TOL
+
+    assert rel(got["kept"], kept.logits(tokens)) <= LOGITS_TOL
+    flat = lambda m: dict(jax.tree_util.tree_flatten_with_path(m.params)[0])  # noqa: E731
+    a, b = (flat(v4jax.from_pretrained(tmp_path / d, dtype="float32", quantized=True)) for d in ("kept", "kept_saved"))
+    assert a.keys() == b.keys() and any(str(p[-1]) == ".codes" for p in a)  # BlockScaled leaves saved as such
+    for p in a:
+        assert a[p].dtype == b[p].dtype, p
+        np.testing.assert_array_equal(np.asarray(a[p]).view(np.uint8), np.asarray(b[p]).view(np.uint8), err_msg=str(p))
+    assert any(is_block_scaled(w) for w in jax.tree.leaves(kept.params, is_leaf=is_block_scaled))
 
 
 POST = ["model.num_hidden_layers=2", "model.layer_types=[swa, csa]", "model.hidden_size=32",

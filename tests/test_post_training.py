@@ -22,7 +22,6 @@ import train
 from tests.helpers import CONFIGS, rel
 from tests.test_accumulation import compare_update
 from v4jax.config import ConfigError
-from v4jax.data import load_tokenizer
 from v4jax.model import forward, init_params
 from v4jax.parallel import ParallelConfig, batch_sharding, make_mesh
 from v4jax.post_training import (
@@ -44,6 +43,7 @@ from v4jax.tasks import (
     read_prompts,
     split_prompts,
 )
+from v4jax.tokenizer import load_tokenizer
 from v4jax.trainer import TrainConfig, init_state, load_run_config, loss_fn, make_optimizer, make_train_step
 
 CONFIG = CONFIGS["a"].replace(n_routed_experts=8)

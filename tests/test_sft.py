@@ -6,8 +6,8 @@ import json
 import pytest
 
 from v4jax.chat import ASSISTANT_ID, BOS_ID, END_THINK_ID, EOS_ID, THINK_ID, USER_ID
-from v4jax.data import load_tokenizer
 from v4jax.sft import encode_conversation, read_conversations
+from v4jax.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")

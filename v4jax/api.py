@@ -13,13 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from v4jax.config import ModelConfig
-from v4jax.data import text_prompt
 from v4jax.model import forward, init_params, param_specs, stored_specs
 from v4jax.multihost import is_writer
 from v4jax.parallel import ParallelConfig, adopt_mesh, expert_axes
 from v4jax.quant import dequantized, holds_block_scaled
 from v4jax.scan import unstack_layers
 from v4jax.schema import param_shardings
+from v4jax.tokenizer import load_tokenizer, text_prompt
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -222,7 +222,6 @@ class Model:
         an object (with ``encode``/``decode``), or by default the model's own (``tokenizer_name``;
         the DeepSeek-V4 tokenizer for a model without one, e.g. a released checkpoint). Refused when
         its ids do not fit the model's vocabulary."""
-        from v4jax.data import load_tokenizer  # noqa: PLC0415
 
         name = tokenizer or self.tokenizer_name or "deepseek"
         tok = load_tokenizer(name) if isinstance(name, str) else tokenizer

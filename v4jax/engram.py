@@ -46,6 +46,7 @@ from flax import nnx
 from v4jax.config import EngramConfig, ModelConfig
 from v4jax.layers import F32, linear_f32, rms_norm
 from v4jax.params import MUON, TABLE, Init, ParamInfo, declare, pure, vector
+from v4jax.tokenizer import load_tokenizer
 
 PAD_TOKEN = 2  # the tokenizers' pad id: what an n-gram sees before a document's start
 TABLE_ROW_MULTIPLE = 1024  # tables are padded to a multiple of this many rows, so meshes divide them
@@ -73,8 +74,6 @@ def compression_map(tokenizer: str, vocab_size: int) -> np.ndarray:
     its own. ``tokenizer="none"`` is the identity."""
     if tokenizer == "none":
         return np.arange(vocab_size, dtype=np.int64)
-    from v4jax.data import load_tokenizer  # noqa: PLC0415  (the data pipeline imports this module)
-
     tok = load_tokenizer(tokenizer)
     keys: dict[str, int] = {}
     out = np.empty(vocab_size, np.int64)

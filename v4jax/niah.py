@@ -24,6 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from v4jax.engram import hasher_for
+from v4jax.model import forward
+
 NAMES = ("Ada", "Boris", "Chiara", "Dmitri", "Esther", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kamala",
          "Lior", "Mira", "Nils", "Oona", "Pavel")
 
@@ -92,9 +95,6 @@ def answer_logprobs(score_fn, example) -> np.ndarray:
 
 def make_score_fn(params, config, dtype=jnp.float32):
     """Next-token log-probabilities of a parameter tree, hashing Engram rows on the host if needed."""
-    from v4jax.engram import hasher_for  # noqa: PLC0415
-    from v4jax.model import forward  # noqa: PLC0415
-
     hasher = hasher_for(config)
 
     @jax.jit

@@ -48,7 +48,7 @@ import numpy as np
 
 from v4jax.chat import MODES
 from v4jax.config import ConfigError, ModelConfig
-from v4jax.data import PAD_ID, finish_batch, load_tokenizer
+from v4jax.data import finish_batch
 from v4jax.generate import generate
 from v4jax.layers import linear_f32
 from v4jax.model import forward
@@ -63,6 +63,7 @@ from v4jax.tasks import (
     score,
     split_prompts,
 )
+from v4jax.tokenizer import PAD_ID, load_tokenizer
 
 F32 = jnp.float32
 METHODS = ("grpo", "distill")

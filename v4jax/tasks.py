@@ -36,7 +36,8 @@ import numpy as np
 
 from v4jax.chat import EOS_ID, encode_chat_tokens, parse_completion_tokens
 from v4jax.config import ConfigError
-from v4jax.data import hash_value, text_prompt
+from v4jax.data import hash_value
+from v4jax.tokenizer import text_prompt
 
 BUILTIN_PROMPTS = ("arithmetic",)
 

@@ -33,11 +33,11 @@ import jax.numpy as jnp
 import optax
 
 from v4jax import context
-from v4jax.checkpoint import all_finite
+from v4jax.checkpoint import Checkpointer, all_finite, model_config_from_meta, scan_layers_from_meta
 from v4jax.config import ConfigError, ModelConfig, load_yaml, parse_yaml
 from v4jax.data import DataConfig
 from v4jax.losses import layer_routing_stats, routing_losses, update_router_bias, weighted_nll
-from v4jax.model import forward, param_count
+from v4jax.model import forward, param_count, param_specs
 from v4jax.optim import v4_optimizer
 from v4jax.parallel import ParallelConfig, ShardingError, batch_shards, whole_rows
 from v4jax.policy_losses import count_sequences
@@ -508,10 +508,6 @@ def restore_run(workdir, step: int | None = None, mesh: jax.sharding.Mesh | None
     that restores is taken, each broken newer one skipped with a warning. The state is restored
     sharded over ``mesh`` by the parameters' rules, or without one onto this process's first
     device: whatever the devices and processes of the run that saved it."""
-    from v4jax.checkpoint import Checkpointer, model_config_from_meta, scan_layers_from_meta  # noqa: PLC0415
-    from v4jax.model import param_specs  # noqa: PLC0415
-    from v4jax.schema import shard_like_params  # noqa: PLC0415
-
     def target(meta):
         config, train_cfg = model_config_from_meta(meta), TrainConfig(**meta["train"])
         specs = param_specs(config, scan=scan_layers_from_meta(meta))

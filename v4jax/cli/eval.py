@@ -110,7 +110,7 @@ def _evaluate(args) -> int:
     else:
         data_cfg = data_cfg.for_eval()
     examples = niah_examples(data_cfg, args) if args.task == "niah" else None  # refuses a short haystack
-    from v4jax.devices import describe
+    from v4jax.cli.environment import describe
 
     print(describe(), file=sys.stderr)  # what it runs on: backend, devices, kernel paths, once the checks pass
     dtype = jnp.bfloat16 if train_cfg.dtype == "bfloat16" else jnp.float32
@@ -167,8 +167,9 @@ def _niah_config(args):
 
 
 def niah_examples(data_cfg, args) -> list[dict]:
-    from v4jax.data import load_documents, load_tokenizer
+    from v4jax.data import load_documents
     from v4jax.niah import build_examples
+    from v4jax.tokenizer import load_tokenizer
 
     return build_examples(_niah_config(args), load_tokenizer(data_cfg.tokenizer), load_documents(data_cfg))
 

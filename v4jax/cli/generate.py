@@ -51,11 +51,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import v4jax  # noqa: PLC0415  (after argparse, so --help is fast)
     from v4jax.chat import encode_chat_tokens  # noqa: PLC0415
-    from v4jax.data import text_prompt  # noqa: PLC0415
+    from v4jax.tokenizer import text_prompt  # noqa: PLC0415
 
     try:
         model = v4jax.from_pretrained(args.checkpoint, dtype=args.dtype, quantized=args.quantized)
-        from v4jax.devices import describe  # noqa: PLC0415
+        from v4jax.cli.environment import describe  # noqa: PLC0415
 
         print(describe(model.parallel), file=sys.stderr)
         tok = model.tokenizer(args.tokenizer)

@@ -103,7 +103,7 @@ def train(run, mesh, workdir: Path, args) -> int:
     before the first write into the workdir but the lock file, which goes with the lock."""
     import jax
 
-    from v4jax.devices import describe
+    from v4jax.cli.environment import describe
     from v4jax.workdir import trim_metrics, write_atomically
 
     run, data, state, checkpointer = initial_state(run, mesh, workdir)
