@@ -85,10 +85,10 @@ def np_reverse_kl(logits, teachers, weights, mask):
     return np_seq_mean(per, mask)
 
 
-def policy_batch(seed=0, b=8, s=24, teachers=0):
+def policy_batch(seed=0, b=8, s=24):
     """Rows of a prompt and a completion of random lengths (some rows padded), with old and reference
-    log-probabilities off the policy's (ratios inside and outside the clip range), advantages of 2
-    prompts x 4 samples, and ``teachers`` random teachers' log-probabilities."""
+    log-probabilities off the policy's (ratios inside and outside the clip range) and advantages of 2
+    prompts x 4 samples."""
     rng = np.random.default_rng(seed)
     seqs, trained = [], []
     for _ in range(b):
@@ -100,10 +100,15 @@ def policy_batch(seed=0, b=8, s=24, teachers=0):
     batch["ref_logp"] = rng.normal(-3, 0.5, (b, s)).astype(np.float32)
     adv = rng.normal(size=(b,)).astype(np.float32)
     batch["advantages"] = np.repeat(adv[:, None], s, 1)
-    if teachers:
-        batch["teacher_logp"] = np_log_softmax(rng.normal(size=(b, s, teachers, CONFIG.vocab_size)) * 2).astype(
-            np.float32)
     return batch
+
+
+def two_teachers(batch, seed=0):
+    """Two random teachers' log-probabilities for ``batch``'s rows, and the batch with their sum
+    weighted 3:1 as ``teacher_logp``, as the rollouts give it."""
+    rng = np.random.default_rng(seed)
+    logp = [np_log_softmax(rng.normal(size=batch["tokens"].shape + (CONFIG.vocab_size,)) * 2) for _ in range(2)]
+    return {**batch, "teacher_logp": (0.75 * logp[0] + 0.25 * logp[1]).astype(np.float32)}, logp
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +137,7 @@ def test_objective_in_the_trainer_loss_is_the_published_one(params, method):
     post = PostConfig(method=method, temperature=0.7, clip_eps=0.2, kl_coef=0.1, sft_steps=1,
                       **({"teachers": ["a", "b"], "teacher_weights": [3, 1], "samples_per_prompt": 1}
                          if method == "distill" else {}))
-    batch = policy_batch(teachers=2 if method == "distill" else 0)
+    batch, teachers = (policy_batch(), None) if method == "grpo" else two_teachers(policy_batch())
     objective = grpo_objective(post) if method == "grpo" else distill_objective(post)
     cfg = TrainConfig(steps=10)
     jb = {k: jnp.asarray(v) for k, v in batch.items()}
@@ -145,7 +150,6 @@ def test_objective_in_the_trainer_loss_is_the_published_one(params, method):
         clip = float(metrics["clip_fraction"])
         assert 0 < clip < 1  # both branches of the clip
     else:
-        teachers = [batch["teacher_logp"][:, :, i] for i in range(2)]
         want = np_reverse_kl(logits, teachers, [0.75, 0.25], mask)
         mix = 0.75 * teachers[0] + 0.25 * teachers[1]
         agree = np.sum((logits.argmax(-1) == mix.argmax(-1)) * mask) / mask.sum()

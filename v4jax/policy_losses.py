@@ -16,7 +16,9 @@ per prompt, P prompts.
 * **On-policy distillation** (V4's merge of specialists): the student samples, each teacher
   scores the samples, and the loss per completion token is the full-vocabulary reverse KL
   sum_i w_i KL(pi_theta || pi_E_i) = sum_i w_i sum_v pi_theta(v) (log pi_theta(v) - log pi_E_i(v)),
-  averaged over the completion tokens (``reverse_kl_loss``).
+  averaged over the completion tokens (``reverse_kl_loss``). With weights summing to 1 this is
+  sum_v pi_theta(v) (log pi_theta(v) - M(v)), M = sum_i w_i log pi_E_i: the teachers enter only
+  through M, one [B, T, V] array however many they are.
 
 All in fp32; token log-probabilities come from ``token_log_probs`` (log-softmax of the logits at
 the sampled tokens).
@@ -89,17 +91,12 @@ def grpo_loss(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array, advanta
     return -objective, jax.tree.map(jax.lax.stop_gradient, metrics)
 
 
-def reverse_kl_loss(student_logits: jax.Array, teacher_logits: list[jax.Array], weights, mask: jax.Array,
-                    sequences=None) -> jax.Array:
+def reverse_kl_loss(student_logits: jax.Array, mixed: jax.Array, mask: jax.Array, sequences=None) -> jax.Array:
     """Multi-teacher full-vocabulary reverse KL, sum_i w_i KL(pi_student || pi_teacher_i) per token,
-    averaged over each sequence's masked tokens, then over sequences (module docstring).
-    student_logits and each teacher's [B, T, V] (log-probabilities serve as well: log-softmax
-    leaves them as they are); weights: one per teacher; mask [B, T]; ``sequences`` as in
-    ``grpo_loss``."""
+    averaged over each sequence's masked tokens, then over sequences (module docstring):
+    student_logits [B, T, V]; ``mixed`` [B, T, V] = sum_i w_i log pi_teacher_i, the teachers'
+    log-probabilities weighted by weights summing to 1 (no gradient flows into it); mask [B, T];
+    ``sequences`` as in ``grpo_loss``."""
     ls = jax.nn.log_softmax(student_logits.astype(F32), axis=-1)
-    ps = jnp.exp(ls)
-    per_token = jnp.zeros(ls.shape[:-1], F32)
-    for w, t in zip(weights, teacher_logits):
-        lt = jax.lax.stop_gradient(jax.nn.log_softmax(t.astype(F32), axis=-1))
-        per_token = per_token + w * jnp.sum(ps * (ls - lt), axis=-1)
+    per_token = jnp.sum(jnp.exp(ls) * (ls - jax.lax.stop_gradient(mixed.astype(F32))), axis=-1)
     return _per_sequence_mean(per_token, mask, sequences)

@@ -202,17 +202,15 @@ def grpo_objective(post: PostConfig) -> Callable:
 
 
 def distill_objective(post: PostConfig) -> Callable:
-    """The trainer's objective for distillation: the batch carries ``teacher_logp`` [B, T, K, V].
-    Metrics: ``reverse_kl`` and ``agreement`` (the share of completion tokens where the student's
-    most likely token is the weighted teachers')."""
-    weights = post.weights
+    """The trainer's objective for distillation: the batch carries ``teacher_logp`` [B, T, V], the
+    teachers' log-probabilities weighted by ``post.weights``. Metrics:
+    ``reverse_kl`` and ``agreement`` (the share of completion tokens where the student's most likely
+    token is the weighted teachers')."""
 
     def objective(hidden, head, batch, update):
         logits = linear_f32(hidden, head)
-        teachers = [batch["teacher_logp"][:, :, i] for i in range(len(weights))]
-        loss = reverse_kl_loss(logits, teachers, weights, batch["loss_mask"], update["sequences"])
-        mixture = sum(w * t for w, t in zip(weights, teachers))
-        same = (jnp.argmax(logits, -1) == jnp.argmax(mixture, -1)).astype(F32)
+        loss = reverse_kl_loss(logits, batch["teacher_logp"], batch["loss_mask"], update["sequences"])
+        same = (jnp.argmax(logits, -1) == jnp.argmax(batch["teacher_logp"], -1)).astype(F32)
         agreement = jnp.sum(same * batch["loss_mask"]) / jnp.maximum(update["tokens"], 1.0)
         return loss, {"reverse_kl": jax.lax.stop_gradient(loss), "agreement": jax.lax.stop_gradient(agreement)}
 
@@ -382,7 +380,10 @@ class Rollouts:
                                                   post.temperature)
                                  if self.reference is not None else batch["old_logp"])
         else:
-            batch["teacher_logp"] = jnp.stack([vocab_log_probs(p, batch, c, self.dtype) for c, p in self.teachers], 2)
+            mixed = 0.0  # sum_i w_i log pi_i, one teacher's [B, T, V] at a time
+            for (config, teacher), w in zip(self.teachers, post.weights):
+                mixed = mixed + w * vocab_log_probs(teacher, batch, config, self.dtype)
+            batch["teacher_logp"] = mixed
         metrics = {"reward_mean": float(reward.mean()), "reward_std": float(reward.std(-1).mean()),
                    "completion_tokens": float(np.mean([len(k) for _, k, *_ in rows])),
                    "finished": float(np.mean([fin for *_, fin in rows]))}
