@@ -11,7 +11,10 @@ For each context C, a prompt of C random tokens is prefilled (``v4jax.generate.p
 ``--prefill-chunk``) twice on fresh caches: the first prefill in the process includes compiling
 (what a user's first request waits for; ``first_prefill_s``, with the programs compiled during it),
 the second is the steady state. Then for each batch size the cache is tiled to that many rows and
-decoded greedily:
+decoded greedily. The rows share the prompt but each starts from a token of its own (drawn at
+random, distinct), so they route differently, as a batch of users would: rows that were copies of
+one another (this bench before 2026-12-07's afternoon) chose the same 6 experts per layer, and the
+step read a tenth of the experts the floor below counted.
 
 * ``device loop``: ``--steps`` tokens in one ``v4jax.generate.decode_tokens`` call (the token loop
   inside a jax.lax.while_loop, as ``generate`` runs it), timed after a compiling call;
@@ -25,11 +28,15 @@ decoded greedily:
 
 The **floor** of a decode step is the bytes it must read over the HBM bandwidth (``--hbm-tbps``,
 default the device's nominal): every weight but the routed experts and the embedding, the routed
-experts a step touches (expected distinct experts per MoE layer for b rows routed uniformly:
-E (1 - (1 - k/E)^b); hash layers alike), b embedding rows, and the cache (window and compressor
-rings, and the compressed entries and indexer keys of the context). ``floor_fraction`` = floor /
-measured step time. bf16 parameters and cache, random weights drawn on the device; the cache's
-device memory is read from the allocator next to ``cache_bytes``.
+experts the step's rows chose, b embedding rows, and the cache (window and compressor rings, and
+the compressed entries and indexer keys of the context). The experts chosen are counted, not
+assumed: after the device loop each row's tokens are run through ``v4jax.model.forward`` (one row
+at a time) and the distinct experts the b rows chose at each decoded position are counted per MoE
+layer (``experts_touched``: their mean share of a layer's experts; the uniform-routing expectation
+1 - (1 - k/E)^b is printed beside it). The other rows of that batch size (host loop, grouped
+experts, speculation) reuse the share. ``floor_fraction`` = floor / measured step time. bf16
+parameters and cache, random weights drawn on the device; the cache's device memory is read from
+the allocator next to ``cache_bytes``.
 
 ``--grouped-decode``: after the rest, the smallest batch's device loop again with the routed
 experts through the grouped matmul (``v4jax.moe.GATHER_FEW_PAIRS`` off) instead of gathering the
@@ -83,12 +90,11 @@ def hf_peer(config, context, steps):
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
-def step_bytes(params, cache, config, batch: int, speculative: bool = False) -> dict:
-    """Bytes one decode step of ``batch`` rows must read (module docstring): weights and cache."""
+def step_bytes(params, cache, config, batch: int, touched: float, speculative: bool = False) -> dict:
+    """Bytes one decode step of ``batch`` rows must read (module docstring): weights (of the routed
+    experts the share ``touched``) and cache."""
     import jax
 
-    k, e = config.num_experts_per_tok, config.n_routed_experts
-    touched = 1 - (1 - k / e) ** batch  # expected share of a layer's experts a step reads
     weights = 0.0
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         keys = jax.tree_util.keystr(path)
@@ -102,6 +108,22 @@ def step_bytes(params, cache, config, batch: int, speculative: bool = False) -> 
         weights += n
     cache_b = sum(x.nbytes for x in jax.tree.leaves(cache))  # its rows hold the context (entries past it unread)
     return {"weights": weights, "cache": cache_b, "total": weights + cache_b}
+
+
+def experts_touched(params, config, dtype, tokens, n: int) -> float:
+    """The mean share of a layer's routed experts that the rows of tokens [b, L] chose at each of
+    their last n positions (distinct experts over the b rows, per MoE layer and position), from the
+    routing of ``v4jax.model.forward`` run one row at a time."""
+    import jax
+    import numpy as np
+
+    from v4jax.model import forward
+
+    route = jax.jit(lambda p, t: [info["idx"][0, -n:] for info in forward(p, t, config, dtype=dtype,
+                                                                          logits=False)["routing"]])
+    idx = np.stack([np.stack(route(params, tokens[r:r + 1])) for r in range(tokens.shape[0])], 1)  # [layers, b, n, k]
+    distinct = [len(np.unique(idx[layer, :, t])) for layer in range(idx.shape[0]) for t in range(n)]
+    return float(np.mean(distinct)) / config.n_routed_experts
 
 
 def profile_ops(fn, platform: str, per: int) -> dict:
@@ -168,9 +190,11 @@ def main():
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=2)
 
-    def floor(params, cache, b, step_s, speculative=False):
-        nbytes = step_bytes(params, cache, config, b, speculative)
-        out = {"step_bytes": nbytes["total"], "weight_bytes_read": nbytes["weights"]}
+    def floor(params, cache, b, step_s, touched, speculative=False):
+        nbytes = step_bytes(params, cache, config, b, touched, speculative)
+        k, e = config.num_experts_per_tok, config.n_routed_experts
+        out = {"step_bytes": nbytes["total"], "weight_bytes_read": nbytes["weights"], "experts_touched": touched,
+               "experts_touched_uniform": 1 - (1 - k / e) ** b}
         if tbps:
             out.update(floor_s=nbytes["total"] / (tbps * 1e12), floor_fraction=nbytes["total"] / (tbps * 1e12) / step_s,
                        hbm_tbps=tbps)
@@ -216,9 +240,15 @@ def main():
             emit(dict(base, what="prefill", batch=1, time_s=prefill_s, tokens_per_s=context / prefill_s,
                       first_prefill_s=first_s, first_prefill_compiles=first_compiles, cache_bytes_measured=cache_mem,
                       cache_bytes_formula=cache_bytes(config, max_len, 1, dt)["total"]))
+            def distinct_starts(b):
+                """Logits [b, V] whose greedy token is a different one in each row."""
+                first = rng.choice(np.arange(3, config.vocab_size), b, replace=False)
+                return jnp.full((b, config.vocab_size), -1e9, jnp.float32).at[np.arange(b), first].set(0.0)
+
+            touched = {}  # batch size -> the measured share of experts a step reads
             for b in sorted(int(x) for x in args.batches.split(",")):
                 cb = jax.tree.map(lambda a, b=b: jnp.repeat(a, b, axis=0), cache)
-                lb = jnp.repeat(logits, b, axis=0)
+                lb = distinct_starts(b)
                 sp = sampling_params(b, temperature=0.0)
                 active = jnp.ones((b,), bool)
 
@@ -228,12 +258,16 @@ def main():
 
                 def time_loop(cb, lb, what):
                     """--steps tokens in one call, timed after a compiling call; its row emitted. -> (cb, lb)"""
-                    (_, _, _, lb, cb, _), compile_s = timed(lambda: loop(cb, lb, args.steps, args.steps))
-                    (_, _, n, lb, cb, _), loop_s = timed(lambda: loop(cb, lb, args.steps, args.steps))
+                    (out0, _, _, lb, cb, _), compile_s = timed(lambda: loop(cb, lb, args.steps, args.steps))
+                    (out1, _, n, lb, cb, _), loop_s = timed(lambda: loop(cb, lb, args.steps, args.steps))
                     step = loop_s / int(n)
+                    if b not in touched:  # the rows' whole token histories, routed again
+                        seqs = np.concatenate([np.repeat(np.asarray(prompt), b, 0), np.asarray(out0), np.asarray(out1)],
+                                              axis=1)
+                        touched[b] = experts_touched(params, config, dt, seqs, int(n))
                     emit(dict(base, what=what, batch=b, step_s=step, tokens_per_s=b / step, compile_s=compile_s,
                               cache_bytes_formula=cache_bytes(config, max_len, b, dt)["total"],
-                              **floor(params, cb, b, step),
+                              **floor(params, cb, b, step, touched[b]),
                               peak_gib=(dev.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30))
                     return cb, lb
 
@@ -254,7 +288,7 @@ def main():
                         times.append(time.perf_counter() - t0)
                     step = float(np.median(times))
                     emit(dict(base, what="decode, host loop", batch=b, step_s=step, tokens_per_s=b / step,
-                              **floor(params, cb, b, step)))
+                              **floor(params, cb, b, step, touched[b])))
                 if args.profile:
                     trace_loop(cb, lb, "decode profile")
                 if args.grouped_decode and b == min(int(x) for x in args.batches.split(",")):
@@ -264,7 +298,7 @@ def main():
                     jax.clear_caches()  # the flag is read when tracing
                     try:
                         cb = jax.tree.map(lambda a, b=b: jnp.repeat(a, b, axis=0), cache)  # the last cb was donated
-                        cb, lb = time_loop(cb, jnp.repeat(logits, b, axis=0), "decode, device loop, grouped experts")
+                        cb, lb = time_loop(cb, distinct_starts(b), "decode, device loop, grouped experts")
                         if args.profile:
                             trace_loop(cb, lb, "decode profile, grouped experts")
                     finally:  # a failure here must not leave the rows after it on the grouped path
@@ -278,7 +312,7 @@ def main():
                 for b in sorted(int(x) for x in args.batches.split(",")):
                     cb = jax.tree.map(lambda a, b=b: jnp.repeat(a, b, axis=0), cache)
                     sp = sampling_params(b, temperature=0.0)
-                    lb, xb = jnp.repeat(logits, b, axis=0), jnp.repeat(x_last, b, axis=0)
+                    lb, xb = distinct_starts(b), jnp.repeat(x_last, b, axis=0)
                     rounds = args.steps // 2
 
                     def spec(cb):
@@ -294,7 +328,7 @@ def main():
                     emit(dict(base, what="decode, speculative mtp", batch=b, step_s=step,
                               tokens_per_s=float(np.sum(np.asarray(n))) / loop_s, acceptance_rate=rate,
                               break_even_acceptance=step / plain - 1, compile_s=compile_s,
-                              **floor(params, cb, b, step, speculative=True)))
+                              **floor(params, cb, b, step, touched[b], speculative=True)))
                     del cb
                 del cache
         except StopIteration:
@@ -316,6 +350,7 @@ def main():
             extra = f", {r['floor_fraction']:.1%} of the floor" if "floor_fraction" in r else ""
             extra += f", first prefill {r['first_prefill_s']:.2f} s" if "first_prefill_s" in r else ""
             extra += f", acceptance {r['acceptance_rate']:.2f}" if "acceptance_rate" in r else ""
+            extra += f", {r['experts_touched']:.0%} of the experts read" if "experts_touched" in r else ""
             print(f"{r['context']:>8} {r['what']:>24} {r['weights']:>5} batch {r['batch']:>3}: "
                   f"{r['tokens_per_s']:>10.0f} tok/s{extra}")
         elif "top_ops" in r:
