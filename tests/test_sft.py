@@ -63,10 +63,10 @@ def test_read_conversations(tmp_path):
     path = tmp_path / "sft.jsonl"
     path.write_text(json.dumps(good) + "\n\n" + json.dumps({**good, "mode": "think"}) + "\n")
     assert read_conversations(path) == [{**good, "mode": "chat"}, {**good, "mode": "think"}]
-    for line, match in (("{not json", "line 1: not JSON"), (json.dumps({"text": "x"}), "line 1: .*'messages' list"),
-                        (json.dumps({**good, "mode": "fast"}), "line 1: 'mode' must be one of"),
-                        (json.dumps({"messages": [{"role": "user", "content": "Hi"}]}), "line 1: no assistant"),
-                        (json.dumps({"messages": [{"role": "robot", "content": "Hi"}]}), "line 1: .*role"),
+    for line, match in (("{not json", ":1: not JSON"), (json.dumps({"text": "x"}), ":1: .*'messages' list"),
+                        (json.dumps({**good, "mode": "fast"}), ":1: 'mode' must be one of"),
+                        (json.dumps({"messages": [{"role": "user", "content": "Hi"}]}), ":1: no assistant"),
+                        (json.dumps({"messages": [{"role": "robot", "content": "Hi"}]}), ":1: .*role"),
                         ("", "no conversations")):
         path.write_text(line + "\n")
         with pytest.raises(ValueError, match=match):
@@ -139,5 +139,5 @@ def test_chat_format_settings_are_checked(tmp_path):
         make_dataset(DataConfig(path=str(text), format="chat", heldout_fraction=0.0), 0, 1)
     bad = tmp_path / "b.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "Hi"}]}\n')
-    with pytest.raises(DataError, match="line 1: no assistant"):
+    with pytest.raises(DataError, match=":1: no assistant"):
         make_dataset(DataConfig(path=str(bad), format="chat", heldout_fraction=0.0), 0, 1)

@@ -103,6 +103,7 @@ import numpy as np
 
 from v4jax.chat import MODES
 from v4jax.config import ConfigError
+from v4jax.jsonl import json_lines
 from v4jax.sft import encode_conversation, read_conversations
 from v4jax.tokenizer import TOKENIZERS, load_tokenizer
 
@@ -224,21 +225,14 @@ def _read_txt(f: Path) -> list[str]:
 
 def _read_jsonl(f: Path, field: str) -> list[str]:
     texts = []
-    with open(f, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{f}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or field not in obj:
-                keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-                raise DataError(f"{f}:{lineno}: no {field!r} field (found {keys}); set data.text_field to "
-                                "the field that holds the text")
-            if not isinstance(obj[field], str):
-                raise DataError(f"{f}:{lineno}: field {field!r} is {type(obj[field]).__name__}, not a string")
-            texts.append(obj[field])
+    for where, obj in json_lines(f, DataError):
+        if not isinstance(obj, dict) or field not in obj:
+            keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            raise DataError(f"{where}: no {field!r} field (found {keys}); set data.text_field to the field "
+                            "that holds the text")
+        if not isinstance(obj[field], str):
+            raise DataError(f"{where}: field {field!r} is {type(obj[field]).__name__}, not a string")
+        texts.append(obj[field])
     return texts
 
 

@@ -18,11 +18,11 @@ after ``<think>``). A conversation with no trained turn is refused.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from v4jax.chat import MODES, encode_chat_tokens, encode_messages
+from v4jax.jsonl import json_lines
 
 
 def encode_conversation(messages, tokenizer: Any, mode: str = "chat") -> tuple[list[int], list[bool]]:
@@ -51,28 +51,20 @@ def read_conversations(path: str | Path, mode: str = "chat") -> list[dict[str, A
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not JSON ({e.msg}); each line must be one object with 'messages'") from None
-            if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
-                raise ValueError(f"{where}: each line must be an object with a 'messages' list of "
-                                 "{'role': ..., 'content': ...}")
-            row_mode = row.get("mode", mode)
-            if row_mode not in MODES:
-                raise ValueError(f"{where}: 'mode' must be one of {MODES}, got {row_mode!r}")
-            try:
-                encode_messages(row["messages"], row_mode, add_generation_prompt=False)
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
-            if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in row["messages"]):
-                raise ValueError(f"{where}: no assistant message, so nothing to train on")
-            out.append({"messages": row["messages"], "mode": row_mode})
+    for where, row in json_lines(path):
+        if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
+            raise ValueError(f"{where}: each line must be an object with a 'messages' list of "
+                             "{'role': ..., 'content': ...}")
+        row_mode = row.get("mode", mode)
+        if row_mode not in MODES:
+            raise ValueError(f"{where}: 'mode' must be one of {MODES}, got {row_mode!r}")
+        try:
+            encode_messages(row["messages"], row_mode, add_generation_prompt=False)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in row["messages"]):
+            raise ValueError(f"{where}: no assistant message, so nothing to train on")
+        out.append({"messages": row["messages"], "mode": row_mode})
     if not out:
         raise ValueError(f"{path}: no conversations (one JSON object with 'messages' per line)")
     return out

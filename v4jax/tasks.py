@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,6 +36,7 @@ import numpy as np
 from v4jax.chat import EOS_ID, encode_chat_tokens, parse_completion_tokens
 from v4jax.config import ConfigError
 from v4jax.data import hash_value
+from v4jax.jsonl import json_lines
 from v4jax.tokenizer import text_prompt
 
 BUILTIN_PROMPTS = ("arithmetic",)
@@ -55,23 +55,14 @@ def arithmetic_prompts() -> list[Prompt]:
 
 def read_prompts(path: str | Path) -> list[Prompt]:
     """A .jsonl prompt file, checked line by line (errors name the file and line)."""
-    path = Path(path)
     out = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{where}: not JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"]:
-                raise ConfigError(f'{where}: each line must be an object with a non-empty string "prompt"')
-            answer = obj.get("answer")
-            if answer is not None and not isinstance(answer, str):
-                raise ConfigError(f'{where}: "answer" must be a string, got {type(answer).__name__}')
-            out.append(Prompt(obj["prompt"], answer))
+    for where, obj in json_lines(path, ConfigError):
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"]:
+            raise ConfigError(f'{where}: each line must be an object with a non-empty string "prompt"')
+        answer = obj.get("answer")
+        if answer is not None and not isinstance(answer, str):
+            raise ConfigError(f'{where}: "answer" must be a string, got {type(answer).__name__}')
+        out.append(Prompt(obj["prompt"], answer))
     if not out:
         raise ConfigError(f"{path}: no prompts")
     return out
