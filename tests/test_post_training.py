@@ -312,6 +312,7 @@ def test_grpo_and_distillation_runs(tmp_path, capsys):
     (["post.teachers=[/no/such/teacher]", "post.method=distill"], "cannot load /no/such/teacher"),
     (["post.prompts=prompts.txt"], "must be one of ('arithmetic',) or a .jsonl"),
     (["post.temperature=0"], "post.temperature=0 is not allowed"),
+    (["model.engram={layers: [1], tokenizer: bytes}"], "model.engram is set, and post-training samples"),
 ])
 def test_bad_post_training_settings_are_refused_before_anything_is_written(tmp_path, capsys, override, message):
     workdir = tmp_path / "run"
@@ -319,6 +320,19 @@ def test_bad_post_training_settings_are_refused_before_anything_is_written(tmp_p
                        "--no-progress", *TINY, *override])
     err = capsys.readouterr().err
     assert code == 2 and message in err, err
+    assert not (workdir / "checkpoints").exists() and not (workdir / "metrics.jsonl").exists()
+
+
+def test_a_teacher_with_engram_is_refused_before_anything_is_written(tmp_path, capsys):
+    import v4jax
+    from v4jax.config import model_config_from_yaml
+
+    teacher = v4jax.Model.init(model_config_from_yaml(ROOT / "configs" / "tiny-engram.yaml")).save(tmp_path / "t")
+    workdir = tmp_path / "run"
+    code = train.main(["--workdir", str(workdir), "--config", str(ROOT / "configs" / "tiny-grpo.yaml"), "--no-progress",
+                       *TINY, "post.method=distill", f"post.teachers=[{teacher}]", "post.rewards={}"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"post.teachers: {teacher} has Engram" in err, err
     assert not (workdir / "checkpoints").exists() and not (workdir / "metrics.jsonl").exists()
 
 

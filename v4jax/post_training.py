@@ -282,6 +282,9 @@ class Rollouts:
             if config.vocab_size != run.model.vocab_size or tok not in (None, data.tokenizer):
                 raise ConfigError(f"post.teachers: {path} has vocab_size={config.vocab_size} and tokenizer {tok}, the "
                                   f"student {run.model.vocab_size} and {data.tokenizer}: they must be the same")
+            if config.engram is not None:  # the rollout batches carry no Engram ids for it
+                raise ConfigError(f"post.teachers: {path} has Engram (model.engram), which distillation does not "
+                                  "run yet: use a teacher without Engram")
             self.teachers.append((config, params))
         self.reference = None
         self._teacher_answers = None

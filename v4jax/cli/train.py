@@ -155,6 +155,9 @@ def check_config(run) -> None:
         if run.post.sft_steps >= run.train.steps:
             raise ConfigError(f"post.sft_steps={run.post.sft_steps} leaves no policy steps in train.steps="
                               f"{run.train.steps}: raise train.steps")
+        if run.model.engram is not None:
+            raise ConfigError("model.engram is set, and post-training samples its rollouts with the decode loop, "
+                              "which does not run Engram yet: post-train a model without model.engram")
 
     engram = run.model.engram
     if engram is not None and engram.tokenizer not in (run.data.tokenizer, "none"):
