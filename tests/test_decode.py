@@ -84,6 +84,30 @@ def test_chunked_prefill_equals_one_prefill(name):
             assert rel(lc[key][:, live], lw[key][:, live]) <= 4e-6, (i, key)
 
 
+def test_a_decode_step_writes_the_rings_in_place():
+    """One token a row: the rings are not concatenated with the new token (window [b, W + 1, c], x
+    [b, 2m + 1, d]) and the compressors run inside a conditional (only at a step that closes a
+    block); a chunk of two tokens takes the chunk path, which concatenates them. (That decode
+    gives forward's logits at every position is test_prefill_then_decode_equals_the_forward.)"""
+    config, params, _ = _setup("a", 1)
+    cache = init_cache(config, 2, 64, F32)
+    w, c, d = config.sliding_window, config.head_dim, config.hidden_size
+
+    def program(t):
+        return extend.lower(params, cache, jnp.zeros((2, t), jnp.int32), jnp.ones((2,), jnp.int32), config,
+                            F32).as_text()
+
+    def concatenated(text, shape):
+        return any("concatenate" in line and f"-> tensor<{shape}xf32>" in line for line in text.splitlines())
+
+    one, two = program(1), program(2)
+    rings = [f"2x{w + 1}x{c}"] + [f"2x{2 * config.ratio[k] + 1}x{d}" for k in (CSA, HCA)]
+    assert not any(concatenated(one, shape) for shape in rings)
+    assert concatenated(two, f"2x{w + 2}x{c}")  # the window ring unrolled, then the chunk's two keys
+    compressors = sum(2 if kind == CSA else kind == HCA for kind in config.layer_types)  # CSA's indexer has one too
+    assert one.count("stablehlo.case") - two.count("stablehlo.case") == compressors == 5
+
+
 def test_ragged_rows_equal_each_row_alone():
     """Rows of different prompt lengths in one batch generate what each generates alone (greedy), and
     a batch row's logits equal the forward of its own sequence."""

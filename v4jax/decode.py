@@ -28,7 +28,12 @@ code's pooling exactly. Both are fixed-size: the cache grows only through ``entr
 **extend(params, cache, tokens [b, t], n_valid [b])** appends each row's first ``n_valid`` tokens
 at its position: queries attend to the window ring unrolled in position order followed by the
 chunk's own keys, and to the cached entries after the blocks that close inside the chunk have been
-pooled (from the x ring and the chunk) and written. Prefill is ``extend`` on an empty cache, decode
+pooled (from the x ring and the chunk) and written. A decode step (t = 1) writes the token into
+both rings in place and attends to the window ring as it lies (the keys' order does not change the
+softmax), and pools an entry only at a step where some row closes a block. The chunk path at t = 1
+rewrote and unrolled every ring and projected each compressor's whole 2m + 1-row window at every
+step (in bench-flash-8l's batch-32 program: three [32, 257, 2048] concatenations and 8,224-row
+projections for each HCA compressor, a copy of every ring). Prefill is ``extend`` on an empty cache, decode
 is ``extend`` with t = 1, and a long prompt can go in several chunks: all give the numbers of
 ``v4jax.model.forward`` on the whole sequence (tests/test_decode.py). Padding tokens (t >= n_valid)
 change nothing. The MoE runs the local dropless path (``jax.lax.ragged_dot``; on a mesh XLA
@@ -149,13 +154,29 @@ def cache_bytes(config: ModelConfig, tokens: int, batch: int = 1, dtype=jnp.bflo
     return {"total": total, "growing": growing, "fixed": total - growing}
 
 
+def _ring_positions(r: int, end: jax.Array) -> jax.Array:
+    """The position each slot of a ring of ``r`` slots holds once positions < end [b] are written:
+    slot j holds the latest position < end that is j mod r -> [b, r] (negative: none yet)."""
+    return end[:, None] - 1 - ((end[:, None] - 1 - jnp.arange(r)) % r)
+
+
 def _ring_update(ring: jax.Array, rows: jax.Array, pos: jax.Array, end: jax.Array) -> jax.Array:
     """The ring [b, R, ...] (position p in slot p % R) after positions pos..end-1 (``rows`` [b, t, ...],
-    row j at position pos + j) were appended: slot j holds the latest position < end that is j mod R."""
-    r, t = ring.shape[1], rows.shape[1]
-    latest = end[:, None] - 1 - ((end[:, None] - 1 - jnp.arange(r)) % r)  # [b, R]
+    row j at position pos + j) were appended. Rewrites the whole ring: for a chunk of tokens."""
+    t = rows.shape[1]
+    latest = _ring_positions(ring.shape[1], end)
     new = jnp.take_along_axis(rows, jnp.clip(latest - pos[:, None], 0, t - 1)[..., None], axis=1)
     return jnp.where((latest >= pos[:, None])[..., None], new, ring)
+
+
+def _ring_write(ring: jax.Array, row: jax.Array, pos: jax.Array, n_valid: jax.Array) -> jax.Array:
+    """The ring [b, R, ...] after one token a row (``row`` [b, 1, ...] at position ``pos``, where
+    n_valid [b] is 1): a write of one slot a row, in place (decode), where ``_ring_update``
+    rewrites the ring."""
+    b, r = ring.shape[:2]
+    rows, slot = jnp.arange(b), pos % r
+    keep = (n_valid > 0).reshape((b,) + (1,) * (ring.ndim - 2))
+    return ring.at[rows, slot].set(jnp.where(keep, row[:, 0].astype(ring.dtype), ring[rows, slot]))
 
 
 def _unroll(ring: jax.Array, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -179,6 +200,26 @@ def _new_entries(ext_x, ext_first, p, pos, end, m: int, overlap: bool, freqs, ep
     keys = apply_rope(keys, *rope_angles(freqs, blk * m))  # RoPE at the block's first position
     n = jax.tree.leaves(cached)[0].shape[1]
     return _write_entries(cached, jnp.where(closes, blk, n), keys)  # a slot past the end: dropped
+
+
+def _close_block(ring, p, pos, end, m: int, overlap: bool, freqs, eps, cached):
+    """Decode (one token a row): pool the block that the new token closes from the x ring [b, 2m, d]
+    (after ``_ring_write``: it holds that block and the one before it, CSA's overlap) and write its
+    entry into ``cached`` [b, N, c] in place. Computed only at a step where some row closes a
+    block (one step in m), where ``_new_entries`` pools the whole chunk's ring every step."""
+    blk = pos // m
+    closes = (blk + 1) * m <= end
+
+    def pool(cached):
+        slots = (blk[:, None] * m + jnp.arange(-m if overlap else 0, m)) % (2 * m)  # [the block before,] the block
+        x = jnp.take_along_axis(ring, slots[..., None], axis=1)
+        start = jnp.full((x.shape[0], 1), m if overlap else 0, jnp.int32)
+        keys = compress(x, p, start, (blk == 0)[:, None], m, overlap, eps)
+        keys = apply_rope(keys, *rope_angles(freqs, (blk * m)[:, None]))  # RoPE at the block's first position
+        n = jax.tree.leaves(cached)[0].shape[1]
+        return _write_entries(cached, jnp.where(closes, blk, n)[:, None], keys)  # slot n: dropped
+
+    return jax.lax.cond(closes.any(), pool, lambda cached: cached, cached)
 
 
 def _cached_entries(keys, m: int, pos, end) -> Entries:
@@ -207,16 +248,23 @@ def _window_attention(q, keys, key_pos, key_ok, positions, sink, window: int, en
         qs = jax.lax.dynamic_slice_in_dim(q, u * qb, qb, 1)
         ps = jax.lax.dynamic_slice_in_dim(positions, u * qb, qb, 1)
         ks, kp, ko = (jax.lax.dynamic_slice_in_dim(a, u * qb, span, 1) for a in (keys, key_pos, key_ok))
-        dist = ps[:, :, None] - kp[:, None, :]
-        ok = (dist >= 0) & (dist < window) & ko[:, None, :]
-        if entries is None:
-            return attend(qs, ks, ok, sink)[0]
-        if idx is None:
-            return attend(qs, ks, ok, sink, entries.keys, None, entries.visible(jnp.ones_like(ps), ps))[0]
-        ib = jax.lax.dynamic_slice_in_dim(idx, u * qb, qb, 1)
-        return attend(qs, ks, ok, sink, entries.keys, ib, ib >= 0)[0]
+        ib = None if idx is None else jax.lax.dynamic_slice_in_dim(idx, u * qb, qb, 1)
+        return _attend_block(qs, ps, ks, kp, ko, sink, window, entries, ib)
 
     return from_chunks(jax.lax.map(one, jnp.arange(n)), t)  # [n, b, qb, h, c] -> [b, t, h, c]
+
+
+def _attend_block(q, positions, keys, key_pos, key_ok, sink, window: int, entries, idx):
+    """``attend`` for queries q [b, q, h, c] at ``positions`` over window keys [b, j, c] at
+    ``key_pos`` (``key_ok``) [b, j], each seeing those of the last ``window`` positions, and the
+    entries: all visible ones (HCA) or those of ``idx`` [b, q, k] (CSA)."""
+    dist = positions[:, :, None] - key_pos[:, None, :]
+    ok = (dist >= 0) & (dist < window) & key_ok[:, None, :]
+    if entries is None:
+        return attend(q, keys, ok, sink)[0]
+    if idx is None:
+        return attend(q, keys, ok, sink, entries.keys, None, entries.visible(jnp.ones_like(positions), positions))[0]
+    return attend(q, keys, ok, sink, entries.keys, idx, idx >= 0)[0]
 
 
 def attention_extend(x, p, lc: dict, config: ModelConfig, layer: int, pos, n_valid, query_chunk=QUERY_CHUNK):
@@ -231,30 +279,46 @@ def attention_extend(x, p, lc: dict, config: ModelConfig, layer: int, pos, n_val
     angles = rope_angles(freqs, positions)
     cq, q, kv = project(x, p, config, angles)
 
-    ring, ring_pos = _unroll(lc["window"], pos)
-    keys = jnp.concatenate([ring, kv.astype(ring.dtype)], axis=1)
-    key_pos = jnp.concatenate([ring_pos, positions], axis=1)
-    key_ok = jnp.concatenate([ring_pos >= 0, jnp.arange(t)[None, :] < n_valid[:, None]], axis=1)
-    new = {"window": _ring_update(lc["window"], kv.astype(ring.dtype), pos, end)}
+    decode = t == 1  # one token a row: the rings are written in place and read in slot order
+    if decode:
+        new = {"window": _ring_write(lc["window"], kv, pos, n_valid)}
+        keys = new["window"]  # slot order: attention does not depend on the keys' order
+        key_pos = _ring_positions(w, end)
+        key_ok = key_pos >= 0
+    else:  # a chunk: the window ring unrolled in position order, then the chunk's keys
+        ring, ring_pos = _unroll(lc["window"], pos)
+        keys = jnp.concatenate([ring, kv.astype(ring.dtype)], axis=1)
+        key_pos = jnp.concatenate([ring_pos, positions], axis=1)
+        key_ok = jnp.concatenate([ring_pos >= 0, jnp.arange(t)[None, :] < n_valid[:, None]], axis=1)
+        new = {"window": _ring_update(lc["window"], kv.astype(ring.dtype), pos, end)}
 
     entries = idx = None
     if kind != SWA:
-        xs, x_pos = _unroll(lc["x"], pos)
-        ext_x = jnp.concatenate([xs, x.astype(xs.dtype)], axis=1)
-        first = x_pos[:, 0]
-        new["x"] = _ring_update(lc["x"], x.astype(xs.dtype), pos, end)
-        new["entries"] = _new_entries(ext_x, first, p["compressor"], pos, end, m, kind == CSA, freqs, eps,
-                                      lc["entries"])
+        compressors = [("entries", p["compressor"], kind == CSA)]
+        if kind == CSA:
+            compressors.append(("index", p["indexer"]["compressor"], True))
+        if decode:
+            new["x"] = _ring_write(lc["x"], x, pos, n_valid)
+            for key, cp, overlap in compressors:
+                new[key] = _close_block(new["x"], cp, pos, end, m, overlap, freqs, eps, lc[key])
+        else:
+            xs, x_pos = _unroll(lc["x"], pos)
+            ext_x = jnp.concatenate([xs, x.astype(xs.dtype)], axis=1)
+            new["x"] = _ring_update(lc["x"], x.astype(xs.dtype), pos, end)
+            for key, cp, overlap in compressors:
+                new[key] = _new_entries(ext_x, x_pos[:, 0], cp, pos, end, m, overlap, freqs, eps, lc[key])
         entries = _cached_entries(_entry_values(new["entries"], x.dtype), m, pos, end)
         if kind == CSA:
             ip = p["indexer"]
-            new["index"] = _new_entries(ext_x, first, ip["compressor"], pos, end, m, True, freqs, eps, lc["index"])
             iq, iw = indexer_queries(x, cq, ip, config, angles)
             idx = indexer_topk(iq, iw, _cached_entries(new["index"].astype(x.dtype), m, pos, end),
                                jnp.ones((b, t), jnp.int32), positions, config.index_topk, query_chunk=query_chunk)
 
-    o = _window_attention(q, keys.astype(q.dtype), key_pos, key_ok, positions, p["attn_sink"].astype(jnp.float32),
-                          w, entries, idx, query_chunk)
+    sink = p["attn_sink"].astype(jnp.float32)
+    if decode:
+        o = _attend_block(q, positions, keys.astype(q.dtype), key_pos, key_ok, sink, w, entries, idx)
+    else:
+        o = _window_attention(q, keys.astype(q.dtype), key_pos, key_ok, positions, sink, w, entries, idx, query_chunk)
     return output_projection(o, p, config, angles), new
 
 
