@@ -234,7 +234,7 @@ def initial_state(run, mesh, workdir: Path):
     steps are renamed out of the way. Returns (run, data, state, checkpointer). The data is opened
     before a new run's parameters are made, or a resumed run's read: a bad corpus is refused without
     that wait."""
-    from v4jax.checkpoint import Checkpointer, abstract
+    from v4jax.checkpoint import Checkpointer
     from v4jax.config import ConfigError
     from v4jax.data import resolve_heldout_fraction
 
@@ -244,7 +244,7 @@ def initial_state(run, mesh, workdir: Path):
             run = dataclasses.replace(run, data=resolve_heldout_fraction(run.data))
             data = open_data(run, mesh, workdir)
             return run, data, fresh_state(run, mesh), checkpointer
-        fresh = abstract(fresh_state(run, mesh))
+        fresh = state_shapes(run, mesh)
         resumed = {}
 
         def target(meta):  # called with each step's meta before its state is read
@@ -277,7 +277,7 @@ def fresh_state(run, mesh) -> dict:
     from v4jax.trainer import init_state, make_optimizer
 
     if run.post is not None and run.post.init is not None:
-        params = initial_policy(run)
+        params = initial_policy(run, mesh)
     else:
         params = init_params(run.model, run.train.seed, scan=run.parallel.scan_layers)
     params = jax.device_put(params, param_shardings(params, mesh, run.model))
@@ -285,9 +285,24 @@ def fresh_state(run, mesh) -> dict:
     return jax.device_put(state, shard_like_params(state, params, mesh, run.model))
 
 
-def initial_policy(run) -> dict:
+def state_shapes(run, mesh) -> dict:
+    """``fresh_state``'s shapes, dtypes and shardings (what a checkpoint restores into), traced:
+    nothing is initialised or read (a post-training run's ``post.init`` holds the same tree)."""
+    import jax
+
+    from v4jax.model import init_params
+    from v4jax.schema import shard_like_params
+    from v4jax.trainer import init_state, make_optimizer
+
+    params = jax.eval_shape(lambda: init_params(run.model, run.train.seed, scan=run.parallel.scan_layers))
+    state = jax.eval_shape(lambda p: init_state(p, make_optimizer(run.train, run.model)), params)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
+                        shard_like_params(state, params, mesh, run.model))
+
+
+def initial_policy(run, mesh) -> dict:
     """A post-training run's starting parameters (fp32, the run's layout) from ``post.init``, whose
-    model must be the config's."""
+    model must be the config's, read sharded over ``mesh``."""
     import jax.numpy as jnp
 
     from v4jax.config import ConfigError
@@ -295,7 +310,7 @@ def initial_policy(run) -> dict:
     from v4jax.scan import stack_layers
 
     what = f"post.init={run.post.init!r}"
-    config, params, _ = load_policy(run.post.init, jnp.float32, None, what)
+    config, params, _ = load_policy(run.post.init, jnp.float32, mesh, what)
     differ = [f"{name}: checkpoint {a!r}, config {b!r}" for name, a, b in model_differences(config, run.model)]
     if differ:
         raise ConfigError(f"{what} is another model ({'; '.join(differ)}): make the model section the checkpoint's")
