@@ -29,8 +29,9 @@ code's pooling exactly. Both are fixed-size: the cache grows only through ``entr
 at its position: queries attend to the window ring unrolled in position order followed by the
 chunk's own keys, and to the cached entries after the blocks that close inside the chunk have been
 pooled (from the x ring and the chunk) and written. A decode step (t = 1) writes the token into
-both rings in place and attends to the window ring as it lies (the keys' order does not change the
-softmax), and pools an entry only at a step where some row closes a block. The chunk path at t = 1
+both rings in place, attends to the window ring as it lies (the keys' order does not change the
+softmax), and pools the block of the token from its m rows (2m with CSA's overlap) gathered out of
+the x ring. The chunk path at t = 1
 rewrote and unrolled every ring and projected each compressor's whole 2m + 1-row window at every
 step (in bench-flash-8l's batch-32 program: three [32, 257, 2048] concatenations and 8,224-row
 projections for each HCA compressor, a copy of every ring). Prefill is ``extend`` on an empty cache, decode
@@ -205,21 +206,20 @@ def _new_entries(ext_x, ext_first, p, pos, end, m: int, overlap: bool, freqs, ep
 def _close_block(ring, p, pos, end, m: int, overlap: bool, freqs, eps, cached):
     """Decode (one token a row): pool the block that the new token closes from the x ring [b, 2m, d]
     (after ``_ring_write``: it holds that block and the one before it, CSA's overlap) and write its
-    entry into ``cached`` [b, N, c] in place. Computed only at a step where some row closes a
-    block (one step in m), where ``_new_entries`` pools the whole chunk's ring every step."""
+    entry into ``cached`` [b, N, c] in place; rows that close no block write nothing. Only the
+    block's m rows (2m with the overlap) are projected, where ``_new_entries`` projects the whole
+    2m + t-row window. It is computed at every step: skipping the steps that close no block with a
+    ``jax.lax.cond`` would make XLA on a GPU copy the predicate to the host and wait for it (outside
+    a command buffer), once per compressor and step."""
     blk = pos // m
     closes = (blk + 1) * m <= end
-
-    def pool(cached):
-        slots = (blk[:, None] * m + jnp.arange(-m if overlap else 0, m)) % (2 * m)  # [the block before,] the block
-        x = jnp.take_along_axis(ring, slots[..., None], axis=1)
-        start = jnp.full((x.shape[0], 1), m if overlap else 0, jnp.int32)
-        keys = compress(x, p, start, (blk == 0)[:, None], m, overlap, eps)
-        keys = apply_rope(keys, *rope_angles(freqs, (blk * m)[:, None]))  # RoPE at the block's first position
-        n = jax.tree.leaves(cached)[0].shape[1]
-        return _write_entries(cached, jnp.where(closes, blk, n)[:, None], keys)  # slot n: dropped
-
-    return jax.lax.cond(closes.any(), pool, lambda cached: cached, cached)
+    slots = (blk[:, None] * m + jnp.arange(-m if overlap else 0, m)) % (2 * m)  # [the block before,] the block
+    x = jnp.take_along_axis(ring, slots[..., None], axis=1)
+    start = jnp.full((x.shape[0], 1), m if overlap else 0, jnp.int32)
+    keys = compress(x, p, start, (blk == 0)[:, None], m, overlap, eps)
+    keys = apply_rope(keys, *rope_angles(freqs, (blk * m)[:, None]))  # RoPE at the block's first position
+    n = jax.tree.leaves(cached)[0].shape[1]
+    return _write_entries(cached, jnp.where(closes, blk, n)[:, None], keys)  # slot n: dropped
 
 
 def _cached_entries(keys, m: int, pos, end) -> Entries:
