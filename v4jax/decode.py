@@ -30,16 +30,15 @@ at its position: queries attend to the window ring unrolled in position order fo
 chunk's own keys, and to the cached entries after the blocks that close inside the chunk have been
 pooled (from the x ring and the chunk) and written. A decode step (t = 1) writes the token into
 both rings in place, attends to the window ring as it lies (the keys' order does not change the
-softmax), and pools the block of the token from its m rows (2m with CSA's overlap) gathered out of
-the x ring. The chunk path at t = 1
-rewrote and unrolled every ring and projected each compressor's whole 2m + 1-row window at every
-step (in bench-flash-8l's batch-32 program: three [32, 257, 2048] concatenations and 8,224-row
-projections for each HCA compressor, a copy of every ring). Prefill is ``extend`` on an empty cache, decode
-is ``extend`` with t = 1, and a long prompt can go in several chunks: all give the numbers of
-``v4jax.model.forward`` on the whole sequence (tests/test_decode.py). Padding tokens (t >= n_valid)
-change nothing. The MoE runs the local dropless path (``jax.lax.ragged_dot``; on a mesh XLA
-partitions it); Engram layers are not supported yet. On a mesh the cache is split by rows
-(``cache_shardings``).
+softmax), and pools the token's block from its m rows (2m with CSA's overlap) gathered out of the
+x ring; the chunk path would rewrite and unroll every ring and project each compressor's whole
+2m + 1-row window at every step (in bench-flash-8l's batch-32 program: three [32, 257, 2048]
+concatenations, 8,224-row projections for each HCA compressor, a copy of every ring). Prefill is
+``extend`` on an empty cache, decode is ``extend`` with t = 1, and a long prompt can go in several
+chunks: all give the numbers of ``v4jax.model.forward`` on the whole sequence (tests/test_decode.py).
+Padding tokens (t >= n_valid) change nothing. The MoE runs the local dropless path
+(``jax.lax.ragged_dot``; on a mesh XLA partitions it); Engram layers are not supported yet. On a
+mesh the cache is split by rows (``cache_shardings``).
 """
 
 from __future__ import annotations
