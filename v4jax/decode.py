@@ -196,10 +196,7 @@ def _new_entries(ext_x, ext_first, p, pos, end, m: int, overlap: bool, freqs, ep
     t = ext_x.shape[1] - 2 * m
     blk = pos[:, None] // m + jnp.arange(t // m + 1)  # [b, J] the blocks that can close in the chunk
     closes = (blk + 1) * m <= end[:, None]
-    keys = compress(ext_x, p, blk * m - ext_first[:, None], blk == 0, m, overlap, eps)
-    keys = apply_rope(keys, *rope_angles(freqs, blk * m))  # RoPE at the block's first position
-    n = jax.tree.leaves(cached)[0].shape[1]
-    return _write_entries(cached, jnp.where(closes, blk, n), keys)  # a slot past the end: dropped
+    return _pool_blocks(ext_x, blk * m - ext_first[:, None], blk, closes, p, m, overlap, freqs, eps, cached)
 
 
 def _close_block(ring, p, pos, end, m: int, overlap: bool, freqs, eps, cached):
@@ -210,15 +207,22 @@ def _close_block(ring, p, pos, end, m: int, overlap: bool, freqs, eps, cached):
     2m + t-row window. It is computed at every step: skipping the steps that close no block with a
     ``jax.lax.cond`` would make XLA on a GPU copy the predicate to the host and wait for it (outside
     a command buffer), once per compressor and step."""
-    blk = pos // m
-    closes = (blk + 1) * m <= end
-    slots = (blk[:, None] * m + jnp.arange(-m if overlap else 0, m)) % (2 * m)  # [the block before,] the block
+    blk = (pos // m)[:, None]
+    closes = (blk + 1) * m <= end[:, None]
+    slots = (blk * m + jnp.arange(-m if overlap else 0, m)) % (2 * m)  # [the block before,] the block
     x = jnp.take_along_axis(ring, slots[..., None], axis=1)
-    start = jnp.full((x.shape[0], 1), m if overlap else 0, jnp.int32)
-    keys = compress(x, p, start, (blk == 0)[:, None], m, overlap, eps)
-    keys = apply_rope(keys, *rope_angles(freqs, (blk * m)[:, None]))  # RoPE at the block's first position
+    start = jnp.full(blk.shape, m if overlap else 0, jnp.int32)
+    return _pool_blocks(x, start, blk, closes, p, m, overlap, freqs, eps, cached)
+
+
+def _pool_blocks(x, start, blk, closes, p, m: int, overlap: bool, freqs, eps, cached):
+    """The entries of blocks ``blk`` [b, J] (their first rows of x [b, s, d] at ``start`` [b, J]),
+    pooled by the compressor p and RoPE'd at each block's first position; those that ``closes``
+    [b, J] written into ``cached`` [b, N, c] at their block index, the others dropped."""
+    keys = compress(x, p, start, blk == 0, m, overlap, eps)
+    keys = apply_rope(keys, *rope_angles(freqs, blk * m))
     n = jax.tree.leaves(cached)[0].shape[1]
-    return _write_entries(cached, jnp.where(closes, blk, n)[:, None], keys)  # slot n: dropped
+    return _write_entries(cached, jnp.where(closes, blk, n), keys)  # slot n: past the end, dropped
 
 
 def _cached_entries(keys, m: int, pos, end) -> Entries:

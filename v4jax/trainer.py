@@ -501,6 +501,20 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
 
 
 
+def state_specs(config: ModelConfig, cfg: TrainConfig, scan: bool, mesh: jax.sharding.Mesh | None) -> dict:
+    """The train state's ShapeDtypeStructs (nothing allocated or read): what a checkpoint restores
+    into, sharded over ``mesh`` by the parameters' rules, or without one onto this process's first
+    device (not the saved shardings: those name the devices of the run that saved it)."""
+    specs = param_specs(config, scan=scan)
+    state = jax.eval_shape(lambda p: init_state(p, make_optimizer(cfg, config)), specs)
+    if mesh is None:
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: one, state)
+    else:
+        shardings = shard_like_params(state, state["params"], mesh, config)
+    return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state, shardings)
+
+
 def restore_run(workdir, step: int | None = None, mesh: jax.sharding.Mesh | None = None) -> dict | None:
     """A train.py run's checkpoint: {config, train, data, state}, the state restored in the run's
     parameter layout; None if the workdir has no checkpoint. ``step`` picks one (a broken one raises
@@ -509,15 +523,8 @@ def restore_run(workdir, step: int | None = None, mesh: jax.sharding.Mesh | None
     sharded over ``mesh`` by the parameters' rules, or without one onto this process's first
     device: whatever the devices and processes of the run that saved it."""
     def target(meta):
-        config, train_cfg = model_config_from_meta(meta), TrainConfig(**meta["train"])
-        specs = param_specs(config, scan=scan_layers_from_meta(meta))
-        state = jax.eval_shape(lambda p: init_state(p, make_optimizer(train_cfg, config)), specs)
-        if mesh is None:  # not the saved shardings: those name the devices of the run that saved it
-            one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            shardings = jax.tree.map(lambda _: one, state)
-        else:
-            shardings = shard_like_params(state, state["params"], mesh, config)
-        return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state, shardings)
+        return state_specs(model_config_from_meta(meta), TrainConfig(**meta["train"]), scan_layers_from_meta(meta),
+                           mesh)
 
     ckpt = Checkpointer(Path(workdir) / "checkpoints", async_save=False)
     try:

@@ -237,6 +237,7 @@ def initial_state(run, mesh, workdir: Path):
     from v4jax.checkpoint import Checkpointer
     from v4jax.config import ConfigError
     from v4jax.data import resolve_heldout_fraction
+    from v4jax.trainer import state_specs
 
     checkpointer = Checkpointer(workdir / "checkpoints", run.train.keep_checkpoints, run.train.checkpoint_every)
     try:
@@ -244,7 +245,7 @@ def initial_state(run, mesh, workdir: Path):
             run = dataclasses.replace(run, data=resolve_heldout_fraction(run.data))
             data = open_data(run, mesh, workdir)
             return run, data, fresh_state(run, mesh), checkpointer
-        fresh = state_shapes(run, mesh)
+        fresh = state_specs(run.model, run.train, run.parallel.scan_layers, mesh)  # nothing made or read
         resumed = {}
 
         def target(meta):  # called with each step's meta before its state is read
@@ -283,21 +284,6 @@ def fresh_state(run, mesh) -> dict:
     params = jax.device_put(params, param_shardings(params, mesh, run.model))
     state = init_state(params, make_optimizer(run.train, run.model))
     return jax.device_put(state, shard_like_params(state, params, mesh, run.model))
-
-
-def state_shapes(run, mesh) -> dict:
-    """``fresh_state``'s shapes, dtypes and shardings (what a checkpoint restores into), traced:
-    nothing is initialised or read (a post-training run's ``post.init`` holds the same tree)."""
-    import jax
-
-    from v4jax.model import init_params
-    from v4jax.schema import shard_like_params
-    from v4jax.trainer import init_state, make_optimizer
-
-    params = jax.eval_shape(lambda: init_params(run.model, run.train.seed, scan=run.parallel.scan_layers))
-    state = jax.eval_shape(lambda p: init_state(p, make_optimizer(run.train, run.model)), params)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
-                        shard_like_params(state, params, mesh, run.model))
 
 
 def initial_policy(run, mesh) -> dict:
