@@ -56,7 +56,6 @@ lines and a table; ``--json`` writes them.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -172,6 +171,9 @@ def main():
     from v4jax.model import init_params
     from v4jax.sampling import sampling_params
 
+    sys.path.insert(0, os.path.dirname(__file__))
+    from timing import json_rows
+
     config = model_config_from_yaml(args.config)
     if args.speculative and config.num_nextn_predict_layers == 0:  # bench-flash-8l has none: add the block
         config = config.replace(num_nextn_predict_layers=1)
@@ -180,15 +182,8 @@ def main():
     dt = jnp.bfloat16
     dense = None if args.peer_only else init_params(config, 0, dt)
     in_use = lambda: (dev.memory_stats() or {}).get("bytes_in_use", 0)  # noqa: E731
-    rows = []
+    rows, emit = json_rows(args.json)
     no_stops = jnp.zeros((0,), jnp.int32)
-
-    def emit(row):
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=2)
 
     def floor(params, cache, b, step_s, touched, speculative=False):
         nbytes = step_bytes(params, cache, config, b, touched, speculative)

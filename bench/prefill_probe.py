@@ -9,7 +9,6 @@ steady prefill is traced and its costliest device ops printed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -28,6 +27,7 @@ def main():
     import jax.numpy as jnp
     import numpy as np
     from profile_step import time_by_op, traced
+    from timing import json_rows
 
     from v4jax import moe
     from v4jax.config import model_config_from_yaml
@@ -38,7 +38,7 @@ def main():
     config = model_config_from_yaml(args.config)
     params = init_params(config, 0, jnp.bfloat16)
     prompt = [list(np.random.default_rng(0).integers(3, config.vocab_size, args.context))]
-    rows = []
+    _, emit = json_rows(args.json)
     real_installed = moe.tokamax_installed
     for i, variant in enumerate(args.variants.split(",")):
         backend, capacity = variant.split(":")
@@ -62,11 +62,7 @@ def main():
         else:
             row["steady_s"] = run()
         row["second_compiles"] = extend._cache_size()
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=2)
+        emit(row)
 
 
 if __name__ == "__main__":

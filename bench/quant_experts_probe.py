@@ -20,7 +20,8 @@ float32 product of the decoded weights. A variant the kernel refuses prints its 
 from __future__ import annotations
 
 import argparse
-import json
+import os
+import sys
 import time
 
 import jax
@@ -38,14 +39,10 @@ def main():
 
     from v4jax.quant import block_scaled
 
-    rows = []
+    sys.path.insert(0, os.path.dirname(__file__))
+    from timing import json_rows
 
-    def emit(row):
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=2)
+    _, emit = json_rows(args.json)
 
     rng = np.random.default_rng(0)
     g = 64

@@ -1,8 +1,9 @@
 """Timing of one jitted function, shared by the kernel benchmarks (bench/attention_kernel.py,
-bench/moe_kernels.py)."""
+bench/moe_kernels.py), and the result rows the decode benchmarks print and save (``json_rows``)."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import jax
@@ -24,3 +25,19 @@ def timed(fn, args, reps: int, warmup: int = 2):
         jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - t)
     return out, float(np.median(times)) * 1e3, compile_s
+
+
+def json_rows(path: str | None):
+    """(rows, emit): ``emit(row)`` appends a result row to ``rows``, prints it as a JSON line and, when
+    ``path`` is given, rewrites that file with every row so far: a run cut short keeps what it
+    measured."""
+    rows = []
+
+    def emit(row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if path:
+            with open(path, "w") as f:
+                json.dump(rows, f, indent=2)
+
+    return rows, emit
