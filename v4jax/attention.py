@@ -163,9 +163,10 @@ def indexer_topk(q, w, keys: Entries, segment_ids, positions, k: int, *, query_c
 
     q [b, s, h, c]; w [b, s, h]; keys: the indexer's entries. Returns idx [b, s, min(k, e)] int32,
     -1 in the slots a query with fewer visible entries leaves empty. Queries go in chunks of
-    ``query_chunk``; each chunk scans the entries in blocks of ``key_chunk``, merging a running top-k,
-    and stops after the last block that any of its queries can see. Ties go to the lower entry index,
-    as in one ``jax.lax.top_k`` over all entries.
+    ``query_chunk``. Entries that fit one block of ``key_chunk`` (a decode step, a short sequence)
+    take one ``jax.lax.top_k``; more are scanned in such blocks, merging a running top-k, up to the
+    last block that any of the chunk's queries can see. Ties go to the lower entry index, as in one
+    ``jax.lax.top_k`` over all entries.
     """
     q, w, keys = jax.lax.stop_gradient((q, w, keys))
     b, s, h, c = q.shape
@@ -176,6 +177,25 @@ def indexer_topk(q, w, keys: Entries, segment_ids, positions, k: int, *, query_c
     kc = min(key_chunk, e)
     n_k = -(-e // kc)
     keys = Entries(*(pad_tokens(a, n_k * kc, fill) for a, fill in zip(keys, (0, -1, 0, 0, False))))
+
+    def scores_of(qb, wb, seg, pos, blk: Entries):  # [b, qc, kc]: -inf where not visible
+        dots = jnp.einsum("bqhc,bkc->bqhk", qb, blk.keys, preferred_element_type=F32)
+        return jnp.where(blk.visible(seg, pos), _index_scores(wb, dots), NEG_INF)
+
+    def chunks(fn, *extra):
+        xs = (to_chunks(pad_tokens(q, n_q * qc, 0), n_q), to_chunks(pad_tokens(w, n_q * qc, 0), n_q),
+              to_chunks(pad_tokens(segment_ids, n_q * qc, -2), n_q),
+              to_chunks(pad_tokens(positions, n_q * qc, 0), n_q)) + extra
+        return from_chunks(jax.lax.map(fn, xs), s)
+
+    if n_k == 1:
+        # No loop: a decode step runs this in every CSA layer, and a loop with a traced trip count
+        # (and the merge's jax.lax.cond) has XLA on a GPU read its predicate on the host.
+        def one_block(xs):
+            vals, ids = jax.lax.top_k(scores_of(*xs, keys), k)
+            return jnp.where(vals > NEG_INF, ids, -1)
+
+        return chunks(one_block)
 
     # A chunk can see only entries whose block ended by its last row; valid entries come first, in
     # row order, so that is a prefix of the entry axis.
@@ -197,8 +217,7 @@ def indexer_topk(q, w, keys: Entries, segment_ids, positions, k: int, *, query_c
         def step(j, best):
             vals, ids = best
             blk = Entries(*(jax.lax.dynamic_slice_in_dim(a, j * kc, kc, axis=1) for a in keys))
-            dots = jnp.einsum("bqhc,bkc->bqhk", qb, blk.keys, preferred_element_type=F32)
-            scores = jnp.where(blk.visible(seg, pos), _index_scores(wb, dots), NEG_INF)
+            scores = scores_of(qb, wb, seg, pos, blk)
             cand_ids = jnp.broadcast_to(j * kc + jnp.arange(kc, dtype=jnp.int32), scores.shape)
             # Only scores above the current k-th best can enter (an equal one loses to the lower
             # index already held). Once that threshold is up, a block has few such scores: pack
@@ -218,10 +237,7 @@ def indexer_topk(q, w, keys: Entries, segment_ids, positions, k: int, *, query_c
         vals, ids = jax.lax.fori_loop(0, nb, step, init)
         return jnp.where(vals > NEG_INF, ids, -1)
 
-    xs = (to_chunks(pad_tokens(q, n_q * qc, 0), n_q), to_chunks(pad_tokens(w, n_q * qc, 0), n_q),
-          to_chunks(pad_tokens(segment_ids, n_q * qc, -2), n_q), to_chunks(pad_tokens(positions, n_q * qc, 0), n_q),
-          blocks)
-    return from_chunks(jax.lax.map(chunk, xs), s)
+    return chunks(chunk, blocks)
 
 
 @jax.named_scope("indexer")
