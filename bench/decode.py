@@ -249,7 +249,7 @@ def main():
 
                 def loop(cb, lb, n, chunk_len):
                     return decode_tokens(params, cb, lb, sp, jnp.int32(0), active, jnp.int32(n), no_stops, config,
-                                         dt, chunk_len)
+                                         dt, chunk_len, all_greedy=True)  # greedy rows, as generate() runs them
 
                 def time_loop(cb, lb, what):
                     """--steps tokens in one call, timed after a compiling call; its row emitted. -> (cb, lb)"""

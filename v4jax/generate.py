@@ -103,13 +103,15 @@ def _positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "chunk"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "chunk", "all_greedy"), donate_argnames=("cache",))
 def decode_tokens(params, cache, logits, sampling: SamplingParams, step, active, limit, stops,
-                  config: ModelConfig, dtype, chunk: int):
+                  config: ModelConfig, dtype, chunk: int, all_greedy: bool = False):
     """Up to ``min(chunk, limit)`` decode steps in one ``jax.lax.while_loop``, ending early when no
     row is active. Step i samples a token per row from ``logits`` [b, V] with the key of step
     ``step + i``; a row whose token is in ``stops`` [S] stops (the token is neither kept nor
-    appended); the others' tokens are appended to the cache (donated).
+    appended); the others' tokens are appended to the cache (donated). ``all_greedy``: every row's
+    temperature is 0 (``generate`` says so), so a step holds no conditional
+    (``v4jax.sampling.sample_with_log_probs``).
 
     -> (tokens [b, chunk] int32, -1 where a row kept none; their log-probabilities under the
     distribution they were drawn from [b, chunk] f32 (``v4jax.sampling.log_probs``; 0 for greedy
@@ -124,7 +126,7 @@ def decode_tokens(params, cache, logits, sampling: SamplingParams, step, active,
 
     def body(carry):
         i, out, out_logp, logits, cache, active = carry
-        tokens, logp = sample_with_log_probs(logits, sampling, step + i)
+        tokens, logp = sample_with_log_probs(logits, sampling, step + i, all_greedy=all_greedy)
         active = active & ~jnp.isin(tokens, stops)
         out = out.at[:, i].set(jnp.where(active, tokens, -1))
         out_logp = out_logp.at[:, i].set(jnp.where(active, logp, 0.0))
@@ -267,12 +269,13 @@ def generate(params, config: ModelConfig, prompts, max_new_tokens: int, *, tempe
 
     if speculative is None:
         active, step = jnp.ones((b,), bool), 0
+        all_greedy = bool((np.asarray(sp.temperature) <= 0).all())
         if log_probs is not None:
             log_probs[:] = [[] for _ in range(b)]
         while step < max_new_tokens:
             tokens, logp, n, logits, cache, active = decode_tokens(
                 params, cache, logits, sp, jnp.int32(step), active, jnp.int32(max_new_tokens - step), stops, config,
-                dtype, stream_every)
+                dtype, stream_every, all_greedy)
             n = int(_to_host(n))
             tokens, logp = _to_host(tokens)[:, :n], _to_host(logp)[:, :n]
             stream(tokens, (tokens >= 0).sum(1))

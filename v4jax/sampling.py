@@ -157,9 +157,14 @@ def _draw(logits, params, keys):
     return tokens.astype(jnp.int32), logp
 
 
-def sample_with_log_probs(logits, params: SamplingParams, step, row_ids=None):
-    """``sample`` and ``log_probs`` of its tokens from one sort: -> (tokens [B] int32, logp [B] f32)."""
+def sample_with_log_probs(logits, params: SamplingParams, step, row_ids=None, all_greedy: bool = False):
+    """``sample`` and ``log_probs`` of its tokens from one sort: -> (tokens [B] int32, logp [B] f32).
+    ``all_greedy`` (static): the caller knows every row's temperature is 0, so the argmax is taken
+    without the conditional that otherwise skips the sort (on a GPU, a predicate read on the host)."""
     _check_shapes(logits, params, step, row_ids)
+    if all_greedy:
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return tokens, jnp.zeros(tokens.shape, F32)
     return _sample(logits, params, row_keys(params.seed, step, row_ids))
 
 
