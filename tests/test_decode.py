@@ -122,7 +122,7 @@ def test_a_decode_step_has_no_loop_of_unknown_length_and_no_conditional():
     and step. The greedy decode loop's compiled program may hold only the token loop itself and
     loops of known length (the mHC Sinkhorn's on the CPU): the indexer's top-k over a cache that
     fits one key block takes no loop, and greedy rows take no sampler conditional."""
-    config, _, _ = _setup("a", 1)
+    config = CONFIGS["a"]
     assert CSA in {config.layer_type(i) for i in range(config.num_hidden_layers)}
     params = jax.eval_shape(lambda: init_params(config, 0))
     cache = jax.eval_shape(lambda: init_cache(config, 2, 64, F32))

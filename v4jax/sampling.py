@@ -162,19 +162,19 @@ def sample_with_log_probs(logits, params: SamplingParams, step, row_ids=None, al
     ``all_greedy`` (static): the caller knows every row's temperature is 0, so the argmax is taken
     without the conditional that otherwise skips the sort (on a GPU, a predicate read on the host)."""
     _check_shapes(logits, params, step, row_ids)
-    if all_greedy:
-        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        return tokens, jnp.zeros(tokens.shape, F32)
-    return _sample(logits, params, row_keys(params.seed, step, row_ids))
+    return _sample(logits, params, row_keys(params.seed, step, row_ids), all_greedy)
 
 
-def _sample(logits, params: SamplingParams, keys):
+def _sample(logits, params: SamplingParams, keys, all_greedy: bool = False):
     """Tokens [B] and their log-probabilities [B] (0 for greedy rows), the rows' keys given; the
-    sort is skipped when every row is greedy (``lax.cond``)."""
+    sort is skipped when every row is greedy: known statically (``all_greedy``) or found at run time
+    (``lax.cond``)."""
     greedy = params.temperature <= 0
     g_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    tok, logp = jax.lax.cond(jnp.all(greedy), lambda: (g_tok, jnp.zeros(g_tok.shape, F32)),
-                             lambda: _draw(logits, params, keys))
+    argmax = (g_tok, jnp.zeros(g_tok.shape, F32))
+    if all_greedy:
+        return argmax
+    tok, logp = jax.lax.cond(jnp.all(greedy), lambda: argmax, lambda: _draw(logits, params, keys))
     return jnp.where(greedy, g_tok, tok), jnp.where(greedy, 0.0, logp)
 
 
