@@ -312,7 +312,8 @@ def main():
 
                     def spec(cb):
                         _, state = start_speculation(lb, xb, sp, no_stops, jnp.int32(10**9))
-                        return speculate_tokens(params, cb, state, sp, jnp.int32(10**9), no_stops, config, dt, rounds)
+                        return speculate_tokens(params, cb, state, sp, jnp.int32(10**9), no_stops, config, dt, rounds,
+                                                all_greedy=True)
 
                     (_, _, cb, _), compile_s = timed(lambda: spec(cb))
                     (_, n, cb, state), loop_s = timed(lambda: spec(cb))

@@ -116,24 +116,31 @@ def test_a_decode_step_writes_the_rings_in_place():
     assert {2 * m_csa + 2, 2 * m_hca + 2} <= projected_rows(two)
 
 
-def test_a_decode_step_has_no_loop_of_unknown_length_and_no_conditional():
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_decode_step_has_no_loop_of_unknown_length_and_no_conditional(temperature):
     """XLA on a GPU reads the predicate of a conditional, and of each iteration of a loop whose trip
     count it does not know, on the host: inside the decode loop that is a host round trip per layer
-    and step. The greedy decode loop's compiled program may hold only the token loop itself and
-    loops of known length (the mHC Sinkhorn's on the CPU): the indexer's top-k over a cache that
-    fits one key block takes no loop, and greedy rows take no sampler conditional."""
+    and step. The decode loop's compiled program, greedy or sampled as ``generate`` runs it, may hold
+    only the token loop itself and loops of known length (the mHC Sinkhorn's on the CPU): the
+    indexer's top-k over a cache that fits one key block takes no loop, and the sampler takes the
+    branch ``generate`` chose on the host. Without that choice the sampler keeps its conditional."""
     config = CONFIGS["a"]
     assert CSA in {config.layer_type(i) for i in range(config.num_hidden_layers)}
     params = jax.eval_shape(lambda: init_params(config, 0))
     cache = jax.eval_shape(lambda: init_cache(config, 2, 64, F32))
-    sp = sampling_params(2, temperature=0.0)
-    text = decode_tokens.lower(params, cache, jax.ShapeDtypeStruct((2, config.vocab_size), F32), sp, jnp.int32(0),
-                               jnp.ones((2,), bool), jnp.int32(8), jnp.zeros((0,), jnp.int32), config, F32, 8,
-                               all_greedy=True).compile().as_text()
+    sp = sampling_params(2, temperature=temperature)
+
+    def program(all_greedy):
+        return decode_tokens.lower(params, cache, jax.ShapeDtypeStruct((2, config.vocab_size), F32), sp,
+                                   jnp.int32(0), jnp.ones((2,), bool), jnp.int32(8), jnp.zeros((0,), jnp.int32),
+                                   config, F32, 8, all_greedy=all_greedy).compile().as_text()
+
+    text = program(temperature == 0)
     unknown = [line[:120] for line in text.splitlines() if re.search(r"\swhile\(", line)
                and "known_trip_count" not in line]
     assert not re.search(r"\sconditional\(", text)
     assert len(unknown) == 1, unknown  # the token loop
+    assert re.search(r"\sconditional\(", program(None))
 
 
 def test_ragged_rows_equal_each_row_alone():

@@ -8,6 +8,7 @@ algorithm's distribution on fixed logits.
 """
 
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ import pytest
 
 from tests.helpers import CHI2_1E6, CONFIGS, np_filtered, rel, sharpened
 from v4jax.decode import init_cache, last_index, logits_at, mtp_chunk, run_chunk
-from v4jax.generate import generate
+from v4jax.generate import generate, speculate_tokens, start_speculation
 from v4jax.model import forward, init_params
 from v4jax.sampling import row_keys, sample, sampling_params, speculative_accept
 
@@ -34,10 +35,12 @@ def _chi2_ok(counts, probs, n):
     return chi2, int(keep.sum()) - 1
 
 
-def test_rejection_step_gives_the_target_distribution():
+@pytest.mark.parametrize("all_greedy", [None, False])
+def test_rejection_step_gives_the_target_distribution(all_greedy):
     """Draft d ~ q, then ``speculative_accept``: the kept-or-replaced token is distributed as p (8
     tokens, temperature, top-k and top-p filters on both), and a draft is kept with probability
-    sum_v min(p_v, q_v) (the published acceptance rate)."""
+    sum_v min(p_v, q_v) (the published acceptance rate); with the branch chosen at run time (None)
+    or by the caller (False: no row is greedy)."""
     n = 40_000
     zp = np.array([0.3, 2.0, -1.0, 1.2, 0.9, -0.4, 1.6, -2.5], np.float32)
     zq = np.array([1.5, 0.1, 0.4, 1.1, -0.3, 0.8, 0.2, 0.0], np.float32)
@@ -47,7 +50,8 @@ def test_rejection_step_gives_the_target_distribution():
         q_logits = jnp.broadcast_to(jnp.asarray(zq), (n, 8))
         keys = row_keys(sp.seed, jnp.int32(5))
         draft = sample(q_logits, sp, jnp.int32(9))
-        kept, token = jax.jit(speculative_accept)(p_logits, q_logits, draft, sp, keys)
+        accept = jax.jit(speculative_accept, static_argnames="all_greedy")
+        kept, token = accept(p_logits, q_logits, draft, sp, keys, all_greedy=all_greedy)
         p, q = (np_filtered(z, temperature, top_k, top_p) for z in (zp, zq))
         chi2, dof = _chi2_ok(np.bincount(np.asarray(token), minlength=8), p, n)
         assert chi2 < CHI2_1E6[dof], (temperature, top_k, top_p, chi2)
@@ -58,13 +62,38 @@ def test_rejection_step_gives_the_target_distribution():
 
 def test_rejection_step_greedy_rows():
     """A greedy row keeps the draft iff it is the target's argmax, else takes the argmax; in a batch
-    with sampled rows too."""
+    with sampled rows too (the branch chosen at run time, or all_greedy=False), and alone
+    (all_greedy=True)."""
     p_logits = jnp.asarray([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0], [0.0, 1.0, 2.0]], F32)
+    draft = jnp.asarray([1, 2, 2], jnp.int32)
     sp = sampling_params(3, temperature=[0.0, 0.0, 1.0])
-    kept, token = speculative_accept(p_logits, p_logits, jnp.asarray([1, 2, 2], jnp.int32), sp,
-                                     row_keys(sp.seed, jnp.int32(0)))
-    assert kept.tolist()[:2] == [True, False] and token.tolist()[:2] == [1, 0]
-    assert kept.tolist()[2]  # p == q: a draft is always kept
+    for all_greedy in (None, False):
+        kept, token = speculative_accept(p_logits, p_logits, draft, sp, row_keys(sp.seed, jnp.int32(0)), all_greedy)
+        assert kept.tolist() == [True, False, True] and token.tolist()[:2] == [1, 0]  # p == q: always kept
+    sp = sampling_params(2, temperature=0.0)
+    kept, token = speculative_accept(p_logits[:2], p_logits[:2], draft[:2], sp, row_keys(sp.seed, jnp.int32(0)), True)
+    assert kept.tolist() == [True, False] and token.tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_speculative_step_has_no_loop_of_unknown_length_and_no_conditional(temperature):
+    """As test_decode's check of the plain decode loop: with the sampler's branch chosen on the host
+    (as ``generate`` does), the speculative loop's program holds no conditional (the draft, the
+    verification and the token after it each sampled) and no loop of unknown length but itself."""
+    config = SPEC_CONFIGS["csa"]
+    b, stops = 2, jnp.zeros((0,), jnp.int32)
+    params = jax.eval_shape(lambda: init_params(config, 0))
+    cache = jax.eval_shape(lambda: init_cache(config, b, 64, F32, mtp=True))
+    sp = sampling_params(b, temperature=temperature)
+    _, state = jax.eval_shape(start_speculation, jax.ShapeDtypeStruct((b, config.vocab_size), F32),
+                              jax.ShapeDtypeStruct((b, config.hc_mult, config.hidden_size), F32), sp, stops,
+                              jnp.int32(8))
+    text = speculate_tokens.lower(params, cache, state, sp, jnp.int32(8), stops, config, F32, 4,
+                                  all_greedy=temperature == 0).compile().as_text()
+    unknown = [line[:120] for line in text.splitlines() if re.search(r"\swhile\(", line)
+               and "known_trip_count" not in line]
+    assert not re.search(r"\sconditional\(", text)
+    assert len(unknown) == 1, unknown  # the speculation loop
 
 
 # an MTP block of each kind: its cache is a window (swa), or also compressed entries (hca, csa:

@@ -9,9 +9,11 @@ Then the tokens are generated on the device: ``decode_tokens`` runs up to ``stre
 one ``jax.lax.while_loop`` (sample a token per row, append it, stop a row at one of its stop tokens,
 stop the loop when every row has stopped) and only then returns to the host, which streams the
 chunk (``on_tokens``) and calls again while rows and budget remain. Sampling (``v4jax.sampling``:
-per-row temperature, top-k, top-p and seeds) is data, so no setting recompiles; one compiled loop
-serves the whole generation. Step i of a row draws with the key of (seed, row, i), as one step at a
-time from the host did.
+per-row temperature, top-k, top-p and seeds) is data, so no setting recompiles, with one exception:
+whether every row is greedy is read on the host and picks one of two programs (the argmax, or the
+draw), because a run-time branch would make XLA on a GPU read its predicate on the host at every
+step. One compiled loop serves the whole generation. Step i of a row draws with the key of
+(seed, row, i), as one step at a time from the host did.
 
 ``speculative="mtp"``: self-speculative decoding with the MTP block (``speculate_tokens``). Each
 step the MTP block drafts the token after the next from the main model's last streams, and the
@@ -105,13 +107,13 @@ def _positive_int(name: str, value) -> None:
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "chunk", "all_greedy"), donate_argnames=("cache",))
 def decode_tokens(params, cache, logits, sampling: SamplingParams, step, active, limit, stops,
-                  config: ModelConfig, dtype, chunk: int, all_greedy: bool = False):
+                  config: ModelConfig, dtype, chunk: int, all_greedy: bool | None = None):
     """Up to ``min(chunk, limit)`` decode steps in one ``jax.lax.while_loop``, ending early when no
     row is active. Step i samples a token per row from ``logits`` [b, V] with the key of step
     ``step + i``; a row whose token is in ``stops`` [S] stops (the token is neither kept nor
-    appended); the others' tokens are appended to the cache (donated). ``all_greedy``: every row's
-    temperature is 0 (``generate`` says so), so a step holds no conditional
-    (``v4jax.sampling.sample_with_log_probs``).
+    appended); the others' tokens are appended to the cache (donated). ``all_greedy`` (static):
+    whether every row's temperature is 0, as ``generate`` knows it; True or False, a step holds no
+    conditional (``v4jax.sampling._sample``).
 
     -> (tokens [b, chunk] int32, -1 where a row kept none; their log-probabilities under the
     distribution they were drawn from [b, chunk] f32 (``v4jax.sampling.log_probs``; 0 for greedy
@@ -139,9 +141,9 @@ def decode_tokens(params, cache, logits, sampling: SamplingParams, step, active,
     return out, out_logp, i, logits, cache, active
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "chunk"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "chunk", "all_greedy"), donate_argnames=("cache",))
 def speculate_tokens(params, cache, state: dict, sampling: SamplingParams, max_new, stops,
-                     config: ModelConfig, dtype, chunk: int):
+                     config: ModelConfig, dtype, chunk: int, all_greedy: bool | None = None):
     """Up to ``chunk`` self-speculative steps (module docstring) in one ``jax.lax.while_loop``, ending
     early when no row is active; each keeps one or two tokens per active row. A row stops at a token
     in ``stops`` [S] (not kept) or when it has kept ``max_new`` tokens.
@@ -152,6 +154,7 @@ def speculate_tokens(params, cache, state: dict, sampling: SamplingParams, max_n
     ``count`` [b], tokens kept so far; ``active`` [b]; ``drafted``, ``accepted``: drafts made and
     kept, over all rows.
 
+    ``all_greedy`` as in ``decode_tokens``.
     Randomness: a row's step that starts with k kept tokens draws with the key of (seed, row, k),
     folded with 0 (the draft), 1 (the verification, two draws) and 2 (the token after a kept draft).
     -> (tokens [b, 2 chunk] int32, each row's kept tokens first, then -1; how many [b]; the cache;
@@ -175,15 +178,15 @@ def speculate_tokens(params, cache, state: dict, sampling: SamplingParams, max_n
         x_mtp, cache = mtp_chunk(params, cache, st["mtp_x"], st["mtp_next"], jnp.where(active, st["mtp_n"], 0),
                                  config, dtype)
         q_logits = logits_at(params, x_mtp, last_index(st["mtp_n"], 2), config, mtp=True)[:, 0]
-        draft = sample_with_keys(q_logits, sampling, fold(0))
+        draft = sample_with_keys(q_logits, sampling, fold(0), all_greedy)
 
         # verify: the main model on [pending, draft]
         pos = cache["pos"]
         x, cache = run_chunk(params, cache, jnp.stack([st["pending"], draft], 1), 2 * active.astype(jnp.int32),
                              config, dtype)
         logits = logits_at(params, x, jnp.broadcast_to(jnp.arange(2), (b, 2)), config)
-        kept, token = speculative_accept(logits[:, 0], q_logits, draft, sampling, fold(1))
-        after = sample_with_keys(logits[:, 1], sampling, fold(2))
+        kept, token = speculative_accept(logits[:, 0], q_logits, draft, sampling, fold(1), all_greedy)
+        after = sample_with_keys(logits[:, 1], sampling, fold(2), all_greedy)
         cache = {**cache, "pos": pos + jnp.where(active, 1 + kept, 0)}  # a rejected draft rolled back
 
         # keep `token`, then `after` where the draft was kept, each until a stop token or max_new
@@ -256,6 +259,7 @@ def generate(params, config: ModelConfig, prompts, max_new_tokens: int, *, tempe
                                      speculative == "mtp")
 
     out: list[list[int]] = [[] for _ in range(b)]
+    all_greedy = bool((np.asarray(sp.temperature) <= 0).all())  # the sampler's branch, known here
 
     def stream(tokens: np.ndarray, counts: np.ndarray) -> None:
         """Each row's first counts[row] tokens [b, ...] into ``out``, and to on_tokens by position."""
@@ -269,7 +273,6 @@ def generate(params, config: ModelConfig, prompts, max_new_tokens: int, *, tempe
 
     if speculative is None:
         active, step = jnp.ones((b,), bool), 0
-        all_greedy = bool((np.asarray(sp.temperature) <= 0).all())
         if log_probs is not None:
             log_probs[:] = [[] for _ in range(b)]
         while step < max_new_tokens:
@@ -291,7 +294,7 @@ def generate(params, config: ModelConfig, prompts, max_new_tokens: int, *, tempe
     stream(_to_host(first)[:, None], _to_host(state["count"]))
     while bool(_to_host(state["active"]).any()):
         tokens, n, cache, state = speculate_tokens(params, cache, state, sp, jnp.int32(max_new_tokens), stops,
-                                                   config, dtype, stream_every)
+                                                   config, dtype, stream_every, all_greedy)
         stream(_to_host(tokens), _to_host(n))
     if stats is not None:
         drafted, accepted = int(_to_host(state["drafted"])), int(_to_host(state["accepted"]))

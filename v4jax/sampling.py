@@ -157,24 +157,28 @@ def _draw(logits, params, keys):
     return tokens.astype(jnp.int32), logp
 
 
-def sample_with_log_probs(logits, params: SamplingParams, step, row_ids=None, all_greedy: bool = False):
+def sample_with_log_probs(logits, params: SamplingParams, step, row_ids=None, all_greedy: bool | None = None):
     """``sample`` and ``log_probs`` of its tokens from one sort: -> (tokens [B] int32, logp [B] f32).
-    ``all_greedy`` (static): the caller knows every row's temperature is 0, so the argmax is taken
-    without the conditional that otherwise skips the sort (on a GPU, a predicate read on the host)."""
+    ``all_greedy`` as in ``_sample``."""
     _check_shapes(logits, params, step, row_ids)
     return _sample(logits, params, row_keys(params.seed, step, row_ids), all_greedy)
 
 
-def _sample(logits, params: SamplingParams, keys, all_greedy: bool = False):
-    """Tokens [B] and their log-probabilities [B] (0 for greedy rows), the rows' keys given; the
-    sort is skipped when every row is greedy: known statically (``all_greedy``) or found at run time
-    (``lax.cond``)."""
+def _sample(logits, params: SamplingParams, keys, all_greedy: bool | None = None):
+    """Tokens [B] and their log-probabilities [B] (0 for greedy rows), the rows' keys given. The
+    sort is skipped when every row is greedy. ``all_greedy`` (static) says whether they all are,
+    when the caller knows (``v4jax.generate`` reads the temperatures on the host): True takes the
+    argmax, False the draw, with no conditional; None decides at run time (``lax.cond``), which on a
+    GPU reads the predicate on the host."""
     greedy = params.temperature <= 0
     g_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     argmax = (g_tok, jnp.zeros(g_tok.shape, F32))
     if all_greedy:
         return argmax
-    tok, logp = jax.lax.cond(jnp.all(greedy), lambda: argmax, lambda: _draw(logits, params, keys))
+    if all_greedy is None:
+        tok, logp = jax.lax.cond(jnp.all(greedy), lambda: argmax, lambda: _draw(logits, params, keys))
+    else:
+        tok, logp = _draw(logits, params, keys)
     return jnp.where(greedy, g_tok, tok), jnp.where(greedy, 0.0, logp)
 
 
@@ -191,9 +195,10 @@ def sample(logits, params: SamplingParams, step, row_ids=None):
     return sample_with_keys(logits, params, row_keys(params.seed, step, row_ids))
 
 
-def sample_with_keys(logits, params: SamplingParams, keys):
-    """``sample`` with the rows' keys [B] given (greedy rows ignore theirs)."""
-    return _sample(logits, params, keys)[0]
+def sample_with_keys(logits, params: SamplingParams, keys, all_greedy: bool | None = None):
+    """``sample`` with the rows' keys [B] given (greedy rows ignore theirs); ``all_greedy`` as in
+    ``_sample``."""
+    return _sample(logits, params, keys, all_greedy)[0]
 
 
 def probabilities(logits, params: SamplingParams):
@@ -206,7 +211,8 @@ def probabilities(logits, params: SamplingParams):
     return jnp.where((params.temperature <= 0)[:, None], onehot, probs)
 
 
-def speculative_accept(target_logits, draft_logits, draft, params: SamplingParams, keys):
+def speculative_accept(target_logits, draft_logits, draft, params: SamplingParams, keys,
+                       all_greedy: bool | None = None):
     """Speculative sampling of one token per row (Leviathan et al. 2023, Chen et al. 2023): with p and
     q the distributions ``sample`` draws from for target_logits and draft_logits [B, V] (same
     ``params``), and ``draft`` [B] drawn from q, keep the draft with probability min(1, p(d) / q(d)),
@@ -214,6 +220,8 @@ def speculative_accept(target_logits, draft_logits, draft, params: SamplingParam
 
     A greedy row's p and q are one-hot at their argmax, so its draft is kept iff it is p's argmax,
     and the replacement is p's argmax. keys [B]: each row's key (two draws are folded from it).
+    ``all_greedy`` (static) as in ``_sample``: None skips the sampled branch at run time when every
+    row is greedy (``lax.cond``).
     -> (kept [B] bool, token [B] int32: the draft where kept, else the replacement).
     """
     greedy = params.temperature <= 0
@@ -230,7 +238,12 @@ def speculative_accept(target_logits, draft_logits, draft, params: SamplingParam
         fix = jax.vmap(lambda k, r: jax.random.categorical(jax.random.fold_in(k, 1), jnp.log(r)))(keys, rest)
         return kept, fix.astype(jnp.int32)
 
-    kept, fix = jax.lax.cond(jnp.all(greedy), lambda: (draft == g_tok, g_tok), sampled)
+    if all_greedy:
+        kept, fix = draft == g_tok, g_tok
+    elif all_greedy is None:
+        kept, fix = jax.lax.cond(jnp.all(greedy), lambda: (draft == g_tok, g_tok), sampled)
+    else:
+        kept, fix = sampled()
     kept = jnp.where(greedy, draft == g_tok, kept)
     return kept, jnp.where(kept, draft, jnp.where(greedy, g_tok, fix))
 
