@@ -56,6 +56,7 @@ lines and a table; ``--json`` writes them.
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import sys
 import time
@@ -127,16 +128,26 @@ def experts_touched(params, config, dtype, tokens, n: int) -> float:
 
 def profile_ops(fn, platform: str, per: int) -> dict:
     """Run ``fn`` under jax.profiler and sum the device ops by name -> the top ops (time and launches
-    per token, ``per`` tokens), the device-busy time per token and the trace's span."""
+    per token, ``per`` tokens), the top (op, HLO instruction) pairs (the instruction from the
+    event's ``hlo_op`` or op path: which copy or fusion of the program it is), the device-busy time
+    per token and the trace's span."""
     sys.path.insert(0, os.path.dirname(__file__))
-    from profile_step import time_by_op, traced
+    from profile_step import device_events, traced
 
-    time_ns, calls = time_by_op(traced(fn)[1], platform)
+    time_ns, calls = collections.Counter(), collections.Counter()
+    by_instr, instr_calls = collections.Counter(), collections.Counter()
+    for name, ns, scope in device_events(traced(fn)[1], platform):
+        time_ns[name] += ns
+        calls[name] += 1
+        by_instr[name, scope] += ns
+        instr_calls[name, scope] += 1
     busy = sum(time_ns.values())
     top = [{"op": n, "us_per_token": t / per / 1e3, "launches_per_token": calls[n] / per}
            for n, t in time_ns.most_common(25)]
+    top_instr = [{"op": n, "instruction": i, "us_per_token": t / per / 1e3,
+                  "launches_per_token": instr_calls[n, i] / per} for (n, i), t in by_instr.most_common(40)]
     return {"device_busy_us_per_token": busy / per / 1e3, "launches_per_token": sum(calls.values()) / per,
-            "top_ops": top}
+            "top_ops": top, "top_instructions": top_instr}
 
 
 def main():
