@@ -6,6 +6,7 @@
     python bench/decode.py ... --speculative     # also MTP self-speculative decoding
     python bench/decode.py ... --profile         # also a traced decode: device time by op
     python bench/decode.py ... --grouped-decode  # also batch 1 with the grouped matmul for the experts
+    python bench/decode.py ... --mhc-xla         # also each batch with mHC in XLA instead of its kernels
 
 For each context C, a prompt of C random tokens is prefilled (``v4jax.generate.prefill``, chunks of
 ``--prefill-chunk``) twice on fresh caches: the first prefill in the process includes compiling
@@ -41,6 +42,10 @@ the allocator next to ``cache_bytes``.
 ``--grouped-decode``: after the rest, the smallest batch's device loop again with the routed
 experts through the grouped matmul (``v4jax.moe.GATHER_FEW_PAIRS`` off) instead of gathering the
 chosen experts' weights (a copy of them every step), with ``--profile`` traced too.
+
+``--mhc-xla``: each batch's device loop again with mHC's collapses in XLA's fusions
+(``v4jax.mhc.USE_KERNEL`` off) instead of the two kernels of ``v4jax.mhc_kernel``, with
+``--profile`` traced too.
 
 ``--profile``: after the timings, one device-loop decode per batch is traced (``jax.profiler``) and
 the device ops are summed by name: time and launches per token, and the trace's idle share. Run it
@@ -165,6 +170,8 @@ def main():
                     help="bf16 and/or kept: the release's FP8 matrices and FP4 experts held as stored "
                     "(v4jax.schema.as_stored of the same random weights), decoded in each matmul")
     ap.add_argument("--speculative", action="store_true", help="also time MTP self-speculative decoding")
+    ap.add_argument("--mhc-xla", action="store_true",
+                    help="also each batch's device loop with mHC's collapses in XLA instead of v4jax.mhc_kernel")
     ap.add_argument("--host-loop", action="store_true", help="also time one step per call from the host")
     ap.add_argument("--profile", action="store_true", help="trace a device-loop decode per batch")
     ap.add_argument("--grouped-decode", action="store_true",
@@ -176,6 +183,7 @@ def main():
     import jax.numpy as jnp
     import numpy as np
 
+    from v4jax import mhc, moe
     from v4jax.config import model_config_from_yaml
     from v4jax.decode import cache_bytes, extend, init_cache
     from v4jax.generate import decode_tokens, prefill, speculate_tokens, start_speculation
@@ -252,6 +260,11 @@ def main():
                 return jnp.full((b, config.vocab_size), -1e9, jnp.float32).at[np.arange(b), first].set(0.0)
 
             touched = {}  # batch size -> the measured share of experts a step reads
+            variants = []  # (row label, module, its flag turned off for the row, smallest batch only)
+            if args.mhc_xla:
+                variants.append(("mHC in XLA", mhc, "USE_KERNEL", False))
+            if args.grouped_decode:
+                variants.append(("grouped experts", moe, "GATHER_FEW_PAIRS", True))
             for b in sorted(int(x) for x in args.batches.split(",")):
                 cb = jax.tree.map(lambda a, b=b: jnp.repeat(a, b, axis=0), cache)
                 lb = distinct_starts(b)
@@ -297,18 +310,18 @@ def main():
                               **floor(params, cb, b, step, touched[b])))
                 if args.profile:
                     trace_loop(cb, lb, "decode profile")
-                if args.grouped_decode and b == min(int(x) for x in args.batches.split(",")):
-                    from v4jax import moe
-
-                    moe.GATHER_FEW_PAIRS = False
+                for label, module, flag, only_smallest in variants:
+                    if only_smallest and b != min(int(x) for x in args.batches.split(",")):
+                        continue
+                    setattr(module, flag, False)
                     jax.clear_caches()  # the flag is read when tracing
                     try:
                         cb = jax.tree.map(lambda a, b=b: jnp.repeat(a, b, axis=0), cache)  # the last cb was donated
-                        cb, lb = time_loop(cb, distinct_starts(b), "decode, device loop, grouped experts")
+                        cb, lb = time_loop(cb, distinct_starts(b), f"decode, device loop, {label}")
                         if args.profile:
-                            trace_loop(cb, lb, "decode profile, grouped experts")
-                    finally:  # a failure here must not leave the rows after it on the grouped path
-                        moe.GATHER_FEW_PAIRS = True
+                            trace_loop(cb, lb, f"decode profile, {label}")
+                    finally:  # a failure here must not leave the rows after it on this path
+                        setattr(module, flag, True)
                         jax.clear_caches()
                 del cb, lb
             del cache

@@ -50,10 +50,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from v4jax import devices
 from v4jax.attention import compress, indexer_queries, indexer_topk, output_projection, project
 from v4jax.config import CSA, SWA, ModelConfig
 from v4jax.index_list import QUERY_CHUNK, Entries, attend, from_chunks, pad_tokens
 from v4jax.layers import apply_rope, linear_f32, rope_angles, rope_frequencies
+from v4jax.mhc import kernel_runs
 from v4jax.model import block, final_hidden, mtp_input
 from v4jax.parallel import DEFAULT_RULES, batch_sharding
 from v4jax.quant import decode_rows, encode_rows
@@ -369,7 +371,9 @@ def _block_extend(x, p, lc, config, layer, positions, segments, tokens, pos, n_v
         a, new = attention_extend(h, p_attn, lc, config, layer, pos, n_valid, query_chunk)
         return a, {"cache": new}
 
-    x, info = block(x, p, config, layer, positions, segments, tokens, with_aux=True, attend=attend_chunk)
+    kernel = kernel_runs(tokens.size, config.hc_mult, config.hidden_size, devices.current())
+    x, info = block(x, p, config, layer, positions, segments, tokens, with_aux=True, attend=attend_chunk,
+                    mhc_kernel=kernel)
     return x, info["attn"]["cache"]
 
 

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from v4jax import devices, sinkhorn_kernel
+from v4jax import devices, mhc_kernel, sinkhorn_kernel
+from v4jax.layers import rms_norm
 from v4jax.params import MUON, Init, ParamInfo, declare, pure, vector
 
 F32 = jnp.float32
@@ -97,6 +98,33 @@ def hc_pre(x: jax.Array, p: dict, *, sinkhorn_iters: int, hc_eps: float, norm_ep
     comb_logits = mix[..., 2 * n :] * scale[2] + base[2 * n :]
     comb = sinkhorn(comb_logits.reshape(mix.shape[:2] + (n, n)), sinkhorn_iters, hc_eps)
     return collapse(x, pre), post, comb
+
+
+@jax.named_scope("mhc")
+def hc_pre_normed(x: jax.Array, p: dict, norm_weight: jax.Array, *, sinkhorn_iters: int, hc_eps: float,
+                  norm_eps: float, kernel: bool = False):
+    """``hc_pre``, then the sublayer's RMSNorm (weight norm_weight [d]) of the collapsed streams ->
+    (the sublayer's input [b, s, d], post, comb). ``kernel``: in the two Pallas kernels of
+    ``v4jax.mhc_kernel`` (a few tokens, no gradient: decoding; ``kernel_runs`` says where)."""
+    if kernel:
+        return mhc_kernel.collapse_normed(x, p, norm_weight, sinkhorn_iters=sinkhorn_iters, hc_eps=hc_eps,
+                                          norm_eps=norm_eps)
+    u, post, comb = hc_pre(x, p, sinkhorn_iters=sinkhorn_iters, hc_eps=hc_eps, norm_eps=norm_eps)
+    return rms_norm(u, norm_weight, norm_eps), post, comb
+
+
+# Decoding steps of up to this many tokens take the kernels where they run: each token's programs
+# read all of fn (from L2 after the first), which a prefill chunk's thousands of tokens would not
+# amortise as XLA's GEMM does.
+KERNEL_MAX_TOKENS = 64
+USE_KERNEL = True  # bench/decode.py --mhc-xla turns this off to time XLA's fusions in its place
+
+
+def kernel_runs(tokens: int, n: int, d: int, acc: devices.Accelerator) -> bool:
+    """Whether ``hc_pre_normed`` of ``tokens`` tokens (a decode step's) takes the kernels on ``acc``: a
+    GPU that runs Pallas Triton, shapes the kernels take, and few enough tokens."""
+    return (USE_KERNEL and tokens <= KERNEL_MAX_TOKENS and devices.pallas_triton(acc)
+            and mhc_kernel.supported(n, d))
 
 
 @jax.named_scope("mhc")

@@ -31,7 +31,7 @@ from v4jax.attention import Attention, attention
 from v4jax.config import ModelConfig
 from v4jax.engram import Engram, engram
 from v4jax.layers import linear, linear_f32, rms_norm
-from v4jax.mhc import HyperConnection, hc_head, hc_post, hc_pre
+from v4jax.mhc import HyperConnection, hc_head, hc_post, hc_pre_normed
 from v4jax.moe import MoE, moe
 from v4jax.parallel import REMAT_POLICIES, constrain_tokens
 from v4jax.params import ADAMW, Init, ParamInfo, declarations, declare, matrix, path_keys, pure, vector
@@ -43,26 +43,27 @@ from v4jax.scan import run_stages, stack_layers
 
 
 def block(x, p, config: ModelConfig, layer: int, positions, segment_ids, token_ids, sparse=True, with_aux=False,
-          parallel=None, mesh=None, engram_ids=None, attend=None):
+          parallel=None, mesh=None, engram_ids=None, attend=None, mhc_kernel=False):
     """One decoder block on the streams x [b, s, n, d]: Engram (in its layers) adds to the streams,
     then mHC around attention, then around the MoE. ``engram_ids`` [b, s, j]: this layer's rows.
     ``attend(h, p_attn) -> (out, aux)`` replaces the attention (``v4jax.decode`` runs it on a cache).
+    ``mhc_kernel``: the streams' collapses in ``v4jax.mhc_kernel`` (decoding; no gradient).
 
     Returns (x, info): info holds the routing (``idx``, ``scores``) and, with ``with_aux``, the
     attention's aux dict under ``attn`` (see ``v4jax.attention.attention``).
     """
     if "engram" in p:
         x = x + engram(x, p["engram"], engram_ids, config.engram, config.rms_norm_eps)
-    hc = dict(sinkhorn_iters=config.hc_sinkhorn_iters, hc_eps=config.hc_eps, norm_eps=config.rms_norm_eps)
-    u, post, comb = hc_pre(x, p["hc_attn"], **hc)
-    h = rms_norm(u, p["attn_norm"], config.rms_norm_eps)
+    hc = dict(sinkhorn_iters=config.hc_sinkhorn_iters, hc_eps=config.hc_eps, norm_eps=config.rms_norm_eps,
+              kernel=mhc_kernel)
+    h, post, comb = hc_pre_normed(x, p["hc_attn"], p["attn_norm"], **hc)
     if attend is None:
         a, attn_aux = attention(h, p["attn"], config, layer, positions, segment_ids, sparse, with_aux, parallel, mesh)
     else:
         a, attn_aux = attend(h, p["attn"])
     x = hc_post(a, x, post, comb)
-    u, post, comb = hc_pre(x, p["hc_ffn"], **hc)
-    f, info = moe(rms_norm(u, p["ffn_norm"], config.rms_norm_eps), p["ffn"], token_ids, config, parallel, mesh)
+    h, post, comb = hc_pre_normed(x, p["hc_ffn"], p["ffn_norm"], **hc)
+    f, info = moe(h, p["ffn"], token_ids, config, parallel, mesh)
     if with_aux:
         info["attn"] = attn_aux
     return hc_post(f, x, post, comb), info
