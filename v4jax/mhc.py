@@ -122,7 +122,8 @@ USE_KERNEL = True  # bench/decode.py --mhc-xla turns this off to time XLA's fusi
 
 def kernel_runs(tokens: int, n: int, d: int, acc: devices.Accelerator) -> bool:
     """Whether ``hc_pre_normed`` of ``tokens`` tokens (a decode step's) takes the kernels on ``acc``: a
-    GPU that runs Pallas Triton, shapes the kernels take, and few enough tokens."""
+    GPU that runs Pallas Triton, shapes the kernels take, and few enough tokens. (On a mesh, XLA
+    gathers the kernels' operands to every device: a Pallas call is not partitioned.)"""
     return (USE_KERNEL and tokens <= KERNEL_MAX_TOKENS and devices.pallas_triton(acc)
             and mhc_kernel.supported(n, d))
 
