@@ -49,8 +49,8 @@ def _inputs(b, s, n, d, dtype, seed=0):
 @pytest.mark.parametrize("b,s,n,d", [(2, 1, 4, 256), (1, 3, 4, 320), (3, 1, 2, 128), (16, 1, 4, 1024)])
 def test_kernels_match_the_spec_and_the_xla_path(b, s, n, d):
     """d = 320: a width that is not a power of two (V4-Pro's 7168 is not either); n = 2: another
-    stream count, whose 8 mix rows leave no spare column below a power of two; 16 tokens: mix
-    programs of 8 tokens, and finish programs of two column blocks."""
+    stream count, whose 8 mix rows leave no spare column below a power of two; 16 tokens of width
+    1024."""
     assert supported(n, d)
     x, p, w, p64 = _inputs(b, s, n, d, F32)
     got = collapse_normed(x, p, w, interpret=True, **HC)

@@ -16,6 +16,12 @@ arithmetic is ``hc_pre``'s in fp32 (the mix's sums reassociated over the column 
 about 1e-6 relative), the collapse rounded to the streams' dtype before the norm as
 ``rms_norm(collapse(...))`` rounds it. No gradient: for inference only. The kernels run with
 ``interpret=True`` on the CPU (the tests).
+
+On an H100 (docs/benchmarks.md Part 16) they took 79 launches off a batch-1 token of bench-flash-8l
+and 4% of its time, nothing at batch 32: ``finish`` runs 5.8 us a launch (one program per token,
+the Sinkhorn's reductions across 4 warps), ``mix`` 2.2 us (5.5 at 32 tokens). Two variants were
+slower and dropped: ``finish`` on one warp over 512-column blocks (11.6 us), and 8 tokens per
+``mix`` program reading fn's block once for them (7.8 us at 32 tokens: 8 times fewer programs).
 """
 
 from __future__ import annotations
@@ -30,10 +36,7 @@ from jax.experimental.pallas import triton as plgpu
 
 F32 = jnp.float32
 CHUNK = 256  # columns of flatten(x) per mix program (at most): its fn block [qp, 256] fp32 is 64 registers a thread
-NUM_WARPS = 4  # of a mix program
-MIX_TOKENS = 8  # tokens per mix program (at most): a batch-32 step reads fn 4 times, not 32
-FINISH_WARPS = 1  # a finish program's reductions stay within one warp (the Sinkhorn's 40 of [n, n])
-FINISH_COLUMNS = 512  # columns of [n, d] per pass of a finish program: 64 values a thread in one warp
+NUM_WARPS = 4
 
 
 def _pow2_above(v: int) -> int:
@@ -52,11 +55,10 @@ def supported(n: int, d: int) -> bool:
 
 
 def collapse_normed(x: jax.Array, p: dict, norm_weight: jax.Array, *, sinkhorn_iters: int, hc_eps: float,
-                    norm_eps: float, interpret: bool | None = None, finish_warps: int = FINISH_WARPS):
+                    norm_eps: float, interpret: bool | None = None):
     """``hc_pre`` then the sublayer's RMSNorm: x [b, s, n, d], p {fn [q, n*d], base [q], scale [3]},
     norm_weight [d] -> (rms_norm(collapsed) [b, s, d] in x's dtype, post [b, s, n] fp32,
-    comb [b, s, n, n] fp32). ``interpret``: run the Pallas interpreter (default: on the CPU backend).
-    ``finish_warps``: the warps of a ``finish`` program (bench/mhc_kernel.py compares them)."""
+    comb [b, s, n, n] fp32). ``interpret``: run the Pallas interpreter (default: on the CPU backend)."""
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     b, s, n, d = x.shape
@@ -64,20 +66,20 @@ def collapse_normed(x: jax.Array, p: dict, norm_weight: jax.Array, *, sinkhorn_i
     qp = _pow2_above(q)
     width = _chunk(n, d)
     chunks = n * d // width
-    rows = math.gcd(t, MIX_TOKENS)  # tokens per mix program, which reads its block of fn once for them
     whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)  # noqa: E731
     fn = p["fn"].astype(F32)
     partial = pl.pallas_call(
         functools.partial(_mix_kernel, q),
-        grid=(t // rows, chunks),
-        in_specs=[pl.BlockSpec((rows, width), lambda i, c: (i, c)), whole(fn)],
-        out_specs=pl.BlockSpec((rows, None, qp), lambda i, c: (i, c, 0)),
+        grid=(t, chunks),
+        in_specs=[pl.BlockSpec((None, width), lambda i, c: (i, c)), whole(fn)],
+        out_specs=pl.BlockSpec((None, None, qp), lambda i, c: (i, c, 0)),
         out_shape=jax.ShapeDtypeStruct((t, chunks, qp), F32),
         compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1), interpret=interpret,
         name="mhc_mix",
     )(x.reshape(t, n * d), fn)
     base, scale = p["base"].astype(F32), p["scale"].astype(F32)
     dp = _pow2_above(d - 1)  # h is written [t, dp], whole blocks (a masked store would write duplicates)
+    warps = min(16, max(NUM_WARPS, n * dp // 2048))  # [n, dp] in registers: 64 values a thread
     row = lambda *shape: pl.BlockSpec((None,) + shape, lambda i: (i,) + (0,) * len(shape))  # noqa: E731
     h, post, comb = pl.pallas_call(
         functools.partial(_finish_kernel, q, sinkhorn_iters, float(hc_eps), float(norm_eps)),
@@ -86,34 +88,32 @@ def collapse_normed(x: jax.Array, p: dict, norm_weight: jax.Array, *, sinkhorn_i
         out_specs=[row(dp), row(n), row(n, n)],
         out_shape=[jax.ShapeDtypeStruct((t, dp), x.dtype), jax.ShapeDtypeStruct((t, n), F32),
                    jax.ShapeDtypeStruct((t, n, n), F32)],
-        compiler_params=plgpu.CompilerParams(num_warps=finish_warps, num_stages=1), interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1), interpret=interpret,
         name="mhc_finish",
     )(partial, x.reshape(t, n, d), base, scale, norm_weight)
     return h[:, :d].reshape(b, s, d), post.reshape(b, s, n), comb.reshape(b, s, n, n)
 
 
 def _mix_kernel(q, x_ref, fn_ref, out_ref):
-    """One block of columns of a few tokens: out [rows, qp] = (fn[:, block] . x[block], with
-    x[block] . x[block] in column q), one token at a time against fn's block, read once. fn's rows
-    past q are masked (the block has qp rows)."""
+    """One block of columns of one token: out [qp] = (fn[:, block] . x[block], with x[block] . x[block]
+    in column q). fn's rows past q are masked (the block has qp rows)."""
     c = pl.program_id(1)
-    rows, qp = out_ref.shape
-    width = x_ref.shape[1]
-    mix_rows = jnp.arange(qp, dtype=jnp.int32)
+    qp, = out_ref.shape
+    width, = x_ref.shape
+    rows = jnp.arange(qp, dtype=jnp.int32)
     cols = c * width + jnp.arange(width, dtype=jnp.int32)
-    fn = plgpu.load(fn_ref.at[jnp.minimum(mix_rows, q - 1)[:, None], cols[None, :]], mask=(mix_rows < q)[:, None],
-                    other=0.0)
-    for r in range(rows):
-        x = x_ref[r, :].astype(F32)
-        out_ref[r, :] = jnp.where(mix_rows == q, jnp.sum(x * x), jnp.sum(fn * x[None, :], axis=1))
+    x = x_ref[...].astype(F32)
+    fn = plgpu.load(fn_ref.at[jnp.minimum(rows, q - 1)[:, None], cols[None, :]], mask=(rows < q)[:, None], other=0.0)
+    mix = jnp.sum(fn * x[None, :], axis=1)
+    out_ref[...] = jnp.where(rows == q, jnp.sum(x * x), mix)
 
 
 def _finish_kernel(q, iters, hc_eps, norm_eps, part_ref, x_ref, base_ref, scale_ref, w_ref, h_ref, post_ref,
                    comb_ref):
     """One token: the partial sums -> the mix logits (``v4jax.mhc._mix_logits``), pre, post and the
-    Sinkhorn of comb as ``v4jax.mhc.hc_pre``, then h = rms_norm(sum_j pre_j x_j) * w, in blocks of
-    ``FINISH_COLUMNS`` columns (twice: the norm's sum of squares, then h). A width d that is not a
-    power of two is read masked to the power of two above, dp, and h written [dp] (zeros past d)."""
+    Sinkhorn of comb as ``v4jax.mhc.hc_pre``, then h = rms_norm(sum_j pre_j x_j) * w. A width d that
+    is not a power of two is read masked to the power of two above, dp, and h written [dp] (zeros
+    past d)."""
     n, d = x_ref.shape
     total = jnp.sum(part_ref[...], axis=0)  # [qp]
     qp, = total.shape
@@ -128,26 +128,14 @@ def _finish_kernel(q, iters, hc_eps, norm_eps, part_ref, x_ref, base_ref, scale_
     pre = pick(k, jax.nn.sigmoid(z)) + hc_eps  # [n]
     post_ref[...] = 2.0 * pick(n + k, jax.nn.sigmoid(z))
     comb_ref[...] = _sinkhorn(pick(2 * n + k[:, None] * n + k[None, :], z), iters, hc_eps)  # [j, k]
-
     dp, = h_ref.shape
-    dc = min(dp, FINISH_COLUMNS)
-
-    def collapsed(i):  # columns i*dc.. of sum_j pre_j x_j, rounded to x's dtype as collapse() is
-        c = i * dc + jnp.arange(dc, dtype=jnp.int32)
-        ok, at = c < d, jnp.minimum(c, d - 1)
-        xs = plgpu.load(x_ref.at[k[:, None], at[None, :]], mask=ok[None, :], other=0.0).astype(F32)
-        return jnp.sum(pre[:, None] * xs, axis=0).astype(h_ref.dtype).astype(F32), at, ok
-
-    sq = jax.lax.fori_loop(0, dp // dc, lambda i, acc: acc + jnp.sum(collapsed(i)[0] ** 2), jnp.zeros((), F32))
-    scale_h = jax.lax.rsqrt(sq / d + norm_eps)
-
-    def write(i, carry):
-        u, at, ok = collapsed(i)
-        w = plgpu.load(w_ref.at[at], mask=ok, other=0.0).astype(F32)
-        h_ref[pl.ds(i * dc, dc)] = (u * scale_h * w).astype(h_ref.dtype)
-        return carry
-
-    jax.lax.fori_loop(0, dp // dc, write, 0)
+    c = jnp.arange(dp, dtype=jnp.int32)
+    ok, at = c < d, jnp.minimum(c, d - 1)
+    xs = plgpu.load(x_ref.at[k[:, None], at[None, :]], mask=ok[None, :], other=0.0).astype(F32)  # [n, dp]
+    u = jnp.sum(pre[:, None] * xs, axis=0).astype(h_ref.dtype).astype(F32)  # collapse(), in x's dtype
+    w = plgpu.load(w_ref.at[at], mask=ok, other=0.0).astype(F32)
+    h = u * jax.lax.rsqrt(jnp.sum(u * u) / d + norm_eps) * w
+    h_ref[...] = h.astype(h_ref.dtype)
 
 
 def _sinkhorn(logits, iters: int, eps: float):
