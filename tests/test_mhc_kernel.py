@@ -103,3 +103,19 @@ def test_decode_with_the_kernels_equals_decode_without(monkeypatch):
     assert rel(with_k, without) <= 1e-5
     for a, b in zip(jax.tree.leaves(cache_k), jax.tree.leaves(cache_x)):
         assert rel(a, b) <= 1e-5 if a.dtype == F32 else (np.asarray(a) == np.asarray(b)).all()
+
+
+@pytest.mark.parametrize("d,tokens", [(2048, 1), (4096, 32), (7168, 32)])
+def test_kernels_lower_for_a_gpu(d, tokens):
+    """The Triton lowering (done here without a GPU) takes only arrays whose sizes are powers of two:
+    bench-flash-8l's, V4-Flash's and V4-Pro's widths (7168: 112 column blocks of the mix), with as
+    many tokens as a decode step of 1 or 32 rows."""
+    n = 4
+    q = (2 + n) * n
+    x = jax.ShapeDtypeStruct((tokens, 1, n, d), jnp.bfloat16)
+    p = {"fn": jax.ShapeDtypeStruct((q, n * d), F32), "base": jax.ShapeDtypeStruct((q,), F32),
+         "scale": jax.ShapeDtypeStruct((3,), F32)}
+    w = jax.ShapeDtypeStruct((d,), jnp.bfloat16)
+    fn = jax.jit(lambda x, p, w: collapse_normed(x, p, w, interpret=False, **HC))
+    text = fn.trace(x, p, w).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mhc_mix" in text and "mhc_finish" in text

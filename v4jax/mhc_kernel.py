@@ -111,13 +111,16 @@ def _mix_kernel(q, x_ref, fn_ref, out_ref):
 def _finish_kernel(q, iters, hc_eps, norm_eps, part_ref, x_ref, base_ref, scale_ref, w_ref, h_ref, post_ref,
                    comb_ref):
     """One token: the partial sums -> the mix logits (``v4jax.mhc._mix_logits``), pre, post and the
-    Sinkhorn of comb as ``v4jax.mhc.hc_pre``, then h = rms_norm(sum_j pre_j x_j) * w. A width d that
-    is not a power of two is read masked to the power of two above, dp, and h written [dp] (zeros
-    past d)."""
+    Sinkhorn of comb as ``v4jax.mhc.hc_pre``, then h = rms_norm(sum_j pre_j x_j) * w. A width d, or
+    a count of column blocks, that is not a power of two (V4-Pro: d = 7168, 112 blocks) is read
+    masked to the power of two above, and h written [dp] (zeros past d)."""
     n, d = x_ref.shape
-    total = jnp.sum(part_ref[...], axis=0)  # [qp]
-    qp, = total.shape
+    chunks, qp = part_ref.shape
+    blocks = jnp.arange(_pow2_above(chunks - 1), dtype=jnp.int32)  # a Triton block: a power of two
     cols = jnp.arange(qp, dtype=jnp.int32)
+    part = plgpu.load(part_ref.at[jnp.minimum(blocks, chunks - 1)[:, None], cols[None, :]],
+                      mask=(blocks < chunks)[:, None], other=0.0)
+    total = jnp.sum(part, axis=0)  # [qp]
     squares = jnp.sum(jnp.where(cols == q, total, 0.0))
     mix = total * jax.lax.rsqrt(squares / (n * d) + norm_eps)
     base = plgpu.load(base_ref.at[jnp.minimum(cols, q - 1)], mask=cols < q, other=0.0)
