@@ -86,8 +86,20 @@ def compress(x: jax.Array, p: dict, start: jax.Array, first_block: jax.Array, m:
     start: [b, e] first token of each entry; first_block: [b, e] the entry is its document's first.
     Returns the normalised entries [b, e, c] in x.dtype (RoPE not yet applied).
     """
-    kv = linear_f32(x, p["wkv"])  # [b, s, k*c], projections in fp32
-    gate = linear_f32(x, p["wgate"])
+    kv, gate = compressor_rows(x, p)
+    return pool_rows(kv, gate, p, start, first_block, m, overlap, eps, x.dtype)
+
+
+def compressor_rows(x: jax.Array, p: dict) -> tuple[jax.Array, jax.Array]:
+    """The compressor's per-token projections of x [..., d]: (kv, gate) [..., k*c] in fp32. A token's
+    rows do not depend on the others, so a decode cache keeps them (``v4jax.decode``)."""
+    return linear_f32(x, p["wkv"]), linear_f32(x, p["wgate"])
+
+
+def pool_rows(kv: jax.Array, gate: jax.Array, p: dict, start: jax.Array, first_block: jax.Array, m: int,
+              overlap: bool, eps: float, dtype) -> jax.Array:
+    """``compress`` from the projections kv, gate [b, s, k*c] (``compressor_rows``) -> the entries
+    [b, e, c] in ``dtype``."""
     c = p["norm"].shape[0]
     ape = p["ape"].astype(F32)
     cur = start[..., None] + jnp.arange(m)  # [b, e, m] token indices of the block itself
@@ -107,7 +119,7 @@ def compress(x: jax.Array, p: dict, start: jax.Array, first_block: jax.Array, m:
         vals = gather(kv, cur)
         logits = gather(gate, cur) + ape
     pooled = jnp.sum(jax.nn.softmax(logits, axis=2) * vals, axis=2)  # [b, e, c] fp32
-    return rms_norm(pooled.astype(x.dtype), p["norm"], eps)
+    return rms_norm(pooled.astype(dtype), p["norm"], eps)
 
 
 @jax.named_scope("compressor")

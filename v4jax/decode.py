@@ -8,9 +8,10 @@ dim, W window, m a layer's compression ratio, N = max_len // m entry slots, V vo
 
     pos       int32 [b]           tokens each row holds (= the next token's position)
     layers[i] window   [b, W, c]      K=V of the last W positions, position p in slot p % W
-              x        [b, 2m, d]     compressed layers: the attention input of the last 2m
-                                      positions, slot p % 2m (the compressors' input: the partial
-                                      block and, for CSA's overlap, the block before it)
+              kv_K, gate_K            compressed layers, for each compressor K (entries; CSA: and
+                       [b, R, k c]    index): its fp32 projections (``attention.compressor_rows``)
+                                      of the last R positions, slot p % R: R = m (HCA: the partial
+                                      block) or 2m (CSA: and the block before it, k = 2 channel sets)
               entries  [b, N, c]      compressed layers: block i's entry in slot i; with an
                                       FP8 cache a dict: nope [b, N, c - r] E4M3 codes of the
                                       non-RoPE channels, scale [b, N, (c - r) / 64] their E8M0
@@ -20,21 +21,20 @@ dim, W window, m a layer's compression ratio, N = max_len // m entry slots, V vo
                                       cache (as above) and its positions, for speculative decoding
 
 Rows are independent: each has its own ``pos``, so rows of different lengths share a batch, and
-which window keys and entries a query sees follows from positions alone. The official code keeps
-the compressors' fp32 projections of the partial block instead of their input; keeping the input
-(2m rows of d) lets one buffer serve both of a CSA layer's compressors and reuses the training
-code's pooling exactly. Both are fixed-size: the cache grows only through ``entries``/``index``.
+which window keys and entries a query sees follows from positions alone. As in the official code,
+the compressors' projections are kept rather than their input: each token is projected once, when
+it arrives, where keeping the input (2m rows of d, before 2026-12-08) projected a block's m or 2m
+rows again at every decode step (in bench-flash-8l's batch-32 step, three [4096, 2048] x [2048,
+1024] products). The rings are fixed-size: the cache grows only through ``entries``/``index``.
 
 **extend(params, cache, tokens [b, t], n_valid [b])** appends each row's first ``n_valid`` tokens
 at its position: queries attend to the window ring unrolled in position order followed by the
 chunk's own keys, and to the cached entries after the blocks that close inside the chunk have been
-pooled (from the x ring and the chunk) and written. A decode step (t = 1) writes the token into
-both rings in place, attends to the window ring as it lies (the keys' order does not change the
-softmax), and pools the token's block from its m rows (2m with CSA's overlap) gathered out of the
-x ring; the chunk path would rewrite and unroll every ring and project each compressor's whole
-2m + 1-row window at every step (in bench-flash-8l's batch-32 program: three [32, 257, 2048]
-concatenations, 8,224-row projections for each HCA compressor, a copy of every ring). Prefill is
-``extend`` on an empty cache, decode is ``extend`` with t = 1, and a long prompt can go in several
+pooled (from the rings' projections and the chunk's) and written. A decode step (t = 1) writes the
+token into every ring in place, attends to the window ring as it lies (the keys' order does not
+change the softmax), and pools the token's block from its m rows (2m with CSA's overlap) of
+projections gathered out of the rings; the chunk path would rewrite and unroll every ring at every
+step. Prefill is ``extend`` on an empty cache, decode is ``extend`` with t = 1, and a long prompt can go in several
 chunks: all give the numbers of ``v4jax.model.forward`` on the whole sequence (tests/test_decode.py).
 Padding tokens (t >= n_valid) change nothing. The MoE runs the local dropless path
 (``jax.lax.ragged_dot``; on a mesh XLA partitions it); Engram layers are not supported yet. On a
@@ -51,7 +51,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from v4jax import devices
-from v4jax.attention import compress, indexer_queries, indexer_topk, output_projection, project
+from v4jax.attention import compressor_rows, indexer_queries, indexer_topk, output_projection, pool_rows, project
 from v4jax.config import CSA, SWA, ModelConfig
 from v4jax.index_list import QUERY_CHUNK, Entries, attend, from_chunks, pad_tokens
 from v4jax.layers import apply_rope, linear_f32, rope_angles, rope_frequencies
@@ -71,7 +71,7 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16
     blocks that complete within max_len (``extend`` drops any past it; ``v4jax.generate`` sizes the
     cache for the prompt and the new tokens). ``fp8_entries``: the compressed entries' non-RoPE
     channels in FP8 (E4M3, a power-of-two scale per 64 channels), as the official inference keeps
-    them; the window, the compressors' input and the indexer's keys stay in ``dtype``. ``mtp``: also
+    them; the window and the indexer's keys stay in ``dtype``, the compressors' projections in fp32. ``mtp``: also
     the MTP block's cache (``mtp`` and its own ``mtp_pos``, see ``mtp_chunk``)."""
     if config.engram is not None:
         raise NotImplementedError("generation with Engram (model.engram) is not supported yet: its short "
@@ -88,16 +88,29 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16
 
 def _layer_cache(config: ModelConfig, layer: int, b: int, max_len: int, dtype, fp8_entries: bool) -> dict:
     """One layer's cache (layer L: the MTP block's): the window ring, and for compressed layers the
-    compressors' input ring and the entries (CSA: and the indexer's)."""
-    d, c, w = config.hidden_size, config.head_dim, config.sliding_window
+    entries (CSA: and the indexer's) and each compressor's rings of projected rows."""
+    c, w = config.head_dim, config.sliding_window
     kind, m = config.layer_type(layer), config.layer_ratio(layer)
     lc = {"window": jnp.zeros((b, w, c), dtype)}
     if kind != SWA:
-        lc["x"] = jnp.zeros((b, 2 * m, d), dtype)
         lc["entries"] = _empty_entries(b, max_len // m, c, config.qk_rope_head_dim, dtype, fp8_entries)
     if kind == CSA:
         lc["index"] = jnp.zeros((b, max_len // m, config.index_head_dim), dtype)
+    for key, width, overlap in _compressors(config, layer):
+        rows = (2 if overlap else 1) * m  # the partial block, and for CSA's overlap the block before it
+        lc["kv_" + key] = jnp.zeros((b, rows, (2 if overlap else 1) * width), jnp.float32)
+        lc["gate_" + key] = jnp.zeros((b, rows, (2 if overlap else 1) * width), jnp.float32)
     return lc
+
+
+def _compressors(config: ModelConfig, layer: int) -> list[tuple[str, int, bool]]:
+    """A layer's compressors: (the cache key of their entries, the entry width c, overlapping blocks):
+    HCA's, or CSA's own and its indexer's."""
+    kind = config.layer_type(layer)
+    if kind == SWA:
+        return []
+    main = [("entries", config.head_dim, kind == CSA)]
+    return main + [("index", config.index_head_dim, True)] if kind == CSA else main
 
 
 FP8_ENTRY_BLOCK = 64  # channels per scale of an FP8 cache's entries (spec §2.11)
@@ -192,36 +205,37 @@ def _unroll(ring: jax.Array, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
 # One layer's attention on a chunk
 
 
-def _new_entries(ext_x, ext_first, p, pos, end, m: int, overlap: bool, freqs, eps, cached):
-    """Pool the blocks that close in [pos, end) from ext_x [b, 2m + t, d] (row r at position
-    ext_first + r) and write them into ``cached`` [b, N, c] at their block index."""
-    t = ext_x.shape[1] - 2 * m
+def _new_entries(ext, ext_first, p, pos, end, m: int, overlap: bool, freqs, eps, cached, dtype):
+    """Pool the blocks that close in [pos, end) from the compressor's projected rows ext = (kv, gate)
+    [b, R + t, k*c] (the ring's R rows, then the chunk's; row r at position ext_first + r) and write
+    them into ``cached`` [b, N, c] at their block index."""
+    t = ext[0].shape[1] - (2 if overlap else 1) * m
     blk = pos[:, None] // m + jnp.arange(t // m + 1)  # [b, J] the blocks that can close in the chunk
     closes = (blk + 1) * m <= end[:, None]
-    return _pool_blocks(ext_x, blk * m - ext_first[:, None], blk, closes, p, m, overlap, freqs, eps, cached)
+    return _pool_blocks(ext, blk * m - ext_first[:, None], blk, closes, p, m, overlap, freqs, eps, cached, dtype)
 
 
-def _close_block(ring, p, pos, end, m: int, overlap: bool, freqs, eps, cached):
-    """Decode (one token a row): pool the block that the new token closes from the x ring [b, 2m, d]
-    (after ``_ring_write``: it holds that block and the one before it, CSA's overlap) and write its
-    entry into ``cached`` [b, N, c] in place; rows that close no block write nothing. Only the
-    block's m rows (2m with the overlap) are projected, where ``_new_entries`` projects the whole
-    2m + t-row window. It is computed at every step: skipping the steps that close no block with a
-    ``jax.lax.cond`` would make XLA on a GPU copy the predicate to the host and wait for it (outside
-    a command buffer), once per compressor and step."""
+def _close_block(rings, p, pos, end, m: int, overlap: bool, freqs, eps, cached, dtype):
+    """Decode (one token a row): pool the block that the new token closes from the compressor's
+    rings of projected rows (kv, gate) [b, R, k*c] (after ``_ring_write``: R = m rows, the block, or
+    2m with CSA's overlap, the block and the one before it) and write its entry into ``cached``
+    [b, N, c] in place; rows that close no block write nothing. Nothing is projected here: the
+    rings hold each token's projections, made when it arrived. It is computed at every step:
+    skipping the steps that close no block with a ``jax.lax.cond`` would make XLA on a GPU copy the
+    predicate to the host and wait for it (outside a command buffer), once per compressor and step."""
     blk = (pos // m)[:, None]
     closes = (blk + 1) * m <= end[:, None]
-    slots = (blk * m + jnp.arange(-m if overlap else 0, m)) % (2 * m)  # [the block before,] the block
-    x = jnp.take_along_axis(ring, slots[..., None], axis=1)
+    slots = (blk * m + jnp.arange(-m if overlap else 0, m)) % rings[0].shape[1]  # [the block before,] the block
+    rows = tuple(jnp.take_along_axis(r, slots[..., None], axis=1) for r in rings)
     start = jnp.full(blk.shape, m if overlap else 0, jnp.int32)
-    return _pool_blocks(x, start, blk, closes, p, m, overlap, freqs, eps, cached)
+    return _pool_blocks(rows, start, blk, closes, p, m, overlap, freqs, eps, cached, dtype)
 
 
-def _pool_blocks(x, start, blk, closes, p, m: int, overlap: bool, freqs, eps, cached):
-    """The entries of blocks ``blk`` [b, J] (their first rows of x [b, s, d] at ``start`` [b, J]),
-    pooled by the compressor p and RoPE'd at each block's first position; those that ``closes``
-    [b, J] written into ``cached`` [b, N, c] at their block index, the others dropped."""
-    keys = compress(x, p, start, blk == 0, m, overlap, eps)
+def _pool_blocks(rows, start, blk, closes, p, m: int, overlap: bool, freqs, eps, cached, dtype):
+    """The entries of blocks ``blk`` [b, J] (their first of the projected rows (kv, gate) [b, s, k*c]
+    at ``start`` [b, J]), pooled by the compressor p and RoPE'd at each block's first position; those
+    that ``closes`` [b, J] written into ``cached`` [b, N, c] at their block index, the others dropped."""
+    keys = pool_rows(*rows, p, start, blk == 0, m, overlap, eps, dtype)
     keys = apply_rope(keys, *rope_angles(freqs, blk * m))
     n = jax.tree.leaves(cached)[0].shape[1]
     return _write_entries(cached, jnp.where(closes, blk, n), keys)  # slot n: past the end, dropped
@@ -298,20 +312,20 @@ def attention_extend(x, p, lc: dict, config: ModelConfig, layer: int, pos, n_val
         new = {"window": _ring_update(lc["window"], kv.astype(ring.dtype), pos, end)}
 
     entries = idx = None
-    if kind != SWA:
-        compressors = [("entries", p["compressor"], kind == CSA)]
-        if kind == CSA:
-            compressors.append(("index", p["indexer"]["compressor"], True))
+    for key, _, overlap in _compressors(config, layer):
+        cp = p["compressor"] if key == "entries" else p["indexer"]["compressor"]
+        rows = compressor_rows(x, cp)  # the chunk's tokens' projections [b, t, k*c], each kept in a ring
+        names = ("kv_" + key, "gate_" + key)
         if decode:
-            new["x"] = _ring_write(lc["x"], x, pos, n_valid)
-            for key, cp, overlap in compressors:
-                new[key] = _close_block(new["x"], cp, pos, end, m, overlap, freqs, eps, lc[key])
+            new.update({k: _ring_write(lc[k], r, pos, n_valid) for k, r in zip(names, rows)})
+            new[key] = _close_block(tuple(new[k] for k in names), cp, pos, end, m, overlap, freqs, eps, lc[key],
+                                    x.dtype)
         else:
-            xs, x_pos = _unroll(lc["x"], pos)
-            ext_x = jnp.concatenate([xs, x.astype(xs.dtype)], axis=1)
-            new["x"] = _ring_update(lc["x"], x.astype(xs.dtype), pos, end)
-            for key, cp, overlap in compressors:
-                new[key] = _new_entries(ext_x, x_pos[:, 0], cp, pos, end, m, overlap, freqs, eps, lc[key])
+            rings = [_unroll(lc[k], pos) for k in names]
+            ext = tuple(jnp.concatenate([ring, r], axis=1) for (ring, _), r in zip(rings, rows))
+            new.update({k: _ring_update(lc[k], r, pos, end) for k, r in zip(names, rows)})
+            new[key] = _new_entries(ext, rings[0][1][:, 0], cp, pos, end, m, overlap, freqs, eps, lc[key], x.dtype)
+    if kind != SWA:
         entries = _cached_entries(_entry_values(new["entries"], x.dtype), m, pos, end)
         if kind == CSA:
             ip = p["indexer"]

@@ -21,9 +21,9 @@ main model takes the next token and the draft in one two-token step, which verif
 (``v4jax.sampling.speculative_accept``: the kept tokens are distributed exactly as plain sampling's;
 greedy output is plain greedy's) and gives the token after it when the draft is kept: one or two
 tokens a step. A rejected draft is rolled back by moving the row's position back one: everything
-it wrote lies at or past the position (the window slot and the compressor-input slot it overwrote
-hold positions no later query reads, and an entry of a block it closed is rewritten before it is
-read again). The MTP block keeps its own cache of the accepted tokens.
+it wrote lies at or past the position (the window slot and the compressors' ring slots it
+overwrote hold positions no later query or block reads, and an entry of a block it closed is
+rewritten before it is read again). The MTP block keeps its own cache of the accepted tokens.
 
 A row stops at one of its ``stop_tokens`` (not included in its result) or after ``max_new_tokens``.
 """
