@@ -23,7 +23,7 @@ dim, W window, m a layer's compression ratio, N = max_len // m entry slots, V vo
 Rows are independent: each has its own ``pos``, so rows of different lengths share a batch, and
 which window keys and entries a query sees follows from positions alone. As in the official code,
 the compressors' projections are kept rather than their input: each token is projected once, when
-it arrives, where keeping the input (2m rows of d, before 2026-12-08) projected a block's m or 2m
+it arrives, where keeping the input (2m rows of d, until 2026-12-07) projected a block's m or 2m
 rows again at every decode step (in bench-flash-8l's batch-32 step, three [4096, 2048] x [2048,
 1024] products). The rings are fixed-size: the cache grows only through ``entries``/``index``.
 
@@ -34,8 +34,9 @@ pooled (from the rings' projections and the chunk's) and written. A decode step 
 token into every ring in place, attends to the window ring as it lies (the keys' order does not
 change the softmax), and pools the token's block from its m rows (2m with CSA's overlap) of
 projections gathered out of the rings; the chunk path would rewrite and unroll every ring at every
-step. Prefill is ``extend`` on an empty cache, decode is ``extend`` with t = 1, and a long prompt can go in several
-chunks: all give the numbers of ``v4jax.model.forward`` on the whole sequence (tests/test_decode.py).
+step. Prefill is ``extend`` on an empty cache, decode is ``extend`` with t = 1, and a long prompt
+can go in several chunks: all give the numbers of ``v4jax.model.forward`` on the whole sequence
+(tests/test_decode.py).
 Padding tokens (t >= n_valid) change nothing. The MoE runs the local dropless path
 (``jax.lax.ragged_dot``; on a mesh XLA partitions it); Engram layers are not supported yet. On a
 mesh the cache is split by rows (``cache_shardings``).
@@ -71,8 +72,8 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16
     blocks that complete within max_len (``extend`` drops any past it; ``v4jax.generate`` sizes the
     cache for the prompt and the new tokens). ``fp8_entries``: the compressed entries' non-RoPE
     channels in FP8 (E4M3, a power-of-two scale per 64 channels), as the official inference keeps
-    them; the window and the indexer's keys stay in ``dtype``, the compressors' projections in fp32. ``mtp``: also
-    the MTP block's cache (``mtp`` and its own ``mtp_pos``, see ``mtp_chunk``)."""
+    them; the window and the indexer's keys stay in ``dtype``, the compressors' projections in fp32.
+    ``mtp``: also the MTP block's cache (``mtp`` and its own ``mtp_pos``, see ``mtp_chunk``)."""
     if config.engram is not None:
         raise NotImplementedError("generation with Engram (model.engram) is not supported yet: its short "
                                   "convolution and n-gram ids need a decode state of their own")
