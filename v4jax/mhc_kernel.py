@@ -34,6 +34,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from v4jax import sinkhorn_kernel
+
 F32 = jnp.float32
 CHUNK = 256  # columns of flatten(x) per mix program (at most): its fn block [qp, 256] fp32 is 64 registers a thread
 NUM_WARPS = 4
@@ -130,7 +132,7 @@ def _finish_kernel(q, iters, hc_eps, norm_eps, part_ref, x_ref, base_ref, scale_
     pick = lambda at, v: jnp.sum(jnp.where(at[..., None] == cols, v, 0.0), axis=-1)  # noqa: E731  v[at]
     pre = pick(k, jax.nn.sigmoid(z)) + hc_eps  # [n]
     post_ref[...] = 2.0 * pick(n + k, jax.nn.sigmoid(z))
-    comb_ref[...] = _sinkhorn(pick(2 * n + k[:, None] * n + k[None, :], z), iters, hc_eps)  # [j, k]
+    comb_ref[...] = sinkhorn_kernel.project(pick(2 * n + k[:, None] * n + k[None, :], z), iters, hc_eps)  # [j, k]
     dp, = h_ref.shape
     c = jnp.arange(dp, dtype=jnp.int32)
     ok, at = c < d, jnp.minimum(c, d - 1)
@@ -139,14 +141,3 @@ def _finish_kernel(q, iters, hc_eps, norm_eps, part_ref, x_ref, base_ref, scale_
     w = plgpu.load(w_ref.at[at], mask=ok, other=0.0).astype(F32)
     h = u * jax.lax.rsqrt(jnp.sum(u * u) / d + norm_eps) * w
     h_ref[...] = h.astype(h_ref.dtype)
-
-
-def _sinkhorn(logits, iters: int, eps: float):
-    """``v4jax.mhc.sinkhorn`` of one [n, n] matrix (rows j = source, columns k = destination)."""
-    e = jnp.exp(logits - jnp.max(logits, axis=1, keepdims=True))
-    m = e / jnp.sum(e, axis=1, keepdims=True) + eps
-    m = m / (jnp.sum(m, axis=0, keepdims=True) + eps)
-    for _ in range(iters - 1):
-        m = m / (jnp.sum(m, axis=1, keepdims=True) + eps)
-        m = m / (jnp.sum(m, axis=0, keepdims=True) + eps)
-    return m

@@ -89,9 +89,10 @@ def _call(kernel, iters, eps, interpret, *arrays):
     return out[:t]
 
 
-# Kernels: refs are blocks [bt, n, n]; axis 1 indexes the source stream j, axis 2 the destination k.
+# Kernels: refs are blocks [bt, n, n]; axis -2 indexes the source stream j, axis -1 the destination
+# k (counted from the end, so ``project`` also takes one matrix: v4jax.mhc_kernel's finish).
 
-ROWS, COLUMNS = 2, 1  # the axis a row sum / a column sum runs over
+ROWS, COLUMNS = -1, -2  # the axis a row sum / a column sum runs over
 
 
 def _softmax_rows(z):
@@ -104,11 +105,16 @@ def _axes(iters: int) -> list[int]:
     return [COLUMNS] + [ROWS, COLUMNS] * (iters - 1)
 
 
-def _forward_kernel(iters, eps, logits_ref, out_ref):
-    m = _softmax_rows(logits_ref[...]) + eps
+def project(logits, iters: int, eps: float):
+    """The projection (module docstring) of logits [..., n, n] held in a kernel's registers."""
+    m = _softmax_rows(logits) + eps
     for axis in _axes(iters):
         m = m / (jnp.sum(m, axis=axis, keepdims=True) + eps)
-    out_ref[...] = m
+    return m
+
+
+def _forward_kernel(iters, eps, logits_ref, out_ref):
+    out_ref[...] = project(logits_ref[...], iters, eps)
 
 
 def _backward_kernel(iters, eps, logits_ref, g_ref, dlogits_ref):
