@@ -172,14 +172,20 @@ def _sample(logits, params: SamplingParams, keys, all_greedy: bool | None = None
     GPU reads the predicate on the host."""
     greedy = params.temperature <= 0
     g_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    argmax = (g_tok, jnp.zeros(g_tok.shape, F32))
+    argmax = lambda: (g_tok, jnp.zeros(g_tok.shape, F32))  # noqa: E731
     if all_greedy:
-        return argmax
-    if all_greedy is None:
-        tok, logp = jax.lax.cond(jnp.all(greedy), lambda: argmax, lambda: _draw(logits, params, keys))
-    else:
-        tok, logp = _draw(logits, params, keys)
+        return argmax()
+    tok, logp = _unless_all_greedy(all_greedy, greedy, argmax, lambda: _draw(logits, params, keys))
     return jnp.where(greedy, g_tok, tok), jnp.where(greedy, 0.0, logp)
+
+
+def _unless_all_greedy(all_greedy: bool | None, greedy, if_all_greedy, otherwise):
+    """``otherwise()``, the sampled rows' work, unless every row is greedy: then ``if_all_greedy()``.
+    ``all_greedy`` (static) says which when the caller knows; None decides at run time from
+    ``greedy`` [B] (``lax.cond``)."""
+    if all_greedy is None:
+        return jax.lax.cond(jnp.all(greedy), if_all_greedy, otherwise)
+    return if_all_greedy() if all_greedy else otherwise()
 
 
 def sample(logits, params: SamplingParams, step, row_ids=None):
@@ -238,12 +244,7 @@ def speculative_accept(target_logits, draft_logits, draft, params: SamplingParam
         fix = jax.vmap(lambda k, r: jax.random.categorical(jax.random.fold_in(k, 1), jnp.log(r)))(keys, rest)
         return kept, fix.astype(jnp.int32)
 
-    if all_greedy:
-        kept, fix = draft == g_tok, g_tok
-    elif all_greedy is None:
-        kept, fix = jax.lax.cond(jnp.all(greedy), lambda: (draft == g_tok, g_tok), sampled)
-    else:
-        kept, fix = sampled()
+    kept, fix = _unless_all_greedy(all_greedy, greedy, lambda: (draft == g_tok, g_tok), sampled)
     kept = jnp.where(greedy, draft == g_tok, kept)
     return kept, jnp.where(kept, draft, jnp.where(greedy, g_tok, fix))
 
